@@ -16,6 +16,7 @@ code differ, this file follows the code and says so at that line.
   python contragan.py --plot runs/cifar10-proj-s0 runs/cifar10-2c-s0    # the paper's Figure 3
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -353,3 +354,960 @@ class Discriminator(nn.Module):
         if self.loss == "proj":
             return {"adv": projection_logit(adv, h, self.class_embed(y))}
         return {"adv": adv, "class_logits": self.class_head(h)}
+
+
+# --------------------------------------------------------------------------------------------
+# Data: CIFAR-10/100 (torchvision), any class-per-folder tree (ImageFolder), built-in shapes
+# --------------------------------------------------------------------------------------------
+
+class UsageError(Exception):
+    """A problem with the user's input: main() prints 'error: <message>' and exits with status 2."""
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """A data set held in memory as uint8 (N, 3, H, W) images and int64 (N,) labels."""
+
+    def __init__(self, images, labels, classes):
+        self.images, self.labels, self.classes = images, labels, classes
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+
+class Scaled(torch.utils.data.Dataset):
+    """uint8 images -> float in [-1, 1] (what G outputs and FID's Inception expects)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        return x.float() / 127.5 - 1.0, y
+
+
+SHAPES = [("circle", (230, 70, 60)), ("square", (70, 200, 90)),
+          ("triangle", (80, 120, 240)), ("cross", (235, 210, 70))]
+
+
+def make_shapes(n, img_size=32, seed=0):
+    """The built-in data set: one coloured shape per image at a random position and size on a noisy
+    dark background; class = shape and colour. Deterministic in (n, img_size, seed); no download."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % len(SHAPES)
+    labels = labels[torch.randperm(n, generator=gen)]
+    S = img_size
+    r = (0.15 + 0.15 * torch.rand(n, generator=gen)) * S                   # (n,) half-size
+    cx = r + (S - 2 * r) * torch.rand(n, generator=gen)                    # (n,) centre, inside
+    cy = r + (S - 2 * r) * torch.rand(n, generator=gen)
+    yy, xx = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
+    dx = xx[None] - cx[:, None, None]                                      # (n, S, S)
+    dy = yy[None] - cy[:, None, None]
+    r3 = r[:, None, None]
+    masks = torch.stack([dx ** 2 + dy ** 2 < r3 ** 2,                                # circle
+                         torch.maximum(dx.abs(), dy.abs()) < 0.8 * r3,               # square
+                         (dy < 0.8 * r3) & (dx.abs() < (dy + r3) * 0.6),             # triangle
+                         ((dx.abs() < r3 / 3) & (dy.abs() < r3)) |
+                         ((dy.abs() < r3 / 3) & (dx.abs() < r3))])                  # cross
+    mask = masks[labels, torch.arange(n)]                                  # (n, S, S)
+    colours = torch.tensor([c for _, c in SHAPES], dtype=torch.float32)
+    colour = colours[labels] + 20 * torch.randn(n, 3, generator=gen)       # (n, 3) jittered
+    background = 30 + 8 * torch.randn(n, 3, S, S, generator=gen)
+    images = torch.where(mask[:, None], colour[:, :, None, None], background)
+    return images.clamp(0, 255).round().to(torch.uint8), labels
+
+
+def shapes_class_of(images):
+    """Which class each shapes image shows, read off its colour (no network): the class whose colour
+    is nearest to the most pixels. images: float (B, 3, H, W) in [-1, 1]. Used for class consistency."""
+    rgb = (images.float() + 1) * 127.5                                     # (B, 3, H, W)
+    colours = torch.tensor([c for _, c in SHAPES], dtype=rgb.dtype, device=rgb.device)
+    dist2 = ((rgb[:, None] - colours[None, :, :, None, None]) ** 2).sum(2)  # (B, K, H, W)
+    near = dist2 < 60.0 ** 2                                               # pixel within 60 of a colour
+    return near.flatten(2).sum(2).argmax(1)                                # (B,)
+
+
+CIFAR = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+
+
+def load_cifar(name, data_dir, train):
+    """CIFAR-10/100 via torchvision, downloaded into data_dir once; offline, fail in seconds."""
+    import torchvision
+    cls = getattr(torchvision.datasets, CIFAR[name])
+    try:
+        ds = cls(data_dir, train=train, download=False)
+    except RuntimeError:                                       # not there yet: download it
+        old_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(20)                           # a dead network fails, never hangs
+        try:
+            ds = cls(data_dir, train=train, download=True)
+        except Exception as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UsageError(
+                f"could not download {name} ({cls.filename} from {cls.url}): {reason}. Offline: fetch "
+                f"that file elsewhere and put it, or its extracted folder {cls.base_folder}/, in "
+                f"--data-dir ({os.path.join(data_dir, cls.filename)})") from None
+        finally:
+            socket.setdefaulttimeout(old_timeout)
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()   # (N, 3, 32, 32) uint8
+    return TensorImages(images, torch.tensor(ds.targets), list(ds.classes))
+
+
+IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+def load_folder(root, img_size):
+    """Any class-per-folder tree (root/<class>/<image>), resized and centre-cropped to img_size."""
+    import torchvision
+    from torchvision import transforms as T
+    if not os.path.isdir(root):
+        raise UsageError(f"image folder {root!r} does not exist (give it with --data-dir)")
+    entries = os.listdir(root)
+    if not any(os.path.isdir(os.path.join(root, e)) for e in entries):
+        if any(e.lower().endswith(IMG_EXT) for e in entries):
+            raise UsageError(f"{root!r} holds images but no class sub-folders: put each class's "
+                             f"images in {root}/<class name>/")
+        raise UsageError(f"image folder {root!r} is empty: it needs one sub-folder of images per class")
+    transform = T.Compose([T.Resize(img_size), T.CenterCrop(img_size), T.PILToTensor()])
+    try:
+        return torchvision.datasets.ImageFolder(
+            root, transform=lambda im: transform(im.convert("RGB")))
+    except (FileNotFoundError, RuntimeError) as err:
+        raise UsageError(f"image folder {root!r}: {str(err).splitlines()[0]}") from None
+
+
+def load_data(cfg):
+    """(train, heldout, num_classes). heldout: CIFAR's test split; shapes: a fresh draw; folder: a
+    fixed 5% of the images set aside (none when the folder is tiny). It feeds D's held-out accuracy
+    and, for CIFAR and shapes, FID's reference statistics (the paper: CIFAR-10's 10k test images)."""
+    if cfg.dataset in CIFAR:
+        if cfg.img_size != 32:
+            raise UsageError(f"{cfg.dataset} images are 32x32; --img-size {cfg.img_size} is not supported for it")
+        train, heldout = load_cifar(cfg.dataset, cfg.data_dir, True), load_cifar(cfg.dataset, cfg.data_dir, False)
+        return train, heldout, len(train.classes)
+    if cfg.dataset == "shapes":
+        classes = [n for n, _ in SHAPES]
+        train = TensorImages(*make_shapes(cfg.shapes_size, cfg.img_size, seed=0), classes)
+        heldout = TensorImages(*make_shapes(max(cfg.fid_images, 1024), cfg.img_size, seed=1), classes)
+        return train, heldout, len(classes)
+    data = load_folder(cfg.data_dir, cfg.img_size)
+    n_hold = len(data) // 20 if len(data) >= 200 else 0
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1234)).tolist()
+    train = torch.utils.data.Subset(data, order[n_hold:]) if n_hold else data
+    heldout = torch.utils.data.Subset(data, order[:n_hold]) if n_hold else None
+    return train, heldout, len(data.classes)
+
+
+class Batches:
+    """Endless real batches in [-1, 1] with random horizontal flips (the authors' only augmentation).
+
+    Order comes from a DistributedSampler, so under torchrun each rank draws its own share; (epoch,
+    batch) is the position a checkpoint saves, so a resumed run sees the very same batches.
+    """
+
+    def __init__(self, dataset, local_batch, rank, world, seed, device, num_workers=0):
+        if len(dataset) < local_batch * world:
+            raise UsageError(f"the data set has {len(dataset)} images, fewer than one batch of {local_batch * world}")
+        self.dataset, self.batch, self.device, self.num_workers = dataset, local_batch, device, num_workers
+        self.sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.epoch, self.pos, self._it = 0, 0, None
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos, self._it = state["epoch"], state["pos"], None
+
+    def _batches(self):
+        self.sampler.set_epoch(self.epoch)
+        idx = list(self.sampler)[self.pos * self.batch:]
+        n = len(idx) // self.batch
+        if isinstance(self.dataset, TensorImages):             # in memory: index, no collation
+            for b in range(n):
+                ids = torch.tensor(idx[b * self.batch:(b + 1) * self.batch])
+                yield self.dataset.images[ids], self.dataset.labels[ids]
+        else:
+            yield from torch.utils.data.DataLoader(
+                torch.utils.data.Subset(self.dataset, idx[:n * self.batch]), batch_size=self.batch,
+                num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+
+    def __next__(self):
+        while True:
+            if self._it is None:
+                self._it = self._batches()
+            try:
+                images, labels = next(self._it)
+                break
+            except StopIteration:
+                self.epoch, self.pos, self._it = self.epoch + 1, 0, None
+        self.pos += 1
+        x = images.to(self.device, non_blocking=True).float() / 127.5 - 1.0   # (B, 3, H, W)
+        flip = torch.rand(x.shape[0], device=self.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        return x, labels.to(self.device, non_blocking=True)
+
+
+def fixed_sample(dataset, n, seed):
+    """A fixed random subset as uint8 (n, 3, H, W) images and (n,) labels (D's accuracy checks)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    if isinstance(dataset, TensorImages):
+        return dataset.images[order], dataset.labels[order]
+    items = [dataset[i] for i in order.tolist()]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+# --------------------------------------------------------------------------------------------
+# Training: one iteration = d_steps D steps + one G step + the EMA update (authors' schedule)
+# --------------------------------------------------------------------------------------------
+
+def build_models(cfg, num_classes):
+    G = Generator(cfg.img_size, cfg.g_width, cfg.z_dim, cfg.shared_dim, num_classes)
+    D = Discriminator(cfg.img_size, cfg.d_width, num_classes, cfg.loss, cfg.embed_dim)
+    return G, D
+
+
+class Trainer:
+    """G, D, the EMA generator and their optimisers, and the two update steps of the paper.
+
+    D step (authors' code): hinge(D(x), D(G(z))) + lambda * cond, cond = 2C on REAL embeddings
+    (ContraGAN) or cross-entropy on real logits (ACGAN); ProjGAN's condition is inside D's logit.
+    G step: -mean D(G(z, y)) + lambda * cond on the fakes, with D frozen (its heads and proxies are
+    not updated by G).
+    """
+
+    def __init__(self, cfg, num_classes, device, rank=0, world=1):
+        self.cfg, self.num_classes, self.device, self.world = cfg, num_classes, device, world
+        torch.manual_seed(cfg.seed)                            # same initial weights on every rank
+        G, D = build_models(cfg, num_classes)
+        G_ema = copy.deepcopy(G).requires_grad_(False)         # evaluated alone: plain BatchNorm
+        if cfg.sync_bn and world > 1:
+            G = nn.SyncBatchNorm.convert_sync_batchnorm(G)     # G's BN statistics over the global batch
+        mem = torch.channels_last if cfg.channels_last else torch.preserve_format
+        self.G, self.D, self.G_ema = (m.to(device, memory_format=mem) for m in (G, D, G_ema))
+        adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+        adam["fused" if device.type == "cuda" else "foreach"] = True  # one kernel per step on GPU
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, **adam)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, **adam)
+        self.scaler_G = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.scaler_D = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        G_train, D_train, D_frozen = self.G, self.D, self.D
+        if world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            G_train = nn.parallel.DistributedDataParallel(self.G, device_ids=ids)
+            D_train = nn.parallel.DistributedDataParallel(self.D, device_ids=ids)
+        if cfg.compile:
+            G_train, D_train = torch.compile(G_train), torch.compile(D_train)
+            D_frozen = torch.compile(self.D)
+        # The G step calls D without its DDP wrapper: D's parameters get no gradient there, and a DDP
+        # module whose parameters get no gradient would wait for them at the next step.
+        self.G_train, self.D_train, self.D_frozen = G_train, D_train, D_frozen
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked without host syncs
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def sample_latents(self, batch, generator=None):
+        """z ~ N(0, I) and y uniform over classes: fresh for every step (authors)."""
+        z = torch.randn(batch, self.cfg.z_dim, device=self.device, generator=generator)
+        y = torch.randint(0, self.num_classes, (batch,), device=self.device, generator=generator)
+        return z, y
+
+    def condition_loss(self, out, labels, batch):
+        """lambda * (2C or ACGAN cross-entropy) on the first `batch` rows of D's output; 0 for proj."""
+        cfg = self.cfg
+        if cfg.loss == "2c":
+            embed, proxy, labels = gather_global_batch(out["embed"][:batch], out["proxy"][:batch], labels)
+            return cfg.cond_lambda * conditional_contrastive_loss(embed, proxy, labels, cfg.temperature)
+        if cfg.loss == "ac":
+            return cfg.cond_lambda * acgan_loss(out["class_logits"][:batch], labels)
+        return torch.zeros((), device=self.device)
+
+    def d_step(self, real, real_y):
+        B = real.shape[0]
+        z, fake_y = self.sample_latents(B)
+        with torch.no_grad(), self.autocast():
+            fake = self.G_train(z, fake_y)
+        with self.autocast():
+            # One D forward over real and fake together: D has no BatchNorm, so this equals two
+            # calls (authors) but runs one power iteration per step instead of two, and compiles.
+            out = self.D_train(torch.cat([real, fake]), torch.cat([real_y, fake_y]))
+            real_logit, fake_logit = out["adv"].float().split(B)
+            adv = d_hinge_loss(real_logit, fake_logit)
+            cond = self.condition_loss(out, real_y, B)
+            loss = adv + cond
+        self.opt_D.zero_grad(set_to_none=True)
+        self.scaler_D.scale(loss).backward()
+        self.scaler_D.step(self.opt_D)
+        self.scaler_D.update()
+        self.nonfinite |= ~torch.isfinite(loss.detach())
+        return {"d_loss": loss.detach(), "d_adv": adv.detach(), "d_cond": cond.detach()}
+
+    def g_step(self):
+        B = self.cfg.batch_size // self.world
+        z, y = self.sample_latents(B)
+        self.D.requires_grad_(False)                           # D frozen in the G step
+        with self.autocast():
+            out = self.D_frozen(self.G_train(z, y), y)
+            adv = g_hinge_loss(out["adv"].float())
+            cond = self.condition_loss(out, y, B)
+            loss = adv + cond
+        self.opt_G.zero_grad(set_to_none=True)
+        self.scaler_G.scale(loss).backward()
+        self.scaler_G.step(self.opt_G)
+        self.scaler_G.update()
+        self.D.requires_grad_(True)
+        self.nonfinite |= ~torch.isfinite(loss.detach())
+        return {"g_loss": loss.detach(), "g_adv": adv.detach(), "g_cond": cond.detach()}
+
+    @torch.no_grad()
+    def ema_update(self, step):
+        """G_ema <- decay * G_ema + (1 - decay) * G from G step ema_start on; a copy of G before it.
+        Buffers (BN running statistics, spectral-norm u and v) are copied (authors)."""
+        decay = self.cfg.ema_decay if step >= self.cfg.ema_start else 0.0
+        ema_p, p = list(self.G_ema.parameters()), list(self.G.parameters())
+        torch._foreach_lerp_(ema_p, p, 1.0 - decay)
+        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
+            b_ema.copy_(b)
+
+    def iteration(self, batches, step):
+        """One G step of the schedule: d_steps D steps on fresh real batches, one G step, EMA."""
+        for _ in range(self.cfg.d_steps):
+            d_logs = self.d_step(*next(batches))
+        g_logs = self.g_step()
+        self.ema_update(step)
+        return {**d_logs, **g_logs}
+
+    def state_dict(self):
+        return {"G": self.G.state_dict(), "D": self.D.state_dict(), "G_ema": self.G_ema.state_dict(),
+                "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
+                "scaler_G": self.scaler_G.state_dict(), "scaler_D": self.scaler_D.state_dict()}
+
+    def load_state_dict(self, state):
+        for name in ("G", "D", "G_ema", "opt_G", "opt_D", "scaler_G", "scaler_D"):
+            getattr(self, name).load_state_dict(state[name])
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation: sample grid, FID of the EMA generator (fid.py), D's overfitting diagnostics
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate(G, labels, z_dim, batch_size, generator=None):
+    """Images in [-1, 1] for the given labels, in batches of batch_size with BatchNorm in train mode
+    (batch statistics): the authors' evaluation protocol for the EMA generator."""
+    G.train()
+    out = []
+    for y in labels.split(batch_size):
+        z = torch.randn(len(y), z_dim, device=y.device, generator=generator)
+        out.append(G(z, y).float())
+    return torch.cat(out)
+
+
+def save_grid(G, path, num_classes, z_dim, device, batch_size, seed):
+    """A PNG with one row per class (the same noise every evaluation, so rows are comparable)."""
+    import torchvision
+    cols = 10 if num_classes <= 20 else 5
+    gen = torch.Generator(device=device).manual_seed(seed)
+    labels = torch.arange(num_classes, device=device).repeat_interleave(cols)
+    images = generate(G, labels, z_dim, batch_size, gen)
+    torchvision.utils.save_image(images * 0.5 + 0.5, path, nrow=cols, padding=1)
+
+
+@torch.no_grad()
+def d_real_accuracy(D, images, labels, device, batch_size=256):
+    """Fraction of real images that D calls real (logit > 0): the paper's Figure 3 overfitting probe."""
+    D.eval()                                                   # no power iteration: state untouched
+    hits = 0
+    for x, y in zip(images.split(batch_size), labels.split(batch_size)):
+        x = x.to(device).float() / 127.5 - 1.0
+        hits += int((D(x, y.to(device))["adv"] > 0).sum())
+    D.train()
+    return hits / len(labels)
+
+
+def spectral_norms(model):
+    """{layer: sigma}: each weight's largest singular value before normalisation, i.e. the power
+    iteration's estimate u^T W v that the layer divides by (the paper's Figure 3 right)."""
+    sigmas = {}
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            sn_ = module.parametrizations.weight[0]
+            w = module.parametrizations.weight.original.detach().flatten(1).float()
+            sigmas[name] = float(sn_.u @ w @ sn_.v)
+    return sigmas
+
+
+def detect_collapse(history, gap_threshold, patience):
+    """The collapse the paper's Section 4.5 describes: D's train/held-out accuracy gap past a
+    threshold, or FID rising `patience` evaluations in a row. Returns a reason or None."""
+    last = history[-1]
+    if last.get("d_acc_gap") is not None and last["d_acc_gap"] > gap_threshold:
+        return f"D overfits: train/held-out accuracy gap {last['d_acc_gap']:.2f} > {gap_threshold}"
+    fids = [h["fid"] for h in history if h.get("fid") is not None][-(patience + 1):]
+    if len(fids) == patience + 1 and all(b > a for a, b in zip(fids, fids[1:])):
+        return f"FID rose {patience} evaluations in a row ({' -> '.join(f'{f:.2f}' for f in fids)})"
+    return None
+
+
+class FIDEvaluator:
+    """FID of the EMA generator against reference statistics, through fid.py, in the paper's
+    protocol: Inception-V3 with the TF FID weights, 2048-d pool features, 299x299 bilinear; fakes
+    drawn with uniform labels by G_ema with BatchNorm batch statistics in batches of eval_batch (64);
+    reference = CIFAR's 10k test images (shapes: a held-out draw; folder: its training images).
+    Under DDP every rank embeds its share and the float64 sums are all-reduced (exact)."""
+
+    def __init__(self, cfg, reference, split, num_classes, device, rank, world):
+        self.cfg, self.num_classes, self.device, self.world = cfg, num_classes, device, world
+        random_weights = cfg.fid_weights == "random"
+        self.inception = fid.load_inception(weights=None if random_weights else cfg.fid_weights,
+                                            device=device, random_init=random_weights)
+        n_ref = min(cfg.fid_images, len(reference))
+        weights = "RANDOM weights (smoke test, NOT comparable)" if random_weights else \
+            "TF FID weights pt_inception-2015-12-05-6726825d.pth"
+        self.protocol = {"dataset": cfg.dataset, "split": split, "num_images": n_ref,
+                         "img_size": cfg.img_size, "weights": weights, "resize": "bilinear 299x299"}
+        self.description = (f"FID protocol: {cfg.fid_images} fakes of G_ema (BatchNorm batch statistics, "
+                            f"batch {cfg.eval_batch}) vs {n_ref} {cfg.dataset} {split} images; "
+                            f"Inception-V3 {weights}; {self.protocol['resize']}")
+        stats_dir = cfg.data_dir if cfg.dataset != "folder" else cfg.run_dir
+        tag = "random" if random_weights else "tf"
+        subset = torch.utils.data.Subset(reference, range(n_ref))
+        self.ref = self._reference(subset, os.path.join(stats_dir, f"fid_{cfg.dataset}_{split}_{n_ref}_{tag}.npz"),
+                                   self.protocol, rank)
+        self.class_ref = None
+        if cfg.intra_fid:                                      # per-class reference statistics
+            labels = torch.tensor([reference[i][1] for i in range(n_ref)]) if not isinstance(
+                reference, TensorImages) else reference.labels[:n_ref]
+            self.class_ref = [self._reference(
+                torch.utils.data.Subset(subset, (labels == k).nonzero().flatten().tolist()),
+                os.path.join(stats_dir, f"fid_{cfg.dataset}_{split}_{n_ref}_{tag}_class{k}.npz"),
+                {**self.protocol, "class": k}, rank) for k in range(num_classes)]
+
+    def _reference(self, dataset, path, protocol, rank):
+        # rank 0 computes and caches the statistics; the others wait, then read the cache.
+        if rank == 0:
+            fid.reference_stats(self.inception, Scaled(dataset), path, protocol, num_images=len(dataset),
+                                batch_size=self.cfg.eval_batch, device=self.device)
+        if self.world > 1:
+            dist.barrier()
+        mu, sigma, _ = fid.load_stats(path, expect=protocol)
+        return mu, sigma
+
+    def _fake_stats(self, G, n, label=None, compute_is=False):
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1 + dist_rank())
+
+        def sample(batch):                                     # uniform labels, or one class
+            y = torch.randint(0, self.num_classes, (batch,), device=self.device, generator=gen) \
+                if label is None else torch.full((batch,), label, device=self.device)
+            return generate(G, y, self.cfg.z_dim, self.cfg.eval_batch, gen)
+
+        stats, inception_score = fid.features_from_sampler(
+            self.inception, sample, n // self.world, self.cfg.eval_batch, self.device, compute_is=compute_is)
+        stats.all_reduce()
+        return stats, inception_score
+
+    def __call__(self, G):
+        """{'fid', ['is_mean', 'is_std'], ['intra_fid', 'intra_fid_per_class']} on every rank."""
+        stats, inception_score = self._fake_stats(G, self.cfg.fid_images, compute_is=self.cfg.inception_score)
+        out = {"fid": fid.frechet_distance(stats.mu, stats.sigma, *self.ref)}
+        if inception_score is not None:                        # under DDP: rank 0's share only
+            out["is_mean"], out["is_std"] = inception_score
+        if self.class_ref is not None:
+            per_class = []
+            for k, (mu, sigma) in enumerate(self.class_ref):
+                s, _ = self._fake_stats(G, max(self.cfg.fid_images // self.num_classes, 2 * self.world), label=k)
+                per_class.append(fid.frechet_distance(s.mu, s.sigma, mu, sigma))
+            out["intra_fid"], out["intra_fid_per_class"] = sum(per_class) / len(per_class), per_class
+        return out
+
+
+def dist_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+# --------------------------------------------------------------------------------------------
+# The run: folders, checkpoints, resume, logging, Ctrl-C and NaN handling
+# --------------------------------------------------------------------------------------------
+
+# Flags that may differ when a run is resumed; every other flag must match the checkpoint.
+RUN_FLAGS = {"steps", "log_every", "eval_every", "fid_images", "fid_weights", "eval_batch", "intra_fid",
+             "inception_score", "device", "num_workers", "compile", "resume", "run_dir", "data_dir",
+             "collapse_gap", "collapse_patience", "acc_images", "preset"}
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temporary file, flush it to disk, then rename over the old one."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if os.path.isdir(path):
+        path = os.path.join(path, "last.pt")
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False), path
+    except Exception as err:
+        raise UsageError(f"checkpoint {path} is unreadable ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else 'corrupt'})") from None
+
+
+def rng_state(device):
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def setup_device(cfg):
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but torch sees no CUDA GPU")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.benchmark = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
+    return device, rank, world
+
+
+def prepare_run_dir(cfg, resuming):
+    if cfg.run_dir is None:
+        cfg.run_dir = os.path.join("runs", f"{cfg.dataset}-{cfg.loss}-s{cfg.seed}")
+    if not resuming and os.path.exists(os.path.join(cfg.run_dir, "last.pt")):
+        raise UsageError(f"{cfg.run_dir} already holds a run: continue it with --resume {cfg.run_dir} "
+                         f"or choose another --run-dir")
+    try:
+        os.makedirs(os.path.join(cfg.run_dir, "samples"), exist_ok=True)
+        probe = os.path.join(cfg.run_dir, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise UsageError(f"cannot write to run folder {cfg.run_dir}: {err.strerror or err}") from None
+
+
+def merge_resume_config(cfg, explicit, checkpoint, path):
+    """The checkpoint's configuration, with the run flags (RUN_FLAGS) of this command on top. A model
+    or training flag given now that differs from the checkpoint is refused: it is another run."""
+    saved = checkpoint["config"]
+    for key, value in explicit.items():
+        if key not in RUN_FLAGS and key in saved and saved[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"checkpoint {path} is from another configuration: it has {flag} {saved[key]}, "
+                             f"this command asks for {value} (drop the flag to resume it)")
+    merged = dict(saved)
+    merged.update({k: v for k, v in vars(cfg).items() if k in RUN_FLAGS})
+    return argparse.Namespace(**merged)
+
+
+def format_duration(seconds):
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train(cfg, explicit):
+    checkpoint = None
+    if cfg.resume:
+        checkpoint, ckpt_path = load_checkpoint(cfg.resume)
+        run_dir = cfg.run_dir or os.path.dirname(ckpt_path)
+        cfg = merge_resume_config(cfg, explicit, checkpoint, ckpt_path)
+        cfg.run_dir = run_dir
+    validate(cfg)
+    device, rank, world = setup_device(cfg)
+    main_rank = rank == 0
+    log = print if main_rank else (lambda *a, **k: None)
+    if main_rank:
+        prepare_run_dir(cfg, resuming=checkpoint is not None)
+    train_set, heldout, num_classes = load_data(cfg)
+    trainer = Trainer(cfg, num_classes, device, rank, world)
+    batches = Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device, cfg.num_workers)
+    step, best_fid, best_step, history = 0, None, None, []
+    if checkpoint is not None:
+        try:
+            trainer.load_state_dict(checkpoint)
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise UsageError(f"checkpoint {ckpt_path} does not fit this model ({str(err).splitlines()[0]})") from None
+        step, best_fid, best_step = checkpoint["step"], checkpoint["best_fid"], checkpoint["best_step"]
+        history = checkpoint.get("history", [])
+        batches.load_state_dict(checkpoint["data"])
+        set_rng_state(checkpoint["rng"][rank if rank < len(checkpoint["rng"]) else 0], device)
+        log(f"resumed {ckpt_path} at step {step}")
+    metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
+    if main_rank:
+        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+            json.dump({**vars(cfg), "num_classes": num_classes, "world_size": world}, f, indent=2)
+        if checkpoint is not None and os.path.exists(metrics_path):  # drop lines past the checkpoint
+            with open(metrics_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= step]
+            with open(metrics_path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(metrics_path + ".tmp", metrics_path)
+        n_g = sum(p.numel() for p in trainer.G.parameters())
+        n_d = sum(p.numel() for p in trainer.D.parameters())
+        log(f"config: {json.dumps(vars(cfg), sort_keys=True)}")
+        log(f"G {n_g:,} params | D {n_d:,} params | {cfg.loss} | {device}"
+            f"{f' x {world} ranks' if world > 1 else ''} | global batch {cfg.batch_size} | run {cfg.run_dir}")
+
+    evaluator = None
+    if cfg.fid_images > 0 and fid is None:
+        log("FID is not available (fid.py is missing): evaluation writes the sample grid only")
+    elif cfg.fid_images > 0:
+        ref_set, split = (heldout, "test") if cfg.dataset in CIFAR else \
+            (heldout, "heldout") if cfg.dataset == "shapes" else (train_set, "train")
+        evaluator = FIDEvaluator(cfg, ref_set, split, num_classes, device, rank, world)
+        log(evaluator.description)
+    acc_train = fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
+    acc_held = fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3) if heldout else None
+
+    def checkpoint_state():
+        rngs = [rng_state(device)]
+        if world > 1:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_state(device))
+        return {**trainer.state_dict(), "step": step, "best_fid": best_fid, "best_step": best_step,
+                "history": history, "config": vars(cfg), "num_classes": num_classes,
+                "data": batches.state_dict(), "rng": rngs}
+
+    def check_finite():
+        flag = trainer.nonfinite.to(torch.int32)
+        if world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            last = os.path.join(cfg.run_dir, "last.pt")
+            kept = f"the last good checkpoint {last} is intact" if os.path.exists(last) else "no checkpoint was written yet"
+            raise UsageError(f"non-finite loss at or before step {step}: run stopped; {kept}")
+
+    def evaluate_and_save():
+        nonlocal best_fid, best_step
+        check_finite()
+        record = {"step": step, "eval": True}
+        if evaluator is not None:
+            t0 = time.time()
+            record.update(evaluator(trainer.G_ema))
+            record["fid_seconds"] = round(time.time() - t0, 1)
+        if main_rank:
+            save_grid(trainer.G_ema, os.path.join(cfg.run_dir, "samples", f"step{step:07d}.png"),
+                      num_classes, cfg.z_dim, device, cfg.eval_batch, cfg.seed)
+            record["d_acc_train"] = d_real_accuracy(trainer.D, *acc_train, device)
+            if acc_held is not None:
+                record["d_acc_heldout"] = d_real_accuracy(trainer.D, *acc_held, device)
+                record["d_acc_gap"] = record["d_acc_train"] - record["d_acc_heldout"]
+            sigmas = spectral_norms(trainer.D)
+            record["d_sigma_max"], record["d_sigma"] = max(sigmas.values()), sigmas
+            if cfg.dataset == "shapes":                        # class consistency, read off colours
+                gen = torch.Generator(device=device).manual_seed(cfg.seed + 4)
+                y = torch.randint(0, num_classes, (512,), device=device, generator=gen)
+                fake = generate(trainer.G_ema, y, cfg.z_dim, cfg.eval_batch, gen)
+                record["class_consistency"] = float((shapes_class_of(fake) == y).float().mean())
+            history.append({k: record.get(k) for k in ("step", "fid", "d_acc_gap")})
+            collapse = detect_collapse(history, cfg.collapse_gap, cfg.collapse_patience)
+            record["collapse"] = collapse
+            improved = record.get("fid") is not None and (best_fid is None or record["fid"] < best_fid)
+            if improved:
+                best_fid, best_step = record["fid"], step
+            parts = [f"eval step {step}"]
+            if "fid" in record:
+                parts.append(f"FID {record['fid']:.3f} (best {best_fid:.3f} @ {best_step})")
+            if "is_mean" in record:
+                parts.append(f"IS {record['is_mean']:.2f}+-{record['is_std']:.2f}")
+            if "intra_fid" in record:
+                parts.append(f"intra-FID {record['intra_fid']:.3f}")
+            parts.append(f"D acc train {record['d_acc_train']:.3f}" +
+                         (f" held-out {record['d_acc_heldout']:.3f}" if acc_held is not None else ""))
+            parts.append(f"max sigma(W_D) {record['d_sigma_max']:.2f}")
+            if "class_consistency" in record:
+                parts.append(f"class consistency {record['class_consistency']:.3f}")
+            log(" | ".join(parts))
+            if evaluator is not None:
+                log(evaluator.description)
+            if collapse:
+                log(f"WARNING collapse suspected at step {step}: {collapse}")
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            state = checkpoint_state()
+            save_checkpoint(os.path.join(cfg.run_dir, "last.pt"), state)
+            if improved:
+                save_checkpoint(os.path.join(cfg.run_dir, "best.pt"), state)
+        elif world > 1:
+            checkpoint_state()                                 # joins rank 0's RNG gather
+
+    stop = {"requested": False}
+
+    def request_stop(signum, frame):
+        if stop["requested"]:                                  # second Ctrl-C: leave at once
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        log("\ninterrupt: finishing this step, saving, exiting (Ctrl-C again to abort without saving)")
+
+    previous_handler = signal.signal(signal.SIGINT, request_stop)
+    try:
+        t_last, step_last = time.time(), step
+        while step < cfg.steps:
+            logs = trainer.iteration(batches, step)
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                check_finite()
+                now = time.time()
+                per_step = (now - t_last) / max(step - step_last, 1)
+                record = {"step": step, **{k: round(float(v), 5) for k, v in logs.items()},
+                          "img_per_s": round(cfg.d_steps * cfg.batch_size / per_step, 1),
+                          "s_per_step": round(per_step, 4), "time": round(now, 1)}
+                t_last, step_last = now, step
+                log(f"step {step}/{cfg.steps} | d {record['d_loss']:.4f} (adv {record['d_adv']:.4f} "
+                    f"cond {record['d_cond']:.4f}) | g {record['g_loss']:.4f} (adv {record['g_adv']:.4f} "
+                    f"cond {record['g_cond']:.4f}) | {record['img_per_s']:.1f} img/s | "
+                    f"{per_step:.3f} s/step | left {format_duration(per_step * (cfg.steps - step))}")
+                if main_rank:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                evaluate_and_save()
+            stopping = stop["requested"]
+            if world > 1 and (step % cfg.log_every == 0):      # all ranks stop at the same step
+                flag = torch.tensor(int(stopping), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = bool(flag.item())
+            elif world > 1:
+                stopping = False
+            if stopping and step < cfg.steps:
+                check_finite()
+                state = checkpoint_state()
+                if main_rank:
+                    save_checkpoint(os.path.join(cfg.run_dir, "last.pt"), state)
+                log(f"interrupted at step {step}: saved {cfg.run_dir}/last.pt; continue with --resume {cfg.run_dir}")
+                return 130
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    if best_fid is not None:
+        log(f"done: best FID {best_fid:.3f} at step {best_step} ({cfg.run_dir}/best.pt)")
+    else:
+        log(f"done: {cfg.run_dir}/last.pt")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Generation from a checkpoint, and the paper's Figure 3 from runs' metrics
+# --------------------------------------------------------------------------------------------
+
+def generate_from_checkpoint(path, num_images, out_dir, batch_size=64, seed=0, device="auto"):
+    """N PNG files (class-balanced labels, for external FID tools) and a per-class grid, from G_ema
+    with BatchNorm batch statistics (the FID protocol)."""
+    import torchvision
+    checkpoint, path = load_checkpoint(path)
+    cfg = argparse.Namespace(**checkpoint["config"])
+    device = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) or device == "cuda" else "cpu")
+    G = build_models(cfg, checkpoint["num_classes"])[0]
+    try:
+        G.load_state_dict(checkpoint["G_ema"])
+    except RuntimeError as err:
+        raise UsageError(f"checkpoint {path} does not fit its own configuration ({str(err).splitlines()[0]})") from None
+    G.to(device)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot write to {out_dir}: {err.strerror or err}") from None
+    gen = torch.Generator(device=device).manual_seed(seed)
+    K = checkpoint["num_classes"]
+    labels = torch.arange(num_images, device=device) % K
+    labels = labels[torch.randperm(num_images, device=device, generator=gen)]
+    for start in range(0, num_images, batch_size):
+        y = labels[start:start + batch_size]
+        images = generate(G, y, cfg.z_dim, batch_size, gen)
+        images = ((images * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # (B, 3, H, W)
+        for i, (image, label) in enumerate(zip(images, y.tolist())):
+            torchvision.io.write_png(image, os.path.join(out_dir, f"{start + i:06d}_class{label}.png"))
+    save_grid(G, os.path.join(out_dir, "grid.png"), K, cfg.z_dim, device, batch_size, seed)
+    print(f"wrote {num_images} images and grid.png to {out_dir} (G_ema of {path}, step {checkpoint['step']})")
+    return 0
+
+
+def plot_runs(runs, out):
+    """The paper's Figure 3 for one or several runs: D's accuracy on training vs held-out real images,
+    FID, and the largest singular value of D's weights, against G steps."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for run in runs:
+        path = os.path.join(run, "metrics.jsonl")
+        if not os.path.isfile(path):
+            raise UsageError(f"{run} has no metrics.jsonl")
+        with open(path) as f:
+            evals = [r for r in map(json.loads, f) if r.get("eval")]
+        if not evals:
+            raise UsageError(f"{run} has no evaluation yet")
+        name = os.path.basename(os.path.normpath(run))
+        steps = [r["step"] for r in evals]
+        line, = axes[0].plot(steps, [r["d_acc_train"] for r in evals], label=f"{name} train")
+        if "d_acc_heldout" in evals[0]:
+            axes[0].plot(steps, [r["d_acc_heldout"] for r in evals], "--", color=line.get_color(),
+                         label=f"{name} held-out")
+        if any(r.get("fid") is not None for r in evals):
+            axes[1].plot([r["step"] for r in evals if "fid" in r], [r["fid"] for r in evals if "fid" in r], label=name)
+        axes[2].plot(steps, [r["d_sigma_max"] for r in evals], label=name)
+        for r in evals:
+            if r.get("collapse"):
+                for ax in axes:
+                    ax.axvline(r["step"], color=line.get_color(), alpha=0.3, lw=0.8)
+    for ax, title in zip(axes, ["D accuracy on real images (train vs held-out)", "FID (EMA G)",
+                                "largest singular value of D's weights"]):
+        ax.set_title(title)
+        ax.set_xlabel("G step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    print(f"wrote {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+# A small, fast configuration for a CPU: offline on the built-in shapes, class-conditional in minutes.
+PRESETS = {"cpu-demo": dict(dataset="shapes", g_width=32, d_width=32, batch_size=32, d_steps=2, steps=1500,
+                            eval_every=250, log_every=50, fid_images=0, ema_start=250, acc_images=256)}
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):                                  # one line, not usage + error
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser(suppress=False):
+    """suppress=True gives a parser that returns only the flags given on the command line."""
+    p = OneLineErrorParser(
+        description="ContraGAN (Kang & Park, NeurIPS 2020) in one file. Defaults: the authors' CIFAR-10 setting.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS if suppress else None)
+
+    def add(flag, default=None, **kw):
+        p.add_argument(flag, **({} if suppress else {"default": default}), **kw)
+
+    add("--preset", choices=sorted(PRESETS), help="a named set of defaults (flags given still win): " +
+        "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+    add("--dataset", "cifar10", choices=["cifar10", "cifar100", "folder", "shapes"],
+        help="folder: an ImageFolder tree at --data-dir; shapes: built in, no download")
+    add("--data-dir", "data", help="where CIFAR is downloaded to / read from, or the image folder")
+    add("--loss", "2c", choices=["2c", "proj", "ac"], help="ContraGAN, ProjGAN or ACGAN (the paper's ACGAN-Mod)")
+    add("--img-size", 32, type=int, help="32, 64 or 128 (the architecture's sizes)")
+    add("--shapes-size", 10000, type=int, help="number of training images of --dataset shapes")
+    add("--g-width", 96, type=int, help="G channels = 4 x width (authors: 96)")
+    add("--d-width", 96, type=int, help="D channels = 2 x width (authors: 96)")
+    add("--z-dim", 80, type=int, help="z size, split into (G blocks + 1) chunks (authors: 80 = 4 x 20)")
+    add("--shared-dim", 128, type=int, help="G's shared class embedding (authors: 128)")
+    add("--embed-dim", 512, type=int, help="2C embedding size (authors' CIFAR-10: 512)")
+    add("--temperature", 1.0, type=float, help="2C temperature t (authors: 1.0)")
+    add("--cond-lambda", 1.0, type=float, help="lambda, weight of the 2C / ACGAN term (authors: 1.0)")
+    add("--batch-size", 64, type=int, help="GLOBAL batch: split over torchrun's ranks (authors: 64)")
+    add("--lr-g", 2e-4, type=float, help="Adam lr of G (authors: 2e-4)")
+    add("--lr-d", 2e-4, type=float, help="Adam lr of D (authors: 2e-4)")
+    add("--beta1", 0.5, type=float, help="Adam beta1 (authors: 0.5)")
+    add("--beta2", 0.999, type=float, help="Adam beta2 (authors: 0.999)")
+    add("--adam-eps", 1e-6, type=float, help="Adam eps (authors: 1e-6)")
+    add("--d-steps", 5, type=int, help="D steps per G step (authors: 5)")
+    add("--steps", 100000, type=int, help="G steps (authors: 100,000)")
+    add("--ema-decay", 0.9999, type=float, help="EMA decay of G_ema (authors: 0.9999)")
+    add("--ema-start", 1000, type=int, help="G step where the EMA starts; a copy of G before (authors: 1000)")
+    add("--seed", 0, type=int)
+    add("--run-dir", help="output folder (default runs/<dataset>-<loss>-s<seed>)")
+    add("--resume", help="a run folder or checkpoint to continue exactly")
+    add("--log-every", 100, type=int, help="progress line and metrics every N G steps")
+    add("--eval-every", 2000, type=int, help="grid, FID, D diagnostics and checkpoint every N G steps (authors: 2000)")
+    add("--fid-images", 10000, type=int, help="fakes (and reference images) for FID; 0 = no FID (paper: 10,000)")
+    add("--fid-weights", help="local pt_inception-2015-12-05-6726825d.pth (default: torch hub cache, "
+        "downloaded once); 'random' = random weights, a smoke test only")
+    add("--eval-batch", 64, type=int, help="G_ema batch at evaluation; BN uses its statistics (authors: 64)")
+    add("--inception-score", False, action="store_true", help="also Inception Score (10 splits)")
+    add("--intra-fid", False, action="store_true", help="also FID per class and their mean")
+    add("--acc-images", 1000, type=int, help="real training and held-out images for D's accuracy")
+    add("--collapse-gap", 0.3, type=float, help="warn of collapse when D's train - held-out accuracy exceeds this")
+    add("--collapse-patience", 3, type=int, help="warn of collapse when FID rises this many evaluations in a row")
+    add("--device", "auto", choices=["auto", "cuda", "cpu"])
+    add("--num-workers", 4, type=int, help="data loader workers (--dataset folder)")
+    add("--amp", "none", choices=["none", "bf16", "fp16"], help="autocast; fp16 uses a GradScaler")
+    add("--tf32", True, action=argparse.BooleanOptionalAction, help="TF32 matmuls on Ampere+ GPUs")
+    add("--compile", False, action="store_true", help="torch.compile G and D")
+    add("--channels-last", False, action="store_true", help="NHWC memory layout")
+    add("--sync-bn", False, action="store_true", help="under torchrun: G's BatchNorm over the global batch")
+    add("--generate", metavar="CKPT", help="write --num-images PNGs and a grid from a checkpoint's G_ema")
+    add("--num-images", 10000, type=int, help="with --generate")
+    add("--out-dir", "fakes", help="with --generate")
+    p.add_argument("--plot", nargs="+", metavar="RUN", **({} if suppress else {"default": None}),
+                   help="write the paper's Figure 3 for these runs to --plot-out")
+    add("--plot-out", "figure3.png", help="with --plot")
+    return p
+
+
+def validate(cfg):
+    """Bad input: one clear line (main prints it), before anything is built or written."""
+    if cfg.img_size not in G_ARCH:
+        raise UsageError(f"--img-size {cfg.img_size} is not supported: the architecture has 32, 64 and 128")
+    n_chunks = len(G_ARCH[cfg.img_size]["ch"])
+    if cfg.z_dim % n_chunks:
+        raise UsageError(f"--z-dim {cfg.z_dim} must split into {n_chunks} equal chunks at {cfg.img_size}x{cfg.img_size}")
+    if cfg.loss == "2c" and cfg.batch_size < 2:
+        raise UsageError("--loss 2c needs --batch-size of at least 2: it contrasts samples within a batch")
+    if cfg.temperature <= 0:
+        raise UsageError(f"--temperature must be > 0 (got {cfg.temperature})")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.batch_size % world:
+        raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {world} ranks")
+    for name in ("steps", "log_every", "eval_every", "d_steps", "batch_size", "eval_batch", "g_width", "d_width"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.fid_images and cfg.fid_images < 2 * world:
+        raise UsageError("--fid-images must be 0 (off) or at least 2 per rank")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    explicit = vars(build_parser(suppress=True).parse_args(argv))
+    if cfg.preset:                                             # preset defaults, then the given flags
+        parser.set_defaults(**PRESETS[cfg.preset])
+        cfg = parser.parse_args(argv)
+    try:
+        if cfg.plot:
+            return plot_runs(cfg.plot, cfg.plot_out)
+        if cfg.generate:
+            return generate_from_checkpoint(cfg.generate, cfg.num_images, cfg.out_dir, cfg.eval_batch, cfg.seed, cfg.device)
+        return train(cfg, explicit)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if fid is not None and isinstance(err, fid.FIDError):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
