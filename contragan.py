@@ -766,8 +766,12 @@ class FIDEvaluator:
     def __init__(self, cfg, reference, split, num_classes, device, rank, world):
         self.cfg, self.num_classes, self.device, self.world = cfg, num_classes, device, world
         random_weights = cfg.fid_weights == "random"
-        self.inception = fid.load_inception(weights=None if random_weights else cfg.fid_weights,
-                                            device=device, random_init=random_weights)
+        try:
+            self.inception = fid.load_inception(weights=None if random_weights else cfg.fid_weights,
+                                                device=device, random_init=random_weights)
+        except fid.FIDError as err:                            # name this script's flags, not fid.py's
+            raise UsageError(str(err).replace("--weights PATH", "--fid-weights PATH (or --fid-images 0 "
+                                              "to train without FID)")) from None
         n_ref = min(cfg.fid_images, len(reference))
         weights = "RANDOM weights (smoke test, NOT comparable)" if random_weights else \
             "TF FID weights pt_inception-2015-12-05-6726825d.pth"
@@ -915,8 +919,8 @@ def merge_resume_config(cfg, explicit, checkpoint, path):
             flag = "--" + key.replace("_", "-")
             raise UsageError(f"checkpoint {path} is from another configuration: it has {flag} {saved[key]}, "
                              f"this command asks for {value} (drop the flag to resume it)")
-    merged = dict(saved)
-    merged.update({k: v for k, v in vars(cfg).items() if k in RUN_FLAGS})
+    merged = {**vars(cfg), **saved}                            # flags newer than the checkpoint: defaults
+    merged.update({k: v for k, v in explicit.items() if k in RUN_FLAGS})
     return argparse.Namespace(**merged)
 
 
@@ -1112,7 +1116,7 @@ def train(cfg, explicit):
 def generate_from_checkpoint(path, num_images, out_dir, batch_size=64, seed=0, device="auto"):
     """N PNG files (class-balanced labels, for external FID tools) and a per-class grid, from G_ema
     with BatchNorm batch statistics (the FID protocol)."""
-    import torchvision
+    from PIL import Image
     checkpoint, path = load_checkpoint(path)
     cfg = argparse.Namespace(**checkpoint["config"])
     device = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) or device == "cuda" else "cpu")
@@ -1133,9 +1137,9 @@ def generate_from_checkpoint(path, num_images, out_dir, batch_size=64, seed=0, d
     for start in range(0, num_images, batch_size):
         y = labels[start:start + batch_size]
         images = generate(G, y, cfg.z_dim, batch_size, gen)
-        images = ((images * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # (B, 3, H, W)
-        for i, (image, label) in enumerate(zip(images, y.tolist())):
-            torchvision.io.write_png(image, os.path.join(out_dir, f"{start + i:06d}_class{label}.png"))
+        images = ((images * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)  # (B, 3, H, W)
+        for i, (image, label) in enumerate(zip(images.permute(0, 2, 3, 1).cpu().numpy(), y.tolist())):
+            Image.fromarray(image).save(os.path.join(out_dir, f"{start + i:06d}_class{label}.png"))
     save_grid(G, os.path.join(out_dir, "grid.png"), K, cfg.z_dim, device, batch_size, seed)
     print(f"wrote {num_images} images and grid.png to {out_dir} (G_ema of {path}, step {checkpoint['step']})")
     return 0

@@ -1,0 +1,389 @@
+"""Tests of contragan.py: CPU only, deterministic, no downloads (the built-in shapes data and random
+weights). Run: python -m pytest -q"""
+import hashlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import contragan as cg
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "contragan.py")
+# A tiny model on a tiny shapes set: seconds per run on 2 CPU cores.
+TINY = ["--dataset", "shapes", "--shapes-size", "256", "--g-width", "8", "--d-width", "8", "--batch-size", "8",
+        "--d-steps", "2", "--acc-images", "32", "--fid-images", "0", "--eval-batch", "16", "--num-workers", "0",
+        "--ema-start", "1", "--ema-decay", "0.9", "--log-every", "1"]
+
+
+# ---------------------------------------------------------------- the 2C loss against the equation
+
+def literal_2c(embed, proxy, labels, t):
+    """The 2C loss written straight from the equation, one sample and one term at a time."""
+    l = [x / x.norm() for x in embed]
+    e = [x / x.norm() for x in proxy]
+    m = len(l)
+    losses = []
+    for i in range(m):
+        data_to_class = torch.exp(l[i] @ e[i] / t)
+        positives = sum((torch.exp(l[i] @ l[k] / t) for k in range(m) if k != i and labels[k] == labels[i]),
+                        torch.zeros((), dtype=embed.dtype))
+        everyone = sum((torch.exp(l[i] @ l[k] / t) for k in range(m) if k != i), torch.zeros((), dtype=embed.dtype))
+        losses.append(-torch.log((data_to_class + positives) / (data_to_class + everyone)))
+    return sum(losses) / m
+
+
+CASES = [  # (batch m, number of classes, labels rule, temperature)
+    (2, 2, "random", 1.0), (2, 1, "same", 1.0), (5, 3, "random", 0.5), (8, 8, "distinct", 1.0),
+    (8, 1, "same", 0.1), (16, 4, "random", 2.0), (33, 10, "random", 0.3), (12, 12, "distinct", 0.07)]
+
+
+@pytest.mark.parametrize("m,K,rule,t", CASES)
+def test_2c_equals_literal_loop_and_gradients(m, K, rule, t):
+    gen = torch.Generator().manual_seed(m * 100 + K)
+    labels = {"random": torch.randint(0, K, (m,), generator=gen), "same": torch.zeros(m, dtype=torch.long),
+              "distinct": torch.randperm(m, generator=gen)}[rule]
+    embed = torch.randn(m, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    class_table = torch.randn(K if rule != "distinct" else m, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    fast = cg.conditional_contrastive_loss(embed, class_table[labels], labels, temperature=t)
+    slow = literal_2c(embed, class_table[labels], labels, t)
+    assert fast.dtype == torch.float64
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    g_fast = torch.autograd.grad(fast, (embed, class_table))
+    g_slow = torch.autograd.grad(slow, (embed, class_table))
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_2c_independent_of_batch_order():
+    gen = torch.Generator().manual_seed(0)
+    embed, proxy = torch.randn(20, 16, generator=gen), torch.randn(20, 16, generator=gen)
+    labels = torch.randint(0, 4, (20,), generator=gen)
+    perm = torch.randperm(20, generator=gen)
+    a = cg.conditional_contrastive_loss(embed, proxy, labels)
+    b = cg.conditional_contrastive_loss(embed[perm], proxy[perm], labels[perm])
+    torch.testing.assert_close(a, b)
+
+
+def test_2c_analytic_oracle():
+    # All embeddings and proxies equal: every similarity is 1/t, so loss_i = -log((1 + n_i) / m) with
+    # n_i the other same-class samples. Labels [0, 0, 1, 1]: n_i = 1, m = 4 -> log 2.
+    embed = torch.ones(4, 3)
+    loss = cg.conditional_contrastive_loss(embed, embed.clone(), torch.tensor([0, 0, 1, 1]), temperature=0.5)
+    assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
+    # A sample alone in its class keeps the proxy term: -log(1 / m), finite, never 0/0.
+    loss = cg.conditional_contrastive_loss(embed, embed.clone(), torch.tensor([0, 1, 2, 3]))
+    assert loss.item() == pytest.approx(math.log(4), rel=1e-6)
+
+
+def test_2c_low_precision_does_not_overflow():
+    # exp(1/t) overflows fp16 at t = 0.05; the log-sum-exp form stays finite and close to fp64.
+    gen = torch.Generator().manual_seed(1)
+    embed, proxy = torch.randn(16, 32, generator=gen), torch.randn(16, 32, generator=gen)
+    labels = torch.randint(0, 3, (16,), generator=gen)
+    ref = cg.conditional_contrastive_loss(embed.double(), proxy.double(), labels, temperature=0.05)
+    for dtype in (torch.float16, torch.bfloat16):
+        low = cg.conditional_contrastive_loss(embed.to(dtype), proxy.to(dtype), labels, temperature=0.05)
+        assert torch.isfinite(low) and abs(low.item() - ref.item()) < 0.05 * abs(ref.item()) + 0.05
+
+
+# ---------------------------------------------------------------- the other losses, by hand
+
+def test_hinge_projection_acgan_by_hand():
+    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.0])
+    # relu(1 - real) = [0, .5, 2] -> 5/6; relu(1 + fake) = [0, 1, 2] -> 1
+    assert cg.d_hinge_loss(real, fake).item() == pytest.approx(5 / 6 + 1)
+    assert cg.g_hinge_loss(fake).item() == pytest.approx(1 / 3)
+    h = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    e = torch.tensor([[3.0, 0.5], [2.0, 4.0]])
+    assert cg.projection_logit(torch.tensor([0.1, -0.2]), h, e).tolist() == pytest.approx([4.1, -4.2])
+    logits = torch.tensor([[0.0, 0.0], [math.log(3), 0.0]])
+    # CE: [-log(1/2), -log(1/4)] -> mean (log 2 + log 4) / 2
+    assert cg.acgan_loss(logits, torch.tensor([0, 1])).item() == pytest.approx((math.log(2) + math.log(4)) / 2)
+
+
+# ---------------------------------------------------------------- the models
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_parameter_counts_match_the_authors():
+    assert n_params(cg.Generator()) == 9_416_196
+    assert n_params(cg.Discriminator(loss="2c")) == 2_517_186
+    assert n_params(cg.Discriminator(loss="proj")) == 2_415_170
+    assert n_params(cg.Generator(width=32)) == 1_230_852
+    assert n_params(cg.Discriminator(width=32, loss="2c")) == 308_290
+    assert n_params(cg.Discriminator(width=32, loss="proj")) == 270_530
+    # Spectral norm's u and v are buffers, not parameters.
+    G = cg.Generator(width=8)
+    assert any(n.endswith(".u") for n, _ in G.named_buffers())
+    assert not any(n.endswith((".u", ".v")) for n, _ in G.named_parameters())
+
+
+@pytest.mark.parametrize("size,z_dim", [(32, 80), (64, 100)])
+def test_output_shapes(size, z_dim):
+    torch.manual_seed(0)
+    G = cg.Generator(img_size=size, width=8, z_dim=z_dim, num_classes=5)
+    y = torch.tensor([0, 1, 4])
+    x = G(torch.randn(3, z_dim), y)
+    assert x.shape == (3, 3, size, size) and x.abs().max() <= 1
+    for loss, keys in [("2c", {"adv": (3,), "embed": (3, 24), "proxy": (3, 24)}), ("proj", {"adv": (3,)}),
+                       ("ac", {"adv": (3,), "class_logits": (3, 5)})]:
+        out = cg.Discriminator(img_size=size, width=8, num_classes=5, loss=loss, embed_dim=24)(x, y)
+        assert {k: tuple(v.shape) for k, v in out.items()} == keys
+
+
+def test_spectral_norm_estimate_matches_linalg():
+    torch.manual_seed(0)
+    layer = cg.sn_linear(12, 7)
+    with torch.no_grad():
+        layer.parametrizations.weight.original.copy_(torch.randn(7, 12) * 3)
+    x = torch.randn(2, 12)
+    for _ in range(100):                                       # power iterations, one per forward
+        layer(x)
+    exact = torch.linalg.matrix_norm(layer.parametrizations.weight.original.detach(), ord=2).item()
+    estimate = cg.spectral_norms(layer)[""]
+    assert estimate == pytest.approx(exact, rel=1e-4)
+    # the normalised weight has spectral norm 1
+    assert torch.linalg.matrix_norm(layer.weight.detach(), ord=2).item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_shapes_data_is_deterministic_and_class_readable():
+    a, ya = cg.make_shapes(200, 32, seed=3)
+    b, yb = cg.make_shapes(200, 32, seed=3)
+    assert torch.equal(a, b) and torch.equal(ya, yb) and a.dtype == torch.uint8
+    assert torch.bincount(ya).tolist() == [50, 50, 50, 50]
+    predicted = cg.shapes_class_of(a.float() / 127.5 - 1)
+    assert (predicted == ya).float().mean() > 0.9           # the class-consistency probe reads real data
+    assert not torch.equal(a, cg.make_shapes(200, 32, seed=4)[0])
+
+
+# ---------------------------------------------------------------- real runs of the CLI
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout, cwd=HERE)
+
+
+def test_cli_tiny_run_writes_grid_metrics_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    r = run_cli(*TINY, "--steps", "4", "--eval-every", "2", "--run-dir", str(run))
+    assert r.returncode == 0, r.stderr
+    assert (run / "last.pt").is_file() and (run / "config.json").is_file()
+    grids = sorted(os.listdir(run / "samples"))
+    assert grids == ["step0000002.png", "step0000004.png"]
+    assert (run / "samples" / grids[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if not x.get("eval")]
+    evals = [x for x in lines if x.get("eval")]
+    assert [x["step"] for x in steps] == [1, 2, 3, 4] and [x["step"] for x in evals] == [2, 4]
+    assert {"d_loss", "g_loss", "d_cond", "g_cond", "img_per_s"} <= set(steps[0])
+    assert {"d_acc_train", "d_acc_heldout", "d_acc_gap", "d_sigma_max", "d_sigma", "class_consistency",
+            "collapse"} <= set(evals[0])
+    assert "step 4/4" in r.stdout and "img/s" in r.stdout and "left" in r.stdout
+    assert json.loads((run / "config.json").read_text())["loss"] == "2c"
+
+
+def weights_of(path):
+    state = torch.load(path, weights_only=False)
+    return state, {f"{m}.{k}": v for m in ("G", "D", "G_ema") for k, v in state[m].items()}
+
+
+@pytest.mark.parametrize("loss", ["2c", "ac"])
+def test_resume_continues_exactly(tmp_path, loss):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert cg.main([*TINY, "--loss", loss, "--steps", "6", "--eval-every", "100", "--run-dir", str(straight)]) == 0
+    assert cg.main([*TINY, "--loss", loss, "--steps", "3", "--eval-every", "100", "--run-dir", str(split)]) == 0
+    assert cg.main(["--resume", str(split), "--steps", "6"]) == 0
+    a, wa = weights_of(straight / "last.pt")
+    b, wb = weights_of(split / "last.pt")
+    assert a["step"] == b["step"] == 6 and wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    for opt in ("opt_G", "opt_D"):
+        for sa, sb in zip(a[opt]["state"].values(), b[opt]["state"].values()):
+            assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    steps = [json.loads(x)["step"] for x in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s] == sorted(steps) and steps.count(3) == 2  # log line + eval at 3, no repeats
+
+
+def test_generate_from_checkpoint(tmp_path):
+    run, out = tmp_path / "run", tmp_path / "fakes"
+    assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
+    assert cg.main(["--generate", str(run), "--num-images", "10", "--out-dir", str(out), "--eval-batch", "4"]) == 0
+    files = sorted(os.listdir(out))
+    assert len([f for f in files if f.endswith(".png") and f != "grid.png"]) == 10 and "grid.png" in files
+    from PIL import Image
+    assert Image.open(out / files[0]).size == (32, 32)
+
+
+def test_fid_during_training_with_random_weights(tmp_path):
+    pytest.importorskip("fid")
+    run = tmp_path / "run"
+    r = run_cli(*TINY, "--steps", "2", "--eval-every", "2", "--fid-images", "6", "--fid-weights", "random",
+                "--data-dir", str(tmp_path), "--run-dir", str(run))
+    assert r.returncode == 0, r.stderr
+    record = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x][-1]
+    assert math.isfinite(record["fid"]) and record["fid"] >= 0
+    assert "FID protocol" in r.stdout and "RANDOM weights" in r.stdout
+    assert (run / "best.pt").is_file()
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2, nothing lost
+
+def one_line_error(r):
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--dataset", "mnist"], "invalid choice"),
+    (["--loss", "wgan"], "invalid choice"),
+    (["--loss", "2c", "--batch-size", "1"], "at least 2"),
+    (["--temperature", "0"], "must be > 0"),
+    (["--img-size", "48"], "not supported"),
+    (["--dataset", "folder", "--data-dir", "/nonexistent/images"], "does not exist"),
+])
+def test_bad_arguments(args, expected, tmp_path):
+    r = run_cli(*TINY, "--steps", "1", "--run-dir", str(tmp_path / "r"), *args)
+    assert expected in one_line_error(r)
+    assert not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_bad_image_folders(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    torch.manual_seed(0)
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(flat / "a.png")
+    for folder, expected in [(empty, "is empty"), (flat, "no class sub-folders")]:
+        assert cg.main([*TINY, "--dataset", "folder", "--data-dir", str(folder), "--run-dir", str(tmp_path / "r")]) == 2
+        assert expected in capsys.readouterr().err
+
+
+def test_folder_dataset_trains(tmp_path):
+    from PIL import Image
+    images, labels = cg.make_shapes(24, 40, seed=0)
+    for i, (x, y) in enumerate(zip(images, labels)):
+        os.makedirs(tmp_path / "data" / f"c{int(y)}", exist_ok=True)
+        Image.fromarray(x.permute(1, 2, 0).numpy()).save(tmp_path / "data" / f"c{int(y)}" / f"{i}.png")
+    run = tmp_path / "run"
+    assert cg.main([*TINY, "--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--steps", "2",
+                    "--run-dir", str(run)]) == 0
+    assert json.loads((run / "config.json").read_text())["num_classes"] == 4
+
+
+def test_cifar_offline_fails_fast_with_instructions(tmp_path, monkeypatch, capsys):
+    def no_network(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    t0 = time.time()
+    assert cg.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert time.time() - t0 < 30 and len(err.splitlines()) == 1
+    assert "cifar-10-python.tar.gz" in err and "https://" in err and "--data-dir" in err
+
+
+def test_unwritable_run_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert "cannot write" in one_line_error(run_cli(*TINY, "--steps", "1", "--run-dir", str(blocker / "run")))
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
+    before = (run / "last.pt").read_bytes()
+    assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 2
+    assert "--resume" in capsys.readouterr().err and (run / "last.pt").read_bytes() == before
+
+
+def test_corrupt_or_foreign_checkpoint_is_refused_and_left_untouched(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
+    digest = hashlib.sha256((run / "last.pt").read_bytes()).hexdigest()
+    assert cg.main(["--resume", str(run), "--loss", "proj", "--steps", "2"]) == 2
+    assert "another configuration" in capsys.readouterr().err
+    assert hashlib.sha256((run / "last.pt").read_bytes()).hexdigest() == digest
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "last.pt").write_bytes(b"\x00garbage" * 10)
+    assert cg.main(["--resume", str(bad), "--steps", "2"]) == 2
+    assert "unreadable" in capsys.readouterr().err
+    assert (bad / "last.pt").read_bytes() == b"\x00garbage" * 10
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    calls = {"n": 0}
+    real_hinge = cg.d_hinge_loss
+
+    def hinge_that_breaks(real, fake):                         # NaN from the 3rd G step on (2 D steps each)
+        calls["n"] += 1
+        loss = real_hinge(real, fake)
+        return loss * float("nan") if calls["n"] > 4 else loss
+
+    monkeypatch.setattr(cg, "d_hinge_loss", hinge_that_breaks)
+    assert cg.main([*TINY, "--steps", "6", "--eval-every", "2", "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "intact" in err
+    state = torch.load(run / "last.pt", weights_only=False)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["G"].values() if v.is_floating_point())
+
+
+def test_ctrl_c_saves_and_exits(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, SCRIPT, *TINY, "--steps", "100000", "--eval-every", "100000",
+                             "--run-dir", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in out
+    state = torch.load(run / "last.pt", weights_only=False)
+    assert state["step"] >= 1
+    assert cg.main(["--resume", str(run), "--steps", str(state["step"] + 1)]) == 0
+
+
+# ---------------------------------------------------------------- Figure 3 and mixed precision
+
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="plotting is an optional extra: pip install matplotlib")
+    runs = []
+    for loss in ("proj", "2c"):
+        runs.append(str(tmp_path / loss))
+        assert cg.main([*TINY, "--loss", loss, "--steps", "2", "--eval-every", "1", "--run-dir", runs[-1]]) == 0
+    out = tmp_path / "figure3.png"
+    assert cg.main(["--plot", *runs, "--plot-out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_bf16_step_is_finite_and_close_to_fp32():
+    cfg = cg.build_parser().parse_args(TINY)
+    losses = {}
+    for amp in ("none", "bf16"):
+        cfg.amp = amp
+        trainer = cg.Trainer(cfg, num_classes=4, device=torch.device("cpu"))
+        torch.manual_seed(1)
+        real, y = cg.make_shapes(8, 32, seed=5)
+        logs = trainer.d_step(real.float() / 127.5 - 1, y)
+        logs.update(trainer.g_step())
+        losses[amp] = {k: v.item() for k, v in logs.items()}
+    for k, v in losses["none"].items():
+        assert math.isfinite(losses["bf16"][k])
+        assert abs(losses["bf16"][k] - v) < 0.05 * abs(v) + 0.05, (k, v, losses["bf16"][k])
