@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from datetime import timedelta
 
 import torch
@@ -891,6 +892,9 @@ def setup_device(cfg):
         torch.backends.cudnn.benchmark = True
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
+        # torch.distributed.nn's all_gather is the public differentiable collective; recent torch
+        # versions flag it as deprecated in favour of a private one, which we do not use.
+        warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated")
     return device, rank, world
 
 

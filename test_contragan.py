@@ -387,3 +387,52 @@ def test_bf16_step_is_finite_and_close_to_fp32():
     for k, v in losses["none"].items():
         assert math.isfinite(losses["bf16"][k])
         assert abs(losses["bf16"][k] - v) < 0.05 * abs(v) + 0.05, (k, v, losses["bf16"][k])
+
+
+# ---------------------------------------------------------------- DDP on the CPU (gloo, 2 processes)
+
+def _two_rank_2c(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    gen = torch.Generator().manual_seed(0)                     # the same global batch on both ranks
+    embed, proxy = torch.randn(12, 16, generator=gen), torch.randn(12, 16, generator=gen)
+    labels = torch.randint(0, 3, (12,), generator=gen)
+    local = slice(rank * 6, rank * 6 + 6)                      # each rank holds half of it
+    e, p = embed[local].clone().requires_grad_(), proxy[local].clone().requires_grad_()
+    loss = cg.conditional_contrastive_loss(*cg.gather_global_batch(e, p, labels[local]), temperature=0.5)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "embed_grad": e.grad, "proxy_grad": p.grad}, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_2c_on_two_ranks_equals_one_process(tmp_path):
+    torch.multiprocessing.spawn(_two_rank_2c, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    gen = torch.Generator().manual_seed(0)
+    embed = torch.randn(12, 16, generator=gen).requires_grad_()
+    proxy = torch.randn(12, 16, generator=gen).requires_grad_()
+    labels = torch.randint(0, 3, (12,), generator=gen)
+    loss = cg.conditional_contrastive_loss(embed, proxy, labels, temperature=0.5)
+    loss.backward()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        torch.testing.assert_close(got["loss"], loss.detach())
+        # all_gather's backward sums the identical per-rank losses' gradients (2x); DDP's gradient
+        # averaging over the 2 ranks divides by 2: the model sees exactly the single-process gradient.
+        local = slice(rank * 6, rank * 6 + 6)
+        torch.testing.assert_close(got["embed_grad"] / 2, embed.grad[local])
+        torch.testing.assert_close(got["proxy_grad"] / 2, proxy.grad[local])
+
+
+def test_torchrun_two_processes_train_and_resume(tmp_path):
+    run = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT]
+    r = subprocess.run([*torchrun, *TINY, "--steps", "2", "--eval-every", "2", "--run-dir", str(run)],
+                       capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("step 2/2") == 1                     # only rank 0 logs
+    state = torch.load(run / "last.pt", weights_only=False)
+    assert state["step"] == 2 and len(state["rng"]) == 2
+    r = subprocess.run([*torchrun, "--resume", str(run), "--steps", "3"], capture_output=True, text=True,
+                       timeout=300, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed" in r.stdout and torch.load(run / "last.pt", weights_only=False)["step"] == 3
