@@ -157,6 +157,16 @@ def test_spectral_norm_estimate_matches_linalg():
     assert torch.linalg.matrix_norm(layer.weight.detach(), ord=2).item() == pytest.approx(1.0, rel=1e-4)
 
 
+def test_detect_collapse():
+    calm = [{"step": 1, "fid": 50.0, "d_acc_gap": 0.05}, {"step": 2, "fid": 40.0, "d_acc_gap": 0.1}]
+    assert cg.detect_collapse(calm, gap_threshold=0.3, patience=3) is None
+    overfit = calm + [{"step": 3, "fid": 39.0, "d_acc_gap": 0.45}]
+    assert "gap 0.45" in cg.detect_collapse(overfit, 0.3, 3)
+    rising = calm + [{"step": s, "fid": f, "d_acc_gap": 0.1} for s, f in [(3, 41.0), (4, 42.0), (5, 45.0)]]
+    assert "rose 3 evaluations" in cg.detect_collapse(rising, 0.3, 3)
+    assert cg.detect_collapse(rising[:-1], 0.3, 3) is None   # only 2 rises so far
+
+
 def test_shapes_data_is_deterministic_and_class_readable():
     a, ya = cg.make_shapes(200, 32, seed=3)
     b, yb = cg.make_shapes(200, 32, seed=3)
