@@ -518,6 +518,8 @@ class Batches:
         self.sampler = torch.utils.data.DistributedSampler(
             dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.epoch, self.pos, self._it = 0, 0, None
+        if isinstance(dataset, TensorImages):                  # in memory: keep it on the device
+            self.images, self.labels = dataset.images.to(device), dataset.labels.to(device)
 
     def state_dict(self):
         return {"epoch": self.epoch, "pos": self.pos}
@@ -530,9 +532,10 @@ class Batches:
         idx = list(self.sampler)[self.pos * self.batch:]
         n = len(idx) // self.batch
         if isinstance(self.dataset, TensorImages):             # in memory: index, no collation
+            idx = torch.tensor(idx, device=self.device)
             for b in range(n):
-                ids = torch.tensor(idx[b * self.batch:(b + 1) * self.batch])
-                yield self.dataset.images[ids], self.dataset.labels[ids]
+                ids = idx[b * self.batch:(b + 1) * self.batch]
+                yield self.images[ids], self.labels[ids]
         else:
             yield from torch.utils.data.DataLoader(
                 torch.utils.data.Subset(self.dataset, idx[:n * self.batch]), batch_size=self.batch,
