@@ -1,0 +1,464 @@
+"""
+How fast this ContraGAN is, against the authors' approach and against the machine's own limit.
+One command, one markdown report; every figure in it comes from the same run, on the machine named
+at its top.
+
+  python bench.py                          # everything: a few minutes on 2 CPU cores
+  python bench.py --device cuda            # the same on a GPU
+  python bench.py --quick                  # tiny sizes, a smoke test (~20 s)
+  python bench.py --threads 1              # steadier on a CPU shared with other jobs
+  python bench.py --sections 2c,fid --out perf.md
+
+Sections: 2c (the loss against the literal loop and the authors' formulation), ddp (the 2C loss
+through gather_global_batch in 2 gloo processes against one process), train (one iteration =
+5 D steps + 1 G step: time, FLOPs, utilisation, memory, profile), fid (Inception, Frechet distance).
+"""
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import nullcontext
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import contragan as cg
+
+# ---------------------------------------------------------------------------------------------
+# Timing, memory and the machine
+# ---------------------------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_call(fn, device, budget_s=1.0, rounds=5, warmup=1):
+    """Best over `rounds` rounds of the mean time of n calls (n fills budget_s); a call slower than
+    budget_s / 2 is timed once. Best-of, because other processes only ever add time."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    once = time.perf_counter() - t
+    if once > budget_s / 2:
+        return once
+    n = max(1, int(budget_s / rounds / once))
+    best = once
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync(device)
+        best = min(best, (time.perf_counter() - t) / n)
+    return best
+
+
+def matmul_rate(device, dtype, budget_s=2.0):
+    """FLOP/s of one large square matrix multiply, 2 n^3 / t: the machine's own limit for dense math."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / seconds_per_call(lambda: a @ b, device, budget_s)
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return "torch.cuda.max_memory_allocated"
+    try:  # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return "peak RSS of the process (VmHWM, reset before each measurement)"
+    except OSError:
+        return "peak RSS of the process since it started (ru_maxrss)"
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine(device):
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = ", load average %.1f at start" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s){load}"
+
+
+def ms(s):
+    return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
+
+
+def duration(s):
+    if s < 120:
+        return f"{s:.0f} s"
+    return f"{s / 60:.0f} min" if s < 3600 else f"{s / 3600:.1f} h" if s < 3 * 86400 else f"{s / 86400:.1f} days"
+
+# ---------------------------------------------------------------------------------------------
+# 2C: the project's function, the literal loop, the authors' formulation
+# ---------------------------------------------------------------------------------------------
+
+def literal_2c(embed, proxy, labels, t=1.0):
+    """The 2C loss straight from the equation: Python loops over i and k, one term at a time."""
+    l = [x / x.norm() for x in embed]
+    e = [x / x.norm() for x in proxy]
+    y, m = labels.tolist(), len(l)
+    losses = []
+    for i in range(m):
+        data_to_class = torch.exp(l[i] @ e[i] / t)
+        positives = sum(torch.exp(l[i] @ l[k] / t) for k in range(m) if k != i and y[k] == y[i])
+        everyone = sum(torch.exp(l[i] @ l[k] / t) for k in range(m) if k != i)
+        losses.append(-torch.log((data_to_class + positives) / (data_to_class + everyone)))
+    return sum(losses) / m
+
+
+def authors_2c(embed, proxy, labels, t=1.0):
+    """The authors' formulation, written from its description: exp() of the similarities, then the
+    ratio; the diagonal and the positive mask are built in numpy on the host at every call (a device
+    sync for labels.cpu()) and moved to the device. Same value as contragan's, checked below."""
+    m, device = embed.shape[0], embed.device
+    l, e = F.normalize(embed, dim=1), F.normalize(proxy, dim=1)         # (m, D)
+    not_self = torch.from_numpy(np.ones((m, m)) - np.eye(m)).bool().to(device)   # (m, m) host-built
+    y = labels.cpu().numpy()
+    same = torch.from_numpy(y[:, None] == y[None, :]).to(device)       # (m, m) host-built
+    exp_sim = torch.exp(l @ l.t() / t)[not_self].view(m, m - 1)        # (m, m-1) k != i
+    positive = same[not_self].view(m, m - 1)                           # (m, m-1) y_k == y_i
+    exp_class = torch.exp((l * e).sum(dim=1) / t)                      # (m,)
+    numerator = exp_class + (positive * exp_sim).sum(dim=1)
+    denominator = exp_class + exp_sim.sum(dim=1)
+    return -torch.log(numerator / denominator).mean()
+
+
+def two_c_inputs(m, dim, device, num_classes=10, seed=0):
+    """Embeddings, each sample's proxy and labels; the same seed gives the same global batch on every rank."""
+    gen = torch.Generator().manual_seed(seed)
+    embed = torch.randn(m, dim, generator=gen)
+    table = torch.randn(num_classes, dim, generator=gen)
+    labels = torch.randint(0, num_classes, (m,), generator=gen)
+    return embed.to(device), table[labels].to(device), labels.to(device)
+
+
+def bench_2c(device, batches, loop_batch, budget_s=1.0, dim=512):
+    lines = ["| batch m | contragan (fwd+bwd) | authors' formulation | literal loop | authors / contragan | "
+             "loop / contragan |", "|---|---|---|---|---|---|"]
+    ratios = {}
+    for m in batches:
+        embed, proxy, labels = two_c_inputs(m, dim, device)
+        embed.requires_grad_(True)
+        proxy.requires_grad_(True)
+        ours = cg.conditional_contrastive_loss(embed, proxy, labels)
+        theirs = authors_2c(embed, proxy, labels)
+        torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)  # like with like
+
+        def fwd_bwd(loss_fn):
+            return lambda: torch.autograd.grad(loss_fn(embed, proxy, labels), (embed, proxy))
+        t_ours = seconds_per_call(fwd_bwd(cg.conditional_contrastive_loss), device, budget_s)
+        t_theirs = seconds_per_call(fwd_bwd(authors_2c), device, budget_s)
+        t_loop = None
+        if m <= loop_batch:
+            torch.testing.assert_close(literal_2c(embed, proxy, labels), ours, rtol=1e-5, atol=1e-5)
+            t_loop = seconds_per_call(fwd_bwd(literal_2c), device, budget_s=0, warmup=0)
+        ratios[m] = (t_theirs / t_ours, t_loop / t_ours if t_loop else None)
+        lines.append(f"| {m} | {ms(t_ours)} | {ms(t_theirs)} | "
+                     f"{ms(t_loop) if t_loop else '- (O(m^2) Python ops, not run)'} | "
+                     f"{t_theirs / t_ours:.1f}x | {f'{t_loop / t_ours:.0f}x' if t_loop else '-'} |")
+    lines.append(f"\n{dim}-d embeddings, 10 classes, fp32, forward + backward to embeddings and proxies. "
+                 "All three agree to 1e-5 (asserted). The authors' formulation is written here from its "
+                 "description (exp then ratio, masks built in numpy on the host at every call).")
+    return lines, ratios
+
+# ---------------------------------------------------------------------------------------------
+# DDP: the 2C loss through gather_global_batch in 2 gloo processes against one process
+# ---------------------------------------------------------------------------------------------
+
+def _ddp_worker(rank, world, port, sizes, dim, threads, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    warnings.filterwarnings("ignore", message=".*all_gather is deprecated")
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = {}
+    for m, reps in sizes:
+        embed, proxy, labels = two_c_inputs(m, dim, torch.device("cpu"))       # the global batch
+        local = slice(rank * m // world, (rank + 1) * m // world)             # this rank's share
+        embed, proxy = embed[local].requires_grad_(True), proxy[local].requires_grad_(True)
+        labels = labels[local]
+
+        def step():
+            g_embed, g_proxy, g_labels = cg.gather_global_batch(embed, proxy, labels)
+            torch.autograd.grad(cg.conditional_contrastive_loss(g_embed, g_proxy, g_labels), (embed, proxy))
+        for _ in range(2):
+            step()
+        dist.barrier()
+        t = time.perf_counter()
+        for _ in range(reps):                                  # the same count on every rank
+            step()
+        results[m] = (time.perf_counter() - t) / reps
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def bench_ddp(device, sizes, dim=512, world=2):
+    if device.type == "cuda":
+        return ["- (needs 2 GPUs: `torchrun --nproc_per_node=2` of the training script; this section "
+                "measures the gloo path on the CPU only: `python bench.py --device cpu --sections ddp`)"]
+    threads = max(1, torch.get_num_threads() // world)         # the same cores in all
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "ddp.json")
+        torch.multiprocessing.spawn(_ddp_worker, args=(world, port, sizes, dim, threads, out), nprocs=world)
+        with open(out) as f:
+            ranked = {int(k): v for k, v in json.load(f).items()}
+    lines = [f"| global batch m | 1 process, {torch.get_num_threads()} thread(s) | {world} gloo processes "
+             f"x {threads} thread(s), gather_global_batch | ratio |",
+             "|---|---|---|---|"]
+    for m, _ in sizes:
+        embed, proxy, labels = two_c_inputs(m, dim, device)
+        embed.requires_grad_(True)
+        proxy.requires_grad_(True)
+        single = seconds_per_call(lambda: torch.autograd.grad(
+            cg.conditional_contrastive_loss(embed, proxy, labels), (embed, proxy)), device)
+        lines.append(f"| {m} | {ms(single)} | {ms(ranked[m])} | {ranked[m] / single:.1f}x |")
+    lines.append("\n2C loss + backward per call; ranks all-gather embeddings, proxies and labels, and the "
+                 "backward sends each rank its slice's gradient.")
+    return lines
+
+# ---------------------------------------------------------------------------------------------
+# Training: one iteration = d_steps D steps + 1 G step + EMA, at the default and a small width
+# ---------------------------------------------------------------------------------------------
+
+def random_cifar(n=512, num_classes=10, img_size=32):
+    """CIFAR-10-shaped uint8 images (speed does not depend on pixel values; no download)."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, img_size, img_size), dtype=torch.uint8, generator=gen)
+    labels = torch.arange(n) % num_classes
+    return cg.TensorImages(images, labels, [str(c) for c in range(num_classes)])
+
+
+def is_conv(op):
+    return "conv" in op.lower()
+
+
+def profile_steps(trainer, batches, device):
+    """Self time per op over one D step + one G step; the share of convolutions (forward and backward)."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        trainer.d_step(*next(batches))
+        trainer.g_step()
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    per_op = {e.key: getattr(e, key) for e in prof.key_averages()}
+    total = sum(per_op.values())
+    conv = sum(v for k, v in per_op.items() if is_conv(k)) / total
+    others = sorted(((v / total, k) for k, v in per_op.items() if not is_conv(k)), reverse=True)
+    return conv, others
+
+
+def train_config(device, batch, width, iters, amp="none", compile=False, channels_last=False,
+                 count_flops=False, profile=False):
+    argv = ["--batch-size", str(batch), "--g-width", str(width), "--d-width", str(width), "--amp", amp]
+    argv += ["--compile"] * compile + ["--channels-last"] * channels_last
+    cfg = cg.build_parser().parse_args(argv)
+    trainer = cg.Trainer(cfg, 10, device)
+    batches = cg.Batches(random_cifar(), batch, 0, 1, 0, device)
+    # Warm-up: one D step and one G step (oneDNN/cuDNN plans, allocator, torch.compile), with the
+    # FLOPs counted there: the iteration's FLOPs are d_steps x D step + G step, shapes being fixed.
+    t = time.perf_counter()
+    with FlopCounterMode(display=False) if count_flops else nullcontext() as d_count:
+        trainer.d_step(*next(batches))
+    with FlopCounterMode(display=False) if count_flops else nullcontext() as g_count:
+        trainer.g_step()
+    sync(device)
+    warmup_s = time.perf_counter() - t
+    flops = cfg.d_steps * d_count.get_total_flops() + g_count.get_total_flops() if count_flops else None
+    reset_peak_memory(device)
+    times = []
+    for step in range(iters):
+        sync(device)
+        t = time.perf_counter()
+        trainer.iteration(batches, step)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    result = dict(seconds=min(times), images_s=cfg.d_steps * batch / min(times), flops=flops,
+                  peak_mb=peak_memory_mb(device), warmup_s=warmup_s, d_steps=cfg.d_steps)
+    if profile:
+        result["conv_share"], result["others"] = profile_steps(trainer, batches, device)
+    return result
+
+
+def bench_train(device, batch, width, small_width, iters, peak_fp32, options):
+    configs = [(f"width {width} (default), fp32", width, {}), (f"width {small_width}, fp32", small_width, {})]
+    configs += [(f"width {small_width}, {name}", small_width, kw) for name, kw in options]
+    lines = ["| configuration | s / iteration | vs fp32 | real images/s | GFLOP / iteration | GFLOP/s | "
+             "utilisation | peak memory (MB) | 100k iterations | warm-up (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    flops, fp32_s, results = {}, {}, {}
+    for name, w, kw in configs:
+        eager_fp32 = not kw
+        print(f"  train: {name} ...", flush=True)
+        r = train_config(device, batch, w, iters, count_flops=eager_fp32, profile=eager_fp32, **kw)
+        results[name] = r
+        if eager_fp32:
+            flops[w], fp32_s[w] = r["flops"], r["seconds"]
+        rate = flops[w] / r["seconds"]                        # the same math as fp32 at this width
+        lines.append(f"| {name} | {r['seconds']:.3g} | {fp32_s[w] / r['seconds']:.2f}x | {r['images_s']:.3g} | "
+                     f"{flops[w] / 1e9:.0f} | {rate / 1e9:.3g} | {rate / peak_fp32:.0%} | {r['peak_mb']:.0f} | "
+                     f"{duration(r['seconds'] * 1e5)} | {r['warmup_s']:.3g} |")
+    if device.type != "cuda":
+        lines.append("| default, one GPU | - | | | | | | | - (`python bench.py --device cuda`) | |")
+    lines.append(f"\nBatch {batch}; one iteration = {results[configs[0][0]]['d_steps']} D steps + 1 G step + "
+                 f"EMA update, best of {iters} after a warm-up D and G step. Real images/s = D steps x batch / s. "
+                 "FLOPs counted with torch.utils.flop_counter.FlopCounterMode (fp32 eager; the other options do "
+                 "the same math). Utilisation = achieved FLOP/s / the fp32 matrix-multiply rate measured above. "
+                 f"Memory: {reset_peak_memory(device)}. The authors' CIFAR-10 run: 13 h 24 min for 100k "
+                 "iterations on one TITAN RTX, fp32.")
+    for name, w, kw in configs[:2]:
+        r = results[name]
+        top = ", ".join(f"{op} {share:.1%}" for share, op in r["others"][:5])
+        lines.append(f"\nProfile, {name} (torch.profiler, self time of one D step + one G step): convolutions "
+                     f"forward and backward {r['conv_share']:.0%}; everything else {1 - r['conv_share']:.0%}, "
+                     f"largest: {top}.")
+    return lines, results, flops
+
+# ---------------------------------------------------------------------------------------------
+# FID: Inception-V3 throughput, Frechet distance against scipy's sqrtm formula
+# ---------------------------------------------------------------------------------------------
+
+def bench_fid(device, batch, dim):
+    import fid
+    model = fid.load_inception(device=device, random_init=True)
+    images = torch.rand(batch, 3, 32, 32, device=device) * 2 - 1  # G's output size; resized to 299 inside
+    sec = seconds_per_call(lambda: fid.features_from_sampler(model, lambda n: images[:n], batch, batch, device),
+                           device, budget_s=2.0)
+    rng = np.random.default_rng(0)
+    features1 = rng.standard_normal((2 * dim, dim))
+    features2 = rng.standard_normal((2 * dim, dim)) @ (np.eye(dim) + rng.standard_normal((dim, dim)) / dim) + 0.1
+    mu1, mu2 = features1.mean(0), features2.mean(0)
+    s1, s2 = np.cov(features1, rowvar=False), np.cov(features2, rowvar=False)
+    fast = fid.frechet_distance(mu1, s1, mu2, s2)
+    slow = fid.frechet_distance_sqrtm(mu1, s1, mu2, s2)
+    assert abs(fast - slow) <= 1e-6 * abs(slow), (fast, slow)
+    t_fast = seconds_per_call(lambda: fid.frechet_distance(mu1, s1, mu2, s2), device, budget_s=2.0, warmup=0)
+    t = time.perf_counter()
+    fid.frechet_distance_sqrtm(mu1, s1, mu2, s2)
+    t_slow = time.perf_counter() - t
+    return [
+        "| part | fid.py | reference | ratio |", "|---|---|---|---|",
+        f"| Inception-V3 features, 32x32 -> 299x299, batch {batch} | {batch / sec:.3g} images/s "
+        f"(10,000 images: {duration(1e4 * sec / batch)}) | - | - |",
+        f"| Frechet distance, d = {dim} | {ms(t_fast)} (Cholesky + eigvalsh) | {ms(t_slow)} (scipy sqrtm) | "
+        f"{t_slow / t_fast:.0f}x |",
+        f"\nThe two distances agree to {abs(fast - slow) / abs(slow):.1e} relative (asserted <= 1e-6). Inception "
+        "with random weights (same graph and cost as the published ones); features_from_sampler, fp32."]
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+SECTIONS = ("2c", "ddp", "train", "fid")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
+    p.add_argument("--quick", action="store_true", help="tiny sizes, no torch.compile: a smoke test, not numbers")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch (authors' CIFAR-10: 64)")
+    p.add_argument("--width", type=int, default=96, help="the default architecture's width (authors: 96)")
+    p.add_argument("--small-width", type=int, default=32, help="the small width; the options run at it")
+    p.add_argument("--iters", type=int, default=1, help="timed training iterations per configuration (best of)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 gives steadier "
+                   "numbers on a machine shared with other jobs")
+    p.add_argument("--out", help="also write the report to this markdown file")
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    sections = args.sections.split(",")
+    assert all(s in SECTIONS for s in sections), f"--sections: choose from {','.join(SECTIONS)}"
+    if args.quick:
+        args.width, args.small_width = min(args.width, 16), min(args.small_width, 8)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = cg.setup_device(cg.build_parser().parse_args(["--device", args.device]))[0]  # TF32 as training
+    start = time.perf_counter()
+    report = [f"# ContraGAN benchmarks\n\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine(device)}, "
+              f"torch {torch.__version__}: `{' '.join(['python bench.py'] + argv)}`"]
+
+    def emit(lines):
+        text = "\n".join(lines)
+        print(text + "\n", flush=True)
+        report.append(text)
+
+    if device.type == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5 * os.cpu_count():
+        report[0] += ("\n\n**The machine was busy when this run started: other jobs inflate these timings, "
+                      "the more so the smaller the operations. Rerun on a quiet machine.**")
+    print(report[0] + "\n")
+    budget_s = 0.3 if args.quick else 2.0                      # seconds per timed function
+    peak = {dt: matmul_rate(device, dt, budget_s) for dt in (torch.float32, torch.bfloat16)}
+    emit([f"Matrix-multiply rate (torch.mm, {8192 if device.type == 'cuda' else 2048}^2, 2n^3/t): "
+          f"fp32 {peak[torch.float32] / 1e9:.4g} GFLOP/s, bf16 {peak[torch.bfloat16] / 1e9:.4g} GFLOP/s."])
+    goals = []
+    if "2c" in sections:
+        lines, ratios = bench_2c(device, (64,) if args.quick else (64, 256, 1024), 64, budget_s / 2)
+        emit(["## 2C loss, forward + backward\n"] + lines)
+        vs_authors, vs_loop = ratios[64]
+        goals.append(f"2C at batch 64: {vs_authors:.1f}x the authors' formulation (goal >= 10x), "
+                     f"{vs_loop:.0f}x the literal loop (goal >= 100x).")
+    if "ddp" in sections:
+        sizes = [(64, 10)] if args.quick else [(64, 50), (1024, 10)]
+        emit(["## 2C under DDP (gloo, CPU)\n"] + bench_ddp(device, sizes))
+    if "train" in sections:
+        options = [("bf16", dict(amp="bf16")), ("channels_last", dict(channels_last=True))]
+        if not args.quick:
+            options.append(("torch.compile", dict(compile=True)))
+        lines, results, flops = bench_train(device, args.batch_size, args.width, args.small_width, args.iters,
+                                            peak[torch.float32], options)
+        emit([f"## One training iteration (CIFAR-10 architecture, batch {args.batch_size})\n"] + lines)
+        r = next(iter(results.values()))
+        goals.append(f"Training at width {args.width}: {flops[args.width] / r['seconds'] / peak[torch.float32]:.0%} "
+                     f"of the fp32 matmul rate (goal >= 50%); largest op outside the convolutions: "
+                     f"{r['others'][0][1]} {r['others'][0][0]:.1%} of the step (goal <= 10%).")
+        goals.append(f"100k iterations at width {args.width}: {duration(r['seconds'] * 1e5)} on this device "
+                     "(goal on one H100: < 1 h" + (")." if device.type == "cuda" else
+                                                    "; measure it with `python bench.py --device cuda`)."))
+    if "fid" in sections:
+        batch = 200 if device.type == "cuda" else 4 if args.quick else 32
+        emit(["## FID\n"] + bench_fid(device, batch, 256 if args.quick else 2048))
+    emit(["## Goals (measured, not asserted)\n"] + [f"- {g}" for g in goals] +
+         [f"\nWhole benchmark: {duration(time.perf_counter() - start)}" +
+          (f"; load average {os.getloadavg()[0]:.1f} at the end." if hasattr(os, "getloadavg") else ".")])
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n\n".join(report) + "\n")
+
+
+if __name__ == "__main__":
+    main()
