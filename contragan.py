@@ -214,6 +214,13 @@ class SelfAttention(nn.Module):
         return x + self.scale * self.out(o)
 
 
+def upsample2x(x):
+    """Nearest-neighbour x2, as F.interpolate(mode="nearest") but as a view + copy: on the CPU
+    interpolate detours through channels-last and took 6x longer (bench.py, width 96)."""
+    B, C, H, W = x.shape
+    return x[:, :, :, None, :, None].expand(B, C, H, 2, W, 2).reshape(B, C, 2 * H, 2 * W)
+
+
 class GBlock(nn.Module):
     """G up-block: CBN -> ReLU -> up x2 -> conv3 -> CBN -> ReLU -> conv3, skip: up x2 -> conv1."""
 
@@ -226,9 +233,10 @@ class GBlock(nn.Module):
         self.skip = sn_conv(c_in, c_out, 1)
 
     def forward(self, x, cond):
-        h = F.interpolate(F.relu(self.bn1(x, cond)), scale_factor=2, mode="nearest")
+        h = upsample2x(F.relu(self.bn1(x, cond)))
         h = self.conv2(F.relu(self.bn2(self.conv1(h), cond)))
-        return h + self.skip(F.interpolate(x, scale_factor=2, mode="nearest"))
+        # A 1x1 conv commutes with nearest up-sampling: conv first, on 4x fewer pixels, same result.
+        return h + upsample2x(self.skip(x))
 
 
 class DBlock(nn.Module):
