@@ -954,7 +954,7 @@ def train(cfg, explicit):
     validate(cfg)
     device, rank, world = setup_device(cfg)
     main_rank = rank == 0
-    log = print if main_rank else (lambda *a, **k: None)
+    log = (lambda *a, **k: print(*a, **k, flush=True)) if main_rank else (lambda *a, **k: None)
     if main_rank:
         prepare_run_dir(cfg, resuming=checkpoint is not None)
     train_set, heldout, num_classes = load_data(cfg)
@@ -1195,7 +1195,10 @@ def plot_runs(runs, out):
                                 "largest singular value of D's weights"]):
         ax.set_title(title)
         ax.set_xlabel("G step")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:                                                  # e.g. FID off (--fid-images 0)
+            ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     print(f"wrote {out}")
@@ -1207,7 +1210,7 @@ def plot_runs(runs, out):
 # --------------------------------------------------------------------------------------------
 
 # A small, fast configuration for a CPU: offline on the built-in shapes, class-conditional in minutes.
-PRESETS = {"cpu-demo": dict(dataset="shapes", g_width=32, d_width=32, batch_size=32, d_steps=2, steps=1500,
+PRESETS = {"cpu-demo": dict(dataset="shapes", g_width=16, d_width=16, batch_size=32, d_steps=2, steps=1500,
                             eval_every=250, log_every=50, fid_images=0, ema_start=250, acc_images=256)}
 
 
