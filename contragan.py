@@ -1155,8 +1155,10 @@ def generate_from_checkpoint(path, num_images, out_dir, batch_size=64, seed=0, d
         images = ((images * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)  # (B, 3, H, W)
         for i, (image, label) in enumerate(zip(images.permute(0, 2, 3, 1).cpu().numpy(), y.tolist())):
             Image.fromarray(image).save(os.path.join(out_dir, f"{start + i:06d}_class{label}.png"))
-    save_grid(G, os.path.join(out_dir, "grid.png"), K, cfg.z_dim, device, batch_size, seed)
-    print(f"wrote {num_images} images and grid.png to {out_dir} (G_ema of {path}, step {checkpoint['step']})")
+    # The grid goes one level down: FID tools read only the top level, where every image has one size.
+    os.makedirs(os.path.join(out_dir, "grid"), exist_ok=True)
+    save_grid(G, os.path.join(out_dir, "grid", "grid.png"), K, cfg.z_dim, device, batch_size, seed)
+    print(f"wrote {num_images} images and grid/grid.png to {out_dir} (G_ema of {path}, step {checkpoint['step']})")
     return 0
 
 
@@ -1211,7 +1213,8 @@ def plot_runs(runs, out):
 
 # A small, fast configuration for a CPU: offline on the built-in shapes, class-conditional in minutes.
 PRESETS = {"cpu-demo": dict(dataset="shapes", g_width=16, d_width=16, batch_size=32, d_steps=2, steps=1500,
-                            eval_every=250, log_every=50, fid_images=0, ema_start=250, acc_images=256)}
+                            eval_every=250, log_every=50, fid_images=0, ema_start=250, ema_decay=0.995,
+                            acc_images=256)}  # EMA horizon ~200 steps: 0.9999 would lag a short run
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
