@@ -1164,14 +1164,15 @@ def generate_from_checkpoint(path, num_images, out_dir, batch_size=64, seed=0, d
 
 def plot_runs(runs, out):
     """The paper's Figure 3 for one or several runs: D's accuracy on training vs held-out real images,
-    FID, and the largest singular value of D's weights, against G steps."""
+    FID, and the largest singular value of D's weights, against G steps; plus a fourth panel on class
+    confusion (class consistency on shapes, intra-class FID when asked for)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for run in runs:
         path = os.path.join(run, "metrics.jsonl")
         if not os.path.isfile(path):
@@ -1189,12 +1190,17 @@ def plot_runs(runs, out):
         if any(r.get("fid") is not None for r in evals):
             axes[1].plot([r["step"] for r in evals if "fid" in r], [r["fid"] for r in evals if "fid" in r], label=name)
         axes[2].plot(steps, [r["d_sigma_max"] for r in evals], label=name)
+        for key, style in (("class_consistency", "-"), ("intra_fid", "--")):  # class confusion
+            points = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
+            if points:
+                axes[3].plot(*zip(*points), style, color=line.get_color(), label=f"{name} {key.replace('_', ' ')}")
         for r in evals:
             if r.get("collapse"):
                 for ax in axes:
                     ax.axvline(r["step"], color=line.get_color(), alpha=0.3, lw=0.8)
     for ax, title in zip(axes, ["D accuracy on real images (train vs held-out)", "FID (EMA G)",
-                                "largest singular value of D's weights"]):
+                                "largest singular value of D's weights",
+                                "class consistency (shapes) / intra-class FID"]):
         ax.set_title(title)
         ax.set_xlabel("G step")
         if ax.get_legend_handles_labels()[0]:

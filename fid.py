@@ -364,7 +364,9 @@ def _as_gaussians(mu1, sigma1, mu2, sigma2):
     if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
         raise FIDError("the statistics contain NaN or inf")
     for sigma in (sigma1, sigma2):  # cheap necessary conditions for a covariance
-        if not np.allclose(sigma, sigma.T) or (np.diagonal(sigma) < 0).any():
+        # symmetric to rounding; one max-abs pass (np.allclose took 20% of the distance at d = 2048)
+        asymmetry = np.abs(sigma - sigma.T).max()
+        if asymmetry > 1e-8 + 1e-5 * np.abs(sigma).max() or (np.diagonal(sigma) < 0).any():
             raise FIDError("a covariance is not symmetric with a non-negative diagonal")
     return mu1, sigma1, mu2, sigma2
 

@@ -238,11 +238,15 @@ def test_generate_from_checkpoint(tmp_path):
 def test_fid_during_training_with_random_weights(tmp_path):
     pytest.importorskip("fid")
     run = tmp_path / "run"
-    r = run_cli(*TINY, "--steps", "2", "--eval-every", "2", "--fid-images", "6", "--fid-weights", "random",
-                "--data-dir", str(tmp_path), "--run-dir", str(run))
+    r = run_cli(*TINY, "--steps", "2", "--eval-every", "2", "--fid-images", "16", "--fid-weights", "random",
+                "--intra-fid", "--inception-score", "--data-dir", str(tmp_path), "--run-dir", str(run))
     assert r.returncode == 0, r.stderr
     record = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x][-1]
     assert math.isfinite(record["fid"]) and record["fid"] >= 0
+    assert len(record["intra_fid_per_class"]) == 4 and record["intra_fid"] == pytest.approx(
+        sum(record["intra_fid_per_class"]) / 4)
+    assert 1.0 <= record["is_mean"] <= 1008
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".npz"))[0] == "fid_shapes_heldout_16_random.npz"
     assert "FID protocol" in r.stdout and "RANDOM weights" in r.stdout
     assert (run / "best.pt").is_file()
 
