@@ -625,10 +625,10 @@ class Trainer:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    def sample_latents(self, batch, generator=None):
+    def sample_latents(self, batch):
         """z ~ N(0, I) and y uniform over classes: fresh for every step (authors)."""
-        z = torch.randn(batch, self.cfg.z_dim, device=self.device, generator=generator)
-        y = torch.randint(0, self.num_classes, (batch,), device=self.device, generator=generator)
+        z = torch.randn(batch, self.cfg.z_dim, device=self.device)
+        y = torch.randint(0, self.num_classes, (batch,), device=self.device)
         return z, y
 
     def condition_loss(self, out, labels, batch):
@@ -799,8 +799,10 @@ class FIDEvaluator:
                                    self.protocol, rank)
         self.class_ref = None
         if cfg.intra_fid:                                      # per-class reference statistics
-            labels = torch.tensor([reference[i][1] for i in range(n_ref)]) if not isinstance(
-                reference, TensorImages) else reference.labels[:n_ref]
+            if isinstance(reference, TensorImages):
+                labels = reference.labels[:n_ref]
+            else:                                              # reads each image once for its label
+                labels = torch.tensor([reference[i][1] for i in range(n_ref)])
             self.class_ref = [self._reference(
                 torch.utils.data.Subset(subset, (labels == k).nonzero().flatten().tolist()),
                 os.path.join(stats_dir, f"fid_{cfg.dataset}_{split}_{n_ref}_{tag}_class{k}.npz"),
