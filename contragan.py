@@ -641,6 +641,15 @@ class Trainer:
             return cfg.cond_lambda * acgan_loss(out["class_logits"][:batch], labels)
         return torch.zeros((), device=self.device)
 
+    def update(self, optimizer, scaler, loss):
+        """backward + Adam step (through the fp16 GradScaler when on); a non-finite loss is noted on
+        the device, read only at log and save steps."""
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        self.nonfinite |= ~torch.isfinite(loss.detach())
+
     def d_step(self, real, real_y):
         B = real.shape[0]
         z, fake_y = self.sample_latents(B)
@@ -654,11 +663,7 @@ class Trainer:
             adv = d_hinge_loss(real_logit, fake_logit)
             cond = self.condition_loss(out, real_y, B)
             loss = adv + cond
-        self.opt_D.zero_grad(set_to_none=True)
-        self.scaler_D.scale(loss).backward()
-        self.scaler_D.step(self.opt_D)
-        self.scaler_D.update()
-        self.nonfinite |= ~torch.isfinite(loss.detach())
+        self.update(self.opt_D, self.scaler_D, loss)
         return {"d_loss": loss.detach(), "d_adv": adv.detach(), "d_cond": cond.detach()}
 
     def g_step(self):
@@ -670,12 +675,8 @@ class Trainer:
             adv = g_hinge_loss(out["adv"].float())
             cond = self.condition_loss(out, y, B)
             loss = adv + cond
-        self.opt_G.zero_grad(set_to_none=True)
-        self.scaler_G.scale(loss).backward()
-        self.scaler_G.step(self.opt_G)
-        self.scaler_G.update()
+        self.update(self.opt_G, self.scaler_G, loss)
         self.D.requires_grad_(True)
-        self.nonfinite |= ~torch.isfinite(loss.detach())
         return {"g_loss": loss.detach(), "g_adv": adv.detach(), "g_cond": cond.detach()}
 
     @torch.no_grad()
