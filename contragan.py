@@ -956,6 +956,8 @@ def train(cfg, explicit):
         cfg.run_dir = run_dir
     validate(cfg)
     device, rank, world = setup_device(cfg)
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm works only on GPU modules")
     main_rank = rank == 0
     log = (lambda *a, **k: print(*a, **k, flush=True)) if main_rank else (lambda *a, **k: None)
     if main_rank:
