@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import contragan as cg
+from test_contragan import literal_2c  # the tests' oracle, straight from the equation: timed here
 
 # ---------------------------------------------------------------------------------------------
 # Timing, memory and the machine
@@ -119,20 +120,6 @@ def duration(s):
 # ---------------------------------------------------------------------------------------------
 # 2C: the project's function, the literal loop, the authors' formulation
 # ---------------------------------------------------------------------------------------------
-
-def literal_2c(embed, proxy, labels, t=1.0):
-    """The 2C loss straight from the equation: Python loops over i and k, one term at a time."""
-    l = [x / x.norm() for x in embed]
-    e = [x / x.norm() for x in proxy]
-    y, m = labels.tolist(), len(l)
-    losses = []
-    for i in range(m):
-        data_to_class = torch.exp(l[i] @ e[i] / t)
-        positives = sum(torch.exp(l[i] @ l[k] / t) for k in range(m) if k != i and y[k] == y[i])
-        everyone = sum(torch.exp(l[i] @ l[k] / t) for k in range(m) if k != i)
-        losses.append(-torch.log((data_to_class + positives) / (data_to_class + everyone)))
-    return sum(losses) / m
-
 
 def authors_2c(embed, proxy, labels, t=1.0):
     """The authors' formulation, written from its description: exp() of the similarities, then the

@@ -18,7 +18,6 @@ code differ, this file follows the code and says so at that line.
 import argparse
 import copy
 import json
-import math
 import os
 import signal
 import socket
@@ -777,7 +776,7 @@ class FIDEvaluator:
     Under DDP every rank embeds its share and the float64 sums are all-reduced (exact)."""
 
     def __init__(self, cfg, reference, split, num_classes, device, rank, world):
-        self.cfg, self.num_classes, self.device, self.world = cfg, num_classes, device, world
+        self.cfg, self.num_classes, self.device, self.rank, self.world = cfg, num_classes, device, rank, world
         random_weights = cfg.fid_weights == "random"
         try:
             self.inception = fid.load_inception(weights=None if random_weights else cfg.fid_weights,
@@ -786,18 +785,17 @@ class FIDEvaluator:
             raise UsageError(str(err).replace("--weights PATH", "--fid-weights PATH (or --fid-images 0 "
                                               "to train without FID)")) from None
         n_ref = min(cfg.fid_images, len(reference))
-        weights = "RANDOM weights (smoke test, NOT comparable)" if random_weights else \
-            "TF FID weights pt_inception-2015-12-05-6726825d.pth"
+        # weights and resize as fid.py names them: a local file that is not the published one says so
         self.protocol = {"dataset": cfg.dataset, "split": split, "num_images": n_ref,
-                         "img_size": cfg.img_size, "weights": weights, "resize": "bilinear 299x299"}
+                         "img_size": cfg.img_size, **fid.inception_protocol(self.inception)}
         self.description = (f"FID protocol: {cfg.fid_images} fakes of G_ema (BatchNorm batch statistics, "
                             f"batch {cfg.eval_batch}) vs {n_ref} {cfg.dataset} {split} images; "
-                            f"Inception-V3 {weights}; {self.protocol['resize']}")
+                            f"Inception-V3 {self.protocol['weights']}; {self.protocol['resize']}")
         stats_dir = cfg.data_dir if cfg.dataset != "folder" else cfg.run_dir
         tag = "random" if random_weights else "tf"
         subset = torch.utils.data.Subset(reference, range(n_ref))
         self.ref = self._reference(subset, os.path.join(stats_dir, f"fid_{cfg.dataset}_{split}_{n_ref}_{tag}.npz"),
-                                   self.protocol, rank)
+                                   self.protocol)
         self.class_ref = None
         if cfg.intra_fid:                                      # per-class reference statistics
             if isinstance(reference, TensorImages):
@@ -807,11 +805,11 @@ class FIDEvaluator:
             self.class_ref = [self._reference(
                 torch.utils.data.Subset(subset, (labels == k).nonzero().flatten().tolist()),
                 os.path.join(stats_dir, f"fid_{cfg.dataset}_{split}_{n_ref}_{tag}_class{k}.npz"),
-                {**self.protocol, "class": k}, rank) for k in range(num_classes)]
+                {**self.protocol, "class": k}) for k in range(num_classes)]
 
-    def _reference(self, dataset, path, protocol, rank):
+    def _reference(self, dataset, path, protocol):
         # rank 0 computes and caches the statistics; the others wait, then read the cache.
-        if rank == 0:
+        if self.rank == 0:
             fid.reference_stats(self.inception, Scaled(dataset), path, protocol, num_images=len(dataset),
                                 batch_size=self.cfg.eval_batch, device=self.device)
         if self.world > 1:
@@ -820,7 +818,7 @@ class FIDEvaluator:
         return mu, sigma
 
     def _fake_stats(self, G, n, label=None, compute_is=False):
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1 + dist_rank())
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1 + self.rank)  # own share per rank
 
         def sample(batch):                                     # uniform labels, or one class
             y = torch.randint(0, self.num_classes, (batch,), device=self.device, generator=gen) \
@@ -845,10 +843,6 @@ class FIDEvaluator:
                 per_class.append(fid.frechet_distance(s.mu, s.sigma, mu, sigma))
             out["intra_fid"], out["intra_fid_per_class"] = sum(per_class) / len(per_class), per_class
         return out
-
-
-def dist_rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import contragan as cg
 
@@ -26,7 +25,7 @@ TINY = ["--dataset", "shapes", "--shapes-size", "256", "--g-width", "8", "--d-wi
 
 # ---------------------------------------------------------------- the 2C loss against the equation
 
-def literal_2c(embed, proxy, labels, t):
+def literal_2c(embed, proxy, labels, t=1.0):
     """The 2C loss written straight from the equation, one sample and one term at a time."""
     l = [x / x.norm() for x in embed]
     e = [x / x.norm() for x in proxy]
