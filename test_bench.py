@@ -9,7 +9,8 @@ import contragan as cg
 def test_reference_formulations_and_tiny_report(tmp_path):
     embed, proxy, labels = bench.two_c_inputs(12, 16, torch.device("cpu"), num_classes=3)
     ours = cg.conditional_contrastive_loss(embed, proxy, labels, 0.5)
-    torch.testing.assert_close(bench.authors_2c(embed, proxy, labels, 0.5), ours)
+    torch.testing.assert_close(bench.authors_2c(embed, proxy, labels, 0.5, num_classes=3), ours)
+    torch.testing.assert_close(bench.authors_2c_matmul(embed, proxy, labels, 0.5), ours)
     torch.testing.assert_close(bench.literal_2c(embed, proxy, labels, 0.5), ours)
 
     out = tmp_path / "perf.md"
