@@ -332,7 +332,7 @@ def train_config(device, batch, width, iters, amp="none", compile=False, channel
     return result
 
 
-def bench_train(device, batch, width, small_width, iters, peak_fp32, options):
+def bench_train(device, batch, width, small_width, iters, small_iters, peak_fp32, options):
     configs = [(f"width {width} (default), fp32", width, {}), (f"width {small_width}, fp32", small_width, {})]
     configs += [(f"width {small_width}, {name}", small_width, kw) for name, kw in options]
     lines = ["| configuration | s / iteration | vs fp32 | real images/s | GFLOP / iteration | GFLOP/s | "
@@ -342,7 +342,8 @@ def bench_train(device, batch, width, small_width, iters, peak_fp32, options):
     for name, w, kw in configs:
         eager_fp32 = not kw
         print(f"  train: {name} ...", flush=True)
-        r = train_config(device, batch, w, iters, count_flops=eager_fp32, profile=eager_fp32, **kw)
+        n = iters if w == width else small_iters                # the options' ratios: best of several
+        r = train_config(device, batch, w, n, count_flops=eager_fp32, profile=eager_fp32, **kw)
         results[name] = r
         if eager_fp32:
             flops[w], fp32_s[w] = r["flops"], r["seconds"]
@@ -353,7 +354,7 @@ def bench_train(device, batch, width, small_width, iters, peak_fp32, options):
     if device.type != "cuda":
         lines.append("| default, one GPU | - | | | | | | | - (`python bench.py --device cuda`) | |")
     lines.append(f"\nBatch {batch}; one iteration = {results[configs[0][0]]['d_steps']} D steps + 1 G step + "
-                 f"EMA update, best of {iters} after a warm-up D and G step. Real images/s = D steps x batch / s. "
+                 f"EMA update, best of {iters} (width {width}) or {small_iters} (width {small_width}) after a warm-up D and G step. Real images/s = D steps x batch / s. "
                  "FLOPs counted with torch.utils.flop_counter.FlopCounterMode (fp32 eager; the other options do "
                  "the same math). Utilisation = achieved FLOP/s / the fp32 matrix-multiply rate measured above. "
                  f"Memory: {reset_peak_memory(device)}. The authors' CIFAR-10 run: 13 h 24 min for 100k "
@@ -413,7 +414,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="training batch (authors' CIFAR-10: 64)")
     p.add_argument("--width", type=int, default=96, help="the default architecture's width (authors: 96)")
     p.add_argument("--small-width", type=int, default=32, help="the small width; the options run at it")
-    p.add_argument("--iters", type=int, default=1, help="timed training iterations per configuration (best of)")
+    p.add_argument("--iters", type=int, default=1, help="timed training iterations at --width (best of)")
+    p.add_argument("--small-iters", type=int, default=3, help="timed training iterations at --small-width (best of)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 gives steadier "
                    "numbers on a machine shared with other jobs")
     p.add_argument("--out", help="also write the report to this markdown file")
@@ -423,6 +425,7 @@ def main(argv=None):
     assert all(s in SECTIONS for s in sections), f"--sections: choose from {','.join(SECTIONS)}"
     if args.quick:
         args.width, args.small_width = min(args.width, 16), min(args.small_width, 8)
+        args.small_iters = 1
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -459,7 +462,7 @@ def main(argv=None):
         if not args.quick:
             options.append(("torch.compile", dict(compile=True)))
         lines, results, flops = bench_train(device, args.batch_size, args.width, args.small_width, args.iters,
-                                            peak[torch.float32], options)
+                                            args.small_iters, peak[torch.float32], options)
         emit([f"## One training iteration (CIFAR-10 architecture, batch {args.batch_size})\n"] + lines)
         r = next(iter(results.values()))
         goals.append(f"Training at width {args.width}: {flops[args.width] / r['seconds'] / peak[torch.float32]:.0%} "
