@@ -11,7 +11,8 @@ at its top.
 
 Sections: 2c (the loss against the literal loop and the authors' code), ddp (the 2C loss
 through gather_global_batch in 2 gloo processes against one process), train (one iteration =
-5 D steps + 1 G step: time, FLOPs, utilisation, memory, profile), fid (Inception, Frechet distance).
+5 D steps + 1 G step: time, FLOPs, utilisation, memory, profile), fid (Inception, Frechet distance),
+eval (one evaluation as training runs it, projected over a 100k-step run).
 """
 import argparse
 import json
@@ -399,10 +400,50 @@ def bench_fid(device, batch, dim):
         "with random weights (same graph and cost as the published ones); features_from_sampler, fp32."]
 
 # ---------------------------------------------------------------------------------------------
+# Evaluation as training runs it: FID fakes from G_ema, reference statistics, D's accuracy checks
+# ---------------------------------------------------------------------------------------------
+
+def bench_eval(device, width, n_images, fid_images=10000, eval_every=2000, steps=100000, acc_images=1000):
+    """Time one evaluation of contragan.train at the default flags and project it over a run:
+    fakes of G_ema at batch 64 (BatchNorm batch statistics) through Inception, the real reference
+    images through Inception once, D's accuracy on acc_images training + held-out images. n_images
+    fakes are timed and scaled to fid_images. The sample grid and the checkpoint write are left out."""
+    import fid
+    inception = fid.load_inception(device=device, random_init=True)
+    G = cg.Generator(32, width).to(device)
+    D = cg.Discriminator(32, width).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    reals = torch.randint(0, 256, (2 * acc_images, 3, 32, 32), dtype=torch.uint8)
+    reals_y = torch.randint(0, 10, (2 * acc_images,))
+
+    def fakes(n):
+        return cg.generate(G, torch.randint(0, 10, (n,), device=device, generator=gen), 80, 64, gen)
+    scaled = reals.to(device).float() / 127.5 - 1.0
+    fid.features_from_sampler(inception, fakes, min(n_images, 64), 64, device)           # warm-up
+    t_fakes = seconds_per_call(lambda: fid.features_from_sampler(inception, fakes, n_images, 64, device),
+                               device, budget_s=0, warmup=0) * fid_images / n_images
+    t_reals = seconds_per_call(lambda: fid.features_from_sampler(
+        inception, lambda n: scaled[:n], n_images, 64, device), device, budget_s=0, warmup=0) * fid_images / n_images
+    t_acc = seconds_per_call(lambda: cg.d_real_accuracy(D, reals, reals_y, device), device, budget_s=0)
+    per_eval = t_fakes + t_acc
+    n_evals = steps // eval_every
+    total = n_evals * per_eval + t_reals
+    lines = ["| part | seconds |", "|---|---|",
+             f"| {fid_images:,} fakes of G_ema (width {width}, batch 64) through Inception | {t_fakes:.3g} |",
+             f"| D's accuracy on {acc_images:,} training + {acc_images:,} held-out real images | {t_acc:.3g} |",
+             f"| one evaluation | {per_eval:.3g} |",
+             f"| reference statistics, {fid_images:,} real images (once per data set, then cached) | {t_reals:.3g} |",
+             f"| {n_evals} evaluations of a {steps:,}-step run (every {eval_every:,}) + the reference | "
+             f"{total:.4g} ({duration(total)}) |",
+             f"\n{n_images} fakes and {n_images} reals timed, scaled to {fid_images:,}; random Inception weights "
+             "(same graph and cost as the published ones); the sample grid and the checkpoint write are left out."]
+    return lines, total
+
+# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
-SECTIONS = ("2c", "ddp", "train", "fid")
+SECTIONS = ("2c", "ddp", "train", "fid", "eval")
 
 
 def main(argv=None):
@@ -468,12 +509,21 @@ def main(argv=None):
         goals.append(f"Training at width {args.width}: {flops[args.width] / r['seconds'] / peak[torch.float32]:.0%} "
                      f"of the fp32 matmul rate (goal >= 50%); largest op outside the convolutions: "
                      f"{r['others'][0][1]} {r['others'][0][0]:.1%} of the step (goal <= 10%).")
-        goals.append(f"100k iterations at width {args.width}: {duration(r['seconds'] * 1e5)} on this device "
-                     "(goal on one H100: < 1 h" + (")." if device.type == "cuda" else
-                                                    "; measure it with `python bench.py --device cuda`)."))
     if "fid" in sections:
         batch = 200 if device.type == "cuda" else 4 if args.quick else 32
         emit(["## FID\n"] + bench_fid(device, batch, 256 if args.quick else 2048))
+    eval_s = None
+    if "eval" in sections:
+        n = 16 if args.quick else 2000 if device.type == "cuda" else 128
+        lines, eval_s = bench_eval(device, args.width, n)
+        emit([f"## Evaluation during training (FID of G_ema, D's accuracy), width {args.width}\n"] + lines)
+    if "train" in sections:
+        run_s = r["seconds"] * 1e5
+        with_eval = (f" + evaluations {duration(eval_s)} = {duration(run_s + eval_s)}" if eval_s is not None
+                     else " (evaluations not timed: add the eval section)")
+        goals.append(f"100k iterations at width {args.width}: training {duration(run_s)}{with_eval} on this device "
+                     "(goal on one H100: < 1 h including evaluations" + (")." if device.type == "cuda" else
+                                                                          "; measure it with `python bench.py --device cuda`)."))
     emit(["## Goals (measured, not asserted)\n"] + [f"- {g}" for g in goals] +
          [f"\nWhole benchmark: {duration(time.perf_counter() - start)}" +
           (f"; load average {os.getloadavg()[0]:.1f} at the end." if hasattr(os, "getloadavg") else ".")])

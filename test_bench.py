@@ -14,9 +14,10 @@ def test_reference_formulations_and_tiny_report(tmp_path):
     torch.testing.assert_close(bench.literal_2c(embed, proxy, labels, 0.5), ours)
 
     out = tmp_path / "perf.md"
-    bench.main(["--quick", "--threads", "1", "--sections", "2c,train", "--width", "4", "--small-width", "4",
+    bench.main(["--quick", "--threads", "1", "--sections", "2c,train,eval", "--width", "4", "--small-width", "4",
                 "--out", str(out)])
     report = out.read_text()
-    for heading in ("# ContraGAN benchmarks", "## 2C loss", "## One training iteration", "## Goals"):
+    for heading in ("# ContraGAN benchmarks", "## 2C loss", "## One training iteration", "## Evaluation during",
+                    "## Goals"):
         assert heading in report
-    assert "| 64 |" in report and "width 4, bf16" in report
+    assert "| 64 |" in report and "width 4, bf16" in report and "+ evaluations" in report
