@@ -313,13 +313,24 @@ def profile_steps(trainer, batches, device):
     return conv, others
 
 
-def train_config(device, batch, width, iters, amp="none", compile=False, channels_last=False,
-                 count_flops=False, profile=False):
+def build_trainer(device, batch, width, amp="none", compile=False, channels_last=False):
     argv = ["--batch-size", str(batch), "--g-width", str(width), "--d-width", str(width), "--amp", amp]
     argv += ["--compile"] * compile + ["--channels-last"] * channels_last
     cfg = cg.build_parser().parse_args(argv)
-    trainer = cg.Trainer(cfg, 10, device)
-    batches = cg.Batches(random_cifar(), batch, 0, 1, 0, device)
+    return cg.Trainer(cfg, 10, device), cg.Batches(random_cifar(), batch, 0, 1, 0, device)
+
+
+def time_iteration(trainer, batches, device):
+    sync(device)
+    t = time.perf_counter()
+    trainer.iteration(batches, 0)
+    sync(device)
+    return time.perf_counter() - t
+
+
+def train_config(device, batch, width, count_flops=False, profile=False, **options):
+    """One configuration alone in memory: warm-up, FLOPs, one timed iteration, peak memory, profile."""
+    trainer, batches = build_trainer(device, batch, width, **options)
     # Warm-up: one D step and one G step (oneDNN/cuDNN plans, allocator, torch.compile), with the
     # FLOPs counted there: the iteration's FLOPs are d_steps x D step + G step, shapes being fixed.
     t = time.perf_counter()
@@ -329,23 +340,31 @@ def train_config(device, batch, width, iters, amp="none", compile=False, channel
         trainer.g_step()
     sync(device)
     warmup_s = time.perf_counter() - t
-    flops = cfg.d_steps * d_count.get_total_flops() + g_count.get_total_flops() if count_flops else None
+    d_steps = trainer.cfg.d_steps
+    flops = d_steps * d_count.get_total_flops() + g_count.get_total_flops() if count_flops else None
     reset_peak_memory(device)
-    times = []
-    for step in range(iters):
-        sync(device)
-        t = time.perf_counter()
-        trainer.iteration(batches, step)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    result = dict(seconds=min(times), images_s=cfg.d_steps * batch / min(times), flops=flops,
-                  peak_mb=peak_memory_mb(device), warmup_s=warmup_s, d_steps=cfg.d_steps)
+    seconds = time_iteration(trainer, batches, device)
+    result = dict(seconds=seconds, flops=flops, peak_mb=peak_memory_mb(device), warmup_s=warmup_s, d_steps=d_steps)
     if profile:
         result["conv_share"], result["others"] = profile_steps(trainer, batches, device)
     return result
 
 
-def bench_train(device, batch, width, small_width, iters, small_iters, peak_fp32, options):
+def interleaved_best(device, batch, configs, rounds):
+    """Best iteration time of each configuration over `rounds` rounds, one iteration of each per
+    round, so that the machine's slow spells hit every configuration alike."""
+    built = [build_trainer(device, batch, w, **kw) for _, w, kw in configs]
+    for trainer, batches in built:                             # warm-up
+        trainer.d_step(*next(batches))
+        trainer.g_step()
+    best = [float("inf")] * len(built)
+    for _ in range(rounds):
+        for i, (trainer, batches) in enumerate(built):
+            best[i] = min(best[i], time_iteration(trainer, batches, device))
+    return best
+
+
+def bench_train(device, batch, width, small_width, small_rounds, peak_fp32, options):
     configs = [(f"width {width} (default), fp32", width, {}), (f"width {small_width}, fp32", small_width, {})]
     configs += [(f"width {small_width}, {name}", small_width, kw) for name, kw in options]
     lines = ["| configuration | s / iteration | vs fp32 | real images/s | GFLOP / iteration | GFLOP/s | "
@@ -355,10 +374,16 @@ def bench_train(device, batch, width, small_width, iters, small_iters, peak_fp32
     for name, w, kw in configs:
         eager_fp32 = not kw
         print(f"  train: {name} ...", flush=True)
-        n = iters if w == width else small_iters                # the options' ratios: best of several
-        r = train_config(device, batch, w, n, count_flops=eager_fp32, profile=eager_fp32, **kw)
-        results[name] = r
-        if eager_fp32:
+        results[name] = train_config(device, batch, w, count_flops=eager_fp32, profile=eager_fp32, **kw)
+    if small_rounds:
+        print(f"  train: width {small_width}, {small_rounds} interleaved rounds ...", flush=True)
+        small = configs[1:]
+        for (name, _, _), s in zip(small, interleaved_best(device, batch, small, small_rounds)):
+            results[name]["seconds"] = min(results[name]["seconds"], s)
+    for name, w, kw in configs:
+        r = results[name]
+        r["images_s"] = r["d_steps"] * batch / r["seconds"]
+        if not kw:
             flops[w], fp32_s[w] = r["flops"], r["seconds"]
         rate = flops[w] / r["seconds"]                        # the same math as fp32 at this width
         lines.append(f"| {name} | {r['seconds']:.3g} | {fp32_s[w] / r['seconds']:.2f}x | {r['images_s']:.3g} | "
@@ -367,11 +392,14 @@ def bench_train(device, batch, width, small_width, iters, small_iters, peak_fp32
     if device.type != "cuda":
         lines.append("| default, one GPU | - | | | | | | | - (`python bench.py --device cuda`) | |")
     lines.append(f"\nBatch {batch}; one iteration = {results[configs[0][0]]['d_steps']} D steps + 1 G step + "
-                 f"EMA update, best of {iters} (width {width}) or {small_iters} (width {small_width}) after a warm-up D and G step. Real images/s = D steps x batch / s. "
-                 "FLOPs counted with torch.utils.flop_counter.FlopCounterMode (fp32 eager; the other options do "
-                 "the same math). Utilisation = achieved FLOP/s / the fp32 matrix-multiply rate measured above. "
-                 f"Memory: {reset_peak_memory(device)}. The authors' CIFAR-10 run: 13 h 24 min for 100k "
-                 "iterations on one TITAN RTX, fp32.")
+                 f"EMA update after a warm-up D and G step; width {width}: one iteration; width {small_width}: " +
+                 (f"the best of that one and {small_rounds} more rounds in which the {len(configs) - 1} "
+                  "configurations take turns (so that slow spells of the machine hit them alike)" if small_rounds
+                  else "one iteration") + ". Real images/s = D steps x batch "
+                 "/ s. FLOPs counted with torch.utils.flop_counter.FlopCounterMode (fp32 eager; the other options "
+                 "do the same math). Utilisation = achieved FLOP/s / the fp32 matrix-multiply rate measured above. "
+                 f"Memory: {reset_peak_memory(device)}, each configuration alone. The authors' CIFAR-10 run: "
+                 "13 h 24 min for 100k iterations on one TITAN RTX, fp32.")
     for name, w, kw in configs[:2]:
         r = results[name]
         top = ", ".join(f"{op} {share:.1%}" for share, op in r["others"][:5])
@@ -467,8 +495,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="training batch (authors' CIFAR-10: 64)")
     p.add_argument("--width", type=int, default=96, help="the default architecture's width (authors: 96)")
     p.add_argument("--small-width", type=int, default=32, help="the small width; the options run at it")
-    p.add_argument("--iters", type=int, default=1, help="timed training iterations at --width (best of)")
-    p.add_argument("--small-iters", type=int, default=3, help="timed training iterations at --small-width (best of)")
+    p.add_argument("--small-rounds", type=int, help="interleaved timing rounds at --small-width (best of "
+                   "these and the first iteration; default 3, 0 with --quick)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 gives steadier "
                    "numbers on a machine shared with other jobs")
     p.add_argument("--out", help="also write the report to this markdown file")
@@ -478,8 +506,9 @@ def main(argv=None):
     assert all(s in SECTIONS for s in sections), f"--sections: choose from {','.join(SECTIONS)}"
     if args.quick:
         args.width, args.small_width = min(args.width, 16), min(args.small_width, 8)
-        args.small_iters = 1
 
+    if args.small_rounds is None:
+        args.small_rounds = 0 if args.quick else 3
     if args.threads:
         torch.set_num_threads(args.threads)
     device = cg.setup_device(cg.build_parser().parse_args(["--device", args.device]))[0]  # TF32 as training
@@ -514,8 +543,8 @@ def main(argv=None):
         options = [("bf16", dict(amp="bf16")), ("channels_last", dict(channels_last=True))]
         if not args.quick:
             options.append(("torch.compile", dict(compile=True)))
-        lines, results, flops = bench_train(device, args.batch_size, args.width, args.small_width, args.iters,
-                                            args.small_iters, peak[torch.float32], options)
+        lines, results, flops = bench_train(device, args.batch_size, args.width, args.small_width,
+                                            args.small_rounds, peak[torch.float32], options)
         emit([f"## One training iteration (CIFAR-10 architecture, batch {args.batch_size})\n"] + lines)
         r = next(iter(results.values()))
         goals.append(f"Training at width {args.width}: {flops[args.width] / r['seconds'] / peak[torch.float32]:.0%} "
