@@ -1079,7 +1079,7 @@ def train(cfg, explicit):
 
     previous_handler = signal.signal(signal.SIGINT, request_stop)
     try:
-        t_last, step_last = time.time(), step
+        t_last, step_last, eval_s = time.time(), step, 0.0
         while step < cfg.steps:
             logs = trainer.iteration(batches, step)
             step += 1
@@ -1091,15 +1091,20 @@ def train(cfg, explicit):
                           "img_per_s": round(cfg.d_steps * cfg.batch_size / per_step, 1),
                           "s_per_step": round(per_step, 4), "time": round(now, 1)}
                 t_last, step_last = now, step
+                evals_left = cfg.steps // cfg.eval_every - (step - 1) // cfg.eval_every + (cfg.steps % cfg.eval_every > 0)
+                left = per_step * (cfg.steps - step) + eval_s * evals_left
                 log(f"step {step}/{cfg.steps} | d {record['d_loss']:.4f} (adv {record['d_adv']:.4f} "
                     f"cond {record['d_cond']:.4f}) | g {record['g_loss']:.4f} (adv {record['g_adv']:.4f} "
                     f"cond {record['g_cond']:.4f}) | {record['img_per_s']:.1f} img/s | "
-                    f"{per_step:.3f} s/step | left {format_duration(per_step * (cfg.steps - step))}")
+                    f"{per_step:.3f} s/step | left {format_duration(left)}")
                 if main_rank:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
             if step % cfg.eval_every == 0 or step == cfg.steps:
+                t_eval = time.time()
                 evaluate_and_save()
+                eval_s = time.time() - t_eval
+                t_last, step_last = time.time(), step             # s/step: training only
             stopping = stop["requested"]
             if world > 1 and (step % cfg.log_every == 0):      # all ranks stop at the same step
                 flag = torch.tensor(int(stopping), device=device)
