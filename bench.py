@@ -3,7 +3,7 @@ How fast this ContraGAN is, against the authors' approach and against the machin
 One command, one markdown report; every figure in it comes from the same run, on the machine named
 at its top.
 
-  python bench.py                          # everything: a few minutes on 2 CPU cores
+  python bench.py                          # everything: about 6 minutes on 2 CPU cores
   python bench.py --device cuda            # the same on a GPU
   python bench.py --quick                  # tiny sizes, a smoke test (~20 s)
   python bench.py --threads 1              # steadier on a CPU shared with other jobs
@@ -216,7 +216,8 @@ def bench_2c(device, batches, loop_batch, budget_s=1.0, dim=512):
     lines.append(f"\n{dim}-d embeddings, 10 classes, fp32, forward + backward to embeddings and proxies, "
                  "best of 5 rounds with the rounds of the three functions interleaved (a call over 0.5 s, such "
                  "as the authors' code from batch 256 on, and the loop: timed once). All four agree to 1e-5 "
-                 "(asserted). The authors' code is written here from its description: cosine similarity of all pairs by broadcasting (an (m, m, D) tensor), masks built in numpy "
+                 "(asserted). The authors' code is written here from its description: cosine similarity of "
+                 "all pairs by broadcasting (an (m, m, D) tensor), masks built in numpy "
                  "on the host at every call, exp() then the ratio. The matmul variant keeps everything but "
                  "the broadcast.")
     return lines, ratios
@@ -364,12 +365,12 @@ def interleaved_best(device, batch, configs, rounds):
     return best
 
 
-def bench_train(device, batch, width, small_width, small_rounds, peak_fp32, options):
+def bench_train(device, batch, width, small_width, small_rounds, peak_fp32, peak_bf16, options):
     configs = [(f"width {width} (default), fp32", width, {}), (f"width {small_width}, fp32", small_width, {})]
     configs += [(f"width {small_width}, {name}", small_width, kw) for name, kw in options]
     lines = ["| configuration | s / iteration | vs fp32 | real images/s | GFLOP / iteration | GFLOP/s | "
-             "utilisation | peak memory (MB) | 100k iterations | warm-up (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "utilisation | of bf16 matmul rate | peak memory (MB) | 100k iterations | warm-up (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     flops, fp32_s, results = {}, {}, {}
     for name, w, kw in configs:
         eager_fp32 = not kw
@@ -387,17 +388,19 @@ def bench_train(device, batch, width, small_width, small_rounds, peak_fp32, opti
             flops[w], fp32_s[w] = r["flops"], r["seconds"]
         rate = flops[w] / r["seconds"]                        # the same math as fp32 at this width
         lines.append(f"| {name} | {r['seconds']:.3g} | {fp32_s[w] / r['seconds']:.2f}x | {r['images_s']:.3g} | "
-                     f"{flops[w] / 1e9:.0f} | {rate / 1e9:.3g} | {rate / peak_fp32:.0%} | {r['peak_mb']:.0f} | "
+                     f"{flops[w] / 1e9:.0f} | {rate / 1e9:.3g} | {rate / peak_fp32:.0%} | {rate / peak_bf16:.0%} | "
+                     f"{r['peak_mb']:.0f} | "
                      f"{duration(r['seconds'] * 1e5)} | {r['warmup_s']:.3g} |")
     if device.type != "cuda":
-        lines.append("| default, one GPU | - | | | | | | | - (`python bench.py --device cuda`) | |")
+        lines.append("| default, one GPU | - | | | | | | | | - (`python bench.py --device cuda`) | |")
     lines.append(f"\nBatch {batch}; one iteration = {results[configs[0][0]]['d_steps']} D steps + 1 G step + "
                  f"EMA update after a warm-up D and G step; width {width}: one iteration; width {small_width}: " +
                  (f"the best of that one and {small_rounds} more rounds in which the {len(configs) - 1} "
                   "configurations take turns (so that slow spells of the machine hit them alike)" if small_rounds
                   else "one iteration") + ". Real images/s = D steps x batch "
                  "/ s. FLOPs counted with torch.utils.flop_counter.FlopCounterMode (fp32 eager; the other options "
-                 "do the same math). Utilisation = achieved FLOP/s / the fp32 matrix-multiply rate measured above. "
+                 "do the same math). Utilisation = achieved FLOP/s / the fp32 matrix-multiply rate measured above "
+                 "(TF32 on a GPU, as training runs); the next column against the bf16 rate. "
                  f"Memory: {reset_peak_memory(device)}, each configuration alone. The authors' CIFAR-10 run: "
                  "13 h 24 min for 100k iterations on one TITAN RTX, fp32.")
     for name, w, kw in configs[:2]:
@@ -506,7 +509,6 @@ def main(argv=None):
     assert all(s in SECTIONS for s in sections), f"--sections: choose from {','.join(SECTIONS)}"
     if args.quick:
         args.width, args.small_width = min(args.width, 16), min(args.small_width, 8)
-
     if args.small_rounds is None:
         args.small_rounds = 0 if args.quick else 3
     if args.threads:
@@ -527,8 +529,9 @@ def main(argv=None):
     print(report[0] + "\n")
     budget_s = 0.3 if args.quick else 2.0                      # seconds per timed function
     peak = {dt: matmul_rate(device, dt, budget_s) for dt in (torch.float32, torch.bfloat16)}
-    emit([f"Matrix-multiply rate (torch.mm, {8192 if device.type == 'cuda' else 2048}^2, 2n^3/t): "
-          f"fp32 {peak[torch.float32] / 1e9:.4g} GFLOP/s, bf16 {peak[torch.bfloat16] / 1e9:.4g} GFLOP/s."])
+    tf32 = " (TF32 on, as training runs)" if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else ""
+    emit([f"Matrix-multiply rate (torch.mm, {8192 if device.type == 'cuda' else 2048}^2, 2n^3/t): fp32{tf32} "
+          f"{peak[torch.float32] / 1e9:.4g} GFLOP/s, bf16 {peak[torch.bfloat16] / 1e9:.4g} GFLOP/s."])
     goals = []
     if "2c" in sections:
         lines, ratios = bench_2c(device, (64,) if args.quick else (64, 256, 1024), 64, budget_s / 2)
@@ -544,7 +547,7 @@ def main(argv=None):
         if not args.quick:
             options.append(("torch.compile", dict(compile=True)))
         lines, results, flops = bench_train(device, args.batch_size, args.width, args.small_width,
-                                            args.small_rounds, peak[torch.float32], options)
+                                            args.small_rounds, peak[torch.float32], peak[torch.bfloat16], options)
         emit([f"## One training iteration (CIFAR-10 architecture, batch {args.batch_size})\n"] + lines)
         r = next(iter(results.values()))
         goals.append(f"Training at width {args.width}: {flops[args.width] / r['seconds'] / peak[torch.float32]:.0%} "
@@ -562,9 +565,9 @@ def main(argv=None):
         run_s = r["seconds"] * 1e5
         with_eval = (f" + evaluations {duration(eval_s)} = {duration(run_s + eval_s)}" if eval_s is not None
                      else " (evaluations not timed: add the eval section)")
-        goals.append(f"100k iterations at width {args.width}: training {duration(run_s)}{with_eval} on this device "
-                     "(goal on one H100: < 1 h including evaluations" + (")." if device.type == "cuda" else
-                                                                          "; measure it with `python bench.py --device cuda`)."))
+        how = ")." if device.type == "cuda" else "; measure it with `python bench.py --device cuda`)."
+        goals.append(f"100k iterations at width {args.width}: training {duration(run_s)}{with_eval} on this "
+                     "device (goal on one H100: < 1 h including evaluations" + how)
     emit(["## Goals (measured, not asserted)\n"] + [f"- {g}" for g in goals] +
          [f"\nWhole benchmark: {duration(time.perf_counter() - start)}" +
           (f"; load average {os.getloadavg()[0]:.1f} at the end." if hasattr(os, "getloadavg") else ".")])
