@@ -936,6 +936,11 @@ def merge_resume_config(cfg, explicit, checkpoint, path):
     return argparse.Namespace(**merged)
 
 
+def evaluations_left(step, steps, eval_every):
+    """How many evaluations the loop still runs at steps step..steps (every eval_every and at the end)."""
+    return steps // eval_every - (step - 1) // eval_every + (steps % eval_every > 0)
+
+
 def format_duration(seconds):
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -1091,8 +1096,7 @@ def train(cfg, explicit):
                           "img_per_s": round(cfg.d_steps * cfg.batch_size / per_step, 1),
                           "s_per_step": round(per_step, 4), "time": round(now, 1)}
                 t_last, step_last = now, step
-                evals_left = cfg.steps // cfg.eval_every - (step - 1) // cfg.eval_every + (cfg.steps % cfg.eval_every > 0)
-                left = per_step * (cfg.steps - step) + eval_s * evals_left
+                left = per_step * (cfg.steps - step) + eval_s * evaluations_left(step, cfg.steps, cfg.eval_every)
                 log(f"step {step}/{cfg.steps} | d {record['d_loss']:.4f} (adv {record['d_adv']:.4f} "
                     f"cond {record['d_cond']:.4f}) | g {record['g_loss']:.4f} (adv {record['g_adv']:.4f} "
                     f"cond {record['g_cond']:.4f}) | {record['img_per_s']:.1f} img/s | "

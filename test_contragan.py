@@ -373,6 +373,14 @@ def test_ctrl_c_saves_and_exits(tmp_path):
     assert cg.main(["--resume", str(run), "--steps", str(state["step"] + 1)]) == 0
 
 
+@pytest.mark.parametrize("steps, every", [(10, 5), (11, 5), (4, 2), (3, 10), (250, 20), (7, 1)])
+def test_evaluations_left_counts_the_loops_evaluations(steps, every):
+    """The time-left estimate counts the evaluations the training loop will run: brute force oracle."""
+    for step in range(1, steps + 1):
+        oracle = sum(1 for s in range(step, steps + 1) if s % every == 0 or s == steps)
+        assert cg.evaluations_left(step, steps, every) == oracle, (step, steps, every)
+
+
 # ---------------------------------------------------------------- Figure 3 and mixed precision
 
 def test_plot_writes_png(tmp_path):
