@@ -182,8 +182,9 @@ def two_c_inputs(m, dim, device, num_classes=10, seed=0):
 
 def bench_2c(device, batches, loop_batch, budget_s=1.0, dim=512):
     """contragan's 2C against the authors' code, the same with a matmul similarity, and the tests'
-    literal loop. The authors' code materialises an (m, m, D) tensor: above batch 256 it is timed
-    once (at 1024 that is 2 GiB per copy and tens of seconds on a CPU)."""
+    literal loop. The authors' code materialises an (m, m, D) tensor: any call over budget_s / 2
+    is timed once (on a CPU from batch 256 on); above 256 it also skips the warm-up and the
+    interleaving (at 1024: 2 GiB per copy, tens of seconds a call on a CPU)."""
     lines = ["| batch m | contragan (fwd+bwd) | authors' code | authors' code, matmul similarity | literal loop | "
              "authors' code / contragan | matmul variant / contragan | loop / contragan |",
              "|---|---|---|---|---|---|---|---|"]

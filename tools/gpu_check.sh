@@ -23,7 +23,7 @@ mkdir -p "$out"
 train() {  # name, flags...
     local name=$1; shift
     python contragan.py --dataset shapes --device "$device" --fid-weights random --fid-images "$fid_images" \
-        --log-every $((steps / 4 > 0 ? steps / 4 : 1)) --eval-every $((steps / 2)) "${extra[@]}" "$@" \
+        --log-every $((steps / 4 > 0 ? steps / 4 : 1)) --eval-every $((steps / 2 > 0 ? steps / 2 : 1)) "${extra[@]}" "$@" \
         --run-dir "$out/$name" 2>&1 | tee -a "$out/$name.log"
 }
 train run-fp32 --steps "$steps"                                  # TF32 on (the default on a GPU)
