@@ -450,7 +450,8 @@ def bench_fid(device, batch, dim):
 def bench_eval(device, width, n_images, fid_images=10000, eval_every=2000, steps=100000, acc_images=1000):
     """Time one evaluation of contragan.train at the default flags and project it over a run:
     fakes of G_ema at batch 64 (BatchNorm batch statistics) through Inception, the real reference
-    images through Inception once, D's accuracy on acc_images training + held-out images. n_images
+    images through Inception once, D's diagnostics (accuracy on acc_images training + held-out images,
+    class judgement of the held-out images and of acc_images fakes). n_images
     fakes are timed and scaled to fid_images. The sample grid and the checkpoint write are left out."""
     import fid
     inception = fid.load_inception(device=device, random_init=True)
@@ -468,13 +469,16 @@ def bench_eval(device, width, n_images, fid_images=10000, eval_every=2000, steps
                                device, budget_s=0, warmup=0) * fid_images / n_images
     t_reals = seconds_per_call(lambda: fid.features_from_sampler(
         inception, lambda n: scaled[:n], n_images, 64, device), device, budget_s=0, warmup=0) * fid_images / n_images
-    t_acc = seconds_per_call(lambda: cg.d_real_accuracy(D, reals, reals_y, device), device, budget_s=0)
+    diag_cfg = argparse.Namespace(acc_images=acc_images, seed=0, z_dim=80, eval_batch=64, dataset="cifar10")
+    t_acc = seconds_per_call(lambda: cg.d_diagnostics(D, G, (reals[:acc_images], reals_y[:acc_images]), (
+        reals[acc_images:], reals_y[acc_images:]), 10, diag_cfg, device), device, budget_s=0)
     per_eval = t_fakes + t_acc
     n_evals = steps // eval_every
     total = n_evals * per_eval + t_reals
     lines = ["| part | time |", "|---|---|",
              f"| {fid_images:,} fakes of G_ema (width {width}, batch 64) through Inception | {ms(t_fakes)} |",
-             f"| D's accuracy on {acc_images:,} training + {acc_images:,} held-out real images | {ms(t_acc)} |",
+             f"| D's accuracy on {acc_images:,} training + {acc_images:,} held-out real images, class confusion "
+             f"of {acc_images:,} fakes | {ms(t_acc)} |",
              f"| one evaluation | {ms(per_eval)} ({duration(per_eval)}) |",
              f"| reference statistics, {fid_images:,} real images (once per data set, then cached) | {ms(t_reals)} |",
              f"| {n_evals} evaluations of a {steps:,}-step run (every {eval_every:,}) + the reference | "

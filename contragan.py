@@ -52,12 +52,17 @@ def g_hinge_loss(fake_logit):
     return -fake_logit.mean()
 
 
-def conditional_contrastive_loss(embed, proxy, labels, temperature=1.0):
+def conditional_contrastive_loss(embed, proxy, labels, temperature=1.0, data_positives=True):
     """The conditional contrastive (2C) loss of ContraGAN (paper Section 3, "conditional contrastive loss").
 
         loss_i = -log( [exp(l_i.e_i / t) + sum_{k != i, y_k = y_i} exp(l_i.l_k / t)]
                      / [exp(l_i.e_i / t) + sum_{k != i}            exp(l_i.l_k / t)] )
         loss   = (1/m) sum_i loss_i
+
+    data_positives=False drops the same-class samples from the NUMERATOR only (they stay in the
+    denominator): the class proxy is the one positive. It is the authors' `pos_collected_numerator`
+    switch (PyTorch-StudioGAN src/utils/losses.py, commit 21594bd), which they advised turning off
+    against ContraGAN's class confusion (their issue #81); True, the paper's loss, is the default.
 
     Paper symbol -> argument:
         l(x_i) = h(D's image feature of sample i)  -> embed[i]     (m, D); L2-normalised here
@@ -83,7 +88,8 @@ def conditional_contrastive_loss(embed, proxy, labels, temperature=1.0):
     data_sim = data_sim.masked_fill(is_self, float("-inf"))    # drop k == i from both sums
     log_denominator = torch.logsumexp(torch.cat([class_sim, data_sim], dim=1), dim=1)  # (m,)
     log_numerator = torch.logsumexp(
-        torch.cat([class_sim, data_sim.masked_fill(~same_class, float("-inf"))], dim=1), dim=1)  # (m,)
+        torch.cat([class_sim, data_sim.masked_fill(~same_class, float("-inf"))], dim=1), dim=1) \
+        if data_positives else class_sim[:, 0]                 # (m,)
     return (log_denominator - log_numerator).mean()
 
 
@@ -98,8 +104,8 @@ def projection_logit(adv_logit, feature, class_embed):
 def acgan_loss(class_logits, labels):
     """ACGAN's auxiliary classifier loss (Odena et al. 2017): cross-entropy of D's class logits.
 
-    As the paper compared it ("ACGAN-Mod"): applied to REAL images in the D step and to fakes in
-    the G step, never to fakes in the D step.
+    As the authors ran it (PyTorch-StudioGAN src/worker.py, commit 21594bd, lines 261 and 421): the
+    D step adds it on real AND fake images, each with its own labels; the G step on the fakes.
     """
     return F.cross_entropy(class_logits.float(), labels)
 
@@ -270,10 +276,11 @@ class DBlock(nn.Module):
 # Generator and Discriminator: BigGAN-style SN-ResNet (the authors' big_resnet)
 # --------------------------------------------------------------------------------------------
 
-# Channel multipliers of `width`, block by block, and the resolution that gets self-attention.
-# 32 is the paper's CIFAR-10 model; 64 and 128 follow the same BigGAN pattern (Tiny ImageNet, ImageNet).
+# Channel multipliers of `width`, block by block, and the resolution that gets self-attention: the
+# authors' big_resnet.py (g_in/out_dims_collection, d_in/out_dims_collection, commit 21594bd). 32 is
+# CIFAR-10, 64 Tiny ImageNet, 128 ImageNet; their logs' parameter counts are tested for all three.
 G_ARCH = {32: dict(ch=[4, 4, 4, 4], attn=16),
-          64: dict(ch=[8, 8, 4, 2, 1], attn=32),
+          64: dict(ch=[16, 8, 4, 2, 1], attn=32),
           128: dict(ch=[16, 16, 8, 4, 2, 1], attn=64)}
 D_ARCH = {32: dict(ch=[2, 2, 2, 2], down=[True, True, False, False], attn=16),
           64: dict(ch=[1, 2, 4, 8, 16], down=[True, True, True, True, False], attn=32),
@@ -319,8 +326,9 @@ class Discriminator(nn.Module):
       loss="proj" -> {"adv": (B,)}  the projection term already added                ProjGAN
       loss="ac"   -> {"adv": (B,), "class_logits": (B, K)}                             ACGAN
 
-    ContraGAN's D has no projection term: 2C replaces it. Defaults: the CIFAR-10 model,
-    2,517,186 params with the 2C head, 2,415,170 with the projection head.
+    ContraGAN's D has no projection term: 2C replaces it. Every output also holds "h" (B, C), the
+    pooled feature, for `class_scores`. Defaults: the CIFAR-10 model, 2,517,186 params with the 2C
+    head, 2,415,170 with the projection head.
     """
 
     def __init__(self, img_size=32, width=96, num_classes=10, loss="2c", embed_dim=512):
@@ -358,10 +366,20 @@ class Discriminator(nn.Module):
         h = self.features(x)                                   # (B, C)
         adv = self.adv_head(h).squeeze(1)                      # (B,)
         if self.loss == "2c":
-            return {"adv": adv, "embed": self.embed_head(h), "proxy": self.proxy(y)}
+            return {"adv": adv, "h": h, "embed": self.embed_head(h), "proxy": self.proxy(y)}
         if self.loss == "proj":
-            return {"adv": projection_logit(adv, h, self.class_embed(y))}
-        return {"adv": adv, "class_logits": self.class_head(h)}
+            return {"adv": projection_logit(adv, h, self.class_embed(y)), "h": h}
+        return {"adv": adv, "h": h, "class_logits": self.class_head(h)}
+
+    def class_scores(self, h):
+        """D's own class judgement of features h (B, C) -> (B, K), arg-max = the class D sees: cosine
+        to every proxy (2C), <embed(y), h> for every y (proj: arg-max_y D(x, y), whose adversarial
+        term is the same for all y), the class logits (ACGAN)."""
+        if self.loss == "2c":
+            return F.normalize(self.embed_head(h), dim=1) @ F.normalize(self.proxy.weight, dim=1).t()
+        if self.loss == "proj":
+            return h @ self.class_embed.weight.t()
+        return self.class_head(h)
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,16 +530,18 @@ def load_data(cfg):
 
 
 class Batches:
-    """Endless real batches in [-1, 1] with random horizontal flips (the authors' only augmentation).
+    """Endless real batches in [-1, 1], with random horizontal flips when `flip` (the authors' only
+    augmentation: on for CIFAR-10, off for Tiny ImageNet, their random_flip_preprocessing).
 
     Order comes from a DistributedSampler, so under torchrun each rank draws its own share; (epoch,
     batch) is the position a checkpoint saves, so a resumed run sees the very same batches.
     """
 
-    def __init__(self, dataset, local_batch, rank, world, seed, device, num_workers=0):
+    def __init__(self, dataset, local_batch, rank, world, seed, device, num_workers=0, flip=True):
         if len(dataset) < local_batch * world:
             raise UsageError(f"the data set has {len(dataset)} images, fewer than one batch of {local_batch * world}")
         self.dataset, self.batch, self.device, self.num_workers = dataset, local_batch, device, num_workers
+        self.flip = flip
         self.sampler = torch.utils.data.DistributedSampler(
             dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.epoch, self.pos, self._it = 0, 0, None
@@ -559,8 +579,9 @@ class Batches:
                 self.epoch, self.pos, self._it = self.epoch + 1, 0, None
         self.pos += 1
         x = images.to(self.device, non_blocking=True).float() / 127.5 - 1.0   # (B, 3, H, W)
-        flip = torch.rand(x.shape[0], device=self.device) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        if self.flip:
+            flip = torch.rand(x.shape[0], device=self.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x, labels.to(self.device, non_blocking=True)
 
 
@@ -587,7 +608,7 @@ class Trainer:
     """G, D, the EMA generator and their optimisers, and the two update steps of the paper.
 
     D step (authors' code): hinge(D(x), D(G(z))) + lambda * cond, cond = 2C on REAL embeddings
-    (ContraGAN) or cross-entropy on real logits (ACGAN); ProjGAN's condition is inside D's logit.
+    (ContraGAN) or cross-entropy on real and fake logits (ACGAN); ProjGAN's condition is in D's logit.
     G step: -mean D(G(z, y)) + lambda * cond on the fakes, with D frozen (its heads and proxies are
     not updated by G).
     """
@@ -630,14 +651,17 @@ class Trainer:
         y = torch.randint(0, self.num_classes, (batch,), device=self.device)
         return z, y
 
-    def condition_loss(self, out, labels, batch):
-        """lambda * (2C or ACGAN cross-entropy) on the first `batch` rows of D's output; 0 for proj."""
-        cfg = self.cfg
+    def condition_loss(self, out, labels, fake_labels=None):
+        """lambda * (2C or ACGAN cross-entropy) on the first len(labels) rows of D's output; ACGAN's
+        D step (fake_labels given) adds the rows after them, the fakes (authors); 0 for proj."""
+        cfg, B = self.cfg, len(labels)
         if cfg.loss == "2c":
-            embed, proxy, labels = gather_global_batch(out["embed"][:batch], out["proxy"][:batch], labels)
-            return cfg.cond_lambda * conditional_contrastive_loss(embed, proxy, labels, cfg.temperature)
+            embed, proxy, labels = gather_global_batch(out["embed"][:B], out["proxy"][:B], labels)
+            return cfg.cond_lambda * conditional_contrastive_loss(embed, proxy, labels, cfg.temperature,
+                                                                  cfg.data_positives)
         if cfg.loss == "ac":
-            return cfg.cond_lambda * acgan_loss(out["class_logits"][:batch], labels)
+            fake = acgan_loss(out["class_logits"][B:], fake_labels) if fake_labels is not None else 0.0
+            return cfg.cond_lambda * (acgan_loss(out["class_logits"][:B], labels) + fake)
         return torch.zeros((), device=self.device)
 
     def update(self, optimizer, scaler, loss):
@@ -660,7 +684,7 @@ class Trainer:
             out = self.D_train(torch.cat([real, fake]), torch.cat([real_y, fake_y]))
             real_logit, fake_logit = out["adv"].float().split(B)
             adv = d_hinge_loss(real_logit, fake_logit)
-            cond = self.condition_loss(out, real_y, B)
+            cond = self.condition_loss(out, real_y, fake_y)
             loss = adv + cond
         self.update(self.opt_D, self.scaler_D, loss)
         return {"d_loss": loss.detach(), "d_adv": adv.detach(), "d_cond": cond.detach()}
@@ -672,7 +696,7 @@ class Trainer:
         with self.autocast():
             out = self.D_frozen(self.G_train(z, y), y)
             adv = g_hinge_loss(out["adv"].float())
-            cond = self.condition_loss(out, y, B)
+            cond = self.condition_loss(out, y)
             loss = adv + cond
         self.update(self.opt_G, self.scaler_G, loss)
         self.D.requires_grad_(True)
@@ -681,12 +705,15 @@ class Trainer:
     @torch.no_grad()
     def ema_update(self, step):
         """G_ema <- decay * G_ema + (1 - decay) * G from G step ema_start on; a copy of G before it.
-        Buffers (BN running statistics, spectral-norm u and v) are copied (authors)."""
+        Every floating entry of G's state_dict is averaged, buffers included (BN running statistics,
+        spectral-norm u and v), as the authors' ema class does (biggan_utils.py, commit 21594bd);
+        the one integer entry, BN's batch counter, is copied (they average it and truncate)."""
         decay = self.cfg.ema_decay if step >= self.cfg.ema_start else 0.0
-        ema_p, p = list(self.G_ema.parameters()), list(self.G.parameters())
-        torch._foreach_lerp_(ema_p, p, 1.0 - decay)
-        for b_ema, b in zip(self.G_ema.buffers(), self.G.buffers()):
-            b_ema.copy_(b)
+        ema_state, state = self.G_ema.state_dict(), self.G.state_dict()
+        floats = [k for k, v in state.items() if v.is_floating_point()]
+        torch._foreach_lerp_([ema_state[k] for k in floats], [state[k] for k in floats], 1.0 - decay)
+        for k in state.keys() - set(floats):
+            ema_state[k].copy_(state[k])
 
     def iteration(self, batches, step):
         """One G step of the schedule: d_steps D steps on fresh real batches, one G step, EMA."""
@@ -733,15 +760,58 @@ def save_grid(G, path, num_classes, z_dim, device, batch_size, seed):
 
 
 @torch.no_grad()
-def d_real_accuracy(D, images, labels, device, batch_size=256):
-    """Fraction of real images that D calls real (logit > 0): the paper's Figure 3 overfitting probe."""
+def d_judge(D, images, labels, device, batch_size=256):
+    """D on images (N, 3, H, W), uint8 or in [-1, 1], with labels (N,): the fraction it calls real
+    (logit > 0: the paper's Figure 3 overfitting probe) and the class it sees in each, (N,)."""
     D.eval()                                                   # no power iteration: state untouched
-    hits = 0
+    hits, judged = 0, []
     for x, y in zip(images.split(batch_size), labels.split(batch_size)):
-        x = x.to(device).float() / 127.5 - 1.0
-        hits += int((D(x, y.to(device))["adv"] > 0).sum())
+        x = x.to(device).float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.to(device)
+        out = D(x, y.to(device))
+        hits += int((out["adv"] > 0).sum())
+        judged.append(D.class_scores(out["h"]).argmax(1).cpu())
     D.train()
-    return hits / len(labels)
+    return hits / max(len(labels), 1), torch.cat(judged)
+
+
+def confusion(asked, judged, num_classes):
+    """Class confusion: K x K counts of asked (rows) vs judged (columns) classes, the share judged as
+    asked, and the share after the best one-to-one relabelling of the judged classes (Hungarian
+    algorithm). Low raw but high relabelled: G draws consistent classes under the wrong labels;
+    both low: G ignores the label."""
+    from scipy.optimize import linear_sum_assignment
+    asked, judged = asked.cpu(), judged.cpu()
+    counts = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    counts.index_put_((asked, judged), torch.ones_like(asked), accumulate=True)
+    rows, cols = linear_sum_assignment(counts.numpy(), maximize=True)
+    n = max(len(asked), 1)
+    return counts, counts.diag().sum().item() / n, counts[rows, cols].sum().item() / n
+
+
+def d_diagnostics(D, G_ema, acc_train, acc_held, num_classes, cfg, device):
+    """Figure 3's overfitting probe (D's accuracy at calling training vs held-out real images real)
+    and class confusion: D's class judgement (`Discriminator.class_scores`) of held-out reals and of
+    acc_images // K fakes per asked label; on shapes also the colour reader's. K x K matrices are
+    kept for K <= 100."""
+    rec = {}
+    rec["d_acc_train"], _ = d_judge(D, *acc_train, device)
+    if acc_held is not None:
+        rec["d_acc_heldout"], judged = d_judge(D, *acc_held, device)
+        rec["d_acc_gap"] = rec["d_acc_train"] - rec["d_acc_heldout"]
+        counts, rec["d_class_acc_heldout"], _ = confusion(acc_held[1], judged, num_classes)
+        rec["confusion_d_heldout"] = counts.tolist() if num_classes <= 100 else None
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 4)  # the same noise every evaluation
+    y = torch.arange(num_classes, device=device).repeat_interleave(max(cfg.acc_images // num_classes, 1))
+    fake = generate(G_ema, y, cfg.z_dim, cfg.eval_batch, gen)
+    readers = {"d": d_judge(D, fake, y, device)[1]}
+    if cfg.dataset == "shapes":                                # the class read off the colour
+        readers["colour"] = shapes_class_of(fake)
+    for name, judged in readers.items():
+        counts, raw, relabelled = confusion(y, judged, num_classes)
+        key = "class_consistency" + ("_d" if name == "d" else "")
+        rec[key], rec[key + "_relabelled"] = raw, relabelled
+        rec["confusion_" + name] = counts.tolist() if num_classes <= 100 else None
+    return rec
 
 
 def spectral_norms(model):
@@ -963,7 +1033,7 @@ def train(cfg, explicit):
         prepare_run_dir(cfg, resuming=checkpoint is not None)
     train_set, heldout, num_classes = load_data(cfg)
     trainer = Trainer(cfg, num_classes, device, rank, world)
-    batches = Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device, cfg.num_workers)
+    batches = Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device, cfg.num_workers, cfg.flip)
     step, best_fid, best_step, history = 0, None, None, []
     if checkpoint is not None:
         try:
@@ -1031,17 +1101,9 @@ def train(cfg, explicit):
         if main_rank:
             save_grid(trainer.G_ema, os.path.join(cfg.run_dir, "samples", f"step{step:07d}.png"),
                       num_classes, cfg.z_dim, device, cfg.eval_batch, cfg.seed)
-            record["d_acc_train"] = d_real_accuracy(trainer.D, *acc_train, device)
-            if acc_held is not None:
-                record["d_acc_heldout"] = d_real_accuracy(trainer.D, *acc_held, device)
-                record["d_acc_gap"] = record["d_acc_train"] - record["d_acc_heldout"]
+            record.update(d_diagnostics(trainer.D, trainer.G_ema, acc_train, acc_held, num_classes, cfg, device))
             sigmas = spectral_norms(trainer.D)
             record["d_sigma_max"], record["d_sigma"] = max(sigmas.values()), sigmas
-            if cfg.dataset == "shapes":                        # class consistency, read off colours
-                gen = torch.Generator(device=device).manual_seed(cfg.seed + 4)
-                y = torch.randint(0, num_classes, (512,), device=device, generator=gen)
-                fake = generate(trainer.G_ema, y, cfg.z_dim, cfg.eval_batch, gen)
-                record["class_consistency"] = float((shapes_class_of(fake) == y).float().mean())
             history.append({k: record.get(k) for k in ("step", "fid", "d_acc_gap")})
             collapse = detect_collapse(history, cfg.collapse_gap, cfg.collapse_patience)
             record["collapse"] = collapse
@@ -1058,8 +1120,12 @@ def train(cfg, explicit):
             parts.append(f"D acc train {record['d_acc_train']:.3f}" +
                          (f" held-out {record['d_acc_heldout']:.3f}" if acc_held is not None else ""))
             parts.append(f"max sigma(W_D) {record['d_sigma_max']:.2f}")
-            if "class_consistency" in record:
-                parts.append(f"class consistency {record['class_consistency']:.3f}")
+            if acc_held is not None:
+                parts.append(f"D class acc held-out {record['d_class_acc_heldout']:.3f}")
+            for key, reader in (("class_consistency_d", "D"), ("class_consistency", "colour")):
+                if key in record:                              # fakes judged as asked, raw / relabelled
+                    parts.append(f"class consistency ({reader}) {record[key]:.3f}, "
+                                 f"relabelled {record[key + '_relabelled']:.3f}")
             log(" | ".join(parts))
             if evaluator is not None:
                 log(evaluator.description)
@@ -1172,15 +1238,16 @@ def generate_from_checkpoint(path, num_images, out_dir, batch_size=64, seed=0, d
 
 def plot_runs(runs, out):
     """The paper's Figure 3 for one or several runs: D's accuracy on training vs held-out real images,
-    FID, and the largest singular value of D's weights, against G steps; plus a fourth panel on class
-    confusion (class consistency on shapes, intra-class FID when asked for)."""
+    FID (and intra-class FID when measured), and the largest singular value of D's weights, against G
+    steps; plus class confusion: class consistency (raw and relabelled) over steps, and the last run's
+    final confusion matrix."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    fig, axes = plt.subplots(1, 5, figsize=(25, 4))
     for run in runs:
         path = os.path.join(run, "metrics.jsonl")
         if not os.path.isfile(path):
@@ -1195,25 +1262,33 @@ def plot_runs(runs, out):
         if "d_acc_heldout" in evals[0]:
             axes[0].plot(steps, [r["d_acc_heldout"] for r in evals], "--", color=line.get_color(),
                          label=f"{name} held-out")
-        if any(r.get("fid") is not None for r in evals):
-            axes[1].plot([r["step"] for r in evals if "fid" in r], [r["fid"] for r in evals if "fid" in r], label=name)
-        axes[2].plot(steps, [r["d_sigma_max"] for r in evals], label=name)
-        for key, style in (("class_consistency", "-"), ("intra_fid", "--")):  # class confusion
+        for key, style in (("fid", "-"), ("intra_fid", "--")):
             points = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
             if points:
-                axes[3].plot(*zip(*points), style, color=line.get_color(), label=f"{name} {key.replace('_', ' ')}")
+                axes[1].plot(*zip(*points), style, color=line.get_color(), label=f"{name} {key.replace('_', '-')}")
+        axes[2].plot(steps, [r["d_sigma_max"] for r in evals], label=name)
+        reader = "class_consistency" if "class_consistency" in evals[-1] else "class_consistency_d"
+        for key, style in ((reader, "-"), (reader + "_relabelled", ":")):
+            points = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
+            if points:
+                axes[3].plot(*zip(*points), style, color=line.get_color(), label=f"{name} {'relabelled' if key.endswith('relabelled') else 'raw'} ({reader[18:] or 'colour'})")
+        matrix = evals[-1].get("confusion_colour") or evals[-1].get("confusion_d")
         for r in evals:
             if r.get("collapse"):
-                for ax in axes:
+                for ax in axes[:4]:
                     ax.axvline(r["step"], color=line.get_color(), alpha=0.3, lw=0.8)
+    if matrix:                                                 # rows: asked label, columns: judged class
+        axes[4].imshow(matrix, cmap="Blues")
+        axes[4].set_ylabel("asked label")
     for ax, title in zip(axes, ["D accuracy on real images (train vs held-out)", "FID (EMA G)",
                                 "largest singular value of D's weights",
-                                "class consistency (shapes) / intra-class FID"]):
+                                "class consistency of fakes (raw, relabelled)",
+                                f"confusion at step {steps[-1]}, {name} (x: judged class)"]):
         ax.set_title(title)
-        ax.set_xlabel("G step")
+        ax.set_xlabel("G step" if ax is not axes[4] else "judged class")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-        else:                                                  # e.g. FID off (--fid-images 0)
+        elif not (ax is axes[4] and matrix):                   # e.g. FID off (--fid-images 0)
             ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -1250,7 +1325,7 @@ def build_parser(suppress=False):
     add("--dataset", "cifar10", choices=["cifar10", "cifar100", "folder", "shapes"],
         help="folder: an ImageFolder tree at --data-dir; shapes: built in, no download")
     add("--data-dir", "data", help="where CIFAR is downloaded to / read from, or the image folder")
-    add("--loss", "2c", choices=["2c", "proj", "ac"], help="ContraGAN, ProjGAN or ACGAN (the paper's ACGAN-Mod)")
+    add("--loss", "2c", choices=["2c", "proj", "ac"], help="ContraGAN, ProjGAN or ACGAN (as the authors ran it)")
     add("--img-size", 32, type=int, help="32, 64 or 128 (the architecture's sizes)")
     add("--shapes-size", 10000, type=int, help="number of training images of --dataset shapes")
     add("--g-width", 96, type=int, help="G channels = 4 x width (authors: 96)")
@@ -1259,6 +1334,8 @@ def build_parser(suppress=False):
     add("--shared-dim", 128, type=int, help="G's shared class embedding (authors: 128)")
     add("--embed-dim", 512, type=int, help="2C embedding size (authors' CIFAR-10: 512)")
     add("--temperature", 1.0, type=float, help="2C temperature t (authors: 1.0)")
+    add("--data-positives", True, action=argparse.BooleanOptionalAction, help="same-class samples in "
+        "2C's numerator (the paper); --no-data-positives: the proxy alone, the authors' remedy for class confusion")
     add("--cond-lambda", 1.0, type=float, help="lambda, weight of the 2C / ACGAN term (authors: 1.0)")
     add("--batch-size", 64, type=int, help="GLOBAL batch: split over torchrun's ranks (authors: 64)")
     add("--lr-g", 2e-4, type=float, help="Adam lr of G (authors: 2e-4)")
@@ -1268,6 +1345,8 @@ def build_parser(suppress=False):
     add("--adam-eps", 1e-6, type=float, help="Adam eps (authors: 1e-6)")
     add("--d-steps", 5, type=int, help="D steps per G step (authors: 5)")
     add("--steps", 100000, type=int, help="G steps (authors: 100,000)")
+    add("--flip", True, action=argparse.BooleanOptionalAction,
+        help="random horizontal flips of real images (authors: on for CIFAR-10, off for Tiny ImageNet)")
     add("--ema-decay", 0.9999, type=float, help="EMA decay of G_ema (authors: 0.9999)")
     add("--ema-start", 1000, type=int, help="G step where the EMA starts; a copy of G before (authors: 1000)")
     add("--seed", 0, type=int)

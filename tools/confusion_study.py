@@ -1,0 +1,104 @@
+"""Class-confusion study on the built-in shapes data, at the CPU demo's budget (issue 10).
+
+Every setting below is trained with `--preset cpu-demo` (1,500 G steps, width 16, batch 32) for a few
+seeds; the table gives the final evaluation's class consistency of G_ema's fakes, mean +- std over
+seeds, read two ways: by the colour reader (`shapes_class_of`) and by D's own class judgement, each
+raw (judged as asked) and after the best one-to-one relabelling of the classes.
+
+    python tools/confusion_study.py              # runs what is missing (2 at a time, 1 thread each)
+    python tools/confusion_study.py --report     # only the table, from the runs there are
+
+Runs already finished are skipped and an interrupted one is resumed, so the study can be continued
+later. Two single-thread runs at once, not one 2-thread run: see ../shared machine notes (two
+2-thread runs on 2 cores slow each other 10x).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "..", "contragan.py")
+STEPS = 1500  # the cpu-demo preset's
+
+SETTINGS = {  # name: (flags, seeds)
+    "2c (paper)": (["--loss", "2c"], [0, 1, 2]),
+    "2c --no-data-positives": (["--loss", "2c", "--no-data-positives"], [0, 1, 2]),
+    "2c --no-data-positives t=0.5 lambda=0.5": (
+        ["--loss", "2c", "--no-data-positives", "--temperature", "0.5", "--cond-lambda", "0.5"], [0, 1, 2]),
+    "proj": (["--loss", "proj"], [0, 1]),
+    "ac": (["--loss", "ac"], [0, 1]),
+}
+
+
+def run_dir(root, name, seed):
+    return os.path.join(root, name.replace(" ", "_").replace("=", "").replace("--", ""), f"s{seed}")
+
+
+def final_eval(path):
+    """The last evaluation record of a run that reached STEPS, or None."""
+    metrics = os.path.join(path, "metrics.jsonl")
+    if not os.path.isfile(metrics):
+        return None
+    with open(metrics) as f:
+        evals = [r for r in map(json.loads, f) if r.get("eval")]
+    return evals[-1] if evals and evals[-1]["step"] >= STEPS else None
+
+
+def train(root, name, flags, seed):
+    path = run_dir(root, name, seed)
+    if final_eval(path):
+        return path
+    args = ["--resume", path] if os.path.isfile(os.path.join(path, "last.pt")) else \
+        ["--preset", "cpu-demo", *flags, "--seed", str(seed), "--run-dir", path]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path.rstrip("/") + ".log", "a") as log:
+        subprocess.run([sys.executable, SCRIPT, *args], stdout=log, stderr=subprocess.STDOUT, check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return path
+
+
+def mean_std(values):
+    if not values:
+        return "-"
+    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def report(root):
+    keys = ["class_consistency", "class_consistency_relabelled", "class_consistency_d",
+            "class_consistency_d_relabelled", "d_class_acc_heldout"]
+    lines = ["| setting | seeds | colour: raw | colour: relabelled | D: raw | D: relabelled | "
+             "D on held-out reals |", "|---|---|---|---|---|---|---|"]
+    for name, (_, seeds) in SETTINGS.items():
+        finals = [r for r in (final_eval(run_dir(root, name, s)) for s in seeds) if r]
+        cells = [mean_std([r[k] for r in finals]) for k in keys]
+        lines.append(f"| {name} | {len(finals)} of {len(seeds)} | " + " | ".join(cells) + " |")
+        for s in seeds:
+            r = final_eval(run_dir(root, name, s))
+            if r:
+                lines.append(f"|  seed {s} | | {r[keys[0]]:.2f} | {r[keys[1]]:.2f} | {r[keys[2]]:.2f} | "
+                             f"{r[keys[3]]:.2f} | {r[keys[4]]:.2f} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="runs/study")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--report", action="store_true", help="only print the table")
+    args = p.parse_args()
+    if not args.report:
+        # seed-major order: a study stopped early still has every setting at its first seeds
+        todo = sorted(((s, name, flags) for name, (flags, seeds) in SETTINGS.items() for s in seeds),
+                      key=lambda t: t[0])
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for path in pool.map(lambda t: train(args.root, t[1], t[2], t[0]), todo):
+                print(f"done {path}", flush=True)
+    print(report(args.root))
+
+
+if __name__ == "__main__":
+    main()
