@@ -740,12 +740,16 @@ class Trainer:
 @torch.no_grad()
 def generate(G, labels, z_dim, batch_size, generator=None):
     """Images in [-1, 1] for the given labels, in batches of batch_size with BatchNorm in train mode
-    (batch statistics): the authors' evaluation protocol for the EMA generator."""
+    (batch statistics): the authors' evaluation protocol for the EMA generator. G's buffers (BN
+    running statistics, spectral-norm u, v), which train mode updates, are restored afterwards: the
+    EMA averages them, and an evaluation must not change training (resume stays exact)."""
     G.train()
+    buffers = [b.clone() for b in G.buffers()]
     out = []
     for y in labels.split(batch_size):
         z = torch.randn(len(y), z_dim, device=y.device, generator=generator)
         out.append(G(z, y).float())
+    torch._foreach_copy_(list(G.buffers()), buffers)
     return torch.cat(out)
 
 

@@ -25,8 +25,9 @@ TINY = ["--dataset", "shapes", "--shapes-size", "256", "--g-width", "8", "--d-wi
 
 # ---------------------------------------------------------------- the 2C loss against the equation
 
-def literal_2c(embed, proxy, labels, t=1.0):
-    """The 2C loss written straight from the equation, one sample and one term at a time."""
+def literal_2c(embed, proxy, labels, t=1.0, data_positives=True):
+    """The 2C loss written straight from the equation, one sample and one term at a time.
+    data_positives=False: the authors' pos_collected_numerator=False, the proxy alone on top."""
     l = [x / x.norm() for x in embed]
     e = [x / x.norm() for x in proxy]
     m = len(l)
@@ -36,7 +37,8 @@ def literal_2c(embed, proxy, labels, t=1.0):
         positives = sum((torch.exp(l[i] @ l[k] / t) for k in range(m) if k != i and labels[k] == labels[i]),
                         torch.zeros((), dtype=embed.dtype))
         everyone = sum((torch.exp(l[i] @ l[k] / t) for k in range(m) if k != i), torch.zeros((), dtype=embed.dtype))
-        losses.append(-torch.log((data_to_class + positives) / (data_to_class + everyone)))
+        numerator = data_to_class + positives if data_positives else data_to_class
+        losses.append(-torch.log(numerator / (data_to_class + everyone)))
     return sum(losses) / m
 
 
@@ -45,15 +47,17 @@ CASES = [  # (batch m, number of classes, labels rule, temperature)
     (8, 1, "same", 0.1), (16, 4, "random", 2.0), (33, 10, "random", 0.3), (12, 12, "distinct", 0.07)]
 
 
+@pytest.mark.parametrize("data_positives", [True, False])
 @pytest.mark.parametrize("m,K,rule,t", CASES)
-def test_2c_equals_literal_loop_and_gradients(m, K, rule, t):
+def test_2c_equals_literal_loop_and_gradients(m, K, rule, t, data_positives):
     gen = torch.Generator().manual_seed(m * 100 + K)
     labels = {"random": torch.randint(0, K, (m,), generator=gen), "same": torch.zeros(m, dtype=torch.long),
               "distinct": torch.randperm(m, generator=gen)}[rule]
     embed = torch.randn(m, 7, dtype=torch.float64, generator=gen, requires_grad=True)
     class_table = torch.randn(K if rule != "distinct" else m, 7, dtype=torch.float64, generator=gen, requires_grad=True)
-    fast = cg.conditional_contrastive_loss(embed, class_table[labels], labels, temperature=t)
-    slow = literal_2c(embed, class_table[labels], labels, t)
+    fast = cg.conditional_contrastive_loss(embed, class_table[labels], labels, temperature=t,
+                                           data_positives=data_positives)
+    slow = literal_2c(embed, class_table[labels], labels, t, data_positives)
     assert fast.dtype == torch.float64
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
     g_fast = torch.autograd.grad(fast, (embed, class_table))
@@ -80,6 +84,9 @@ def test_2c_analytic_oracle():
     assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
     # A sample alone in its class keeps the proxy term: -log(1 / m), finite, never 0/0.
     loss = cg.conditional_contrastive_loss(embed, embed.clone(), torch.tensor([0, 1, 2, 3]))
+    assert loss.item() == pytest.approx(math.log(4), rel=1e-6)
+    # Without data positives the proxy is the only positive: log m whatever the labels.
+    loss = cg.conditional_contrastive_loss(embed, embed.clone(), torch.tensor([0, 0, 1, 1]), data_positives=False)
     assert loss.item() == pytest.approx(math.log(4), rel=1e-6)
 
 
@@ -122,6 +129,14 @@ def test_parameter_counts_match_the_authors():
     assert n_params(cg.Generator(width=32)) == 1_230_852
     assert n_params(cg.Discriminator(width=32, loss="2c")) == 308_290
     assert n_params(cg.Discriminator(width=32, loss="proj")) == 270_530
+    # Tiny ImageNet 64x64, the authors' ContraGAN run (width 80, z 100, 2C embedding 768, 200 classes;
+    # logs/TINY_IMAGENET/contra_biggan_tiny64_hinge_no-train-2020_10_07_21_40_44.log)
+    assert n_params(cg.Generator(64, 80, z_dim=100, num_classes=200)) == 17_335_204
+    assert n_params(cg.Discriminator(64, 80, num_classes=200, loss="2c", embed_dim=768)) == 31_678_130
+    # ImageNet 128x128, the authors' BigGAN (projection) run: width 96, z 120, 1,000 classes
+    # (logs/IMAGENET/BigGAN256-train-2021_01_24_03_52_15.log, PyTorch-StudioGAN commit 4fa35bb)
+    assert n_params(cg.Generator(128, 96, z_dim=120, num_classes=1000)) == 70_433_988
+    assert n_params(cg.Discriminator(128, 96, num_classes=1000, loss="proj")) == 87_982_370
     # Spectral norm's u and v are buffers, not parameters.
     G = cg.Generator(width=8)
     assert any(n.endswith(".u") for n, _ in G.named_buffers())
@@ -135,10 +150,86 @@ def test_output_shapes(size, z_dim):
     y = torch.tensor([0, 1, 4])
     x = G(torch.randn(3, z_dim), y)
     assert x.shape == (3, 3, size, size) and x.abs().max() <= 1
+    C = 16 * 8 if size == 64 else 2 * 8
     for loss, keys in [("2c", {"adv": (3,), "embed": (3, 24), "proxy": (3, 24)}), ("proj", {"adv": (3,)}),
                        ("ac", {"adv": (3,), "class_logits": (3, 5)})]:
         out = cg.Discriminator(img_size=size, width=8, num_classes=5, loss=loss, embed_dim=24)(x, y)
-        assert {k: tuple(v.shape) for k, v in out.items()} == keys
+        assert {k: tuple(v.shape) for k, v in out.items()} == {**keys, "h": (3, C)}
+
+
+@pytest.mark.parametrize("loss", ["2c", "proj", "ac"])
+def test_class_scores_are_ds_own_judgement(loss):
+    # For every class y, the score is what D's conditional head says of (x, y): 2C the cosine of l(x)
+    # and the proxy e(y), projection D(x, y) minus its label-free part, ACGAN the logit of y.
+    torch.manual_seed(0)
+    D = cg.Discriminator(width=8, num_classes=4, loss=loss, embed_dim=16).eval()
+    x = torch.randn(5, 3, 32, 32)
+    scores = D.class_scores(D(x, torch.zeros(5, dtype=torch.long))["h"])
+    for y in range(4):
+        out = D(x, torch.full((5,), y))
+        expected = {"2c": lambda: torch.cosine_similarity(out["embed"], out["proxy"]),
+                    "proj": lambda: out["adv"] - D.adv_head(out["h"]).squeeze(1),
+                    "ac": lambda: out["class_logits"][:, y]}[loss]()
+        torch.testing.assert_close(scores[:, y], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_confusion_raw_and_relabelled():
+    asked = torch.tensor([0, 0, 1, 1, 2, 2])
+    counts, raw, relabelled = cg.confusion(asked, torch.tensor([1, 1, 2, 2, 0, 0]), 3)
+    assert counts.tolist() == [[0, 2, 0], [0, 0, 2], [2, 0, 0]]
+    assert raw == 0 and relabelled == 1                        # consistent classes, wrong labels
+    _, raw, relabelled = cg.confusion(asked, torch.zeros(6, dtype=torch.long), 3)
+    assert raw == pytest.approx(1 / 3) and relabelled == pytest.approx(1 / 3)  # the label ignored
+    _, raw, relabelled = cg.confusion(asked, torch.tensor([0, 1, 1, 1, 2, 0]), 3)
+    assert raw == pytest.approx(4 / 6) and relabelled == pytest.approx(4 / 6)
+
+
+def tiny_trainer(**flags):
+    cfg = cg.build_parser().parse_args(TINY + [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()])
+    return cg.Trainer(cfg, 4, torch.device("cpu"))
+
+
+def test_acgan_d_step_uses_real_and_fake_class_logits():
+    # The authors' D step adds CE on the real AND the fake class logits; the G step on the fakes.
+    trainer = tiny_trainer(loss="ac", cond_lambda=0.5)
+    logits = torch.randn(6, 4)
+    real_y, fake_y = torch.tensor([0, 1, 2]), torch.tensor([3, 3, 1])
+    d_cond = trainer.condition_loss({"class_logits": logits}, real_y, fake_y)
+    expected = 0.5 * (cg.acgan_loss(logits[:3], real_y) + cg.acgan_loss(logits[3:], fake_y))
+    torch.testing.assert_close(d_cond, expected)
+    g_cond = trainer.condition_loss({"class_logits": logits[:3]}, real_y)
+    torch.testing.assert_close(g_cond, 0.5 * cg.acgan_loss(logits[:3], real_y))
+
+
+def test_ema_averages_parameters_and_buffers():
+    # The authors' ema averages every state_dict entry, BN running statistics and SN's u, v included.
+    trainer = tiny_trainer(ema_decay=0.75, ema_start=5)
+    G, G_ema = trainer.G.state_dict(), trainer.G_ema.state_dict()
+    with torch.no_grad():
+        for v in G.values():
+            v.add_(1) if v.is_floating_point() else v.fill_(7)
+    before = {k: v.clone() for k, v in G_ema.items()}
+    trainer.ema_update(step=5)
+    for k, v in G_ema.items():
+        expected = 0.75 * before[k] + 0.25 * G[k] if v.is_floating_point() else G[k]
+        torch.testing.assert_close(v, expected.to(v.dtype))
+    assert any(k.endswith(".u") for k in G) and any(k.endswith("running_mean") for k in G)
+    trainer.ema_update(step=4)                                 # before ema_start: a copy of G
+    for k, v in G_ema.items():
+        torch.testing.assert_close(v, G[k])
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_random_flips_can_be_turned_off(flip):
+    images, labels = cg.make_shapes(64, 32, seed=0)
+    data = cg.TensorImages(images, labels, ["a", "b", "c", "d"])
+    torch.manual_seed(0)
+    x, _ = next(cg.Batches(data, 64, 0, 1, seed=0, device=torch.device("cpu"), flip=flip))
+    order = list(torch.utils.data.DistributedSampler(data, 1, 0, shuffle=True, seed=0, drop_last=True))
+    plain = images[order].float() / 127.5 - 1
+    flipped = (x == plain.flip(3)).flatten(1).all(1) & ~(x == plain).flatten(1).all(1)
+    assert (x == plain).flatten(1).all(1).logical_or(flipped).all()
+    assert flipped.any() == flip
 
 
 def test_spectral_norm_estimate_matches_linalg():
@@ -196,7 +287,13 @@ def test_cli_tiny_run_writes_grid_metrics_checkpoint(tmp_path):
     assert [x["step"] for x in steps] == [1, 2, 3, 4] and [x["step"] for x in evals] == [2, 4]
     assert {"d_loss", "g_loss", "d_cond", "g_cond", "img_per_s"} <= set(steps[0])
     assert {"d_acc_train", "d_acc_heldout", "d_acc_gap", "d_sigma_max", "d_sigma", "class_consistency",
-            "collapse"} <= set(evals[0])
+            "class_consistency_relabelled", "class_consistency_d", "class_consistency_d_relabelled",
+            "d_class_acc_heldout", "collapse"} <= set(evals[0])
+    for key in ("confusion_colour", "confusion_d", "confusion_d_heldout"):  # K x K, asked x judged
+        counts = torch.tensor(evals[0][key])
+        assert counts.shape == (4, 4)
+    assert torch.tensor(evals[0]["confusion_d"]).sum(1).tolist() == [32 // 4] * 4  # acc_images // K per label
+    assert "class consistency (D)" in r.stdout and "relabelled" in r.stdout
     assert "step 4/4" in r.stdout and "img/s" in r.stdout and "left" in r.stdout
     assert json.loads((run / "config.json").read_text())["loss"] == "2c"
 
