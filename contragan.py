@@ -1392,6 +1392,8 @@ def validate(cfg):
         raise UsageError(f"--z-dim {cfg.z_dim} must split into {n_chunks} equal chunks at {cfg.img_size}x{cfg.img_size}")
     if cfg.loss == "2c" and cfg.batch_size < 2:
         raise UsageError("--loss 2c needs --batch-size of at least 2: it contrasts samples within a batch")
+    if not cfg.data_positives and cfg.loss != "2c":
+        raise UsageError(f"--no-data-positives changes the 2C loss: it needs --loss 2c (got --loss {cfg.loss})")
     if cfg.temperature <= 0:
         raise UsageError(f"--temperature must be > 0 (got {cfg.temperature})")
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -361,6 +361,7 @@ def one_line_error(r):
     (["--loss", "wgan"], "invalid choice"),
     (["--loss", "2c", "--batch-size", "1"], "at least 2"),
     (["--temperature", "0"], "must be > 0"),
+    (["--loss", "proj", "--no-data-positives"], "needs --loss 2c"),
     (["--img-size", "48"], "not supported"),
     (["--dataset", "folder", "--data-dir", "/nonexistent/images"], "does not exist"),
 ])
