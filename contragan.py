@@ -1107,7 +1107,7 @@ def run_training(cfg, checkpoint, ckpt_path, device, rank, world):
         if flag.item():
             last = os.path.join(cfg.run_dir, "last.pt")
             kept = f"the last good checkpoint {last} is intact" if os.path.exists(last) else "no checkpoint was written"
-            raise UsageError(f"non-finite loss or weights at or before step {step}: run stopped, nothing saved; {kept}")
+            raise UsageError(f"non-finite loss or weights at or before step {step}: run stopped without saving it; {kept}")
 
     def evaluate_and_save():
         nonlocal best_fid, best_step
