@@ -875,10 +875,6 @@ RUN_FLAGS = {"steps", "log_every", "eval_every", "fid_images", "fid_weights", "e
              "collapse_gap", "collapse_patience", "acc_images", "preset"}
 
 
-CHECKPOINT_KEYS = {"G", "D", "G_ema", "opt_G", "opt_D", "scaler_G", "scaler_D", "step", "best_fid", "best_step",
-                   "config", "num_classes", "data", "rng"}
-
-
 def save_checkpoint(path, state):
     """Atomic: write a temporary file, flush it to disk, then rename over the old one. config.json next
     to it is written only here, so it always describes a saved run (never a start that failed)."""
@@ -903,19 +899,9 @@ def load_checkpoint(path):
     except Exception as err:                                   # torch's own text is a paragraph of zip internals
         raise UsageError(f"checkpoint {path} is unreadable: truncated, corrupt or not a torch file "
                          f"({type(err).__name__})") from None
-    if not (isinstance(checkpoint, dict) and CHECKPOINT_KEYS <= checkpoint.keys()):
-        raise UsageError(f"{path} is a torch file but not a contragan.py checkpoint (no G, D, G_ema, config, step ...)")
+    if not (isinstance(checkpoint, dict) and {"G", "D", "G_ema", "config", "step"} <= checkpoint.keys()):
+        raise UsageError(f"{path} is a torch file but not a contragan.py checkpoint (no G, D, G_ema, config, step)")
     return checkpoint, path
-
-
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)                                        # signal 0 only asks whether it exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:                                    # it exists, another user's
-        pass
-    return True
 
 
 def claim_run_dir(run_dir, resume_dir):
@@ -935,11 +921,15 @@ def claim_run_dir(run_dir, resume_dir):
                 break
             except FileExistsError:
                 with open(lock) as f:
-                    pid = f.read().strip()
-                if not pid.isdigit() or process_alive(int(pid)):  # no pid yet: it is being written
-                    raise UsageError(f"{run_dir} is in use by another run (process {pid or '?'}; its lock is "
-                                     f"{lock})") from None
-                os.remove(lock)
+                    pid = f.read().strip() or str(os.getpid())  # empty: its owner is writing its pid
+                try:
+                    os.kill(int(pid), 0)                       # signal 0 only asks whether it exists
+                except ProcessLookupError:                     # gone (killed with -9): take the lock over
+                    os.remove(lock)
+                    continue
+                except PermissionError:                        # alive, another user's
+                    pass
+                raise UsageError(f"{run_dir} is in use by another run (process {pid}; its lock is {lock})")
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
     except OSError as err:
@@ -1073,7 +1063,7 @@ def run_training(cfg, checkpoint, ckpt_path, device, rank, world):
     acc_held = fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3) if heldout else None
     if main_rank and os.path.exists(metrics_path):            # drop lines past the checkpoint (or all: fresh run)
         with open(metrics_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]  # not a torn line
         with open(metrics_path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(metrics_path + ".tmp", metrics_path)
