@@ -488,8 +488,11 @@ IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
 def load_folder(root, img_size):
-    """Any class-per-folder tree (root/<class>/<image>), resized and centre-cropped to img_size."""
+    """Any class-per-folder tree (root/<class>/<image>), resized and centre-cropped to img_size. Every
+    image is decoded once here: real folders hold broken files, and one drawn hours into a run would
+    stop it with a traceback. Unreadable ones are skipped with a warning that counts and names them."""
     import torchvision
+    from PIL import Image
     from torchvision import transforms as T
     if not os.path.isdir(root):
         raise UsageError(f"image folder {root!r} does not exist (give it with --data-dir)")
@@ -500,11 +503,28 @@ def load_folder(root, img_size):
                              f"images in {root}/<class name>/")
         raise UsageError(f"image folder {root!r} is empty: it needs one sub-folder of images per class")
     transform = T.Compose([T.Resize(img_size), T.CenterCrop(img_size), T.PILToTensor()])
+    say, bad = os.environ.get("RANK", "0") == "0", []
+
+    def readable(path):
+        try:
+            with Image.open(path) as image:
+                image.load()
+            return True
+        except Exception:                                      # OSError, SyntaxError, ValueError, ... from PIL
+            bad.append(path)
+            return False
+
+    if say:
+        print(f"checking every image in {root} once (a broken file is skipped now, not met hours in)", flush=True)
     try:
-        return torchvision.datasets.ImageFolder(
-            root, transform=lambda im: transform(im.convert("RGB")))
+        data = torchvision.datasets.ImageFolder(root, transform=lambda im: transform(im.convert("RGB")),
+                                                is_valid_file=lambda p: p.lower().endswith(IMG_EXT) and readable(p))
     except (FileNotFoundError, RuntimeError) as err:
         raise UsageError(f"image folder {root!r}: {str(err).splitlines()[0]}") from None
+    if bad and say:
+        print(f"warning: skipped {len(bad)} unreadable image(s) of {len(data) + len(bad)}: {', '.join(bad[:10])}"
+              f"{f' and {len(bad) - 10} more' if len(bad) > 10 else ''}", file=sys.stderr, flush=True)
+    return data
 
 
 def load_data(cfg):
@@ -930,13 +950,17 @@ RUN_FLAGS = {"steps", "log_every", "eval_every", "fid_images", "fid_weights", "e
 
 
 def save_checkpoint(path, state):
-    """Atomic: write a temporary file, flush it to disk, then rename over the old one."""
+    """Atomic: write a temporary file, flush it to disk, then rename over the old one. config.json next
+    to it is written only here, so it always describes a saved run (never a start that failed)."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    with open(tmp, "w") as f:
+        json.dump({**state["config"], "num_classes": state["num_classes"], "world_size": len(state["rng"])}, f, indent=2)
+    os.replace(tmp, os.path.join(os.path.dirname(path), "config.json"))
 
 
 def load_checkpoint(path):
@@ -945,10 +969,54 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False), path
-    except Exception as err:
-        raise UsageError(f"checkpoint {path} is unreadable ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else 'corrupt'})") from None
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:                                   # torch's own text is a paragraph of zip internals
+        raise UsageError(f"checkpoint {path} is unreadable: truncated, corrupt or not a torch file "
+                         f"({type(err).__name__})") from None
+    if not (isinstance(checkpoint, dict) and {"G", "D", "G_ema", "config", "step"} <= checkpoint.keys()):
+        raise UsageError(f"{path} is a torch file but not a contragan.py checkpoint (no G, D, G_ema, config, step)")
+    return checkpoint, path
+
+
+def claim_run_dir(run_dir, resume_dir):
+    """One run owns its folder. Refused: a folder that holds another run (unless it is the one resumed),
+    and one that a live process holds (run.lock, created exclusively, holds its pid; the lock of a
+    process that is gone, e.g. killed with -9, is taken over). Returns release(), which removes the lock
+    and the folders this start created if they are still empty: a failed start leaves nothing behind."""
+    resuming_here = resume_dir is not None and os.path.realpath(run_dir) == os.path.realpath(resume_dir)
+    if not resuming_here and any(os.path.exists(os.path.join(run_dir, f)) for f in ("last.pt", "config.json")):
+        raise UsageError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another --run-dir")
+    lock, created = os.path.join(run_dir, "run.lock"), not os.path.isdir(run_dir)
+    try:
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+        while True:
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                with open(lock) as f:
+                    pid = f.read().strip() or str(os.getpid())  # empty: its owner is writing its pid
+                try:
+                    os.kill(int(pid), 0)                       # signal 0 only asks whether it exists
+                except ProcessLookupError:                     # gone (killed with -9): take the lock over
+                    os.remove(lock)
+                    continue
+                except PermissionError:                        # alive, another user's
+                    pass
+                raise UsageError(f"{run_dir} is in use by another run (process {pid}; its lock is {lock})")
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+    except OSError as err:
+        raise UsageError(f"cannot write to run folder {run_dir}: {err.strerror or err}") from None
+
+    def release():
+        os.remove(lock)
+        for folder in [os.path.join(run_dir, "samples")] + [run_dir] * created:
+            try:
+                os.rmdir(folder)                               # only if empty
+            except OSError:
+                pass
+    return release
 
 
 def rng_state(device):
@@ -965,8 +1033,6 @@ def setup_device(cfg):
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but torch sees no CUDA GPU")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -978,22 +1044,6 @@ def setup_device(cfg):
         # versions flag it as deprecated in favour of a private one, which we do not use.
         warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated")
     return device, rank, world
-
-
-def prepare_run_dir(cfg, resuming):
-    if cfg.run_dir is None:
-        cfg.run_dir = os.path.join("runs", f"{cfg.dataset}-{cfg.loss}-s{cfg.seed}")
-    if not resuming and os.path.exists(os.path.join(cfg.run_dir, "last.pt")):
-        raise UsageError(f"{cfg.run_dir} already holds a run: continue it with --resume {cfg.run_dir} "
-                         f"or choose another --run-dir")
-    try:
-        os.makedirs(os.path.join(cfg.run_dir, "samples"), exist_ok=True)
-        probe = os.path.join(cfg.run_dir, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as err:
-        raise UsageError(f"cannot write to run folder {cfg.run_dir}: {err.strerror or err}") from None
 
 
 def merge_resume_config(cfg, explicit, checkpoint, path):
@@ -1021,21 +1071,39 @@ def format_duration(seconds):
 
 
 def train(cfg, explicit):
-    checkpoint = None
+    checkpoint = ckpt_path = None
     if cfg.resume:
         checkpoint, ckpt_path = load_checkpoint(cfg.resume)
         run_dir = cfg.run_dir or os.path.dirname(ckpt_path)
         cfg = merge_resume_config(cfg, explicit, checkpoint, ckpt_path)
         cfg.run_dir = run_dir
     validate(cfg)
+    cfg.run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.dataset}-{cfg.loss}-s{cfg.seed}")
+    if checkpoint is not None and checkpoint["step"] >= cfg.steps:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"nothing trained: {ckpt_path} is at step {checkpoint['step']} and --steps is {cfg.steps} "
+                  f"(give a larger --steps to continue it)")
+        return 0
     device, rank, world = setup_device(cfg)
     if cfg.sync_bn and world > 1 and device.type != "cuda":
         raise UsageError("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm works only on GPU modules")
+    release = claim_run_dir(cfg.run_dir, ckpt_path and os.path.dirname(ckpt_path)) if rank == 0 else (lambda: None)
+    try:
+        return run_training(cfg, checkpoint, ckpt_path, device, rank, world)
+    finally:
+        release()
+
+
+def run_training(cfg, checkpoint, ckpt_path, device, rank, world):
+    """The run, once its folder is owned. Nothing is written into the folder before the training loop
+    starts; metrics.jsonl is then cut back to the checkpoint's step (a crash before the first checkpoint
+    leaves lines that a rerun would otherwise repeat)."""
     main_rank = rank == 0
     log = (lambda *a, **k: print(*a, **k, flush=True)) if main_rank else (lambda *a, **k: None)
-    if main_rank:
-        prepare_run_dir(cfg, resuming=checkpoint is not None)
     train_set, heldout, num_classes = load_data(cfg)
+    if num_classes < 2 and cfg.loss in ("2c", "ac"):
+        raise UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is exactly 0 "
+                         f"every step (use --loss proj, or give more classes)")
     trainer = Trainer(cfg, num_classes, device, rank, world)
     batches = Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device, cfg.num_workers, cfg.flip)
     step, best_fid, best_step, history = 0, None, None, []
@@ -1051,14 +1119,6 @@ def train(cfg, explicit):
         log(f"resumed {ckpt_path} at step {step}")
     metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
     if main_rank:
-        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-            json.dump({**vars(cfg), "num_classes": num_classes, "world_size": world}, f, indent=2)
-        if checkpoint is not None and os.path.exists(metrics_path):  # drop lines past the checkpoint
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= step]
-            with open(metrics_path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(metrics_path + ".tmp", metrics_path)
         n_g = sum(p.numel() for p in trainer.G.parameters())
         n_d = sum(p.numel() for p in trainer.D.parameters())
         log(f"config: {json.dumps(vars(cfg), sort_keys=True)}")
@@ -1075,28 +1135,47 @@ def train(cfg, explicit):
         log(evaluator.description)
     acc_train = fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
     acc_held = fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3) if heldout else None
+    if main_rank and os.path.exists(metrics_path):            # drop lines past the checkpoint (or all: fresh run)
+        with open(metrics_path) as f:
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]  # not a torn line
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics_path + ".tmp", metrics_path)
+    if cfg.compile:
+        log("--compile: the first steps compile G and D, about a minute on a GPU and several on a CPU")
 
     def checkpoint_state():
+        state = trainer.state_dict()
+        check_finite(state)                                    # every save comes through here
         rngs = [rng_state(device)]
         if world > 1:
             rngs = [None] * world
             dist.all_gather_object(rngs, rng_state(device))
-        return {**trainer.state_dict(), "step": step, "best_fid": best_fid, "best_step": best_step,
+        return {**state, "step": step, "best_fid": best_fid, "best_step": best_step,
                 "history": history, "config": vars(cfg), "num_classes": num_classes,
                 "data": batches.state_dict(), "rng": rngs}
 
-    def check_finite():
-        flag = trainer.nonfinite.to(torch.int32)
+    def check_finite(state=None):
+        """Stop on a non-finite loss, or on a non-finite state about to be saved or evaluated: a huge
+        learning rate turns weights into inf/NaN while the losses are still finite. One max-abs
+        reduction over every float tensor of G, D, G_ema and both Adam moments."""
+        flag = trainer.nonfinite
+        if state is not None:
+            tensors = [t for k in ("G", "D", "G_ema") for t in state[k].values() if t.is_floating_point()]
+            tensors += [t for k in ("opt_G", "opt_D") for s in state[k]["state"].values()
+                        for name, t in s.items() if name != "step"]
+            flag = flag | ~torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()
+        flag = flag.to(torch.int32)
         if world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
             last = os.path.join(cfg.run_dir, "last.pt")
-            kept = f"the last good checkpoint {last} is intact" if os.path.exists(last) else "no checkpoint was written yet"
-            raise UsageError(f"non-finite loss at or before step {step}: run stopped; {kept}")
+            kept = f"the last good checkpoint {last} is intact" if os.path.exists(last) else "no checkpoint was written"
+            raise UsageError(f"non-finite loss or weights at or before step {step}: run stopped without saving it; {kept}")
 
     def evaluate_and_save():
         nonlocal best_fid, best_step
-        check_finite()
+        check_finite(trainer.state_dict())                     # before FID and the grid see NaN weights
         record = {"step": step, "eval": True}
         if evaluator is not None:
             t0 = time.time()
@@ -1187,7 +1266,6 @@ def train(cfg, explicit):
             elif world > 1:
                 stopping = False
             if stopping and step < cfg.steps:
-                check_finite()
                 state = checkpoint_state()
                 if main_rank:
                     save_checkpoint(os.path.join(cfg.run_dir, "last.pt"), state)
@@ -1210,6 +1288,8 @@ def generate_from_checkpoint(path, num_images, out_dir, batch_size=64, seed=0, d
     """N PNG files (class-balanced labels, for external FID tools) and a per-class grid, from G_ema
     with BatchNorm batch statistics (the FID protocol)."""
     from PIL import Image
+    if os.path.isdir(out_dir) and os.listdir(out_dir):        # FID tools would read old files with the new
+        raise UsageError(f"--out-dir {out_dir} is not empty: FID would read its old files too; give a new or empty folder")
     checkpoint, path = load_checkpoint(path)
     cfg = argparse.Namespace(**checkpoint["config"])
     device = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) or device == "cuda" else "cpu")
@@ -1383,8 +1463,25 @@ def build_parser(suppress=False):
     return p
 
 
+# Each numeric flag's range, as one table: (flags, test, what the value must be). NaN fails every
+# test, so "nan" and "inf" are refused along with the negative and zero values that make no sense.
+FLAG_RANGES = [
+    ("steps log_every eval_every d_steps batch_size eval_batch g_width d_width z_dim shared_dim embed_dim "
+     "shapes_size acc_images num_images collapse_patience", lambda v: v >= 1, "at least 1"),
+    ("num_workers ema_start", lambda v: v >= 0, "at least 0"),
+    ("lr_g lr_d cond_lambda adam_eps", lambda v: 0 <= v < float("inf"), ">= 0 and finite"),
+    ("temperature", lambda v: 0 < v < float("inf"), "> 0 and finite"),
+    ("beta1 beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
+]
+
+
 def validate(cfg):
     """Bad input: one clear line (main prints it), before anything is built or written."""
+    for names, ok, what in FLAG_RANGES:
+        for name in names.split():
+            if not ok(getattr(cfg, name)):
+                raise UsageError(f"--{name.replace('_', '-')} must be {what} (got {getattr(cfg, name)})")
     if cfg.img_size not in G_ARCH:
         raise UsageError(f"--img-size {cfg.img_size} is not supported: the architecture has 32, 64 and 128")
     n_chunks = len(G_ARCH[cfg.img_size]["ch"])
@@ -1394,16 +1491,15 @@ def validate(cfg):
         raise UsageError("--loss 2c needs --batch-size of at least 2: it contrasts samples within a batch")
     if not cfg.data_positives and cfg.loss != "2c":
         raise UsageError(f"--no-data-positives changes the 2C loss: it needs --loss 2c (got --loss {cfg.loss})")
-    if cfg.temperature <= 0:
-        raise UsageError(f"--temperature must be > 0 (got {cfg.temperature})")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % world:
         raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {world} ranks")
-    for name in ("steps", "log_every", "eval_every", "d_steps", "batch_size", "eval_batch", "g_width", "d_width"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.fid_images and cfg.fid_images < 2 * world:
         raise UsageError("--fid-images must be 0 (off) or at least 2 per rank")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but torch sees no CUDA GPU")
+    if cfg.plot and not os.access(os.path.dirname(os.path.abspath(cfg.plot_out)), os.W_OK):
+        raise UsageError(f"cannot write --plot-out {cfg.plot_out}: its folder is missing or not writable")
 
 
 def main(argv=None):
@@ -1415,19 +1511,22 @@ def main(argv=None):
         parser.set_defaults(**PRESETS[cfg.preset])
         cfg = parser.parse_args(argv)
     try:
+        if not cfg.resume:                                     # a resumed run: once merged with its checkpoint
+            validate(cfg)
         if cfg.plot:
             return plot_runs(cfg.plot, cfg.plot_out)
         if cfg.generate:
             return generate_from_checkpoint(cfg.generate, cfg.num_images, cfg.out_dir, cfg.eval_batch, cfg.seed, cfg.device)
         return train(cfg, explicit)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:                                  # Ctrl-C in start-up, or a second one: no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
     except Exception as err:
-        if fid is not None and isinstance(err, fid.FIDError):
+        if not isinstance(err, (UsageError, fid.FIDError if fid else UsageError)):
+            raise
+        if os.environ.get("RANK", "0") == "0":                 # under torchrun: said once, by rank 0
             print(f"error: {err}", file=sys.stderr)
-            return 2
-        raise
+        return 2
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

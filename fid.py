@@ -202,8 +202,12 @@ def load_inception(weights=None, device="cpu", random_init=False, seed=0):
                            "not the published file; delete it or pass --weights PATH")
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # torch's text for a non-torch file is unpickler internals ("(101)")
+            raise FIDError(f"{path} is not a torch weights file (text, truncated or corrupt?); the published "
+                           f"file is {WEIGHTS_NAME}") from None
+        try:
             model.load_state_dict(state_dict, strict=True)  # strict: proves the graph is the TF one
-        except Exception as e:  # unpickling and key/shape mismatches both mean "wrong file"
+        except Exception as e:  # key/shape mismatches mean "another network's weights"
             raise FIDError(f"{path} is not a state dict of the FID Inception graph ({_one_line(e)[:200]})") from None
         model.weights_tag = (WEIGHTS_NAME if published else
                              f"{Path(path).name} (sha256 {digest[:8]}, NOT the published {WEIGHTS_NAME})")
@@ -468,8 +472,9 @@ def load_stats(path, expect=None):
     try:
         with np.load(path, allow_pickle=False) as f:
             contents = {key: f[key] for key in f.files}
-    except Exception as e:  # a truncated or non-zip file: BadZipFile, ValueError, OSError, EOFError
-        raise FIDError(f"{path}: not a readable .npz statistics file ({_one_line(e)})") from None
+    except Exception as e:  # a truncated or non-zip file: BadZipFile, ValueError (numpy's pickle advice), EOFError
+        reason = _one_line(e) if isinstance(e, OSError) else "not a zip of arrays as np.savez writes"
+        raise FIDError(f"{path}: not a readable .npz statistics file ({reason})") from None
     if "mu" not in contents or "sigma" not in contents:
         raise FIDError(f"{path}: no 'mu' and 'sigma' arrays (it has {sorted(contents)})")
     mu, sigma = contents["mu"].astype(np.float64), contents["sigma"].astype(np.float64)
@@ -614,8 +619,13 @@ def main(argv=None):
     parser.add_argument("--random-weights", action="store_true",
                         help="random Kaiming-normal weights instead of the published ones: for tests and "
                         "offline demos only; the scores are NOT comparable with anything")
+    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")  # one line, not usage too
     args = parser.parse_args(argv)
-    assert args.batch_size >= 1 and args.num_workers >= 0, "--batch-size >= 1 and --num-workers >= 0"
+    if args.batch_size < 1 or args.num_workers < 0:
+        parser.error(f"--batch-size must be at least 1 and --num-workers at least 0 (got {args.batch_size}, "
+                     f"{args.num_workers})")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} asked for, but torch sees no CUDA GPU")
     warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
     try:
         run(args)

@@ -349,11 +349,25 @@ def test_fid_during_training_with_random_weights(tmp_path):
 
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing lost
 
+def run_main(capsys, *args):
+    """The command line in this process: main(argv) is what `python contragan.py ARGS` runs, without
+    the ~6 s of imports a subprocess costs on 2 cores. Returns a CompletedProcess like run_cli's."""
+    try:
+        status = cg.main([str(a) for a in args])
+    except SystemExit as exit:                                 # argparse's own errors
+        status = exit.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, status, out, err)
+
+
 def one_line_error(r):
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     return lines[0]
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -364,11 +378,25 @@ def one_line_error(r):
     (["--loss", "proj", "--no-data-positives"], "needs --loss 2c"),
     (["--img-size", "48"], "not supported"),
     (["--dataset", "folder", "--data-dir", "/nonexistent/images"], "does not exist"),
+    (["--lr-g", "nan"], "--lr-g must be >= 0 and finite"),             # issue 11: every flag checked up front
+    (["--lr-d", "inf"], "--lr-d must be >= 0 and finite"),
+    (["--lr-g", "-0.0001"], "--lr-g must be >= 0"),
+    (["--beta1", "1"], "--beta1 must be in [0, 1)"),
+    (["--beta2", "-0.1"], "--beta2 must be in [0, 1)"),
+    (["--ema-decay", "1.5"], "--ema-decay must be in [0, 1]"),
+    (["--cond-lambda", "-1"], "--cond-lambda must be >= 0"),
+    (["--embed-dim", "0"], "--embed-dim must be at least 1"),
+    (["--num-workers", "-1"], "--num-workers must be at least 0"),
+    (["--acc-images", "0"], "--acc-images must be at least 1"),        # divided by zero at the first evaluation
+    (["--collapse-patience", "0"], "--collapse-patience must be at least 1"),
+    (["--generate", "x", "--num-images", "0"], "--num-images must be at least 1"),
+    pytest.param(["--generate", "x", "--device", "cuda"], "no CUDA GPU", marks=NO_GPU),
+    (["--plot", "x", "--plot-out", "/nonexistent/folder/f.png"], "cannot write --plot-out"),
 ])
-def test_bad_arguments(args, expected, tmp_path):
-    r = run_cli(*TINY, "--steps", "1", "--run-dir", str(tmp_path / "r"), *args)
+def test_bad_arguments(args, expected, tmp_path, capsys):
+    r = run_main(capsys, *TINY, "--steps", "1", "--run-dir", str(tmp_path / "r"), *args)
     assert expected in one_line_error(r)
-    assert not (tmp_path / "r" / "last.pt").exists()
+    assert not (tmp_path / "r").exists()                       # a failed start leaves no folder behind
 
 
 def test_bad_image_folders(tmp_path, capsys):
@@ -555,3 +583,167 @@ def test_torchrun_two_processes_train_and_resume(tmp_path):
                        timeout=300, cwd=HERE)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed" in r.stdout and torch.load(run / "last.pt", weights_only=False)["step"] == 3
+
+
+# ---------------------------------------------------------------- issue 11: nothing lost, nothing false
+
+def write_folder(root, n, classes, size=40):
+    from PIL import Image
+    images, labels = cg.make_shapes(n, size, seed=0)
+    for i, (x, y) in enumerate(zip(images, labels)):
+        os.makedirs(root / f"c{int(y) % classes}", exist_ok=True)
+        Image.fromarray(x.permute(1, 2, 0).numpy()).save(root / f"c{int(y) % classes}" / f"{i}.png")
+    return root
+
+
+def test_nonfinite_weights_are_never_saved(tmp_path, monkeypatch, capsys):
+    # A huge finite learning rate: step 1's losses are finite, G's weights are not. Nothing is saved.
+    huge = tmp_path / "huge"
+    r = run_main(capsys, *TINY, "--lr-g", "1e30", "--steps", "2", "--eval-every", "1", "--run-dir", huge)
+    assert "non-finite loss or weights" in one_line_error(r) and not (huge / "last.pt").exists()
+    # G_ema turning NaN after a good checkpoint (losses stay finite: G_ema is not trained): that
+    # checkpoint is left byte for byte, and the message says so.
+    run = tmp_path / "run"
+    real_ema = cg.Trainer.ema_update
+
+    def ema_then_nan(self, step):
+        real_ema(self, step)
+        if step >= 1:
+            next(self.G_ema.parameters()).data.fill_(float("nan"))
+
+    assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
+    before = (run / "last.pt").read_bytes()
+    monkeypatch.setattr(cg.Trainer, "ema_update", ema_then_nan)
+    r = run_main(capsys, "--resume", run, "--steps", "3", "--eval-every", "1")
+    assert "intact" in one_line_error(r) and (run / "last.pt").read_bytes() == before
+
+
+def test_resume_into_another_run_is_refused(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run in (a, b):
+        assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
+    before = {f: (b / f).read_bytes() for f in ("last.pt", "config.json", "metrics.jsonl")}
+    r = run_main(capsys, "--resume", a, "--run-dir", b, "--steps", "2")
+    assert "already holds a run" in one_line_error(r)
+    assert {f: (b / f).read_bytes() for f in before} == before
+    assert not (b / "run.lock").exists()
+
+
+def test_unreadable_images_are_skipped_and_named(tmp_path, capsys):
+    data = write_folder(tmp_path / "data", 24, classes=4)
+    (data / "c0" / "notes.png").write_text("not a png")
+    good = (data / "c1" / "1.png").read_bytes()
+    (data / "c1" / "cut.png").write_bytes(good[:len(good) // 2])   # a truncated file: its header reads fine
+    r = run_main(capsys, *TINY, "--dataset", "folder", "--data-dir", data, "--steps", "2", "--run-dir",
+                 tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    warning = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warning) == 1 and "skipped 2 unreadable image(s) of 26" in warning[0]
+    assert "notes.png" in warning[0] and "cut.png" in warning[0]
+
+
+def test_one_class_folder_refused_for_2c(tmp_path, capsys):
+    data = write_folder(tmp_path / "data", 12, classes=1)
+    r = run_main(capsys, *TINY, "--dataset", "folder", "--data-dir", data, "--steps", "1", "--run-dir", tmp_path / "r")
+    assert "needs at least 2 classes" in one_line_error(r) and not (tmp_path / "r").exists()
+
+
+def test_not_a_checkpoint_and_short_messages(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    (tmp_path / "notes.txt").write_text("hello\n")
+    (tmp_path / "cut.pt").write_bytes((run / "last.pt").read_bytes()[:5000])
+    for path, expected in [("other.pt", "not a contragan.py checkpoint"), ("notes.txt", "not a torch file"),
+                           ("cut.pt", "truncated")]:
+        for args in (["--resume", tmp_path / path], ["--generate", tmp_path / path, "--out-dir", tmp_path / "f"]):
+            line = one_line_error(run_main(capsys, *args))
+            assert expected in line and len(line) < 200 and "miniz" not in line, line
+
+
+def test_generate_refuses_a_folder_that_holds_files(tmp_path, capsys):
+    out = tmp_path / "fakes"
+    out.mkdir()
+    (out / "old.png").write_bytes(b"stale")
+    r = run_main(capsys, "--generate", tmp_path, "--out-dir", out)
+    assert "is not empty" in one_line_error(r) and os.listdir(out) == ["old.png"]
+
+
+def test_failed_start_or_resume_writes_nothing(tmp_path, capsys):
+    missing = ["--fid-images", "16", "--fid-weights", str(tmp_path / "missing.pth")]   # fails after the data
+    r = run_main(capsys, *TINY, "--steps", "1", "--run-dir", tmp_path / "fresh", *missing)
+    assert "not found" in one_line_error(r) and not (tmp_path / "fresh").exists()
+    run = tmp_path / "run"
+    assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
+    before = {f: (run / f).read_bytes() for f in os.listdir(run) if os.path.isfile(run / f)}
+    assert "not found" in one_line_error(run_main(capsys, "--resume", run, "--steps", "2", *missing))
+    assert {f: (run / f).read_bytes() for f in os.listdir(run) if os.path.isfile(run / f)} == before
+
+
+def test_crash_before_first_checkpoint_then_rerun_repeats_no_step(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    args = [*TINY, "--steps", "3", "--eval-every", "3", "--run-dir", str(run)]
+    real_iteration = cg.Trainer.iteration
+
+    def crash_at_step_2(self, batches, step):
+        if step == 1:
+            raise RuntimeError("simulated crash")
+        return real_iteration(self, batches, step)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cg.Trainer, "iteration", crash_at_step_2)
+        with pytest.raises(RuntimeError, match="simulated"):
+            cg.main(args)
+    assert (run / "metrics.jsonl").read_text() and not (run / "last.pt").exists()
+    assert cg.main(args) == 0                                  # the same command again: no "already holds a run"
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 3]                               # log lines 1-3 and the evaluation, once each
+
+
+def test_one_run_owns_its_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.lock").write_text(str(os.getpid()))           # a live process holds it
+    r = run_main(capsys, *TINY, "--steps", "1", "--run-dir", run)
+    assert "in use by another run" in one_line_error(r) and not (run / "metrics.jsonl").exists()
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    (run / "run.lock").write_text(str(dead.pid))              # killed with -9 earlier: taken over
+    assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
+    assert (run / "last.pt").is_file() and not (run / "run.lock").exists()
+
+
+def test_resume_at_or_past_steps_says_nothing_trained(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cg.main([*TINY, "--steps", "2", "--run-dir", str(run)]) == 0
+    before = (run / "last.pt").read_bytes()
+    capsys.readouterr()
+    r = run_main(capsys, "--resume", run, "--steps", "2")
+    assert r.returncode == 0 and "nothing trained" in r.stdout and "done" not in r.stdout
+    assert (run / "last.pt").read_bytes() == before
+
+
+def test_compile_says_it_is_compiling(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch, "compile", lambda module: module)   # the message, not minutes of compiling
+    r = run_main(capsys, *TINY, "--compile", "--steps", "1", "--run-dir", tmp_path / "run")
+    assert r.returncode == 0 and "compile G and D" in r.stdout
+
+
+def test_ctrl_c_during_start_up_exits_130_quietly(tmp_path, monkeypatch, capsys):
+    def interrupted(cfg):
+        raise KeyboardInterrupt                                # what Ctrl-C raises while the data loads
+
+    monkeypatch.setattr(cg, "load_data", interrupted)
+    try:
+        status = cg.main([*TINY, "--steps", "1", "--run-dir", str(tmp_path / "run")])
+    except KeyboardInterrupt:
+        status = "KeyboardInterrupt traceback"
+    assert status == 130 and capsys.readouterr().err.strip() == "interrupted"
+    assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_error_is_said_once(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT]
+    r = subprocess.run([*torchrun, *TINY, "--steps", "1", "--lr-g", "nan", "--run-dir", str(tmp_path / "r")],
+                       capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert r.returncode != 0 and r.stderr.count("error: --lr-g must be") == 1, r.stderr[-3000:]

@@ -305,3 +305,24 @@ def test_cli_bad_inputs_give_one_error_line(tmp_path):
         _, stderr = process.communicate(timeout=120)
         lines = stderr.strip().splitlines()
         assert process.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, lines)
+
+
+# --- Issue 11: flags checked up front, messages a user can act on
+
+
+def test_cli_flags_and_files_give_one_clear_line(tmp_path, capsys):
+    ok = write_images(tmp_path / "ok", 2)
+    (tmp_path / "notes.npz").write_text("hello\n")  # a text file named .npz
+    (tmp_path / "notes.pth").write_text("hello\n")  # a text file given as weights
+    cases = [([ok, ok, "--batch-size", "0"], "--batch-size must be at least 1"),
+             ([ok], "the following arguments are required"),  # argparse: usage + error before
+             ([tmp_path / "notes.npz", ok], "not a zip of arrays"),
+             ([ok, ok, "--weights", tmp_path / "notes.pth"], "not a torch weights file")]
+    if not torch.cuda.is_available():
+        cases.append(([ok, ok, "--device", "cuda"], "no CUDA GPU"))
+    for args, expected in cases:
+        with pytest.raises(SystemExit) as exit:
+            fid.main([str(a) for a in args] + ["--num-workers", "0"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, lines)
+        assert expected in lines[0] and "pickle" not in lines[0] and not lines[0].endswith("(101)"), lines[0]
