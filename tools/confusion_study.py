@@ -8,13 +8,17 @@ raw (judged as asked) and after the best one-to-one relabelling of the classes.
     python tools/confusion_study.py              # runs what is missing (2 at a time, 1 thread each)
     python tools/confusion_study.py --report     # only the table, from the runs there are
 
-Runs already finished are skipped and an interrupted one is resumed, so the study can be continued
-later. Two single-thread runs at once, not one 2-thread run: see ../shared machine notes (two
+Each finished run's final evaluation (without the per-layer sigmas) is appended to
+docs/confusion-study/results.jsonl and its last sample grid copied beside it: both are committed, so
+a later session (whose runs/ folder is empty) skips the runs already done, and an interrupted run
+(runs/ still there) is resumed. Two single-thread runs at once, not one 2-thread run: see ../shared machine notes (two
 2-thread runs on 2 cores slow each other 10x).
 """
 import argparse
 import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -23,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "..", "contragan.py")
 STEPS = 1500  # the cpu-demo preset's
+RESULTS = os.path.join(HERE, "..", "docs", "confusion-study")
 
 SETTINGS = {  # name: (flags, seeds)
     "2c (paper)": (["--loss", "2c"], [0, 1, 2]),
@@ -34,8 +39,32 @@ SETTINGS = {  # name: (flags, seeds)
 }
 
 
+def slug(name):
+    return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-")  # "2c (paper)" -> "2c-paper"
+
+
 def run_dir(root, name, seed):
-    return os.path.join(root, name.replace(" ", "_").replace("=", "").replace("--", ""), f"s{seed}")
+    return os.path.join(root, slug(name), f"s{seed}")
+
+
+def recorded(name, seed):
+    """The final evaluation of (setting, seed) kept in docs/confusion-study/results.jsonl, or None."""
+    path = os.path.join(RESULTS, "results.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        hits = [r for r in map(json.loads, f) if r["setting"] == name and r["seed"] == seed]
+    return hits[-1] if hits else None
+
+
+def record(name, seed, path):
+    """Keep a finished run's final evaluation and last grid in docs/confusion-study/."""
+    final = {k: v for k, v in final_eval(path).items() if k != "d_sigma"}
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "results.jsonl"), "a") as f:
+        f.write(json.dumps({"setting": name, "seed": seed, **final}) + "\n")
+    shutil.copy(os.path.join(path, "samples", f"step{STEPS:07d}.png"),
+                os.path.join(RESULTS, f"{slug(name)}-s{seed}.png"))
 
 
 def final_eval(path):
@@ -50,7 +79,10 @@ def final_eval(path):
 
 def train(root, name, flags, seed):
     path = run_dir(root, name, seed)
+    if recorded(name, seed):
+        return path
     if final_eval(path):
+        record(name, seed, path)
         return path
     args = ["--resume", path] if os.path.isfile(os.path.join(path, "last.pt")) else \
         ["--preset", "cpu-demo", *flags, "--seed", str(seed), "--run-dir", path]
@@ -58,6 +90,7 @@ def train(root, name, flags, seed):
     with open(path.rstrip("/") + ".log", "a") as log:
         subprocess.run([sys.executable, SCRIPT, *args], stdout=log, stderr=subprocess.STDOUT, check=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    record(name, seed, path)
     return path
 
 
@@ -67,17 +100,17 @@ def mean_std(values):
     return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
-def report(root):
+def report():
     keys = ["class_consistency", "class_consistency_relabelled", "class_consistency_d",
             "class_consistency_d_relabelled", "d_class_acc_heldout"]
     lines = ["| setting | seeds | colour: raw | colour: relabelled | D: raw | D: relabelled | "
              "D on held-out reals |", "|---|---|---|---|---|---|---|"]
     for name, (_, seeds) in SETTINGS.items():
-        finals = [r for r in (final_eval(run_dir(root, name, s)) for s in seeds) if r]
+        finals = [r for r in (recorded(name, s) for s in seeds) if r]
         cells = [mean_std([r[k] for r in finals]) for k in keys]
         lines.append(f"| {name} | {len(finals)} of {len(seeds)} | " + " | ".join(cells) + " |")
         for s in seeds:
-            r = final_eval(run_dir(root, name, s))
+            r = recorded(name, s)
             if r:
                 lines.append(f"|  seed {s} | | {r[keys[0]]:.2f} | {r[keys[1]]:.2f} | {r[keys[2]]:.2f} | "
                              f"{r[keys[3]]:.2f} | {r[keys[4]]:.2f} |")
@@ -88,8 +121,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="runs/study")
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--report", action="store_true", help="only print the table")
+    p.add_argument("--report", action="store_true", help="only print the table (and record finished runs)")
     args = p.parse_args()
+    for name, (_, seeds) in SETTINGS.items():               # runs finished but not yet recorded
+        for seed in seeds:
+            if not recorded(name, seed) and final_eval(run_dir(args.root, name, seed)):
+                record(name, seed, run_dir(args.root, name, seed))
     if not args.report:
         # seed-major order: a study stopped early still has every setting at its first seeds
         todo = sorted(((s, name, flags) for name, (flags, seeds) in SETTINGS.items() for s in seeds),
@@ -97,7 +134,7 @@ def main():
         with ThreadPoolExecutor(args.jobs) as pool:
             for path in pool.map(lambda t: train(args.root, t[1], t[2], t[0]), todo):
                 print(f"done {path}", flush=True)
-    print(report(args.root))
+    print(report())
 
 
 if __name__ == "__main__":
