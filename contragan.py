@@ -5,15 +5,19 @@ relations through the conditional contrastive (2C) loss.
   Minguk Kang and Jaesik Park, "ContraGAN: Contrastive Learning for Conditional Image Generation",
   NeurIPS 2020, arXiv:2006.12681. Authors' code: POSTECH-CVLab/PyTorch-StudioGAN (2020 version).
 
-Read it top to bottom next to the paper: losses (the part to copy) -> layers -> Generator ->
-Discriminator -> data -> evaluation -> training -> command line. Where the paper and the authors'
-code differ, this file follows the code and says so at that line.
+The file follows the paper; read it top to bottom next to it. Part 1 is the method: Section 3 (the
+losses; the 2C loss is the part to copy) -> Algorithm 1 (`Trainer`: the D step, the G step, the EMA,
+one iteration) -> the appendix's networks (Generator, Discriminator, then their blocks and layers).
+Part 2, below one banner, is what a run needs that the paper does not describe: data -> evaluation
+(FID, Figure 3's diagnostics) -> distributed training (all of torchrun in one section) -> the run
+(checkpoints, resume, Ctrl-C) -> generation -> the command line. Where the paper and the authors' code
+differ, this file follows the code and says so at that line.
 
   python contragan.py --dataset cifar10 --loss 2c          # the paper's CIFAR-10 ContraGAN run
   python contragan.py --dataset shapes --preset cpu-demo   # offline, minutes on a laptop CPU
   torchrun --nproc_per_node=4 contragan.py --dataset cifar10 --loss 2c   # DDP, global batch
   python contragan.py --generate runs/cifar10-2c-s0 --num-images 10000 --out-dir fakes/
-  python contragan.py --plot runs/cifar10-proj-s0 runs/cifar10-2c-s0    # the paper's Figure 3
+  python tools/plot_runs.py runs/cifar10-proj-s0 runs/cifar10-2c-s0    # the paper's Figure 3
 """
 import argparse
 import copy
@@ -39,8 +43,9 @@ except ImportError:
 
 
 # --------------------------------------------------------------------------------------------
-# Losses: pure tensor functions (torch only; no config, device or globals). Copy freely.
+# Section 3: the losses. Pure tensor functions (torch only; no config, device or globals). Copy freely.
 # --------------------------------------------------------------------------------------------
+
 
 def d_hinge_loss(real_logit, fake_logit):
     """Hinge loss for D (Lim & Ye 2017; Miyato et al. 2018): E[relu(1 - D(x))] + E[relu(1 + D(G(z)))]."""
@@ -110,170 +115,140 @@ def acgan_loss(class_logits, labels):
     return F.cross_entropy(class_logits.float(), labels)
 
 
-def gather_global_batch(embed, proxy, labels):
-    """Under DDP, all-gather so the 2C loss sees the global batch; a no-op in a single process.
 
-    torch.distributed.nn's all_gather is differentiable: every rank computes the same loss on the
-    global batch, and its backward sums each rank's gradient for the local slice over ranks. DDP then
-    averages parameter gradients over ranks, which turns that sum back into exactly the gradient of
-    the single-process loss on the whole batch (tested in test_contragan.py).
+# --------------------------------------------------------------------------------------------
+# Algorithm 1: d_steps D steps, one G step, the EMA update (one iteration; the authors' schedule)
+# --------------------------------------------------------------------------------------------
+
+class Trainer:
+    """G, D, the EMA generator and their optimisers, and the two update steps of the paper.
+
+    D step (authors' code): hinge(D(x), D(G(z))) + lambda * cond, cond = 2C on REAL embeddings
+    (ContraGAN) or cross-entropy on real and fake logits (ACGAN); ProjGAN's condition is in D's logit.
+    G step: -mean D(G(z, y)) + lambda * cond on the fakes, with D frozen (its heads and proxies are
+    not updated by G). Under torchrun (world > 1) the batches are each rank's share; see `ddp`.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return embed, proxy, labels
-    from torch.distributed.nn.functional import all_gather
-    all_labels = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
-    dist.all_gather(all_labels, labels)                        # labels need no gradient
-    return torch.cat(all_gather(embed)), torch.cat(all_gather(proxy)), torch.cat(all_labels)
+
+    def __init__(self, cfg, num_classes, device, world=1):
+        self.cfg, self.num_classes, self.device, self.world = cfg, num_classes, device, world
+        torch.manual_seed(cfg.seed)                            # same initial weights on every rank
+        G, D = build_models(cfg, num_classes)
+        G_ema = copy.deepcopy(G).requires_grad_(False)         # evaluated alone: plain BatchNorm
+        if cfg.sync_bn and world > 1:
+            G = nn.SyncBatchNorm.convert_sync_batchnorm(G)     # G's BN statistics over the global batch
+        self.G, self.D, self.G_ema = G.to(device), D.to(device), G_ema.to(device)
+        adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+        adam["fused" if device.type == "cuda" else "foreach"] = True  # one kernel per step on GPU
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, **adam)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, **adam)
+        self.scaler_G = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.scaler_D = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        # The G step calls D without its DDP wrapper: D's parameters get no gradient there, and a DDP
+        # module whose parameters get no gradient would wait for them at the next step.
+        self.G_train, self.D_train, self.D_frozen = ddp(self.G, world), ddp(self.D, world), self.D
+        if cfg.compile:
+            self.G_train, self.D_train, self.D_frozen = map(torch.compile, (self.G_train, self.D_train, self.D))
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked without host syncs
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def sample_latents(self, batch):
+        """z ~ N(0, I) and y uniform over classes: fresh for every step (authors)."""
+        z = torch.randn(batch, self.cfg.z_dim, device=self.device)
+        return z, uniform_labels(batch, self.num_classes, self.device)
+
+    def condition_loss(self, out, labels, fake_labels=None):
+        """lambda * (2C or ACGAN cross-entropy) on the first len(labels) rows of D's output; ACGAN's
+        D step (fake_labels given) adds the rows after them, the fakes (authors); 0 for proj."""
+        cfg, B = self.cfg, len(labels)
+        if cfg.loss == "2c":                                   # under DDP, 2C sees the global batch
+            embed, proxy, labels = gather_global_batch(out["embed"][:B], out["proxy"][:B], labels)
+            return cfg.cond_lambda * conditional_contrastive_loss(embed, proxy, labels, cfg.temperature,
+                                                                  cfg.data_positives)
+        if cfg.loss == "ac":
+            fake = acgan_loss(out["class_logits"][B:], fake_labels) if fake_labels is not None else 0.0
+            return cfg.cond_lambda * (acgan_loss(out["class_logits"][:B], labels) + fake)
+        return torch.zeros((), device=self.device)
+
+    def update(self, optimizer, scaler, loss):
+        """backward + Adam step (through the fp16 GradScaler when on); a non-finite loss is noted on
+        the device, read only at log and save steps."""
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        self.nonfinite |= ~torch.isfinite(loss.detach())
+
+    def d_step(self, real, real_y):
+        B = real.shape[0]
+        z, fake_y = self.sample_latents(B)
+        with torch.no_grad(), self.autocast():
+            fake = self.G_train(z, fake_y)
+        with self.autocast():
+            # One D forward over real and fake together: D has no BatchNorm, so this equals two
+            # calls (authors) but runs one power iteration per step instead of two, and compiles.
+            out = self.D_train(torch.cat([real, fake]), torch.cat([real_y, fake_y]))
+            real_logit, fake_logit = out["adv"].float().split(B)
+            adv = d_hinge_loss(real_logit, fake_logit)
+            cond = self.condition_loss(out, real_y, fake_y)
+            loss = adv + cond
+        self.update(self.opt_D, self.scaler_D, loss)
+        return {"d_loss": loss.detach(), "d_adv": adv.detach(), "d_cond": cond.detach()}
+
+    def g_step(self):
+        B = self.cfg.batch_size // self.world
+        z, y = self.sample_latents(B)
+        self.D.requires_grad_(False)                           # D frozen in the G step
+        with self.autocast():
+            out = self.D_frozen(self.G_train(z, y), y)
+            adv = g_hinge_loss(out["adv"].float())
+            cond = self.condition_loss(out, y)
+            loss = adv + cond
+        self.update(self.opt_G, self.scaler_G, loss)
+        self.D.requires_grad_(True)
+        return {"g_loss": loss.detach(), "g_adv": adv.detach(), "g_cond": cond.detach()}
+
+    @torch.no_grad()
+    def ema_update(self, step):
+        """G_ema <- decay * G_ema + (1 - decay) * G from G step ema_start on; a copy of G before it.
+        Every floating entry of G's state_dict is averaged, buffers included (BN running statistics,
+        spectral-norm u and v), as the authors' ema class does (biggan_utils.py, commit 21594bd);
+        the one integer entry, BN's batch counter, is copied (they average it and truncate)."""
+        decay = self.cfg.ema_decay if step >= self.cfg.ema_start else 0.0
+        ema_state, state = self.G_ema.state_dict(), self.G.state_dict()
+        floats = [k for k, v in state.items() if v.is_floating_point()]
+        torch._foreach_lerp_([ema_state[k] for k in floats], [state[k] for k in floats], 1.0 - decay)
+        for k in state.keys() - set(floats):
+            ema_state[k].copy_(state[k])
+
+    def iteration(self, batches, step):
+        """One G step of the schedule: d_steps D steps on fresh real batches, one G step, EMA."""
+        for _ in range(self.cfg.d_steps):
+            d_logs = self.d_step(*next(batches))
+        g_logs = self.g_step()
+        self.ema_update(step)
+        return {**d_logs, **g_logs}
+
+    def state_dict(self):
+        return {"G": self.G.state_dict(), "D": self.D.state_dict(), "G_ema": self.G_ema.state_dict(),
+                "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
+                "scaler_G": self.scaler_G.state_dict(), "scaler_D": self.scaler_D.state_dict()}
+
+    def load_state_dict(self, state):
+        for name in ("G", "D", "G_ema", "opt_G", "opt_D", "scaler_G", "scaler_D"):
+            getattr(self, name).load_state_dict(state[name])
+
+
+def build_models(cfg, num_classes):
+    G = Generator(cfg.img_size, cfg.g_width, cfg.z_dim, cfg.shared_dim, num_classes)
+    D = Discriminator(cfg.img_size, cfg.d_width, num_classes, cfg.loss, cfg.embed_dim)
+    return G, D
 
 
 # --------------------------------------------------------------------------------------------
-# Layers: spectral norm, SN conv/linear/embedding, conditional BatchNorm, self-attention
-# --------------------------------------------------------------------------------------------
-
-class SpectralNorm(nn.Module):
-    """W / sigma(W) with sigma estimated by one power iteration per training forward (Miyato et al.
-    2018), as torch.nn.utils.spectral_norm does, but always in fp32 outside autocast so a bf16/fp16
-    run keeps an exact normaliser. u and v are buffers (the authors' parameter counts exclude them).
-    """
-
-    def __init__(self, weight, eps=1e-6):
-        super().__init__()
-        out_features = weight.shape[0]
-        in_features = weight[0].numel()
-        self.eps = eps  # authors: eps=1e-6 in every spectral_norm call
-        self.register_buffer("u", F.normalize(torch.randn(out_features), dim=0, eps=eps))
-        self.register_buffer("v", F.normalize(torch.randn(in_features), dim=0, eps=eps))
-
-    def forward(self, weight):
-        with torch.autocast(weight.device.type, enabled=False):
-            w = weight.flatten(1).float()                      # (out, in*kh*kw)
-            if self.training:
-                with torch.no_grad():                          # one power iteration per forward
-                    self.v.copy_(F.normalize(w.t() @ self.u, dim=0, eps=self.eps))
-                    self.u.copy_(F.normalize(w @ self.v, dim=0, eps=self.eps))
-            # clones: a second forward before backward must not see these buffers change in place
-            sigma = self.u.clone() @ w @ self.v.clone()        # the largest singular value of W
-            return (weight.float() / sigma).to(weight.dtype)
-
-
-def orthogonal_init(module):
-    """Orthogonal weights and zero biases: the authors' 'ortho' initialisation."""
-    nn.init.orthogonal_(module.weight)
-    if getattr(module, "bias", None) is not None:
-        nn.init.zeros_(module.bias)
-    return module
-
-
-def sn(module):
-    """Orthogonal init, then spectral norm on module.weight (every conv/linear/embedding of G and D)."""
-    orthogonal_init(module)
-    parametrize.register_parametrization(module, "weight", SpectralNorm(module.weight))
-    return module
-
-
-def sn_conv(c_in, c_out, kernel_size, bias=True):
-    return sn(nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=bias))
-
-
-def sn_linear(f_in, f_out, bias=True):
-    return sn(nn.Linear(f_in, f_out, bias=bias))
-
-
-class ConditionalBatchNorm2d(nn.Module):
-    """BatchNorm without affine, then x * (1 + gain(c)) + bias(c) (BigGAN; the authors' code).
-
-    c = concat(shared class embedding, one chunk of z). gain/bias are SN linears without bias.
-    """
-
-    def __init__(self, channels, cond_dim):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(channels, eps=1e-4, momentum=0.1, affine=False)
-        self.gain = sn_linear(cond_dim, channels, bias=False)
-        self.bias = sn_linear(cond_dim, channels, bias=False)
-
-    def forward(self, x, cond):                                # x (B, C, H, W), cond (B, cond_dim)
-        gain = 1.0 + self.gain(cond)[:, :, None, None]         # (B, C, 1, 1)
-        bias = self.bias(cond)[:, :, None, None]               # (B, C, 1, 1)
-        return self.bn(x) * gain + bias
-
-
-class SelfAttention(nn.Module):
-    """SAGAN self-attention (Zhang et al. 2019) as in BigGAN: theta, phi -> C/8; g -> C/2; 2x2
-    max-pool on phi and g; output conv back to C; learnable scale starting at 0. 1.25 C^2 + 1 params."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.theta = sn_conv(channels, channels // 8, 1, bias=False)
-        self.phi = sn_conv(channels, channels // 8, 1, bias=False)
-        self.g = sn_conv(channels, channels // 2, 1, bias=False)
-        self.out = sn_conv(channels // 2, channels, 1, bias=False)
-        self.scale = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        theta = self.theta(x).flatten(2)                       # (B, C/8, HW)
-        phi = F.max_pool2d(self.phi(x), 2).flatten(2)          # (B, C/8, HW/4)
-        g = F.max_pool2d(self.g(x), 2).flatten(2)              # (B, C/2, HW/4)
-        attn = torch.softmax(theta.transpose(1, 2) @ phi, -1)  # (B, HW, HW/4)
-        o = (g @ attn.transpose(1, 2)).view(B, C // 2, H, W)   # (B, C/2, H, W)
-        return x + self.scale * self.out(o)
-
-
-def upsample2x(x):
-    """Nearest-neighbour x2, as F.interpolate(mode="nearest") but as a view + copy: on the CPU
-    interpolate detours through channels-last and took 6x longer (bench.py, width 96)."""
-    B, C, H, W = x.shape
-    return x[:, :, :, None, :, None].expand(B, C, H, 2, W, 2).reshape(B, C, 2 * H, 2 * W)
-
-
-class GBlock(nn.Module):
-    """G up-block: CBN -> ReLU -> up x2 -> conv3 -> CBN -> ReLU -> conv3, skip: up x2 -> conv1."""
-
-    def __init__(self, c_in, c_out, cond_dim):
-        super().__init__()
-        self.bn1 = ConditionalBatchNorm2d(c_in, cond_dim)
-        self.conv1 = sn_conv(c_in, c_out, 3)
-        self.bn2 = ConditionalBatchNorm2d(c_out, cond_dim)
-        self.conv2 = sn_conv(c_out, c_out, 3)
-        self.skip = sn_conv(c_in, c_out, 1)
-
-    def forward(self, x, cond):
-        h = upsample2x(F.relu(self.bn1(x, cond)))
-        h = self.conv2(F.relu(self.bn2(self.conv1(h), cond)))
-        # A 1x1 conv commutes with nearest up-sampling: conv first, on 4x fewer pixels, same result.
-        return h + upsample2x(self.skip(x))
-
-
-class DBlock(nn.Module):
-    """D block: ReLU -> conv3 -> ReLU -> conv3 [-> avgpool2]; skip conv1 [-> avgpool2] only when
-    down-sampling or changing channels. first=True is D's input block: conv3 -> ReLU -> conv3 ->
-    avgpool2, skip avgpool2 -> conv1.
-
-    Authors' quirk, kept: their block starts with an in-place ReLU that also overwrites the tensor the
-    skip holds, so the skip carries relu(x), not x (ResNet/BigGAN carry x).
-    """
-
-    def __init__(self, c_in, c_out, downsample, first=False):
-        super().__init__()
-        self.first, self.downsample = first, downsample
-        self.conv1 = sn_conv(c_in, c_out, 3)
-        self.conv2 = sn_conv(c_out, c_out, 3)
-        self.skip = sn_conv(c_in, c_out, 1) if (first or downsample or c_in != c_out) else None
-
-    def forward(self, x):
-        if self.first:
-            h = F.avg_pool2d(self.conv2(F.relu(self.conv1(x))), 2)
-            return h + self.skip(F.avg_pool2d(x, 2))
-        x = F.relu(x)                                          # the skip below sees relu(x) (quirk)
-        h = self.conv2(F.relu(self.conv1(x)))
-        skip = self.skip(x) if self.skip is not None else x
-        if self.downsample:
-            h, skip = F.avg_pool2d(h, 2), F.avg_pool2d(skip, 2)
-        return h + skip
-
-
-# --------------------------------------------------------------------------------------------
-# Generator and Discriminator: BigGAN-style SN-ResNet (the authors' big_resnet)
+# Appendix: Generator and Discriminator, a BigGAN-style SN-ResNet (the authors' big_resnet)
 # --------------------------------------------------------------------------------------------
 
 # Channel multipliers of `width`, block by block, and the resolution that gets self-attention: the
@@ -296,8 +271,7 @@ class Generator(nn.Module):
         arch = G_ARCH[img_size]
         ch = [m * width for m in arch["ch"]]
         n_blocks = len(ch) - 1
-        assert z_dim % (n_blocks + 1) == 0, "z_dim must split into (blocks + 1) equal chunks"
-        self.chunk = z_dim // (n_blocks + 1)                   # 80 // 4 = 20 for CIFAR-10
+        self.chunk = self.z_chunk(img_size, z_dim)             # 80 // 4 = 20 for CIFAR-10
         self.ch0 = ch[0]
         self.shared = orthogonal_init(nn.Embedding(num_classes, shared_dim))  # plain, no SN
         self.linear = sn_linear(self.chunk, ch[0] * 4 * 4)
@@ -307,6 +281,14 @@ class Generator(nn.Module):
         self.attn = SelfAttention(ch[self.attn_after + 1])     # on the output of that block
         self.bn = nn.BatchNorm2d(ch[-1], eps=1e-4)             # the only affine BN in G
         self.to_rgb = sn_conv(ch[-1], 3, 3)
+
+    @staticmethod
+    def z_chunk(img_size, z_dim):
+        """z splits into equal chunks: one for the 4x4 input, one for each block."""
+        n = len(G_ARCH[img_size]["ch"])
+        if z_dim % n:
+            raise ValueError(f"z_dim {z_dim} must split into {n} equal chunks at {img_size}x{img_size}")
+        return z_dim // n
 
     def forward(self, z, y):                                   # z (B, z_dim), y (B,) -> (B, 3, S, S)
         z_chunks = torch.split(z, self.chunk, dim=1)
@@ -386,8 +368,182 @@ class Discriminator(nn.Module):
 # Data: CIFAR-10/100 (torchvision), any class-per-folder tree (ImageFolder), built-in shapes
 # --------------------------------------------------------------------------------------------
 
+
+# --------------------------------------------------------------------------------------------
+# Their blocks and layers: residual blocks, conditional BatchNorm, self-attention, spectral norm
+# --------------------------------------------------------------------------------------------
+
+class GBlock(nn.Module):
+    """G up-block: CBN -> ReLU -> up x2 -> conv3 -> CBN -> ReLU -> conv3, skip: up x2 -> conv1."""
+
+    def __init__(self, c_in, c_out, cond_dim):
+        super().__init__()
+        self.bn1 = ConditionalBatchNorm2d(c_in, cond_dim)
+        self.conv1 = sn_conv(c_in, c_out, 3)
+        self.bn2 = ConditionalBatchNorm2d(c_out, cond_dim)
+        self.conv2 = sn_conv(c_out, c_out, 3)
+        self.skip = sn_conv(c_in, c_out, 1)
+
+    def forward(self, x, cond):
+        h = upsample2x(F.relu(self.bn1(x, cond)))
+        h = self.conv2(F.relu(self.bn2(self.conv1(h), cond)))
+        # A 1x1 conv commutes with nearest up-sampling: conv first, on 4x fewer pixels, same result.
+        return h + upsample2x(self.skip(x))
+
+
+class DBlock(nn.Module):
+    """D block: ReLU -> conv3 -> ReLU -> conv3 [-> avgpool2]; skip conv1 [-> avgpool2] only when
+    down-sampling or changing channels. first=True is D's input block: conv3 -> ReLU -> conv3 ->
+    avgpool2, skip avgpool2 -> conv1.
+
+    Authors' quirk, kept: their block starts with an in-place ReLU that also overwrites the tensor the
+    skip holds, so the skip carries relu(x), not x (ResNet/BigGAN carry x).
+    """
+
+    def __init__(self, c_in, c_out, downsample, first=False):
+        super().__init__()
+        self.first, self.downsample = first, downsample
+        self.conv1 = sn_conv(c_in, c_out, 3)
+        self.conv2 = sn_conv(c_out, c_out, 3)
+        self.skip = sn_conv(c_in, c_out, 1) if (first or downsample or c_in != c_out) else None
+
+    def forward(self, x):
+        if self.first:
+            h = F.avg_pool2d(self.conv2(F.relu(self.conv1(x))), 2)
+            return h + self.skip(F.avg_pool2d(x, 2))
+        x = F.relu(x)                                          # the skip below sees relu(x) (quirk)
+        h = self.conv2(F.relu(self.conv1(x)))
+        skip = self.skip(x) if self.skip is not None else x
+        if self.downsample:
+            h, skip = F.avg_pool2d(h, 2), F.avg_pool2d(skip, 2)
+        return h + skip
+
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm without affine, then x * (1 + gain(c)) + bias(c) (BigGAN; the authors' code).
+
+    c = concat(shared class embedding, one chunk of z). gain/bias are SN linears without bias.
+    """
+
+    def __init__(self, channels, cond_dim):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, eps=1e-4, momentum=0.1, affine=False)
+        self.gain = sn_linear(cond_dim, channels, bias=False)
+        self.bias = sn_linear(cond_dim, channels, bias=False)
+
+    def forward(self, x, cond):                                # x (B, C, H, W), cond (B, cond_dim)
+        gain = 1.0 + self.gain(cond)[:, :, None, None]         # (B, C, 1, 1)
+        bias = self.bias(cond)[:, :, None, None]               # (B, C, 1, 1)
+        return self.bn(x) * gain + bias
+
+
+class SelfAttention(nn.Module):
+    """SAGAN self-attention (Zhang et al. 2019) as in BigGAN: theta, phi -> C/8; g -> C/2; 2x2
+    max-pool on phi and g; output conv back to C; learnable scale starting at 0. 1.25 C^2 + 1 params."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.theta = sn_conv(channels, channels // 8, 1, bias=False)
+        self.phi = sn_conv(channels, channels // 8, 1, bias=False)
+        self.g = sn_conv(channels, channels // 2, 1, bias=False)
+        self.out = sn_conv(channels // 2, channels, 1, bias=False)
+        self.scale = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        theta = self.theta(x).flatten(2)                       # (B, C/8, HW)
+        phi = F.max_pool2d(self.phi(x), 2).flatten(2)          # (B, C/8, HW/4)
+        g = F.max_pool2d(self.g(x), 2).flatten(2)              # (B, C/2, HW/4)
+        attn = torch.softmax(theta.transpose(1, 2) @ phi, -1)  # (B, HW, HW/4)
+        o = (g @ attn.transpose(1, 2)).view(B, C // 2, H, W)   # (B, C/2, H, W)
+        return x + self.scale * self.out(o)
+
+
+def upsample2x(x):
+    """Nearest-neighbour x2, as F.interpolate(mode="nearest") but as a view + copy: on the CPU
+    interpolate detours through channels-last and took 6x longer (bench.py, width 96)."""
+    B, C, H, W = x.shape
+    return x[:, :, :, None, :, None].expand(B, C, H, 2, W, 2).reshape(B, C, 2 * H, 2 * W)
+
+
+
+class SpectralNorm(nn.Module):
+    """W / sigma(W) with sigma estimated by one power iteration per training forward (Miyato et al.
+    2018), as torch.nn.utils.spectral_norm does, but always in fp32 outside autocast so a bf16/fp16
+    run keeps an exact normaliser. u and v are buffers (the authors' parameter counts exclude them).
+    """
+
+    def __init__(self, weight, eps=1e-6):
+        super().__init__()
+        out_features = weight.shape[0]
+        in_features = weight[0].numel()
+        self.eps = eps  # authors: eps=1e-6 in every spectral_norm call
+        self.register_buffer("u", F.normalize(torch.randn(out_features), dim=0, eps=eps))
+        self.register_buffer("v", F.normalize(torch.randn(in_features), dim=0, eps=eps))
+
+    def forward(self, weight):
+        with torch.autocast(weight.device.type, enabled=False):
+            w = weight.flatten(1).float()                      # (out, in*kh*kw)
+            if self.training:
+                with torch.no_grad():                          # one power iteration per forward
+                    self.v.copy_(F.normalize(w.t() @ self.u, dim=0, eps=self.eps))
+                    self.u.copy_(F.normalize(w @ self.v, dim=0, eps=self.eps))
+            # clones: a second forward before backward must not see these buffers change in place
+            sigma = self.u.clone() @ w @ self.v.clone()        # the largest singular value of W
+            return (weight.float() / sigma).to(weight.dtype)
+
+
+def orthogonal_init(module):
+    """Orthogonal weights and zero biases: the authors' 'ortho' initialisation."""
+    nn.init.orthogonal_(module.weight)
+    if getattr(module, "bias", None) is not None:
+        nn.init.zeros_(module.bias)
+    return module
+
+
+def sn(module):
+    """Orthogonal init, then spectral norm on module.weight (every conv/linear/embedding of G and D)."""
+    orthogonal_init(module)
+    parametrize.register_parametrization(module, "weight", SpectralNorm(module.weight))
+    return module
+
+
+def sn_conv(c_in, c_out, kernel_size, bias=True):
+    return sn(nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=bias))
+
+
+def sn_linear(f_in, f_out, bias=True):
+    return sn(nn.Linear(f_in, f_out, bias=bias))
+
+
+
+# ============================================================================================
+# Everything below is what a run needs that the paper does not describe: data, evaluation,
+# distributed training, checkpoints and resume, Ctrl-C, the command line. The method ends here.
+# ============================================================================================
+
 class UsageError(Exception):
     """A problem with the user's input: main() prints 'error: <message>' and exits with status 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# Data: CIFAR-10/100 (torchvision), any class-per-folder tree (ImageFolder), built-in shapes
+# --------------------------------------------------------------------------------------------
+
+def to_signed(images):
+    """uint8 images in [0, 255] -> float in [-1, 1], the range G outputs (fid.py does the same)."""
+    return images.float() / 127.5 - 1.0
+
+
+def uniform_labels(n, num_classes, device, generator=None):
+    """y uniform over the classes: training (the authors) and FID's fakes."""
+    return torch.randint(0, num_classes, (n,), device=device, generator=generator)
+
+
+def balanced_labels(num_classes, per_class, device):
+    """Each class per_class times, in order: the sample grid's rows and the class-confusion fakes."""
+    return torch.arange(num_classes, device=device).repeat_interleave(per_class)
 
 
 class TensorImages(torch.utils.data.Dataset):
@@ -401,20 +557,6 @@ class TensorImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.images[i], int(self.labels[i])
-
-
-class Scaled(torch.utils.data.Dataset):
-    """uint8 images -> float in [-1, 1] (what G outputs and FID's Inception expects)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        x, y = self.dataset[i]
-        return x.float() / 127.5 - 1.0, y
 
 
 SHAPES = [("circle", (230, 70, 60)), ("square", (70, 200, 90)),
@@ -459,6 +601,7 @@ def shapes_class_of(images):
 
 
 CIFAR = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+CIFAR = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 
 
 def load_cifar(name, data_dir, train):
@@ -489,8 +632,8 @@ IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 def load_folder(root, img_size):
     """Any class-per-folder tree (root/<class>/<image>), resized and centre-cropped to img_size. Every
-    image is decoded once here: real folders hold broken files, and one drawn hours into a run would
-    stop it with a traceback. Unreadable ones are skipped with a warning that counts and names them."""
+    image is decoded once here: one broken file drawn hours into a run would stop it. Unreadable ones
+    are skipped with one warning that counts and names them."""
     import torchvision
     from PIL import Image
     from torchvision import transforms as T
@@ -503,7 +646,7 @@ def load_folder(root, img_size):
                              f"images in {root}/<class name>/")
         raise UsageError(f"image folder {root!r} is empty: it needs one sub-folder of images per class")
     transform = T.Compose([T.Resize(img_size), T.CenterCrop(img_size), T.PILToTensor()])
-    say, bad = os.environ.get("RANK", "0") == "0", []
+    say, bad = is_main_process(), []
 
     def readable(path):
         try:
@@ -547,6 +690,7 @@ def load_data(cfg):
     train = torch.utils.data.Subset(data, order[n_hold:]) if n_hold else data
     heldout = torch.utils.data.Subset(data, order[:n_hold]) if n_hold else None
     return train, heldout, len(data.classes)
+
 
 
 class Batches:
@@ -598,7 +742,7 @@ class Batches:
             except StopIteration:
                 self.epoch, self.pos, self._it = self.epoch + 1, 0, None
         self.pos += 1
-        x = images.to(self.device, non_blocking=True).float() / 127.5 - 1.0   # (B, 3, H, W)
+        x = to_signed(images.to(self.device, non_blocking=True))   # (B, 3, H, W)
         if self.flip:
             flip = torch.rand(x.shape[0], device=self.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
@@ -614,147 +758,10 @@ def fixed_sample(dataset, n, seed):
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
-# --------------------------------------------------------------------------------------------
-# Training: one iteration = d_steps D steps + one G step + the EMA update (authors' schedule)
-# --------------------------------------------------------------------------------------------
-
-def build_models(cfg, num_classes):
-    G = Generator(cfg.img_size, cfg.g_width, cfg.z_dim, cfg.shared_dim, num_classes)
-    D = Discriminator(cfg.img_size, cfg.d_width, num_classes, cfg.loss, cfg.embed_dim)
-    return G, D
-
-
-class Trainer:
-    """G, D, the EMA generator and their optimisers, and the two update steps of the paper.
-
-    D step (authors' code): hinge(D(x), D(G(z))) + lambda * cond, cond = 2C on REAL embeddings
-    (ContraGAN) or cross-entropy on real and fake logits (ACGAN); ProjGAN's condition is in D's logit.
-    G step: -mean D(G(z, y)) + lambda * cond on the fakes, with D frozen (its heads and proxies are
-    not updated by G).
-    """
-
-    def __init__(self, cfg, num_classes, device, rank=0, world=1):
-        self.cfg, self.num_classes, self.device, self.world = cfg, num_classes, device, world
-        torch.manual_seed(cfg.seed)                            # same initial weights on every rank
-        G, D = build_models(cfg, num_classes)
-        G_ema = copy.deepcopy(G).requires_grad_(False)         # evaluated alone: plain BatchNorm
-        if cfg.sync_bn and world > 1:
-            G = nn.SyncBatchNorm.convert_sync_batchnorm(G)     # G's BN statistics over the global batch
-        mem = torch.channels_last if cfg.channels_last else torch.preserve_format
-        self.G, self.D, self.G_ema = (m.to(device, memory_format=mem) for m in (G, D, G_ema))
-        adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
-        adam["fused" if device.type == "cuda" else "foreach"] = True  # one kernel per step on GPU
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, **adam)
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, **adam)
-        self.scaler_G = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        self.scaler_D = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-        G_train, D_train, D_frozen = self.G, self.D, self.D
-        if world > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            G_train = nn.parallel.DistributedDataParallel(self.G, device_ids=ids)
-            D_train = nn.parallel.DistributedDataParallel(self.D, device_ids=ids)
-        if cfg.compile:
-            G_train, D_train = torch.compile(G_train), torch.compile(D_train)
-            D_frozen = torch.compile(self.D)
-        # The G step calls D without its DDP wrapper: D's parameters get no gradient there, and a DDP
-        # module whose parameters get no gradient would wait for them at the next step.
-        self.G_train, self.D_train, self.D_frozen = G_train, D_train, D_frozen
-        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked without host syncs
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-
-    def sample_latents(self, batch):
-        """z ~ N(0, I) and y uniform over classes: fresh for every step (authors)."""
-        z = torch.randn(batch, self.cfg.z_dim, device=self.device)
-        y = torch.randint(0, self.num_classes, (batch,), device=self.device)
-        return z, y
-
-    def condition_loss(self, out, labels, fake_labels=None):
-        """lambda * (2C or ACGAN cross-entropy) on the first len(labels) rows of D's output; ACGAN's
-        D step (fake_labels given) adds the rows after them, the fakes (authors); 0 for proj."""
-        cfg, B = self.cfg, len(labels)
-        if cfg.loss == "2c":
-            embed, proxy, labels = gather_global_batch(out["embed"][:B], out["proxy"][:B], labels)
-            return cfg.cond_lambda * conditional_contrastive_loss(embed, proxy, labels, cfg.temperature,
-                                                                  cfg.data_positives)
-        if cfg.loss == "ac":
-            fake = acgan_loss(out["class_logits"][B:], fake_labels) if fake_labels is not None else 0.0
-            return cfg.cond_lambda * (acgan_loss(out["class_logits"][:B], labels) + fake)
-        return torch.zeros((), device=self.device)
-
-    def update(self, optimizer, scaler, loss):
-        """backward + Adam step (through the fp16 GradScaler when on); a non-finite loss is noted on
-        the device, read only at log and save steps."""
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        self.nonfinite |= ~torch.isfinite(loss.detach())
-
-    def d_step(self, real, real_y):
-        B = real.shape[0]
-        z, fake_y = self.sample_latents(B)
-        with torch.no_grad(), self.autocast():
-            fake = self.G_train(z, fake_y)
-        with self.autocast():
-            # One D forward over real and fake together: D has no BatchNorm, so this equals two
-            # calls (authors) but runs one power iteration per step instead of two, and compiles.
-            out = self.D_train(torch.cat([real, fake]), torch.cat([real_y, fake_y]))
-            real_logit, fake_logit = out["adv"].float().split(B)
-            adv = d_hinge_loss(real_logit, fake_logit)
-            cond = self.condition_loss(out, real_y, fake_y)
-            loss = adv + cond
-        self.update(self.opt_D, self.scaler_D, loss)
-        return {"d_loss": loss.detach(), "d_adv": adv.detach(), "d_cond": cond.detach()}
-
-    def g_step(self):
-        B = self.cfg.batch_size // self.world
-        z, y = self.sample_latents(B)
-        self.D.requires_grad_(False)                           # D frozen in the G step
-        with self.autocast():
-            out = self.D_frozen(self.G_train(z, y), y)
-            adv = g_hinge_loss(out["adv"].float())
-            cond = self.condition_loss(out, y)
-            loss = adv + cond
-        self.update(self.opt_G, self.scaler_G, loss)
-        self.D.requires_grad_(True)
-        return {"g_loss": loss.detach(), "g_adv": adv.detach(), "g_cond": cond.detach()}
-
-    @torch.no_grad()
-    def ema_update(self, step):
-        """G_ema <- decay * G_ema + (1 - decay) * G from G step ema_start on; a copy of G before it.
-        Every floating entry of G's state_dict is averaged, buffers included (BN running statistics,
-        spectral-norm u and v), as the authors' ema class does (biggan_utils.py, commit 21594bd);
-        the one integer entry, BN's batch counter, is copied (they average it and truncate)."""
-        decay = self.cfg.ema_decay if step >= self.cfg.ema_start else 0.0
-        ema_state, state = self.G_ema.state_dict(), self.G.state_dict()
-        floats = [k for k, v in state.items() if v.is_floating_point()]
-        torch._foreach_lerp_([ema_state[k] for k in floats], [state[k] for k in floats], 1.0 - decay)
-        for k in state.keys() - set(floats):
-            ema_state[k].copy_(state[k])
-
-    def iteration(self, batches, step):
-        """One G step of the schedule: d_steps D steps on fresh real batches, one G step, EMA."""
-        for _ in range(self.cfg.d_steps):
-            d_logs = self.d_step(*next(batches))
-        g_logs = self.g_step()
-        self.ema_update(step)
-        return {**d_logs, **g_logs}
-
-    def state_dict(self):
-        return {"G": self.G.state_dict(), "D": self.D.state_dict(), "G_ema": self.G_ema.state_dict(),
-                "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
-                "scaler_G": self.scaler_G.state_dict(), "scaler_D": self.scaler_D.state_dict()}
-
-    def load_state_dict(self, state):
-        for name in ("G", "D", "G_ema", "opt_G", "opt_D", "scaler_G", "scaler_D"):
-            getattr(self, name).load_state_dict(state[name])
 
 
 # --------------------------------------------------------------------------------------------
-# Evaluation: sample grid, FID of the EMA generator (fid.py), D's overfitting diagnostics
+# Evaluation: sample grid, FID of the EMA generator (fid.py), Figure 3's diagnostics
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -778,7 +785,7 @@ def save_grid(G, path, num_classes, z_dim, device, batch_size, seed):
     import torchvision
     cols = 10 if num_classes <= 20 else 5
     gen = torch.Generator(device=device).manual_seed(seed)
-    labels = torch.arange(num_classes, device=device).repeat_interleave(cols)
+    labels = balanced_labels(num_classes, cols, device)
     images = generate(G, labels, z_dim, batch_size, gen)
     torchvision.utils.save_image(images * 0.5 + 0.5, path, nrow=cols, padding=1)
 
@@ -790,7 +797,7 @@ def d_judge(D, images, labels, device, batch_size=256):
     D.eval()                                                   # no power iteration: state untouched
     hits, judged = 0, []
     for x, y in zip(images.split(batch_size), labels.split(batch_size)):
-        x = x.to(device).float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.to(device)
+        x = to_signed(x.to(device)) if x.dtype == torch.uint8 else x.to(device)
         out = D(x, y.to(device))
         hits += int((out["adv"] > 0).sum())
         judged.append(D.class_scores(out["h"]).argmax(1).cpu())
@@ -825,7 +832,7 @@ def d_diagnostics(D, G_ema, acc_train, acc_held, num_classes, cfg, device):
         counts, rec["d_class_acc_heldout"], _ = confusion(acc_held[1], judged, num_classes)
         rec["confusion_d_heldout"] = counts.tolist() if num_classes <= 100 else None
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 4)  # the same noise every evaluation
-    y = torch.arange(num_classes, device=device).repeat_interleave(max(cfg.acc_images // num_classes, 1))
+    y = balanced_labels(num_classes, max(cfg.acc_images // num_classes, 1), device)
     fake = generate(G_ema, y, cfg.z_dim, cfg.eval_batch, gen)
     readers = {"d": d_judge(D, fake, y, device)[1]}
     if cfg.dataset == "shapes":                                # the class read off the colour
@@ -885,29 +892,23 @@ class FIDEvaluator:
         self.description = (f"FID protocol: {cfg.fid_images} fakes of G_ema (BatchNorm batch statistics, "
                             f"batch {cfg.eval_batch}) vs {n_ref} {cfg.dataset} {split} images; "
                             f"Inception-V3 {self.protocol['weights']}; {self.protocol['resize']}")
-        stats_dir = cfg.data_dir if cfg.dataset != "folder" else cfg.run_dir
-        tag = "random" if random_weights else "tf"
+        stem = os.path.join(cfg.data_dir if cfg.dataset != "folder" else cfg.run_dir,
+                            f"fid_{cfg.dataset}_{split}_{n_ref}_{'random' if random_weights else 'tf'}")
         subset = torch.utils.data.Subset(reference, range(n_ref))
-        self.ref = self._reference(subset, os.path.join(stats_dir, f"fid_{cfg.dataset}_{split}_{n_ref}_{tag}.npz"),
-                                   self.protocol)
+        self.ref = self._reference(subset, stem + ".npz", self.protocol)
         self.class_ref = None
         if cfg.intra_fid:                                      # per-class reference statistics
-            if isinstance(reference, TensorImages):
-                labels = reference.labels[:n_ref]
-            else:                                              # reads each image once for its label
-                labels = torch.tensor([reference[i][1] for i in range(n_ref)])
+            labels = reference.labels[:n_ref] if isinstance(reference, TensorImages) else \
+                torch.tensor([reference[i][1] for i in range(n_ref)])  # reads each image once
             self.class_ref = [self._reference(
                 torch.utils.data.Subset(subset, (labels == k).nonzero().flatten().tolist()),
-                os.path.join(stats_dir, f"fid_{cfg.dataset}_{split}_{n_ref}_{tag}_class{k}.npz"),
-                {**self.protocol, "class": k}) for k in range(num_classes)]
+                f"{stem}_class{k}.npz", {**self.protocol, "class": k}) for k in range(num_classes)]
 
     def _reference(self, dataset, path, protocol):
-        # rank 0 computes and caches the statistics; the others wait, then read the cache.
-        if self.rank == 0:
-            fid.reference_stats(self.inception, Scaled(dataset), path, protocol, num_images=len(dataset),
+        if self.rank == 0:                                     # computes and caches; the others read the cache
+            fid.reference_stats(self.inception, dataset, path, protocol, num_images=len(dataset),
                                 batch_size=self.cfg.eval_batch, device=self.device)
-        if self.world > 1:
-            dist.barrier()
+        wait_for_rank0(self.world)
         mu, sigma, _ = fid.load_stats(path, expect=protocol)
         return mu, sigma
 
@@ -915,8 +916,8 @@ class FIDEvaluator:
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1 + self.rank)  # own share per rank
 
         def sample(batch):                                     # uniform labels, or one class
-            y = torch.randint(0, self.num_classes, (batch,), device=self.device, generator=gen) \
-                if label is None else torch.full((batch,), label, device=self.device)
+            y = uniform_labels(batch, self.num_classes, self.device, gen) if label is None else \
+                torch.full((batch,), label, device=self.device)
             return generate(G, y, self.cfg.z_dim, self.cfg.eval_batch, gen)
 
         stats, inception_score = fid.features_from_sampler(
@@ -940,8 +941,92 @@ class FIDEvaluator:
 
 
 # --------------------------------------------------------------------------------------------
+# Distributed training: all that changes under torchrun. One process (WORLD_SIZE unset) skips it.
+# --------------------------------------------------------------------------------------------
+
+def is_main_process():
+    return os.environ.get("RANK", "0") == "0"                 # only rank 0 prints, writes and errs
+
+
+def pick_device(choice, index=0, tf32=True):
+    use_cuda = torch.cuda.is_available() if choice == "auto" else choice == "cuda"
+    if not use_cuda:
+        return torch.device("cpu")
+    torch.cuda.set_device(index)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True
+    return torch.device("cuda", index)
+
+
+def setup_device(cfg):
+    """(device, rank, world) from torchrun's environment; joins the process group when world > 1."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")), cfg.tf32)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+        # torch.distributed.nn's all_gather is the public differentiable collective; recent torch
+        # versions flag it as deprecated in favour of a private one, which we do not use.
+        warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated")
+    return device, rank, world
+
+
+def ddp(module, world):
+    """DistributedDataParallel around a module that trains (G, D); the module itself in one process."""
+    if world == 1:
+        return module
+    device = next(module.parameters()).device
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def gather_global_batch(embed, proxy, labels):
+    """Under DDP, all-gather so the 2C loss sees the global batch; a no-op in a single process.
+
+    torch.distributed.nn's all_gather is differentiable: every rank computes the same loss on the
+    global batch, and its backward sums each rank's gradient for the local slice over ranks. DDP then
+    averages parameter gradients over ranks, which turns that sum back into exactly the gradient of
+    the single-process loss on the whole batch (tested in test_contragan.py).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return embed, proxy, labels
+    from torch.distributed.nn.functional import all_gather
+    all_labels = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_labels, labels)                        # labels need no gradient
+    return torch.cat(all_gather(embed)), torch.cat(all_gather(proxy)), torch.cat(all_labels)
+
+
+def any_rank(flag, device, world):
+    """True on every rank when flag (a bool or a 0-d tensor) is true on any: all ranks stop together."""
+    flag = torch.as_tensor(flag, device=device).to(torch.int32)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def wait_for_rank0(world):
+    if world > 1:
+        dist.barrier()
+
+
+def rng_states(device, world):
+    """Every rank's RNG state (rank 0 saves them all), so that a resumed run draws the same numbers."""
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# --------------------------------------------------------------------------------------------
 # The run: folders, checkpoints, resume, logging, Ctrl-C and NaN handling
 # --------------------------------------------------------------------------------------------
+
 
 # Flags that may differ when a run is resumed; every other flag must match the checkpoint.
 RUN_FLAGS = {"steps", "log_every", "eval_every", "fid_images", "fid_weights", "eval_batch", "intra_fid",
@@ -1019,33 +1104,6 @@ def claim_run_dir(run_dir, resume_dir):
     return release
 
 
-def rng_state(device):
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def setup_device(cfg):
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
-        torch.backends.cudnn.benchmark = True
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
-        # torch.distributed.nn's all_gather is the public differentiable collective; recent torch
-        # versions flag it as deprecated in favour of a private one, which we do not use.
-        warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated")
-    return device, rank, world
-
-
 def merge_resume_config(cfg, explicit, checkpoint, path):
     """The checkpoint's configuration, with the run flags (RUN_FLAGS) of this command on top. A model
     or training flag given now that differs from the checkpoint is refused: it is another run."""
@@ -1070,7 +1128,9 @@ def format_duration(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+
 def train(cfg, explicit):
+    """Resolve the configuration (a resumed run: the checkpoint's), own the run folder, run."""
     checkpoint = ckpt_path = None
     if cfg.resume:
         checkpoint, ckpt_path = load_checkpoint(cfg.resume)
@@ -1080,7 +1140,7 @@ def train(cfg, explicit):
     validate(cfg)
     cfg.run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.dataset}-{cfg.loss}-s{cfg.seed}")
     if checkpoint is not None and checkpoint["step"] >= cfg.steps:
-        if os.environ.get("RANK", "0") == "0":
+        if is_main_process():
             print(f"nothing trained: {ckpt_path} is at step {checkpoint['step']} and --steps is {cfg.steps} "
                   f"(give a larger --steps to continue it)")
         return 0
@@ -1089,200 +1149,194 @@ def train(cfg, explicit):
         raise UsageError("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm works only on GPU modules")
     release = claim_run_dir(cfg.run_dir, ckpt_path and os.path.dirname(ckpt_path)) if rank == 0 else (lambda: None)
     try:
-        return run_training(cfg, checkpoint, ckpt_path, device, rank, world)
+        return Run(cfg, checkpoint, ckpt_path, device, rank, world).loop()
     finally:
         release()
 
 
-def run_training(cfg, checkpoint, ckpt_path, device, rank, world):
-    """The run, once its folder is owned. Nothing is written into the folder before the training loop
-    starts; metrics.jsonl is then cut back to the checkpoint's step (a crash before the first checkpoint
-    leaves lines that a rerun would otherwise repeat)."""
-    main_rank = rank == 0
-    log = (lambda *a, **k: print(*a, **k, flush=True)) if main_rank else (lambda *a, **k: None)
-    train_set, heldout, num_classes = load_data(cfg)
-    if num_classes < 2 and cfg.loss in ("2c", "ac"):
-        raise UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is exactly 0 "
-                         f"every step (use --loss proj, or give more classes)")
-    trainer = Trainer(cfg, num_classes, device, rank, world)
-    batches = Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device, cfg.num_workers, cfg.flip)
-    step, best_fid, best_step, history = 0, None, None, []
-    if checkpoint is not None:
+class Run:
+    """One training run once its folder is owned; what a checkpoint holds besides the models lives here
+    (step, best FID, history). Nothing is written into the folder before the loop starts; metrics.jsonl
+    is then cut back to the checkpoint's step (a crash before the first checkpoint leaves lines that a
+    rerun would otherwise repeat)."""
+
+    def __init__(self, cfg, checkpoint, ckpt_path, device, rank, world):
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        self.log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
+        train_set, heldout, self.num_classes = load_data(cfg)
+        if self.num_classes < 2 and cfg.loss in ("2c", "ac"):
+            raise UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is exactly 0 "
+                             f"every step (use --loss proj, or give more classes)")
+        self.trainer = Trainer(cfg, self.num_classes, device, world)
+        self.batches = Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device, cfg.num_workers,
+                               cfg.flip)
+        self.step, self.best_fid, self.best_step, self.history = 0, None, None, []
+        if checkpoint is not None:
+            self.resume(checkpoint, ckpt_path)
+        self.metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
+        n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (self.trainer.G, self.trainer.D))
+        self.log(f"config: {json.dumps(vars(cfg), sort_keys=True)}")
+        self.log(f"G {n_g:,} params | D {n_d:,} params | {cfg.loss} | {device}"
+                 f"{f' x {world} ranks' if world > 1 else ''} | global batch {cfg.batch_size} | run {cfg.run_dir}")
+        self.evaluator = None
+        if cfg.fid_images > 0 and fid is None:
+            self.log("FID is not available (fid.py is missing): evaluation writes the sample grid only")
+        elif cfg.fid_images > 0:
+            ref_set, split = (heldout, "test") if cfg.dataset in CIFAR else \
+                (heldout, "heldout") if cfg.dataset == "shapes" else (train_set, "train")
+            self.evaluator = FIDEvaluator(cfg, ref_set, split, self.num_classes, device, rank, world)
+            self.log(self.evaluator.description)
+        self.acc_train = fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
+        self.acc_held = fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3) if heldout else None
+        if rank == 0 and os.path.exists(self.metrics_path):  # drop lines past the checkpoint (or all: fresh run)
+            with open(self.metrics_path) as f:
+                kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= self.step]  # not torn
+            with open(self.metrics_path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.metrics_path + ".tmp", self.metrics_path)
+        if cfg.compile:
+            self.log("--compile: the first steps compile G and D, about a minute on a GPU and several on a CPU")
+
+    def resume(self, checkpoint, path):
         try:
-            trainer.load_state_dict(checkpoint)
+            self.trainer.load_state_dict(checkpoint)
         except (RuntimeError, KeyError, ValueError) as err:
-            raise UsageError(f"checkpoint {ckpt_path} does not fit this model ({str(err).splitlines()[0]})") from None
-        step, best_fid, best_step = checkpoint["step"], checkpoint["best_fid"], checkpoint["best_step"]
-        history = checkpoint.get("history", [])
-        batches.load_state_dict(checkpoint["data"])
-        set_rng_state(checkpoint["rng"][rank if rank < len(checkpoint["rng"]) else 0], device)
-        log(f"resumed {ckpt_path} at step {step}")
-    metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
-    if main_rank:
-        n_g = sum(p.numel() for p in trainer.G.parameters())
-        n_d = sum(p.numel() for p in trainer.D.parameters())
-        log(f"config: {json.dumps(vars(cfg), sort_keys=True)}")
-        log(f"G {n_g:,} params | D {n_d:,} params | {cfg.loss} | {device}"
-            f"{f' x {world} ranks' if world > 1 else ''} | global batch {cfg.batch_size} | run {cfg.run_dir}")
+            raise UsageError(f"checkpoint {path} does not fit this model ({str(err).splitlines()[0]})") from None
+        self.step, self.best_fid, self.best_step = checkpoint["step"], checkpoint["best_fid"], checkpoint["best_step"]
+        self.history = checkpoint.get("history", [])
+        self.batches.load_state_dict(checkpoint["data"])
+        set_rng_state(checkpoint["rng"][self.rank if self.rank < len(checkpoint["rng"]) else 0], self.device)
+        self.log(f"resumed {path} at step {self.step}")
 
-    evaluator = None
-    if cfg.fid_images > 0 and fid is None:
-        log("FID is not available (fid.py is missing): evaluation writes the sample grid only")
-    elif cfg.fid_images > 0:
-        ref_set, split = (heldout, "test") if cfg.dataset in CIFAR else \
-            (heldout, "heldout") if cfg.dataset == "shapes" else (train_set, "train")
-        evaluator = FIDEvaluator(cfg, ref_set, split, num_classes, device, rank, world)
-        log(evaluator.description)
-    acc_train = fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
-    acc_held = fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3) if heldout else None
-    if main_rank and os.path.exists(metrics_path):            # drop lines past the checkpoint (or all: fresh run)
-        with open(metrics_path) as f:
-            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]  # not a torn line
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(metrics_path + ".tmp", metrics_path)
-    if cfg.compile:
-        log("--compile: the first steps compile G and D, about a minute on a GPU and several on a CPU")
+    def loop(self):
+        """Iterate, log, evaluate and save, stop: at --steps (0), or at Ctrl-C, saved (130)."""
+        cfg, self.stop_requested = self.cfg, False
+        previous_handler = signal.signal(signal.SIGINT, self.request_stop)
+        try:
+            self.t_last, self.step_last, self.eval_s = time.time(), self.step, 0.0
+            while self.step < cfg.steps:
+                logs = self.trainer.iteration(self.batches, self.step)
+                self.step += 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self.log_progress(logs)
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    t_eval = time.time()
+                    self.evaluate_and_save()
+                    self.eval_s = time.time() - t_eval
+                    self.t_last, self.step_last = time.time(), self.step  # s/step: training only
+                # all ranks stop at the same step: they agree at log steps
+                stopping = self.stop_requested if self.world == 1 else \
+                    self.step % cfg.log_every == 0 and any_rank(self.stop_requested, self.device, self.world)
+                if stopping and self.step < cfg.steps:
+                    self.save()
+                    self.log(f"interrupted at step {self.step}: saved {cfg.run_dir}/last.pt; "
+                             f"continue with --resume {cfg.run_dir}")
+                    return 130
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
+        self.log(f"done: best FID {self.best_fid:.3f} at step {self.best_step} ({cfg.run_dir}/best.pt)"
+                 if self.best_fid is not None else f"done: {cfg.run_dir}/last.pt")
+        return 0
 
-    def checkpoint_state():
-        state = trainer.state_dict()
-        check_finite(state)                                    # every save comes through here
-        rngs = [rng_state(device)]
-        if world > 1:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state(device))
-        return {**state, "step": step, "best_fid": best_fid, "best_step": best_step,
-                "history": history, "config": vars(cfg), "num_classes": num_classes,
-                "data": batches.state_dict(), "rng": rngs}
+    def request_stop(self, signum, frame):
+        if self.stop_requested:                                # second Ctrl-C: leave at once
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        self.log("\ninterrupt: finishing this step, saving, exiting (Ctrl-C again to abort without saving)")
 
-    def check_finite(state=None):
+    def log_progress(self, logs):
+        self.check_finite()
+        cfg, now = self.cfg, time.time()
+        per_step = (now - self.t_last) / max(self.step - self.step_last, 1)
+        r = {"step": self.step, **{k: round(float(v), 5) for k, v in logs.items()},
+             "img_per_s": round(cfg.d_steps * cfg.batch_size / per_step, 1),
+             "s_per_step": round(per_step, 4), "time": round(now, 1)}
+        self.t_last, self.step_last = now, self.step
+        left = per_step * (cfg.steps - self.step) + self.eval_s * evaluations_left(self.step, cfg.steps, cfg.eval_every)
+        self.log(f"step {self.step}/{cfg.steps} | d {r['d_loss']:.4f} (adv {r['d_adv']:.4f} cond {r['d_cond']:.4f}) "
+                 f"| g {r['g_loss']:.4f} (adv {r['g_adv']:.4f} cond {r['g_cond']:.4f}) | {r['img_per_s']:.1f} img/s | "
+                 f"{per_step:.3f} s/step | left {format_duration(left)}")
+        self.write_metrics(r)
+
+    def write_metrics(self, record):
+        if self.rank == 0:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate_and_save(self):
+        """FID (every rank embeds a share), then on rank 0 the grid, Figure 3's diagnostics, the
+        console line and metrics.jsonl; last.pt (and best.pt when FID improved) from every rank's state."""
+        cfg, t = self.cfg, self.trainer
+        self.check_finite(t.state_dict())                      # before FID and the grid see NaN weights
+        record, improved = {"step": self.step, "eval": True}, False
+        if self.evaluator is not None:
+            t0 = time.time()
+            record.update(self.evaluator(t.G_ema))
+            record["fid_seconds"] = round(time.time() - t0, 1)
+        if self.rank == 0:
+            save_grid(t.G_ema, os.path.join(cfg.run_dir, "samples", f"step{self.step:07d}.png"),
+                      self.num_classes, cfg.z_dim, self.device, cfg.eval_batch, cfg.seed)
+            record.update(d_diagnostics(t.D, t.G_ema, self.acc_train, self.acc_held, self.num_classes, cfg, self.device))
+            sigmas = spectral_norms(t.D)
+            record["d_sigma_max"], record["d_sigma"] = max(sigmas.values()), sigmas
+            self.history.append({k: record.get(k) for k in ("step", "fid", "d_acc_gap")})
+            record["collapse"] = detect_collapse(self.history, cfg.collapse_gap, cfg.collapse_patience)
+            improved = record.get("fid") is not None and (self.best_fid is None or record["fid"] < self.best_fid)
+            if improved:
+                self.best_fid, self.best_step = record["fid"], self.step
+            self.log(self.eval_line(record))
+            if self.evaluator is not None:
+                self.log(self.evaluator.description)
+            if record["collapse"]:
+                self.log(f"WARNING collapse suspected at step {self.step}: {record['collapse']}")
+            self.write_metrics(record)
+        self.save(best=improved)
+
+    def eval_line(self, r):
+        parts = [f"eval step {self.step}"]
+        if "fid" in r:
+            parts.append(f"FID {r['fid']:.3f} (best {self.best_fid:.3f} @ {self.best_step})")
+        if "is_mean" in r:
+            parts.append(f"IS {r['is_mean']:.2f}+-{r['is_std']:.2f}")
+        if "intra_fid" in r:
+            parts.append(f"intra-FID {r['intra_fid']:.3f}")
+        parts.append(f"D acc train {r['d_acc_train']:.3f}" +
+                     (f" held-out {r['d_acc_heldout']:.3f}" if self.acc_held is not None else ""))
+        parts.append(f"max sigma(W_D) {r['d_sigma_max']:.2f}")
+        if self.acc_held is not None:
+            parts.append(f"D class acc held-out {r['d_class_acc_heldout']:.3f}")
+        for key, reader in (("class_consistency_d", "D"), ("class_consistency", "colour")):
+            if key in r:                                       # fakes judged as asked, raw / relabelled
+                parts.append(f"class consistency ({reader}) {r[key]:.3f}, relabelled {r[key + '_relabelled']:.3f}")
+        return " | ".join(parts)
+
+    def check_finite(self, state=None):
         """Stop on a non-finite loss, or on a non-finite state about to be saved or evaluated: a huge
         learning rate turns weights into inf/NaN while the losses are still finite. One max-abs
         reduction over every float tensor of G, D, G_ema and both Adam moments."""
-        flag = trainer.nonfinite
+        flag = self.trainer.nonfinite
         if state is not None:
             tensors = [t for k in ("G", "D", "G_ema") for t in state[k].values() if t.is_floating_point()]
             tensors += [t for k in ("opt_G", "opt_D") for s in state[k]["state"].values()
                         for name, t in s.items() if name != "step"]
             flag = flag | ~torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()
-        flag = flag.to(torch.int32)
-        if world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
-            last = os.path.join(cfg.run_dir, "last.pt")
+        if any_rank(flag, self.device, self.world):
+            last = os.path.join(self.cfg.run_dir, "last.pt")
             kept = f"the last good checkpoint {last} is intact" if os.path.exists(last) else "no checkpoint was written"
-            raise UsageError(f"non-finite loss or weights at or before step {step}: run stopped without saving it; {kept}")
+            raise UsageError(f"non-finite loss or weights at or before step {self.step}: run stopped without "
+                             f"saving it; {kept}")
 
-    def evaluate_and_save():
-        nonlocal best_fid, best_step
-        check_finite(trainer.state_dict())                     # before FID and the grid see NaN weights
-        record = {"step": step, "eval": True}
-        if evaluator is not None:
-            t0 = time.time()
-            record.update(evaluator(trainer.G_ema))
-            record["fid_seconds"] = round(time.time() - t0, 1)
-        if main_rank:
-            save_grid(trainer.G_ema, os.path.join(cfg.run_dir, "samples", f"step{step:07d}.png"),
-                      num_classes, cfg.z_dim, device, cfg.eval_batch, cfg.seed)
-            record.update(d_diagnostics(trainer.D, trainer.G_ema, acc_train, acc_held, num_classes, cfg, device))
-            sigmas = spectral_norms(trainer.D)
-            record["d_sigma_max"], record["d_sigma"] = max(sigmas.values()), sigmas
-            history.append({k: record.get(k) for k in ("step", "fid", "d_acc_gap")})
-            collapse = detect_collapse(history, cfg.collapse_gap, cfg.collapse_patience)
-            record["collapse"] = collapse
-            improved = record.get("fid") is not None and (best_fid is None or record["fid"] < best_fid)
-            if improved:
-                best_fid, best_step = record["fid"], step
-            parts = [f"eval step {step}"]
-            if "fid" in record:
-                parts.append(f"FID {record['fid']:.3f} (best {best_fid:.3f} @ {best_step})")
-            if "is_mean" in record:
-                parts.append(f"IS {record['is_mean']:.2f}+-{record['is_std']:.2f}")
-            if "intra_fid" in record:
-                parts.append(f"intra-FID {record['intra_fid']:.3f}")
-            parts.append(f"D acc train {record['d_acc_train']:.3f}" +
-                         (f" held-out {record['d_acc_heldout']:.3f}" if acc_held is not None else ""))
-            parts.append(f"max sigma(W_D) {record['d_sigma_max']:.2f}")
-            if acc_held is not None:
-                parts.append(f"D class acc held-out {record['d_class_acc_heldout']:.3f}")
-            for key, reader in (("class_consistency_d", "D"), ("class_consistency", "colour")):
-                if key in record:                              # fakes judged as asked, raw / relabelled
-                    parts.append(f"class consistency ({reader}) {record[key]:.3f}, "
-                                 f"relabelled {record[key + '_relabelled']:.3f}")
-            log(" | ".join(parts))
-            if evaluator is not None:
-                log(evaluator.description)
-            if collapse:
-                log(f"WARNING collapse suspected at step {step}: {collapse}")
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            state = checkpoint_state()
-            save_checkpoint(os.path.join(cfg.run_dir, "last.pt"), state)
-            if improved:
-                save_checkpoint(os.path.join(cfg.run_dir, "best.pt"), state)
-        elif world > 1:
-            checkpoint_state()                                 # joins rank 0's RNG gather
+    def save(self, best=False):
+        """last.pt (and best.pt): every rank checks its state and gives its RNG state; rank 0 writes."""
+        state = self.trainer.state_dict()
+        self.check_finite(state)                               # every save comes through here
+        state.update(step=self.step, best_fid=self.best_fid, best_step=self.best_step, history=self.history,
+                     config=vars(self.cfg), num_classes=self.num_classes, data=self.batches.state_dict(),
+                     rng=rng_states(self.device, self.world))
+        if self.rank == 0:
+            for name in ("last.pt", "best.pt") if best else ("last.pt",):
+                save_checkpoint(os.path.join(self.cfg.run_dir, name), state)
 
-    stop = {"requested": False}
-
-    def request_stop(signum, frame):
-        if stop["requested"]:                                  # second Ctrl-C: leave at once
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        log("\ninterrupt: finishing this step, saving, exiting (Ctrl-C again to abort without saving)")
-
-    previous_handler = signal.signal(signal.SIGINT, request_stop)
-    try:
-        t_last, step_last, eval_s = time.time(), step, 0.0
-        while step < cfg.steps:
-            logs = trainer.iteration(batches, step)
-            step += 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                check_finite()
-                now = time.time()
-                per_step = (now - t_last) / max(step - step_last, 1)
-                record = {"step": step, **{k: round(float(v), 5) for k, v in logs.items()},
-                          "img_per_s": round(cfg.d_steps * cfg.batch_size / per_step, 1),
-                          "s_per_step": round(per_step, 4), "time": round(now, 1)}
-                t_last, step_last = now, step
-                left = per_step * (cfg.steps - step) + eval_s * evaluations_left(step, cfg.steps, cfg.eval_every)
-                log(f"step {step}/{cfg.steps} | d {record['d_loss']:.4f} (adv {record['d_adv']:.4f} "
-                    f"cond {record['d_cond']:.4f}) | g {record['g_loss']:.4f} (adv {record['g_adv']:.4f} "
-                    f"cond {record['g_cond']:.4f}) | {record['img_per_s']:.1f} img/s | "
-                    f"{per_step:.3f} s/step | left {format_duration(left)}")
-                if main_rank:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                t_eval = time.time()
-                evaluate_and_save()
-                eval_s = time.time() - t_eval
-                t_last, step_last = time.time(), step             # s/step: training only
-            stopping = stop["requested"]
-            if world > 1 and (step % cfg.log_every == 0):      # all ranks stop at the same step
-                flag = torch.tensor(int(stopping), device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stopping = bool(flag.item())
-            elif world > 1:
-                stopping = False
-            if stopping and step < cfg.steps:
-                state = checkpoint_state()
-                if main_rank:
-                    save_checkpoint(os.path.join(cfg.run_dir, "last.pt"), state)
-                log(f"interrupted at step {step}: saved {cfg.run_dir}/last.pt; continue with --resume {cfg.run_dir}")
-                return 130
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-    if best_fid is not None:
-        log(f"done: best FID {best_fid:.3f} at step {best_step} ({cfg.run_dir}/best.pt)")
-    else:
-        log(f"done: {cfg.run_dir}/last.pt")
-    return 0
-
-
-# --------------------------------------------------------------------------------------------
-# Generation from a checkpoint, and the paper's Figure 3 from runs' metrics
-# --------------------------------------------------------------------------------------------
 
 def generate_from_checkpoint(path, num_images, out_dir, batch_size=64, seed=0, device="auto"):
     """N PNG files (class-balanced labels, for external FID tools) and a per-class grid, from G_ema
@@ -1291,20 +1345,18 @@ def generate_from_checkpoint(path, num_images, out_dir, batch_size=64, seed=0, d
     if os.path.isdir(out_dir) and os.listdir(out_dir):        # FID tools would read old files with the new
         raise UsageError(f"--out-dir {out_dir} is not empty: FID would read its old files too; give a new or empty folder")
     checkpoint, path = load_checkpoint(path)
-    cfg = argparse.Namespace(**checkpoint["config"])
-    device = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) or device == "cuda" else "cpu")
-    G = build_models(cfg, checkpoint["num_classes"])[0]
+    cfg, K = argparse.Namespace(**checkpoint["config"]), checkpoint["num_classes"]
+    device = pick_device(device, tf32=getattr(cfg, "tf32", True))
+    G = build_models(cfg, K)[0]
     try:
         G.load_state_dict(checkpoint["G_ema"])
+        os.makedirs(os.path.join(out_dir, "grid"), exist_ok=True)
     except RuntimeError as err:
         raise UsageError(f"checkpoint {path} does not fit its own configuration ({str(err).splitlines()[0]})") from None
-    G.to(device)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
     except OSError as err:
         raise UsageError(f"cannot write to {out_dir}: {err.strerror or err}") from None
+    G.to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    K = checkpoint["num_classes"]
     labels = torch.arange(num_images, device=device) % K
     labels = labels[torch.randperm(num_images, device=device, generator=gen)]
     for start in range(0, num_images, batch_size):
@@ -1314,70 +1366,15 @@ def generate_from_checkpoint(path, num_images, out_dir, batch_size=64, seed=0, d
         for i, (image, label) in enumerate(zip(images.permute(0, 2, 3, 1).cpu().numpy(), y.tolist())):
             Image.fromarray(image).save(os.path.join(out_dir, f"{start + i:06d}_class{label}.png"))
     # The grid goes one level down: FID tools read only the top level, where every image has one size.
-    os.makedirs(os.path.join(out_dir, "grid"), exist_ok=True)
     save_grid(G, os.path.join(out_dir, "grid", "grid.png"), K, cfg.z_dim, device, batch_size, seed)
     print(f"wrote {num_images} images and grid/grid.png to {out_dir} (G_ema of {path}, step {checkpoint['step']})")
     return 0
 
 
-def plot_runs(runs, out):
-    """The paper's Figure 3 for one or several runs: D's accuracy on training vs held-out real images,
-    FID (and intra-class FID when measured), and the largest singular value of D's weights, against G
-    steps; plus class confusion: class consistency (raw and relabelled) over steps, and the last run's
-    final confusion matrix."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
-    fig, axes = plt.subplots(1, 5, figsize=(25, 4))
-    for run in runs:
-        path = os.path.join(run, "metrics.jsonl")
-        if not os.path.isfile(path):
-            raise UsageError(f"{run} has no metrics.jsonl")
-        with open(path) as f:
-            evals = [r for r in map(json.loads, f) if r.get("eval")]
-        if not evals:
-            raise UsageError(f"{run} has no evaluation yet")
-        name = os.path.basename(os.path.normpath(run))
-        steps = [r["step"] for r in evals]
-        line, = axes[0].plot(steps, [r["d_acc_train"] for r in evals], label=f"{name} train")
-        if "d_acc_heldout" in evals[0]:
-            axes[0].plot(steps, [r["d_acc_heldout"] for r in evals], "--", color=line.get_color(),
-                         label=f"{name} held-out")
-        for key, style in (("fid", "-"), ("intra_fid", "--")):
-            points = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
-            if points:
-                axes[1].plot(*zip(*points), style, color=line.get_color(), label=f"{name} {key.replace('_', '-')}")
-        axes[2].plot(steps, [r["d_sigma_max"] for r in evals], label=name)
-        reader = "class_consistency" if "class_consistency" in evals[-1] else "class_consistency_d"
-        for key, style in ((reader, "-"), (reader + "_relabelled", ":")):
-            points = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
-            if points:
-                axes[3].plot(*zip(*points), style, color=line.get_color(), label=f"{name} {'relabelled' if key.endswith('relabelled') else 'raw'} ({reader[18:] or 'colour'})")
-        matrix = evals[-1].get("confusion_colour") or evals[-1].get("confusion_d")
-        for r in evals:
-            if r.get("collapse"):
-                for ax in axes[:4]:
-                    ax.axvline(r["step"], color=line.get_color(), alpha=0.3, lw=0.8)
-    if matrix:                                                 # rows: asked label, columns: judged class
-        axes[4].imshow(matrix, cmap="Blues")
-        axes[4].set_ylabel("asked label")
-    for ax, title in zip(axes, ["D accuracy on real images (train vs held-out)", "FID (EMA G)",
-                                "largest singular value of D's weights",
-                                "class consistency of fakes (raw, relabelled)",
-                                f"confusion at step {steps[-1]}, {name} (x: judged class)"]):
-        ax.set_title(title)
-        ax.set_xlabel("G step" if ax is not axes[4] else "judged class")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        elif not (ax is axes[4] and matrix):                   # e.g. FID off (--fid-images 0)
-            ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    print(f"wrote {out}")
-    return 0
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -1452,14 +1449,10 @@ def build_parser(suppress=False):
     add("--amp", "none", choices=["none", "bf16", "fp16"], help="autocast; fp16 uses a GradScaler")
     add("--tf32", True, action=argparse.BooleanOptionalAction, help="TF32 matmuls on Ampere+ GPUs")
     add("--compile", False, action="store_true", help="torch.compile G and D")
-    add("--channels-last", False, action="store_true", help="NHWC memory layout")
     add("--sync-bn", False, action="store_true", help="under torchrun: G's BatchNorm over the global batch")
     add("--generate", metavar="CKPT", help="write --num-images PNGs and a grid from a checkpoint's G_ema")
     add("--num-images", 10000, type=int, help="with --generate")
     add("--out-dir", "fakes", help="with --generate")
-    p.add_argument("--plot", nargs="+", metavar="RUN", **({} if suppress else {"default": None}),
-                   help="write the paper's Figure 3 for these runs to --plot-out")
-    add("--plot-out", "figure3.png", help="with --plot")
     return p
 
 
@@ -1484,9 +1477,10 @@ def validate(cfg):
                 raise UsageError(f"--{name.replace('_', '-')} must be {what} (got {getattr(cfg, name)})")
     if cfg.img_size not in G_ARCH:
         raise UsageError(f"--img-size {cfg.img_size} is not supported: the architecture has 32, 64 and 128")
-    n_chunks = len(G_ARCH[cfg.img_size]["ch"])
-    if cfg.z_dim % n_chunks:
-        raise UsageError(f"--z-dim {cfg.z_dim} must split into {n_chunks} equal chunks at {cfg.img_size}x{cfg.img_size}")
+    try:
+        Generator.z_chunk(cfg.img_size, cfg.z_dim)
+    except ValueError as err:
+        raise UsageError(str(err).replace("z_dim", "--z-dim")) from None
     if cfg.loss == "2c" and cfg.batch_size < 2:
         raise UsageError("--loss 2c needs --batch-size of at least 2: it contrasts samples within a batch")
     if not cfg.data_positives and cfg.loss != "2c":
@@ -1498,8 +1492,6 @@ def validate(cfg):
         raise UsageError("--fid-images must be 0 (off) or at least 2 per rank")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but torch sees no CUDA GPU")
-    if cfg.plot and not os.access(os.path.dirname(os.path.abspath(cfg.plot_out)), os.W_OK):
-        raise UsageError(f"cannot write --plot-out {cfg.plot_out}: its folder is missing or not writable")
 
 
 def main(argv=None):
@@ -1513,8 +1505,6 @@ def main(argv=None):
     try:
         if not cfg.resume:                                     # a resumed run: once merged with its checkpoint
             validate(cfg)
-        if cfg.plot:
-            return plot_runs(cfg.plot, cfg.plot_out)
         if cfg.generate:
             return generate_from_checkpoint(cfg.generate, cfg.num_images, cfg.out_dir, cfg.eval_batch, cfg.seed, cfg.device)
         return train(cfg, explicit)
@@ -1524,7 +1514,7 @@ def main(argv=None):
     except Exception as err:
         if not isinstance(err, (UsageError, fid.FIDError if fid else UsageError)):
             raise
-        if os.environ.get("RANK", "0") == "0":                 # under torchrun: said once, by rank 0
+        if is_main_process():                                  # under torchrun: said once, by rank 0
             print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
