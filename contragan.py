@@ -364,10 +364,6 @@ class Discriminator(nn.Module):
         return self.class_head(h)
 
 
-# --------------------------------------------------------------------------------------------
-# Data: CIFAR-10/100 (torchvision), any class-per-folder tree (ImageFolder), built-in shapes
-# --------------------------------------------------------------------------------------------
-
 
 # --------------------------------------------------------------------------------------------
 # Their blocks and layers: residual blocks, conditional BatchNorm, self-attention, spectral norm
@@ -531,20 +527,14 @@ class UsageError(Exception):
 # Data: CIFAR-10/100 (torchvision), any class-per-folder tree (ImageFolder), built-in shapes
 # --------------------------------------------------------------------------------------------
 
-def to_signed(images):
-    """uint8 images in [0, 255] -> float in [-1, 1], the range G outputs (fid.py does the same)."""
+def to_signed(images):  # uint8 in [0, 255] -> float in [-1, 1], the range of G's tanh (fid.py does the same)
     return images.float() / 127.5 - 1.0
 
-
-def uniform_labels(n, num_classes, device, generator=None):
-    """y uniform over the classes: training (the authors) and FID's fakes."""
+def uniform_labels(n, num_classes, device, generator=None):  # y uniform over classes: training and FID
     return torch.randint(0, num_classes, (n,), device=device, generator=generator)
 
-
-def balanced_labels(num_classes, per_class, device):
-    """Each class per_class times, in order: the sample grid's rows and the class-confusion fakes."""
+def balanced_labels(num_classes, per_class, device):  # each class per_class times: grid rows, confusion fakes
     return torch.arange(num_classes, device=device).repeat_interleave(per_class)
-
 
 class TensorImages(torch.utils.data.Dataset):
     """A data set held in memory as uint8 (N, 3, H, W) images and int64 (N,) labels."""
@@ -558,10 +548,8 @@ class TensorImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.images[i], int(self.labels[i])
 
-
 SHAPES = [("circle", (230, 70, 60)), ("square", (70, 200, 90)),
           ("triangle", (80, 120, 240)), ("cross", (235, 210, 70))]
-
 
 def make_shapes(n, img_size=32, seed=0):
     """The built-in data set: one coloured shape per image at a random position and size on a noisy
@@ -599,41 +587,35 @@ def shapes_class_of(images):
     near = dist2 < 60.0 ** 2                                               # pixel within 60 of a colour
     return near.flatten(2).sum(2).argmax(1)                                # (B,)
 
-
 CIFAR = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
-CIFAR = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
-
 
 def load_cifar(name, data_dir, train):
     """CIFAR-10/100 via torchvision, downloaded into data_dir once; offline, fail in seconds."""
     import torchvision
     cls = getattr(torchvision.datasets, CIFAR[name])
+    old_timeout = socket.getdefaulttimeout()
     try:
         ds = cls(data_dir, train=train, download=False)
     except RuntimeError:                                       # not there yet: download it
-        old_timeout = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(20)                           # a dead network fails, never hangs
         try:
+            socket.setdefaulttimeout(20)                       # a dead network fails, never hangs
             ds = cls(data_dir, train=train, download=True)
         except Exception as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise UsageError(
-                f"could not download {name} ({cls.filename} from {cls.url}): {reason}. Offline: fetch "
-                f"that file elsewhere and put it, or its extracted folder {cls.base_folder}/, in "
+                f"could not download {name} ({cls.filename} from {cls.url}): {str(err).splitlines()[0] if str(err) else type(err).__name__}. "
+                f"Offline: fetch that file elsewhere and put it, or its extracted folder {cls.base_folder}/, in "
                 f"--data-dir ({os.path.join(data_dir, cls.filename)})") from None
         finally:
             socket.setdefaulttimeout(old_timeout)
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()   # (N, 3, 32, 32) uint8
     return TensorImages(images, torch.tensor(ds.targets), list(ds.classes))
 
-
 IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-
 
 def load_folder(root, img_size):
     """Any class-per-folder tree (root/<class>/<image>), resized and centre-cropped to img_size. Every
-    image is decoded once here: one broken file drawn hours into a run would stop it. Unreadable ones
-    are skipped with one warning that counts and names them."""
+    image is decoded once here, so that a broken file cannot stop a run hours in: unreadable ones are
+    skipped with one warning that counts and names them."""
     import torchvision
     from PIL import Image
     from torchvision import transforms as T
@@ -642,11 +624,9 @@ def load_folder(root, img_size):
     entries = os.listdir(root)
     if not any(os.path.isdir(os.path.join(root, e)) for e in entries):
         if any(e.lower().endswith(IMG_EXT) for e in entries):
-            raise UsageError(f"{root!r} holds images but no class sub-folders: put each class's "
-                             f"images in {root}/<class name>/")
+            raise UsageError(f"{root!r} holds images but no class sub-folders: put each class's images in {root}/<class name>/")
         raise UsageError(f"image folder {root!r} is empty: it needs one sub-folder of images per class")
-    transform = T.Compose([T.Resize(img_size), T.CenterCrop(img_size), T.PILToTensor()])
-    say, bad = is_main_process(), []
+    transform, say, bad = T.Compose([T.Resize(img_size), T.CenterCrop(img_size), T.PILToTensor()]), is_main_process(), []
 
     def readable(path):
         try:
@@ -654,8 +634,7 @@ def load_folder(root, img_size):
                 image.load()
             return True
         except Exception:                                      # OSError, SyntaxError, ValueError, ... from PIL
-            bad.append(path)
-            return False
+            return bad.append(path)                            # None: skip it
 
     if say:
         print(f"checking every image in {root} once (a broken file is skipped now, not met hours in)", flush=True)
@@ -669,7 +648,6 @@ def load_folder(root, img_size):
               f"{f' and {len(bad) - 10} more' if len(bad) > 10 else ''}", file=sys.stderr, flush=True)
     return data
 
-
 def load_data(cfg):
     """(train, heldout, num_classes). heldout: CIFAR's test split; shapes: a fresh draw; folder: a
     fixed 5% of the images set aside (none when the folder is tiny). It feeds D's held-out accuracy
@@ -682,32 +660,24 @@ def load_data(cfg):
     if cfg.dataset == "shapes":
         classes = [n for n, _ in SHAPES]
         train = TensorImages(*make_shapes(cfg.shapes_size, cfg.img_size, seed=0), classes)
-        heldout = TensorImages(*make_shapes(max(cfg.fid_images, 1024), cfg.img_size, seed=1), classes)
-        return train, heldout, len(classes)
+        return train, TensorImages(*make_shapes(max(cfg.fid_images, 1024), cfg.img_size, seed=1), classes), len(classes)
     data = load_folder(cfg.data_dir, cfg.img_size)
     n_hold = len(data) // 20 if len(data) >= 200 else 0
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1234)).tolist()
-    train = torch.utils.data.Subset(data, order[n_hold:]) if n_hold else data
-    heldout = torch.utils.data.Subset(data, order[:n_hold]) if n_hold else None
-    return train, heldout, len(data.classes)
-
-
+    if not n_hold:
+        return data, None, len(data.classes)
+    return torch.utils.data.Subset(data, order[n_hold:]), torch.utils.data.Subset(data, order[:n_hold]), len(data.classes)
 
 class Batches:
-    """Endless real batches in [-1, 1], with random horizontal flips when `flip` (the authors' only
-    augmentation: on for CIFAR-10, off for Tiny ImageNet, their random_flip_preprocessing).
-
-    Order comes from a DistributedSampler, so under torchrun each rank draws its own share; (epoch,
-    batch) is the position a checkpoint saves, so a resumed run sees the very same batches.
-    """
+    """Endless real batches in [-1, 1], flipped at random when `flip` (the authors' only augmentation:
+    on for CIFAR-10, off for Tiny ImageNet). A DistributedSampler gives each torchrun rank its share;
+    (epoch, batch) is what a checkpoint saves, so a resumed run sees the very same batches."""
 
     def __init__(self, dataset, local_batch, rank, world, seed, device, num_workers=0, flip=True):
         if len(dataset) < local_batch * world:
             raise UsageError(f"the data set has {len(dataset)} images, fewer than one batch of {local_batch * world}")
-        self.dataset, self.batch, self.device, self.num_workers = dataset, local_batch, device, num_workers
-        self.flip = flip
-        self.sampler = torch.utils.data.DistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.dataset, self.batch, self.device, self.num_workers, self.flip = dataset, local_batch, device, num_workers, flip
+        self.sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
         self.epoch, self.pos, self._it = 0, 0, None
         if isinstance(dataset, TensorImages):                  # in memory: keep it on the device
             self.images, self.labels = dataset.images.to(device), dataset.labels.to(device)
@@ -748,7 +718,6 @@ class Batches:
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x, labels.to(self.device, non_blocking=True)
 
-
 def fixed_sample(dataset, n, seed):
     """A fixed random subset as uint8 (n, 3, H, W) images and (n,) labels (D's accuracy checks)."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
@@ -756,8 +725,6 @@ def fixed_sample(dataset, n, seed):
         return dataset.images[order], dataset.labels[order]
     items = [dataset[i] for i in order.tolist()]
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
-
-
 
 
 # --------------------------------------------------------------------------------------------
