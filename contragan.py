@@ -46,16 +46,13 @@ except ImportError:
 # Section 3: the losses. Pure tensor functions (torch only; no config, device or globals). Copy freely.
 # --------------------------------------------------------------------------------------------
 
-
 def d_hinge_loss(real_logit, fake_logit):
     """Hinge loss for D (Lim & Ye 2017; Miyato et al. 2018): E[relu(1 - D(x))] + E[relu(1 + D(G(z)))]."""
     return F.relu(1.0 - real_logit).mean() + F.relu(1.0 + fake_logit).mean()
 
-
 def g_hinge_loss(fake_logit):
     """Hinge loss for G: -E[D(G(z))]."""
     return -fake_logit.mean()
-
 
 def conditional_contrastive_loss(embed, proxy, labels, temperature=1.0, data_positives=True):
     """The conditional contrastive (2C) loss of ContraGAN (paper Section 3, "conditional contrastive loss").
@@ -97,14 +94,12 @@ def conditional_contrastive_loss(embed, proxy, labels, temperature=1.0, data_pos
         if data_positives else class_sim[:, 0]                 # (m,)
     return (log_denominator - log_numerator).mean()
 
-
 def projection_logit(adv_logit, feature, class_embed):
     """Projection discriminator (Miyato & Koyama 2018, ProjGAN): D(x, y) = psi(phi(x)) + <embed(y), phi(x)>.
 
     adv_logit (B,) = psi(phi(x)); feature (B, C) = phi(x); class_embed (B, C) = embed(y_i) per sample.
     """
     return adv_logit + (class_embed * feature).sum(dim=1)
-
 
 def acgan_loss(class_logits, labels):
     """ACGAN's auxiliary classifier loss (Odena et al. 2017): cross-entropy of D's class logits.
@@ -113,7 +108,6 @@ def acgan_loss(class_logits, labels):
     D step adds it on real AND fake images, each with its own labels; the G step on the fakes.
     """
     return F.cross_entropy(class_logits.float(), labels)
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,7 +234,6 @@ class Trainer:
         for name in ("G", "D", "G_ema", "opt_G", "opt_D", "scaler_G", "scaler_D"):
             getattr(self, name).load_state_dict(state[name])
 
-
 def build_models(cfg, num_classes):
     G = Generator(cfg.img_size, cfg.g_width, cfg.z_dim, cfg.shared_dim, num_classes)
     D = Discriminator(cfg.img_size, cfg.d_width, num_classes, cfg.loss, cfg.embed_dim)
@@ -260,7 +253,6 @@ G_ARCH = {32: dict(ch=[4, 4, 4, 4], attn=16),
 D_ARCH = {32: dict(ch=[2, 2, 2, 2], down=[True, True, False, False], attn=16),
           64: dict(ch=[1, 2, 4, 8, 16], down=[True, True, True, True, False], attn=32),
           128: dict(ch=[1, 2, 4, 8, 16, 16], down=[True, True, True, True, True, False], attn=64)}
-
 
 class Generator(nn.Module):
     """G(z, y): hierarchical z (one chunk to the 4x4 input, one to each block), a shared class
@@ -299,7 +291,6 @@ class Generator(nn.Module):
             if i == self.attn_after:
                 h = self.attn(h)
         return torch.tanh(self.to_rgb(F.relu(self.bn(h))))
-
 
 class Discriminator(nn.Module):
     """D(x, y) with one of three heads on the sum-pooled feature h = sum_{H,W} relu(trunk(x)):
@@ -364,7 +355,6 @@ class Discriminator(nn.Module):
         return self.class_head(h)
 
 
-
 # --------------------------------------------------------------------------------------------
 # Their blocks and layers: residual blocks, conditional BatchNorm, self-attention, spectral norm
 # --------------------------------------------------------------------------------------------
@@ -385,7 +375,6 @@ class GBlock(nn.Module):
         h = self.conv2(F.relu(self.bn2(self.conv1(h), cond)))
         # A 1x1 conv commutes with nearest up-sampling: conv first, on 4x fewer pixels, same result.
         return h + upsample2x(self.skip(x))
-
 
 class DBlock(nn.Module):
     """D block: ReLU -> conv3 -> ReLU -> conv3 [-> avgpool2]; skip conv1 [-> avgpool2] only when
@@ -414,8 +403,6 @@ class DBlock(nn.Module):
             h, skip = F.avg_pool2d(h, 2), F.avg_pool2d(skip, 2)
         return h + skip
 
-
-
 class ConditionalBatchNorm2d(nn.Module):
     """BatchNorm without affine, then x * (1 + gain(c)) + bias(c) (BigGAN; the authors' code).
 
@@ -432,7 +419,6 @@ class ConditionalBatchNorm2d(nn.Module):
         gain = 1.0 + self.gain(cond)[:, :, None, None]         # (B, C, 1, 1)
         bias = self.bias(cond)[:, :, None, None]               # (B, C, 1, 1)
         return self.bn(x) * gain + bias
-
 
 class SelfAttention(nn.Module):
     """SAGAN self-attention (Zhang et al. 2019) as in BigGAN: theta, phi -> C/8; g -> C/2; 2x2
@@ -455,14 +441,11 @@ class SelfAttention(nn.Module):
         o = (g @ attn.transpose(1, 2)).view(B, C // 2, H, W)   # (B, C/2, H, W)
         return x + self.scale * self.out(o)
 
-
 def upsample2x(x):
     """Nearest-neighbour x2, as F.interpolate(mode="nearest") but as a view + copy: on the CPU
     interpolate detours through channels-last and took 6x longer (bench.py, width 96)."""
     B, C, H, W = x.shape
     return x[:, :, :, None, :, None].expand(B, C, H, 2, W, 2).reshape(B, C, 2 * H, 2 * W)
-
-
 
 class SpectralNorm(nn.Module):
     """W / sigma(W) with sigma estimated by one power iteration per training forward (Miyato et al.
@@ -489,7 +472,6 @@ class SpectralNorm(nn.Module):
             sigma = self.u.clone() @ w @ self.v.clone()        # the largest singular value of W
             return (weight.float() / sigma).to(weight.dtype)
 
-
 def orthogonal_init(module):
     """Orthogonal weights and zero biases: the authors' 'ortho' initialisation."""
     nn.init.orthogonal_(module.weight)
@@ -497,21 +479,17 @@ def orthogonal_init(module):
         nn.init.zeros_(module.bias)
     return module
 
-
 def sn(module):
     """Orthogonal init, then spectral norm on module.weight (every conv/linear/embedding of G and D)."""
     orthogonal_init(module)
     parametrize.register_parametrization(module, "weight", SpectralNorm(module.weight))
     return module
 
-
 def sn_conv(c_in, c_out, kernel_size, bias=True):
     return sn(nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=bias))
 
-
 def sn_linear(f_in, f_out, bias=True):
     return sn(nn.Linear(f_in, f_out, bias=bias))
-
 
 
 # ============================================================================================
@@ -576,7 +554,6 @@ def make_shapes(n, img_size=32, seed=0):
     background = 30 + 8 * torch.randn(n, 3, S, S, generator=gen)
     images = torch.where(mask[:, None], colour[:, :, None, None], background)
     return images.clamp(0, 255).round().to(torch.uint8), labels
-
 
 def shapes_class_of(images):
     """Which class each shapes image shows, read off its colour (no network): the class whose colour
@@ -746,7 +723,6 @@ def generate(G, labels, z_dim, batch_size, generator=None):
     torch._foreach_copy_(list(G.buffers()), buffers)
     return torch.cat(out)
 
-
 def save_grid(G, path, num_classes, z_dim, device, batch_size, seed):
     """A PNG with one row per class (the same noise every evaluation, so rows are comparable)."""
     import torchvision
@@ -755,7 +731,6 @@ def save_grid(G, path, num_classes, z_dim, device, batch_size, seed):
     labels = balanced_labels(num_classes, cols, device)
     images = generate(G, labels, z_dim, batch_size, gen)
     torchvision.utils.save_image(images * 0.5 + 0.5, path, nrow=cols, padding=1)
-
 
 @torch.no_grad()
 def d_judge(D, images, labels, device, batch_size=256):
@@ -771,7 +746,6 @@ def d_judge(D, images, labels, device, batch_size=256):
     D.train()
     return hits / max(len(labels), 1), torch.cat(judged)
 
-
 def confusion(asked, judged, num_classes):
     """Class confusion: K x K counts of asked (rows) vs judged (columns) classes, the share judged as
     asked, and the share after the best one-to-one relabelling of the judged classes (Hungarian
@@ -784,7 +758,6 @@ def confusion(asked, judged, num_classes):
     rows, cols = linear_sum_assignment(counts.numpy(), maximize=True)
     n = max(len(asked), 1)
     return counts, counts.diag().sum().item() / n, counts[rows, cols].sum().item() / n
-
 
 def d_diagnostics(D, G_ema, acc_train, acc_held, num_classes, cfg, device):
     """Figure 3's overfitting probe (D's accuracy at calling training vs held-out real images real)
@@ -811,7 +784,6 @@ def d_diagnostics(D, G_ema, acc_train, acc_held, num_classes, cfg, device):
         rec["confusion_" + name] = counts.tolist() if num_classes <= 100 else None
     return rec
 
-
 def spectral_norms(model):
     """{layer: sigma}: each weight's largest singular value before normalisation, i.e. the power
     iteration's estimate u^T W v that the layer divides by (the paper's Figure 3 right)."""
@@ -823,7 +795,6 @@ def spectral_norms(model):
             sigmas[name] = float(sn_.u @ w @ sn_.v)
     return sigmas
 
-
 def detect_collapse(history, gap_threshold, patience):
     """The collapse the paper's Section 4.5 describes: D's train/held-out accuracy gap past a
     threshold, or FID rising `patience` evaluations in a row. Returns a reason or None."""
@@ -834,7 +805,6 @@ def detect_collapse(history, gap_threshold, patience):
     if len(fids) == patience + 1 and all(b > a for a, b in zip(fids, fids[1:])):
         return f"FID rose {patience} evaluations in a row ({' -> '.join(f'{f:.2f}' for f in fids)})"
     return None
-
 
 class FIDEvaluator:
     """FID of the EMA generator against reference statistics, through fid.py, in the paper's
@@ -914,7 +884,6 @@ class FIDEvaluator:
 def is_main_process():
     return os.environ.get("RANK", "0") == "0"                 # only rank 0 prints, writes and errs
 
-
 def pick_device(choice, index=0, tf32=True):
     use_cuda = torch.cuda.is_available() if choice == "auto" else choice == "cuda"
     if not use_cuda:
@@ -923,7 +892,6 @@ def pick_device(choice, index=0, tf32=True):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cudnn.benchmark = True
     return torch.device("cuda", index)
-
 
 def setup_device(cfg):
     """(device, rank, world) from torchrun's environment; joins the process group when world > 1."""
@@ -936,14 +904,12 @@ def setup_device(cfg):
         warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated")
     return device, rank, world
 
-
 def ddp(module, world):
     """DistributedDataParallel around a module that trains (G, D); the module itself in one process."""
     if world == 1:
         return module
     device = next(module.parameters()).device
     return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-
 
 def gather_global_batch(embed, proxy, labels):
     """Under DDP, all-gather so the 2C loss sees the global batch; a no-op in a single process.
@@ -960,7 +926,6 @@ def gather_global_batch(embed, proxy, labels):
     dist.all_gather(all_labels, labels)                        # labels need no gradient
     return torch.cat(all_gather(embed)), torch.cat(all_gather(proxy)), torch.cat(all_labels)
 
-
 def any_rank(flag, device, world):
     """True on every rank when flag (a bool or a 0-d tensor) is true on any: all ranks stop together."""
     flag = torch.as_tensor(flag, device=device).to(torch.int32)
@@ -968,11 +933,9 @@ def any_rank(flag, device, world):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
-
 def wait_for_rank0(world):
     if world > 1:
         dist.barrier()
-
 
 def rng_states(device, world):
     """Every rank's RNG state (rank 0 saves them all), so that a resumed run draws the same numbers."""
@@ -982,7 +945,6 @@ def rng_states(device, world):
     states = [None] * world
     dist.all_gather_object(states, state)
     return states
-
 
 def set_rng_state(state, device):
     torch.set_rng_state(state["cpu"])
@@ -994,12 +956,10 @@ def set_rng_state(state, device):
 # The run: folders, checkpoints, resume, logging, Ctrl-C and NaN handling
 # --------------------------------------------------------------------------------------------
 
-
 # Flags that may differ when a run is resumed; every other flag must match the checkpoint.
 RUN_FLAGS = {"steps", "log_every", "eval_every", "fid_images", "fid_weights", "eval_batch", "intra_fid",
              "inception_score", "device", "num_workers", "compile", "resume", "run_dir", "data_dir",
              "collapse_gap", "collapse_patience", "acc_images", "preset"}
-
 
 def save_checkpoint(path, state):
     """Atomic: write a temporary file, flush it to disk, then rename over the old one. config.json next
@@ -1014,7 +974,6 @@ def save_checkpoint(path, state):
         json.dump({**state["config"], "num_classes": state["num_classes"], "world_size": len(state["rng"])}, f, indent=2)
     os.replace(tmp, os.path.join(os.path.dirname(path), "config.json"))
 
-
 def load_checkpoint(path):
     if os.path.isdir(path):
         path = os.path.join(path, "last.pt")
@@ -1028,7 +987,6 @@ def load_checkpoint(path):
     if not (isinstance(checkpoint, dict) and {"G", "D", "G_ema", "config", "step"} <= checkpoint.keys()):
         raise UsageError(f"{path} is a torch file but not a contragan.py checkpoint (no G, D, G_ema, config, step)")
     return checkpoint, path
-
 
 def claim_run_dir(run_dir, resume_dir):
     """One run owns its folder. Refused: a folder that holds another run (unless it is the one resumed),
@@ -1070,7 +1028,6 @@ def claim_run_dir(run_dir, resume_dir):
                 pass
     return release
 
-
 def merge_resume_config(cfg, explicit, checkpoint, path):
     """The checkpoint's configuration, with the run flags (RUN_FLAGS) of this command on top. A model
     or training flag given now that differs from the checkpoint is refused: it is another run."""
@@ -1084,17 +1041,13 @@ def merge_resume_config(cfg, explicit, checkpoint, path):
     merged.update({k: v for k, v in explicit.items() if k in RUN_FLAGS})
     return argparse.Namespace(**merged)
 
-
 def evaluations_left(step, steps, eval_every):
     """How many evaluations the loop still runs at steps step..steps (every eval_every and at the end)."""
     return steps // eval_every - (step - 1) // eval_every + (steps % eval_every > 0)
 
-
 def format_duration(seconds):
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 
 def train(cfg, explicit):
     """Resolve the configuration (a resumed run: the checkpoint's), own the run folder, run."""
@@ -1119,7 +1072,6 @@ def train(cfg, explicit):
         return Run(cfg, checkpoint, ckpt_path, device, rank, world).loop()
     finally:
         release()
-
 
 class Run:
     """One training run once its folder is owned; what a checkpoint holds besides the models lives here
@@ -1260,22 +1212,17 @@ class Run:
         self.save(best=improved)
 
     def eval_line(self, r):
-        parts = [f"eval step {self.step}"]
-        if "fid" in r:
-            parts.append(f"FID {r['fid']:.3f} (best {self.best_fid:.3f} @ {self.best_step})")
-        if "is_mean" in r:
-            parts.append(f"IS {r['is_mean']:.2f}+-{r['is_std']:.2f}")
-        if "intra_fid" in r:
-            parts.append(f"intra-FID {r['intra_fid']:.3f}")
-        parts.append(f"D acc train {r['d_acc_train']:.3f}" +
-                     (f" held-out {r['d_acc_heldout']:.3f}" if self.acc_held is not None else ""))
-        parts.append(f"max sigma(W_D) {r['d_sigma_max']:.2f}")
-        if self.acc_held is not None:
-            parts.append(f"D class acc held-out {r['d_class_acc_heldout']:.3f}")
-        for key, reader in (("class_consistency_d", "D"), ("class_consistency", "colour")):
-            if key in r:                                       # fakes judged as asked, raw / relabelled
-                parts.append(f"class consistency ({reader}) {r[key]:.3f}, relabelled {r[key + '_relabelled']:.3f}")
-        return " | ".join(parts)
+        held = self.acc_held is not None
+        parts = [f"eval step {self.step}",
+                 "fid" in r and f"FID {r['fid']:.3f} (best {self.best_fid:.3f} @ {self.best_step})",
+                 "is_mean" in r and f"IS {r['is_mean']:.2f}+-{r['is_std']:.2f}",
+                 "intra_fid" in r and f"intra-FID {r['intra_fid']:.3f}",
+                 f"D acc train {r['d_acc_train']:.3f}" + (f" held-out {r['d_acc_heldout']:.3f}" if held else ""),
+                 f"max sigma(W_D) {r['d_sigma_max']:.2f}",
+                 held and f"D class acc held-out {r['d_class_acc_heldout']:.3f}"]
+        parts += [f"class consistency ({reader}) {r[k]:.3f}, relabelled {r[k + '_relabelled']:.3f}"  # fakes judged as asked
+                  for k, reader in (("class_consistency_d", "D"), ("class_consistency", "colour")) if k in r]
+        return " | ".join(p for p in parts if p)
 
     def check_finite(self, state=None):
         """Stop on a non-finite loss, or on a non-finite state about to be saved or evaluated: a huge
@@ -1303,7 +1250,6 @@ class Run:
         if self.rank == 0:
             for name in ("last.pt", "best.pt") if best else ("last.pt",):
                 save_checkpoint(os.path.join(self.cfg.run_dir, name), state)
-
 
 def generate_from_checkpoint(path, num_images, out_dir, batch_size=64, seed=0, device="auto"):
     """N PNG files (class-balanced labels, for external FID tools) and a per-class grid, from G_ema
@@ -1342,22 +1288,14 @@ def generate_from_checkpoint(path, num_images, out_dir, batch_size=64, seed=0, d
 # Command line
 # --------------------------------------------------------------------------------------------
 
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
 # A small, fast configuration for a CPU: offline on the built-in shapes, class-conditional in minutes.
 PRESETS = {"cpu-demo": dict(dataset="shapes", g_width=16, d_width=16, batch_size=32, d_steps=2, steps=1500,
                             eval_every=250, log_every=50, fid_images=0, ema_start=250, ema_decay=0.995,
                             acc_images=256)}  # EMA horizon ~200 steps: 0.9999 would lag a short run
 
-
 class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message):                                  # one line, not usage + error
         self.exit(2, f"error: {message} (see --help)\n")
-
 
 def build_parser(suppress=False):
     """suppress=True gives a parser that returns only the flags given on the command line."""
@@ -1435,7 +1373,6 @@ FLAG_RANGES = [
     ("ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
 ]
 
-
 def validate(cfg):
     """Bad input: one clear line (main prints it), before anything is built or written."""
     for names, ok, what in FLAG_RANGES:
@@ -1459,7 +1396,6 @@ def validate(cfg):
         raise UsageError("--fid-images must be 0 (off) or at least 2 per rank")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but torch sees no CUDA GPU")
-
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
@@ -1487,7 +1423,6 @@ def main(argv=None):
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     sys.exit(main())
