@@ -578,10 +578,11 @@ def load_cifar(name, data_dir, train):
             socket.setdefaulttimeout(20)                       # a dead network fails, never hangs
             ds = cls(data_dir, train=train, download=True)
         except Exception as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise UsageError(
-                f"could not download {name} ({cls.filename} from {cls.url}): {str(err).splitlines()[0] if str(err) else type(err).__name__}. "
-                f"Offline: fetch that file elsewhere and put it, or its extracted folder {cls.base_folder}/, in "
-                f"--data-dir ({os.path.join(data_dir, cls.filename)})") from None
+                f"could not download {name} ({cls.filename} from {cls.url}): {reason}. Offline: fetch that file "
+                f"elsewhere and put it, or its extracted folder {cls.base_folder}/, in --data-dir "
+                f"({os.path.join(data_dir, cls.filename)})") from None
         finally:
             socket.setdefaulttimeout(old_timeout)
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()   # (N, 3, 32, 32) uint8
@@ -601,9 +602,11 @@ def load_folder(root, img_size):
     entries = os.listdir(root)
     if not any(os.path.isdir(os.path.join(root, e)) for e in entries):
         if any(e.lower().endswith(IMG_EXT) for e in entries):
-            raise UsageError(f"{root!r} holds images but no class sub-folders: put each class's images in {root}/<class name>/")
+            raise UsageError(f"{root!r} holds images but no class sub-folders: put each class's "
+                             f"images in {root}/<class name>/")
         raise UsageError(f"image folder {root!r} is empty: it needs one sub-folder of images per class")
-    transform, say, bad = T.Compose([T.Resize(img_size), T.CenterCrop(img_size), T.PILToTensor()]), is_main_process(), []
+    transform = T.Compose([T.Resize(img_size), T.CenterCrop(img_size), T.PILToTensor()])
+    say, bad = is_main_process(), []
 
     def readable(path):
         try:
@@ -640,10 +643,11 @@ def load_data(cfg):
         return train, TensorImages(*make_shapes(max(cfg.fid_images, 1024), cfg.img_size, seed=1), classes), len(classes)
     data = load_folder(cfg.data_dir, cfg.img_size)
     n_hold = len(data) // 20 if len(data) >= 200 else 0
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1234)).tolist()
     if not n_hold:
         return data, None, len(data.classes)
-    return torch.utils.data.Subset(data, order[n_hold:]), torch.utils.data.Subset(data, order[:n_hold]), len(data.classes)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1234)).tolist()
+    Subset = torch.utils.data.Subset
+    return Subset(data, order[n_hold:]), Subset(data, order[:n_hold]), len(data.classes)
 
 class Batches:
     """Endless real batches in [-1, 1], flipped at random when `flip` (the authors' only augmentation:
@@ -653,8 +657,10 @@ class Batches:
     def __init__(self, dataset, local_batch, rank, world, seed, device, num_workers=0, flip=True):
         if len(dataset) < local_batch * world:
             raise UsageError(f"the data set has {len(dataset)} images, fewer than one batch of {local_batch * world}")
-        self.dataset, self.batch, self.device, self.num_workers, self.flip = dataset, local_batch, device, num_workers, flip
-        self.sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
+        self.dataset, self.batch, self.device, self.num_workers = dataset, local_batch, device, num_workers
+        self.flip = flip
+        self.sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.epoch, self.pos, self._it = 0, 0, None
         if isinstance(dataset, TensorImages):                  # in memory: keep it on the device
             self.images, self.labels = dataset.images.to(device), dataset.labels.to(device)
@@ -807,11 +813,10 @@ def detect_collapse(history, gap_threshold, patience):
     return None
 
 class FIDEvaluator:
-    """FID of the EMA generator against reference statistics, through fid.py, in the paper's
-    protocol: Inception-V3 with the TF FID weights, 2048-d pool features, 299x299 bilinear; fakes
-    drawn with uniform labels by G_ema with BatchNorm batch statistics in batches of eval_batch (64);
-    reference = CIFAR's 10k test images (shapes: a held-out draw; folder: its training images).
-    Under DDP every rank embeds its share and the float64 sums are all-reduced (exact)."""
+    """FID of G_ema in the paper's protocol, through fid.py: Inception-V3 with the TF FID weights,
+    2048-d pool features, 299x299 bilinear; fakes with uniform labels, BatchNorm batch statistics,
+    batches of eval_batch (64); reference = CIFAR's 10k test images (shapes: a held-out draw; folder:
+    its training images). Under DDP every rank embeds its share; fid.py all-reduces the float64 sums."""
 
     def __init__(self, cfg, reference, split, num_classes, device, rank, world):
         self.cfg, self.num_classes, self.device, self.rank, self.world = cfg, num_classes, device, rank, world
@@ -1195,7 +1200,8 @@ class Run:
         if self.rank == 0:
             save_grid(t.G_ema, os.path.join(cfg.run_dir, "samples", f"step{self.step:07d}.png"),
                       self.num_classes, cfg.z_dim, self.device, cfg.eval_batch, cfg.seed)
-            record.update(d_diagnostics(t.D, t.G_ema, self.acc_train, self.acc_held, self.num_classes, cfg, self.device))
+            record.update(d_diagnostics(t.D, t.G_ema, self.acc_train, self.acc_held, self.num_classes, cfg,
+                                        self.device))
             sigmas = spectral_norms(t.D)
             record["d_sigma_max"], record["d_sigma"] = max(sigmas.values()), sigmas
             self.history.append({k: record.get(k) for k in ("step", "fid", "d_acc_gap")})
@@ -1220,7 +1226,7 @@ class Run:
                  f"D acc train {r['d_acc_train']:.3f}" + (f" held-out {r['d_acc_heldout']:.3f}" if held else ""),
                  f"max sigma(W_D) {r['d_sigma_max']:.2f}",
                  held and f"D class acc held-out {r['d_class_acc_heldout']:.3f}"]
-        parts += [f"class consistency ({reader}) {r[k]:.3f}, relabelled {r[k + '_relabelled']:.3f}"  # fakes judged as asked
+        parts += [f"class consistency ({reader}) {r[k]:.3f}, relabelled {r[k + '_relabelled']:.3f}"
                   for k, reader in (("class_consistency_d", "D"), ("class_consistency", "colour")) if k in r]
         return " | ".join(p for p in parts if p)
 
