@@ -958,7 +958,7 @@ def set_rng_state(state, device):
 
 
 # --------------------------------------------------------------------------------------------
-# The run: folders, checkpoints, resume, logging, Ctrl-C and NaN handling
+# The run: folders, checkpoints, resume, logging, Ctrl-C and NaN handling; generation from a checkpoint
 # --------------------------------------------------------------------------------------------
 
 # Flags that may differ when a run is resumed; every other flag must match the checkpoint.
