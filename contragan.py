@@ -883,13 +883,15 @@ class FIDEvaluator:
 
 
 # --------------------------------------------------------------------------------------------
-# Distributed training: all that changes under torchrun. One process (WORLD_SIZE unset) skips it.
+# Distributed training (torchrun): the process group, DDP wrappers, the 2C all-gather, ranks agreeing
+# to stop, every rank's RNG state. All that changes under torchrun; one process skips all of it.
 # --------------------------------------------------------------------------------------------
 
 def is_main_process():
     return os.environ.get("RANK", "0") == "0"                 # only rank 0 prints, writes and errs
 
 def pick_device(choice, index=0, tf32=True):
+    """--device auto|cuda|cpu; on a GPU, TF32 as --tf32 says and cuDNN autotuning."""
     use_cuda = torch.cuda.is_available() if choice == "auto" else choice == "cuda"
     if not use_cuda:
         return torch.device("cpu")
