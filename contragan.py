@@ -1310,10 +1310,8 @@ def build_parser(suppress=False):
     p = OneLineErrorParser(
         description="ContraGAN (Kang & Park, NeurIPS 2020) in one file. Defaults: the authors' CIFAR-10 setting.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS if suppress else None)
-
-    def add(flag, default=None, **kw):
+    def add(flag, default=None, **kw):                         # suppress: no defaults, only the flags given
         p.add_argument(flag, **({} if suppress else {"default": default}), **kw)
-
     add("--preset", choices=sorted(PRESETS), help="a named set of defaults (flags given still win): " +
         "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
     add("--dataset", "cifar10", choices=["cifar10", "cifar100", "folder", "shapes"],
