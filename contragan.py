@@ -1081,10 +1081,8 @@ def train(cfg, explicit):
         release()
 
 class Run:
-    """One training run once its folder is owned; what a checkpoint holds besides the models lives here
-    (step, best FID, history). Nothing is written into the folder before the loop starts; metrics.jsonl
-    is then cut back to the checkpoint's step (a crash before the first checkpoint leaves lines that a
-    rerun would otherwise repeat)."""
+    """One training run once its folder is owned. Its state besides the models (step, best FID, history)
+    lives here, in one place; nothing is written into the folder before the loop starts."""
 
     def __init__(self, cfg, checkpoint, ckpt_path, device, rank, world):
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
@@ -1114,7 +1112,9 @@ class Run:
             self.log(self.evaluator.description)
         self.acc_train = fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
         self.acc_held = fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3) if heldout else None
-        if rank == 0 and os.path.exists(self.metrics_path):  # drop lines past the checkpoint (or all: fresh run)
+        # metrics.jsonl is cut back to the checkpoint's step (all of it on a fresh start): a crash before the
+        # first checkpoint leaves lines that a rerun would otherwise repeat
+        if rank == 0 and os.path.exists(self.metrics_path):
             with open(self.metrics_path) as f:
                 kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= self.step]  # not torn
             with open(self.metrics_path + ".tmp", "w") as f:
