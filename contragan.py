@@ -5,15 +5,19 @@ relations through the conditional contrastive (2C) loss.
   Minguk Kang and Jaesik Park, "ContraGAN: Contrastive Learning for Conditional Image Generation",
   NeurIPS 2020, arXiv:2006.12681. Authors' code: POSTECH-CVLab/PyTorch-StudioGAN (2020 version).
 
-Read it top to bottom next to the paper: losses (the part to copy) -> layers -> Generator ->
-Discriminator -> data -> evaluation -> training -> command line. Where the paper and the authors'
-code differ, this file follows the code and says so at that line.
+The file follows the paper; read it top to bottom next to it. Part 1 is the method: Section 3 (the
+losses; the 2C loss is the part to copy) -> Algorithm 1 (`Trainer`: the D step, the G step, the EMA,
+one iteration) -> the appendix's networks (Generator, Discriminator, then their blocks and layers).
+Part 2, below one banner, is what a run needs that the paper does not describe: data -> evaluation
+(FID, Figure 3's diagnostics) -> distributed training (all of torchrun in one section) -> the run
+(checkpoints, resume, Ctrl-C) -> generation -> the command line. Where the paper and the authors' code
+differ, this file follows the code and says so at that line.
 
   python contragan.py --dataset cifar10 --loss 2c          # the paper's CIFAR-10 ContraGAN run
   python contragan.py --dataset shapes --preset cpu-demo   # offline, minutes on a laptop CPU
   torchrun --nproc_per_node=4 contragan.py --dataset cifar10 --loss 2c   # DDP, global batch
   python contragan.py --generate runs/cifar10-2c-s0 --num-images 10000 --out-dir fakes/
-  python contragan.py --plot runs/cifar10-proj-s0 runs/cifar10-2c-s0    # the paper's Figure 3
+  python tools/plot_runs.py runs/cifar10-proj-s0 runs/cifar10-2c-s0    # the paper's Figure 3
 """
 import argparse
 import copy
@@ -39,18 +43,16 @@ except ImportError:
 
 
 # --------------------------------------------------------------------------------------------
-# Losses: pure tensor functions (torch only; no config, device or globals). Copy freely.
+# Section 3: the losses. Pure tensor functions (torch only; no config, device or globals). Copy freely.
 # --------------------------------------------------------------------------------------------
 
 def d_hinge_loss(real_logit, fake_logit):
     """Hinge loss for D (Lim & Ye 2017; Miyato et al. 2018): E[relu(1 - D(x))] + E[relu(1 + D(G(z)))]."""
     return F.relu(1.0 - real_logit).mean() + F.relu(1.0 + fake_logit).mean()
 
-
 def g_hinge_loss(fake_logit):
     """Hinge loss for G: -E[D(G(z))]."""
     return -fake_logit.mean()
-
 
 def conditional_contrastive_loss(embed, proxy, labels, temperature=1.0, data_positives=True):
     """The conditional contrastive (2C) loss of ContraGAN (paper Section 3, "conditional contrastive loss").
@@ -92,14 +94,12 @@ def conditional_contrastive_loss(embed, proxy, labels, temperature=1.0, data_pos
         if data_positives else class_sim[:, 0]                 # (m,)
     return (log_denominator - log_numerator).mean()
 
-
 def projection_logit(adv_logit, feature, class_embed):
     """Projection discriminator (Miyato & Koyama 2018, ProjGAN): D(x, y) = psi(phi(x)) + <embed(y), phi(x)>.
 
     adv_logit (B,) = psi(phi(x)); feature (B, C) = phi(x); class_embed (B, C) = embed(y_i) per sample.
     """
     return adv_logit + (class_embed * feature).sum(dim=1)
-
 
 def acgan_loss(class_logits, labels):
     """ACGAN's auxiliary classifier loss (Odena et al. 2017): cross-entropy of D's class logits.
@@ -110,519 +110,9 @@ def acgan_loss(class_logits, labels):
     return F.cross_entropy(class_logits.float(), labels)
 
 
-def gather_global_batch(embed, proxy, labels):
-    """Under DDP, all-gather so the 2C loss sees the global batch; a no-op in a single process.
-
-    torch.distributed.nn's all_gather is differentiable: every rank computes the same loss on the
-    global batch, and its backward sums each rank's gradient for the local slice over ranks. DDP then
-    averages parameter gradients over ranks, which turns that sum back into exactly the gradient of
-    the single-process loss on the whole batch (tested in test_contragan.py).
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return embed, proxy, labels
-    from torch.distributed.nn.functional import all_gather
-    all_labels = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
-    dist.all_gather(all_labels, labels)                        # labels need no gradient
-    return torch.cat(all_gather(embed)), torch.cat(all_gather(proxy)), torch.cat(all_labels)
-
-
 # --------------------------------------------------------------------------------------------
-# Layers: spectral norm, SN conv/linear/embedding, conditional BatchNorm, self-attention
+# Algorithm 1: d_steps D steps, one G step, the EMA update (one iteration; the authors' schedule)
 # --------------------------------------------------------------------------------------------
-
-class SpectralNorm(nn.Module):
-    """W / sigma(W) with sigma estimated by one power iteration per training forward (Miyato et al.
-    2018), as torch.nn.utils.spectral_norm does, but always in fp32 outside autocast so a bf16/fp16
-    run keeps an exact normaliser. u and v are buffers (the authors' parameter counts exclude them).
-    """
-
-    def __init__(self, weight, eps=1e-6):
-        super().__init__()
-        out_features = weight.shape[0]
-        in_features = weight[0].numel()
-        self.eps = eps  # authors: eps=1e-6 in every spectral_norm call
-        self.register_buffer("u", F.normalize(torch.randn(out_features), dim=0, eps=eps))
-        self.register_buffer("v", F.normalize(torch.randn(in_features), dim=0, eps=eps))
-
-    def forward(self, weight):
-        with torch.autocast(weight.device.type, enabled=False):
-            w = weight.flatten(1).float()                      # (out, in*kh*kw)
-            if self.training:
-                with torch.no_grad():                          # one power iteration per forward
-                    self.v.copy_(F.normalize(w.t() @ self.u, dim=0, eps=self.eps))
-                    self.u.copy_(F.normalize(w @ self.v, dim=0, eps=self.eps))
-            # clones: a second forward before backward must not see these buffers change in place
-            sigma = self.u.clone() @ w @ self.v.clone()        # the largest singular value of W
-            return (weight.float() / sigma).to(weight.dtype)
-
-
-def orthogonal_init(module):
-    """Orthogonal weights and zero biases: the authors' 'ortho' initialisation."""
-    nn.init.orthogonal_(module.weight)
-    if getattr(module, "bias", None) is not None:
-        nn.init.zeros_(module.bias)
-    return module
-
-
-def sn(module):
-    """Orthogonal init, then spectral norm on module.weight (every conv/linear/embedding of G and D)."""
-    orthogonal_init(module)
-    parametrize.register_parametrization(module, "weight", SpectralNorm(module.weight))
-    return module
-
-
-def sn_conv(c_in, c_out, kernel_size, bias=True):
-    return sn(nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=bias))
-
-
-def sn_linear(f_in, f_out, bias=True):
-    return sn(nn.Linear(f_in, f_out, bias=bias))
-
-
-class ConditionalBatchNorm2d(nn.Module):
-    """BatchNorm without affine, then x * (1 + gain(c)) + bias(c) (BigGAN; the authors' code).
-
-    c = concat(shared class embedding, one chunk of z). gain/bias are SN linears without bias.
-    """
-
-    def __init__(self, channels, cond_dim):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(channels, eps=1e-4, momentum=0.1, affine=False)
-        self.gain = sn_linear(cond_dim, channels, bias=False)
-        self.bias = sn_linear(cond_dim, channels, bias=False)
-
-    def forward(self, x, cond):                                # x (B, C, H, W), cond (B, cond_dim)
-        gain = 1.0 + self.gain(cond)[:, :, None, None]         # (B, C, 1, 1)
-        bias = self.bias(cond)[:, :, None, None]               # (B, C, 1, 1)
-        return self.bn(x) * gain + bias
-
-
-class SelfAttention(nn.Module):
-    """SAGAN self-attention (Zhang et al. 2019) as in BigGAN: theta, phi -> C/8; g -> C/2; 2x2
-    max-pool on phi and g; output conv back to C; learnable scale starting at 0. 1.25 C^2 + 1 params."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.theta = sn_conv(channels, channels // 8, 1, bias=False)
-        self.phi = sn_conv(channels, channels // 8, 1, bias=False)
-        self.g = sn_conv(channels, channels // 2, 1, bias=False)
-        self.out = sn_conv(channels // 2, channels, 1, bias=False)
-        self.scale = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        theta = self.theta(x).flatten(2)                       # (B, C/8, HW)
-        phi = F.max_pool2d(self.phi(x), 2).flatten(2)          # (B, C/8, HW/4)
-        g = F.max_pool2d(self.g(x), 2).flatten(2)              # (B, C/2, HW/4)
-        attn = torch.softmax(theta.transpose(1, 2) @ phi, -1)  # (B, HW, HW/4)
-        o = (g @ attn.transpose(1, 2)).view(B, C // 2, H, W)   # (B, C/2, H, W)
-        return x + self.scale * self.out(o)
-
-
-def upsample2x(x):
-    """Nearest-neighbour x2, as F.interpolate(mode="nearest") but as a view + copy: on the CPU
-    interpolate detours through channels-last and took 6x longer (bench.py, width 96)."""
-    B, C, H, W = x.shape
-    return x[:, :, :, None, :, None].expand(B, C, H, 2, W, 2).reshape(B, C, 2 * H, 2 * W)
-
-
-class GBlock(nn.Module):
-    """G up-block: CBN -> ReLU -> up x2 -> conv3 -> CBN -> ReLU -> conv3, skip: up x2 -> conv1."""
-
-    def __init__(self, c_in, c_out, cond_dim):
-        super().__init__()
-        self.bn1 = ConditionalBatchNorm2d(c_in, cond_dim)
-        self.conv1 = sn_conv(c_in, c_out, 3)
-        self.bn2 = ConditionalBatchNorm2d(c_out, cond_dim)
-        self.conv2 = sn_conv(c_out, c_out, 3)
-        self.skip = sn_conv(c_in, c_out, 1)
-
-    def forward(self, x, cond):
-        h = upsample2x(F.relu(self.bn1(x, cond)))
-        h = self.conv2(F.relu(self.bn2(self.conv1(h), cond)))
-        # A 1x1 conv commutes with nearest up-sampling: conv first, on 4x fewer pixels, same result.
-        return h + upsample2x(self.skip(x))
-
-
-class DBlock(nn.Module):
-    """D block: ReLU -> conv3 -> ReLU -> conv3 [-> avgpool2]; skip conv1 [-> avgpool2] only when
-    down-sampling or changing channels. first=True is D's input block: conv3 -> ReLU -> conv3 ->
-    avgpool2, skip avgpool2 -> conv1.
-
-    Authors' quirk, kept: their block starts with an in-place ReLU that also overwrites the tensor the
-    skip holds, so the skip carries relu(x), not x (ResNet/BigGAN carry x).
-    """
-
-    def __init__(self, c_in, c_out, downsample, first=False):
-        super().__init__()
-        self.first, self.downsample = first, downsample
-        self.conv1 = sn_conv(c_in, c_out, 3)
-        self.conv2 = sn_conv(c_out, c_out, 3)
-        self.skip = sn_conv(c_in, c_out, 1) if (first or downsample or c_in != c_out) else None
-
-    def forward(self, x):
-        if self.first:
-            h = F.avg_pool2d(self.conv2(F.relu(self.conv1(x))), 2)
-            return h + self.skip(F.avg_pool2d(x, 2))
-        x = F.relu(x)                                          # the skip below sees relu(x) (quirk)
-        h = self.conv2(F.relu(self.conv1(x)))
-        skip = self.skip(x) if self.skip is not None else x
-        if self.downsample:
-            h, skip = F.avg_pool2d(h, 2), F.avg_pool2d(skip, 2)
-        return h + skip
-
-
-# --------------------------------------------------------------------------------------------
-# Generator and Discriminator: BigGAN-style SN-ResNet (the authors' big_resnet)
-# --------------------------------------------------------------------------------------------
-
-# Channel multipliers of `width`, block by block, and the resolution that gets self-attention: the
-# authors' big_resnet.py (g_in/out_dims_collection, d_in/out_dims_collection, commit 21594bd). 32 is
-# CIFAR-10, 64 Tiny ImageNet, 128 ImageNet; their logs' parameter counts are tested for all three.
-G_ARCH = {32: dict(ch=[4, 4, 4, 4], attn=16),
-          64: dict(ch=[16, 8, 4, 2, 1], attn=32),
-          128: dict(ch=[16, 16, 8, 4, 2, 1], attn=64)}
-D_ARCH = {32: dict(ch=[2, 2, 2, 2], down=[True, True, False, False], attn=16),
-          64: dict(ch=[1, 2, 4, 8, 16], down=[True, True, True, True, False], attn=32),
-          128: dict(ch=[1, 2, 4, 8, 16, 16], down=[True, True, True, True, True, False], attn=64)}
-
-
-class Generator(nn.Module):
-    """G(z, y): hierarchical z (one chunk to the 4x4 input, one to each block), a shared class
-    embedding, conditional BatchNorm, self-attention. Defaults: the CIFAR-10 model, 9,416,196 params."""
-
-    def __init__(self, img_size=32, width=96, z_dim=80, shared_dim=128, num_classes=10):
-        super().__init__()
-        arch = G_ARCH[img_size]
-        ch = [m * width for m in arch["ch"]]
-        n_blocks = len(ch) - 1
-        assert z_dim % (n_blocks + 1) == 0, "z_dim must split into (blocks + 1) equal chunks"
-        self.chunk = z_dim // (n_blocks + 1)                   # 80 // 4 = 20 for CIFAR-10
-        self.ch0 = ch[0]
-        self.shared = orthogonal_init(nn.Embedding(num_classes, shared_dim))  # plain, no SN
-        self.linear = sn_linear(self.chunk, ch[0] * 4 * 4)
-        cond_dim = shared_dim + self.chunk                     # 128 + 20 = 148
-        self.blocks = nn.ModuleList([GBlock(ch[i], ch[i + 1], cond_dim) for i in range(n_blocks)])
-        self.attn_after = [4 * 2 ** (i + 1) for i in range(n_blocks)].index(arch["attn"])  # block index
-        self.attn = SelfAttention(ch[self.attn_after + 1])     # on the output of that block
-        self.bn = nn.BatchNorm2d(ch[-1], eps=1e-4)             # the only affine BN in G
-        self.to_rgb = sn_conv(ch[-1], 3, 3)
-
-    def forward(self, z, y):                                   # z (B, z_dim), y (B,) -> (B, 3, S, S)
-        z_chunks = torch.split(z, self.chunk, dim=1)
-        shared = self.shared(y)                                # (B, shared_dim)
-        h = self.linear(z_chunks[0]).view(z.shape[0], self.ch0, 4, 4)  # (B, C0, 4, 4)
-        for i, block in enumerate(self.blocks):
-            h = block(h, torch.cat([shared, z_chunks[i + 1]], dim=1))  # cond (B, 148)
-            if i == self.attn_after:
-                h = self.attn(h)
-        return torch.tanh(self.to_rgb(F.relu(self.bn(h))))
-
-
-class Discriminator(nn.Module):
-    """D(x, y) with one of three heads on the sum-pooled feature h = sum_{H,W} relu(trunk(x)):
-
-      loss="2c"   -> {"adv": (B,), "embed": (B, embed_dim), "proxy": (B, embed_dim)}  ContraGAN
-      loss="proj" -> {"adv": (B,)}  the projection term already added                ProjGAN
-      loss="ac"   -> {"adv": (B,), "class_logits": (B, K)}                             ACGAN
-
-    ContraGAN's D has no projection term: 2C replaces it. Every output also holds "h" (B, C), the
-    pooled feature, for `class_scores`. Defaults: the CIFAR-10 model, 2,517,186 params with the 2C
-    head, 2,415,170 with the projection head.
-    """
-
-    def __init__(self, img_size=32, width=96, num_classes=10, loss="2c", embed_dim=512):
-        super().__init__()
-        if loss not in ("2c", "proj", "ac"):
-            raise ValueError(f"unknown loss {loss!r}: choose 2c, proj or ac")
-        arch = D_ARCH[img_size]
-        ch = [m * width for m in arch["ch"]]
-        self.loss = loss
-        self.blocks = nn.ModuleList(
-            [DBlock(3 if i == 0 else ch[i - 1], ch[i], arch["down"][i], first=(i == 0))
-             for i in range(len(ch))])
-        resolutions = [img_size // 2 ** (sum(arch["down"][:i + 1])) for i in range(len(ch))]
-        self.attn_after = resolutions.index(arch["attn"])
-        self.attn = SelfAttention(ch[self.attn_after])
-        C = ch[-1]
-        self.adv_head = sn_linear(C, 1)
-        if loss == "2c":
-            self.embed_head = sn_linear(C, embed_dim)          # h -> l(x), one linear, no MLP
-            self.proxy = sn(nn.Embedding(num_classes, embed_dim))  # e(y)
-        elif loss == "proj":
-            self.class_embed = sn(nn.Embedding(num_classes, C))
-        else:
-            self.class_head = sn_linear(C, num_classes)
-
-    def features(self, x):                                     # x (B, 3, S, S) -> h (B, C)
-        h = x
-        for i, block in enumerate(self.blocks):
-            h = block(h)
-            if i == self.attn_after:
-                h = self.attn(h)
-        return F.relu(h).sum(dim=(2, 3))                       # global SUM pooling (not mean)
-
-    def forward(self, x, y):
-        h = self.features(x)                                   # (B, C)
-        adv = self.adv_head(h).squeeze(1)                      # (B,)
-        if self.loss == "2c":
-            return {"adv": adv, "h": h, "embed": self.embed_head(h), "proxy": self.proxy(y)}
-        if self.loss == "proj":
-            return {"adv": projection_logit(adv, h, self.class_embed(y)), "h": h}
-        return {"adv": adv, "h": h, "class_logits": self.class_head(h)}
-
-    def class_scores(self, h):
-        """D's own class judgement of features h (B, C) -> (B, K), arg-max = the class D sees: cosine
-        to every proxy (2C), <embed(y), h> for every y (proj: arg-max_y D(x, y), whose adversarial
-        term is the same for all y), the class logits (ACGAN)."""
-        if self.loss == "2c":
-            return F.normalize(self.embed_head(h), dim=1) @ F.normalize(self.proxy.weight, dim=1).t()
-        if self.loss == "proj":
-            return h @ self.class_embed.weight.t()
-        return self.class_head(h)
-
-
-# --------------------------------------------------------------------------------------------
-# Data: CIFAR-10/100 (torchvision), any class-per-folder tree (ImageFolder), built-in shapes
-# --------------------------------------------------------------------------------------------
-
-class UsageError(Exception):
-    """A problem with the user's input: main() prints 'error: <message>' and exits with status 2."""
-
-
-class TensorImages(torch.utils.data.Dataset):
-    """A data set held in memory as uint8 (N, 3, H, W) images and int64 (N,) labels."""
-
-    def __init__(self, images, labels, classes):
-        self.images, self.labels, self.classes = images, labels, classes
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i], int(self.labels[i])
-
-
-class Scaled(torch.utils.data.Dataset):
-    """uint8 images -> float in [-1, 1] (what G outputs and FID's Inception expects)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        x, y = self.dataset[i]
-        return x.float() / 127.5 - 1.0, y
-
-
-SHAPES = [("circle", (230, 70, 60)), ("square", (70, 200, 90)),
-          ("triangle", (80, 120, 240)), ("cross", (235, 210, 70))]
-
-
-def make_shapes(n, img_size=32, seed=0):
-    """The built-in data set: one coloured shape per image at a random position and size on a noisy
-    dark background; class = shape and colour. Deterministic in (n, img_size, seed); no download."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % len(SHAPES)
-    labels = labels[torch.randperm(n, generator=gen)]
-    S = img_size
-    r = (0.15 + 0.15 * torch.rand(n, generator=gen)) * S                   # (n,) half-size
-    cx = r + (S - 2 * r) * torch.rand(n, generator=gen)                    # (n,) centre, inside
-    cy = r + (S - 2 * r) * torch.rand(n, generator=gen)
-    yy, xx = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
-    dx = xx[None] - cx[:, None, None]                                      # (n, S, S)
-    dy = yy[None] - cy[:, None, None]
-    r3 = r[:, None, None]
-    masks = torch.stack([dx ** 2 + dy ** 2 < r3 ** 2,                                # circle
-                         torch.maximum(dx.abs(), dy.abs()) < 0.8 * r3,               # square
-                         (dy < 0.8 * r3) & (dx.abs() < (dy + r3) * 0.6),             # triangle
-                         ((dx.abs() < r3 / 3) & (dy.abs() < r3)) |
-                         ((dy.abs() < r3 / 3) & (dx.abs() < r3))])                  # cross
-    mask = masks[labels, torch.arange(n)]                                  # (n, S, S)
-    colours = torch.tensor([c for _, c in SHAPES], dtype=torch.float32)
-    colour = colours[labels] + 20 * torch.randn(n, 3, generator=gen)       # (n, 3) jittered
-    background = 30 + 8 * torch.randn(n, 3, S, S, generator=gen)
-    images = torch.where(mask[:, None], colour[:, :, None, None], background)
-    return images.clamp(0, 255).round().to(torch.uint8), labels
-
-
-def shapes_class_of(images):
-    """Which class each shapes image shows, read off its colour (no network): the class whose colour
-    is nearest to the most pixels. images: float (B, 3, H, W) in [-1, 1]. Used for class consistency."""
-    rgb = (images.float() + 1) * 127.5                                     # (B, 3, H, W)
-    colours = torch.tensor([c for _, c in SHAPES], dtype=rgb.dtype, device=rgb.device)
-    dist2 = ((rgb[:, None] - colours[None, :, :, None, None]) ** 2).sum(2)  # (B, K, H, W)
-    near = dist2 < 60.0 ** 2                                               # pixel within 60 of a colour
-    return near.flatten(2).sum(2).argmax(1)                                # (B,)
-
-
-CIFAR = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
-
-
-def load_cifar(name, data_dir, train):
-    """CIFAR-10/100 via torchvision, downloaded into data_dir once; offline, fail in seconds."""
-    import torchvision
-    cls = getattr(torchvision.datasets, CIFAR[name])
-    try:
-        ds = cls(data_dir, train=train, download=False)
-    except RuntimeError:                                       # not there yet: download it
-        old_timeout = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(20)                           # a dead network fails, never hangs
-        try:
-            ds = cls(data_dir, train=train, download=True)
-        except Exception as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise UsageError(
-                f"could not download {name} ({cls.filename} from {cls.url}): {reason}. Offline: fetch "
-                f"that file elsewhere and put it, or its extracted folder {cls.base_folder}/, in "
-                f"--data-dir ({os.path.join(data_dir, cls.filename)})") from None
-        finally:
-            socket.setdefaulttimeout(old_timeout)
-    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()   # (N, 3, 32, 32) uint8
-    return TensorImages(images, torch.tensor(ds.targets), list(ds.classes))
-
-
-IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-
-
-def load_folder(root, img_size):
-    """Any class-per-folder tree (root/<class>/<image>), resized and centre-cropped to img_size. Every
-    image is decoded once here: real folders hold broken files, and one drawn hours into a run would
-    stop it with a traceback. Unreadable ones are skipped with a warning that counts and names them."""
-    import torchvision
-    from PIL import Image
-    from torchvision import transforms as T
-    if not os.path.isdir(root):
-        raise UsageError(f"image folder {root!r} does not exist (give it with --data-dir)")
-    entries = os.listdir(root)
-    if not any(os.path.isdir(os.path.join(root, e)) for e in entries):
-        if any(e.lower().endswith(IMG_EXT) for e in entries):
-            raise UsageError(f"{root!r} holds images but no class sub-folders: put each class's "
-                             f"images in {root}/<class name>/")
-        raise UsageError(f"image folder {root!r} is empty: it needs one sub-folder of images per class")
-    transform = T.Compose([T.Resize(img_size), T.CenterCrop(img_size), T.PILToTensor()])
-    say, bad = os.environ.get("RANK", "0") == "0", []
-
-    def readable(path):
-        try:
-            with Image.open(path) as image:
-                image.load()
-            return True
-        except Exception:                                      # OSError, SyntaxError, ValueError, ... from PIL
-            bad.append(path)
-            return False
-
-    if say:
-        print(f"checking every image in {root} once (a broken file is skipped now, not met hours in)", flush=True)
-    try:
-        data = torchvision.datasets.ImageFolder(root, transform=lambda im: transform(im.convert("RGB")),
-                                                is_valid_file=lambda p: p.lower().endswith(IMG_EXT) and readable(p))
-    except (FileNotFoundError, RuntimeError) as err:
-        raise UsageError(f"image folder {root!r}: {str(err).splitlines()[0]}") from None
-    if bad and say:
-        print(f"warning: skipped {len(bad)} unreadable image(s) of {len(data) + len(bad)}: {', '.join(bad[:10])}"
-              f"{f' and {len(bad) - 10} more' if len(bad) > 10 else ''}", file=sys.stderr, flush=True)
-    return data
-
-
-def load_data(cfg):
-    """(train, heldout, num_classes). heldout: CIFAR's test split; shapes: a fresh draw; folder: a
-    fixed 5% of the images set aside (none when the folder is tiny). It feeds D's held-out accuracy
-    and, for CIFAR and shapes, FID's reference statistics (the paper: CIFAR-10's 10k test images)."""
-    if cfg.dataset in CIFAR:
-        if cfg.img_size != 32:
-            raise UsageError(f"{cfg.dataset} images are 32x32; --img-size {cfg.img_size} is not supported for it")
-        train, heldout = load_cifar(cfg.dataset, cfg.data_dir, True), load_cifar(cfg.dataset, cfg.data_dir, False)
-        return train, heldout, len(train.classes)
-    if cfg.dataset == "shapes":
-        classes = [n for n, _ in SHAPES]
-        train = TensorImages(*make_shapes(cfg.shapes_size, cfg.img_size, seed=0), classes)
-        heldout = TensorImages(*make_shapes(max(cfg.fid_images, 1024), cfg.img_size, seed=1), classes)
-        return train, heldout, len(classes)
-    data = load_folder(cfg.data_dir, cfg.img_size)
-    n_hold = len(data) // 20 if len(data) >= 200 else 0
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1234)).tolist()
-    train = torch.utils.data.Subset(data, order[n_hold:]) if n_hold else data
-    heldout = torch.utils.data.Subset(data, order[:n_hold]) if n_hold else None
-    return train, heldout, len(data.classes)
-
-
-class Batches:
-    """Endless real batches in [-1, 1], with random horizontal flips when `flip` (the authors' only
-    augmentation: on for CIFAR-10, off for Tiny ImageNet, their random_flip_preprocessing).
-
-    Order comes from a DistributedSampler, so under torchrun each rank draws its own share; (epoch,
-    batch) is the position a checkpoint saves, so a resumed run sees the very same batches.
-    """
-
-    def __init__(self, dataset, local_batch, rank, world, seed, device, num_workers=0, flip=True):
-        if len(dataset) < local_batch * world:
-            raise UsageError(f"the data set has {len(dataset)} images, fewer than one batch of {local_batch * world}")
-        self.dataset, self.batch, self.device, self.num_workers = dataset, local_batch, device, num_workers
-        self.flip = flip
-        self.sampler = torch.utils.data.DistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.epoch, self.pos, self._it = 0, 0, None
-        if isinstance(dataset, TensorImages):                  # in memory: keep it on the device
-            self.images, self.labels = dataset.images.to(device), dataset.labels.to(device)
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state):
-        self.epoch, self.pos, self._it = state["epoch"], state["pos"], None
-
-    def _batches(self):
-        self.sampler.set_epoch(self.epoch)
-        idx = list(self.sampler)[self.pos * self.batch:]
-        n = len(idx) // self.batch
-        if isinstance(self.dataset, TensorImages):             # in memory: index, no collation
-            idx = torch.tensor(idx, device=self.device)
-            for b in range(n):
-                ids = idx[b * self.batch:(b + 1) * self.batch]
-                yield self.images[ids], self.labels[ids]
-        else:
-            yield from torch.utils.data.DataLoader(
-                torch.utils.data.Subset(self.dataset, idx[:n * self.batch]), batch_size=self.batch,
-                num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
-
-    def __next__(self):
-        while True:
-            if self._it is None:
-                self._it = self._batches()
-            try:
-                images, labels = next(self._it)
-                break
-            except StopIteration:
-                self.epoch, self.pos, self._it = self.epoch + 1, 0, None
-        self.pos += 1
-        x = images.to(self.device, non_blocking=True).float() / 127.5 - 1.0   # (B, 3, H, W)
-        if self.flip:
-            flip = torch.rand(x.shape[0], device=self.device) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        return x, labels.to(self.device, non_blocking=True)
-
-
-def fixed_sample(dataset, n, seed):
-    """A fixed random subset as uint8 (n, 3, H, W) images and (n,) labels (D's accuracy checks)."""
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
-    if isinstance(dataset, TensorImages):
-        return dataset.images[order], dataset.labels[order]
-    items = [dataset[i] for i in order.tolist()]
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
-
-
-# --------------------------------------------------------------------------------------------
-# Training: one iteration = d_steps D steps + one G step + the EMA update (authors' schedule)
-# --------------------------------------------------------------------------------------------
-
-def build_models(cfg, num_classes):
-    G = Generator(cfg.img_size, cfg.g_width, cfg.z_dim, cfg.shared_dim, num_classes)
-    D = Discriminator(cfg.img_size, cfg.d_width, num_classes, cfg.loss, cfg.embed_dim)
-    return G, D
-
 
 class Trainer:
     """G, D, the EMA generator and their optimisers, and the two update steps of the paper.
@@ -630,18 +120,17 @@ class Trainer:
     D step (authors' code): hinge(D(x), D(G(z))) + lambda * cond, cond = 2C on REAL embeddings
     (ContraGAN) or cross-entropy on real and fake logits (ACGAN); ProjGAN's condition is in D's logit.
     G step: -mean D(G(z, y)) + lambda * cond on the fakes, with D frozen (its heads and proxies are
-    not updated by G).
+    not updated by G). Under torchrun (world > 1) the batches are each rank's share; see `ddp`.
     """
 
-    def __init__(self, cfg, num_classes, device, rank=0, world=1):
+    def __init__(self, cfg, num_classes, device, world=1):
         self.cfg, self.num_classes, self.device, self.world = cfg, num_classes, device, world
         torch.manual_seed(cfg.seed)                            # same initial weights on every rank
         G, D = build_models(cfg, num_classes)
         G_ema = copy.deepcopy(G).requires_grad_(False)         # evaluated alone: plain BatchNorm
         if cfg.sync_bn and world > 1:
             G = nn.SyncBatchNorm.convert_sync_batchnorm(G)     # G's BN statistics over the global batch
-        mem = torch.channels_last if cfg.channels_last else torch.preserve_format
-        self.G, self.D, self.G_ema = (m.to(device, memory_format=mem) for m in (G, D, G_ema))
+        self.G, self.D, self.G_ema = G.to(device), D.to(device), G_ema.to(device)
         adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
         adam["fused" if device.type == "cuda" else "foreach"] = True  # one kernel per step on GPU
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, **adam)
@@ -649,17 +138,11 @@ class Trainer:
         self.scaler_G = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.scaler_D = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-        G_train, D_train, D_frozen = self.G, self.D, self.D
-        if world > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            G_train = nn.parallel.DistributedDataParallel(self.G, device_ids=ids)
-            D_train = nn.parallel.DistributedDataParallel(self.D, device_ids=ids)
-        if cfg.compile:
-            G_train, D_train = torch.compile(G_train), torch.compile(D_train)
-            D_frozen = torch.compile(self.D)
         # The G step calls D without its DDP wrapper: D's parameters get no gradient there, and a DDP
         # module whose parameters get no gradient would wait for them at the next step.
-        self.G_train, self.D_train, self.D_frozen = G_train, D_train, D_frozen
+        self.G_train, self.D_train, self.D_frozen = ddp(self.G, world), ddp(self.D, world), self.D
+        if cfg.compile:
+            self.G_train, self.D_train, self.D_frozen = map(torch.compile, (self.G_train, self.D_train, self.D))
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked without host syncs
 
     def autocast(self):
@@ -668,14 +151,13 @@ class Trainer:
     def sample_latents(self, batch):
         """z ~ N(0, I) and y uniform over classes: fresh for every step (authors)."""
         z = torch.randn(batch, self.cfg.z_dim, device=self.device)
-        y = torch.randint(0, self.num_classes, (batch,), device=self.device)
-        return z, y
+        return z, uniform_labels(batch, self.num_classes, self.device)
 
     def condition_loss(self, out, labels, fake_labels=None):
         """lambda * (2C or ACGAN cross-entropy) on the first len(labels) rows of D's output; ACGAN's
         D step (fake_labels given) adds the rows after them, the fakes (authors); 0 for proj."""
         cfg, B = self.cfg, len(labels)
-        if cfg.loss == "2c":
+        if cfg.loss == "2c":                                   # under DDP, 2C sees the global batch
             embed, proxy, labels = gather_global_batch(out["embed"][:B], out["proxy"][:B], labels)
             return cfg.cond_lambda * conditional_contrastive_loss(embed, proxy, labels, cfg.temperature,
                                                                   cfg.data_positives)
@@ -752,9 +234,484 @@ class Trainer:
         for name in ("G", "D", "G_ema", "opt_G", "opt_D", "scaler_G", "scaler_D"):
             getattr(self, name).load_state_dict(state[name])
 
+def build_models(cfg, num_classes):
+    G = Generator(cfg.img_size, cfg.g_width, cfg.z_dim, cfg.shared_dim, num_classes)
+    D = Discriminator(cfg.img_size, cfg.d_width, num_classes, cfg.loss, cfg.embed_dim)
+    return G, D
+
 
 # --------------------------------------------------------------------------------------------
-# Evaluation: sample grid, FID of the EMA generator (fid.py), D's overfitting diagnostics
+# Appendix: Generator and Discriminator, a BigGAN-style SN-ResNet (the authors' big_resnet)
+# --------------------------------------------------------------------------------------------
+
+# Channel multipliers of `width`, block by block, and the resolution that gets self-attention: the
+# authors' big_resnet.py (g_in/out_dims_collection, d_in/out_dims_collection, commit 21594bd). 32 is
+# CIFAR-10, 64 Tiny ImageNet, 128 ImageNet; their logs' parameter counts are tested for all three.
+G_ARCH = {32: dict(ch=[4, 4, 4, 4], attn=16),
+          64: dict(ch=[16, 8, 4, 2, 1], attn=32),
+          128: dict(ch=[16, 16, 8, 4, 2, 1], attn=64)}
+D_ARCH = {32: dict(ch=[2, 2, 2, 2], down=[True, True, False, False], attn=16),
+          64: dict(ch=[1, 2, 4, 8, 16], down=[True, True, True, True, False], attn=32),
+          128: dict(ch=[1, 2, 4, 8, 16, 16], down=[True, True, True, True, True, False], attn=64)}
+
+class Generator(nn.Module):
+    """G(z, y): hierarchical z (one chunk to the 4x4 input, one to each block), a shared class
+    embedding, conditional BatchNorm, self-attention. Defaults: the CIFAR-10 model, 9,416,196 params."""
+
+    def __init__(self, img_size=32, width=96, z_dim=80, shared_dim=128, num_classes=10):
+        super().__init__()
+        arch = G_ARCH[img_size]
+        ch = [m * width for m in arch["ch"]]
+        n_blocks = len(ch) - 1
+        self.chunk = self.z_chunk(img_size, z_dim)             # 80 // 4 = 20 for CIFAR-10
+        self.ch0 = ch[0]
+        self.shared = orthogonal_init(nn.Embedding(num_classes, shared_dim))  # plain, no SN
+        self.linear = sn_linear(self.chunk, ch[0] * 4 * 4)
+        cond_dim = shared_dim + self.chunk                     # 128 + 20 = 148
+        self.blocks = nn.ModuleList([GBlock(ch[i], ch[i + 1], cond_dim) for i in range(n_blocks)])
+        self.attn_after = [4 * 2 ** (i + 1) for i in range(n_blocks)].index(arch["attn"])  # block index
+        self.attn = SelfAttention(ch[self.attn_after + 1])     # on the output of that block
+        self.bn = nn.BatchNorm2d(ch[-1], eps=1e-4)             # the only affine BN in G
+        self.to_rgb = sn_conv(ch[-1], 3, 3)
+
+    @staticmethod
+    def z_chunk(img_size, z_dim):
+        """z splits into equal chunks: one for the 4x4 input, one for each block."""
+        n = len(G_ARCH[img_size]["ch"])
+        if z_dim % n:
+            raise ValueError(f"z_dim {z_dim} must split into {n} equal chunks at {img_size}x{img_size}")
+        return z_dim // n
+
+    def forward(self, z, y):                                   # z (B, z_dim), y (B,) -> (B, 3, S, S)
+        z_chunks = torch.split(z, self.chunk, dim=1)
+        shared = self.shared(y)                                # (B, shared_dim)
+        h = self.linear(z_chunks[0]).view(z.shape[0], self.ch0, 4, 4)  # (B, C0, 4, 4)
+        for i, block in enumerate(self.blocks):
+            h = block(h, torch.cat([shared, z_chunks[i + 1]], dim=1))  # cond (B, 148)
+            if i == self.attn_after:
+                h = self.attn(h)
+        return torch.tanh(self.to_rgb(F.relu(self.bn(h))))
+
+class Discriminator(nn.Module):
+    """D(x, y) with one of three heads on the sum-pooled feature h = sum_{H,W} relu(trunk(x)):
+
+      loss="2c"   -> {"adv": (B,), "embed": (B, embed_dim), "proxy": (B, embed_dim)}  ContraGAN
+      loss="proj" -> {"adv": (B,)}  the projection term already added                ProjGAN
+      loss="ac"   -> {"adv": (B,), "class_logits": (B, K)}                             ACGAN
+
+    ContraGAN's D has no projection term: 2C replaces it. Every output also holds "h" (B, C), the
+    pooled feature, for `class_scores`. Defaults: the CIFAR-10 model, 2,517,186 params with the 2C
+    head, 2,415,170 with the projection head.
+    """
+
+    def __init__(self, img_size=32, width=96, num_classes=10, loss="2c", embed_dim=512):
+        super().__init__()
+        if loss not in ("2c", "proj", "ac"):
+            raise ValueError(f"unknown loss {loss!r}: choose 2c, proj or ac")
+        arch = D_ARCH[img_size]
+        ch = [m * width for m in arch["ch"]]
+        self.loss = loss
+        self.blocks = nn.ModuleList(
+            [DBlock(3 if i == 0 else ch[i - 1], ch[i], arch["down"][i], first=(i == 0))
+             for i in range(len(ch))])
+        resolutions = [img_size // 2 ** (sum(arch["down"][:i + 1])) for i in range(len(ch))]
+        self.attn_after = resolutions.index(arch["attn"])
+        self.attn = SelfAttention(ch[self.attn_after])
+        C = ch[-1]
+        self.adv_head = sn_linear(C, 1)
+        if loss == "2c":
+            self.embed_head = sn_linear(C, embed_dim)          # h -> l(x), one linear, no MLP
+            self.proxy = sn(nn.Embedding(num_classes, embed_dim))  # e(y)
+        elif loss == "proj":
+            self.class_embed = sn(nn.Embedding(num_classes, C))
+        else:
+            self.class_head = sn_linear(C, num_classes)
+
+    def features(self, x):                                     # x (B, 3, S, S) -> h (B, C)
+        h = x
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i == self.attn_after:
+                h = self.attn(h)
+        return F.relu(h).sum(dim=(2, 3))                       # global SUM pooling (not mean)
+
+    def forward(self, x, y):
+        h = self.features(x)                                   # (B, C)
+        adv = self.adv_head(h).squeeze(1)                      # (B,)
+        if self.loss == "2c":
+            return {"adv": adv, "h": h, "embed": self.embed_head(h), "proxy": self.proxy(y)}
+        if self.loss == "proj":
+            return {"adv": projection_logit(adv, h, self.class_embed(y)), "h": h}
+        return {"adv": adv, "h": h, "class_logits": self.class_head(h)}
+
+    def class_scores(self, h):
+        """D's own class judgement of features h (B, C) -> (B, K), arg-max = the class D sees: cosine
+        to every proxy (2C), <embed(y), h> for every y (proj: arg-max_y D(x, y), whose adversarial
+        term is the same for all y), the class logits (ACGAN)."""
+        if self.loss == "2c":
+            return F.normalize(self.embed_head(h), dim=1) @ F.normalize(self.proxy.weight, dim=1).t()
+        if self.loss == "proj":
+            return h @ self.class_embed.weight.t()
+        return self.class_head(h)
+
+
+# --------------------------------------------------------------------------------------------
+# Their blocks and layers: residual blocks, conditional BatchNorm, self-attention, spectral norm
+# --------------------------------------------------------------------------------------------
+
+class GBlock(nn.Module):
+    """G up-block: CBN -> ReLU -> up x2 -> conv3 -> CBN -> ReLU -> conv3, skip: up x2 -> conv1."""
+
+    def __init__(self, c_in, c_out, cond_dim):
+        super().__init__()
+        self.bn1 = ConditionalBatchNorm2d(c_in, cond_dim)
+        self.conv1 = sn_conv(c_in, c_out, 3)
+        self.bn2 = ConditionalBatchNorm2d(c_out, cond_dim)
+        self.conv2 = sn_conv(c_out, c_out, 3)
+        self.skip = sn_conv(c_in, c_out, 1)
+
+    def forward(self, x, cond):
+        h = upsample2x(F.relu(self.bn1(x, cond)))
+        h = self.conv2(F.relu(self.bn2(self.conv1(h), cond)))
+        # A 1x1 conv commutes with nearest up-sampling: conv first, on 4x fewer pixels, same result.
+        return h + upsample2x(self.skip(x))
+
+class DBlock(nn.Module):
+    """D block: ReLU -> conv3 -> ReLU -> conv3 [-> avgpool2]; skip conv1 [-> avgpool2] only when
+    down-sampling or changing channels. first=True is D's input block: conv3 -> ReLU -> conv3 ->
+    avgpool2, skip avgpool2 -> conv1.
+
+    Authors' quirk, kept: their block starts with an in-place ReLU that also overwrites the tensor the
+    skip holds, so the skip carries relu(x), not x (ResNet/BigGAN carry x).
+    """
+
+    def __init__(self, c_in, c_out, downsample, first=False):
+        super().__init__()
+        self.first, self.downsample = first, downsample
+        self.conv1 = sn_conv(c_in, c_out, 3)
+        self.conv2 = sn_conv(c_out, c_out, 3)
+        self.skip = sn_conv(c_in, c_out, 1) if (first or downsample or c_in != c_out) else None
+
+    def forward(self, x):
+        if self.first:
+            h = F.avg_pool2d(self.conv2(F.relu(self.conv1(x))), 2)
+            return h + self.skip(F.avg_pool2d(x, 2))
+        x = F.relu(x)                                          # the skip below sees relu(x) (quirk)
+        h = self.conv2(F.relu(self.conv1(x)))
+        skip = self.skip(x) if self.skip is not None else x
+        if self.downsample:
+            h, skip = F.avg_pool2d(h, 2), F.avg_pool2d(skip, 2)
+        return h + skip
+
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm without affine, then x * (1 + gain(c)) + bias(c) (BigGAN; the authors' code).
+
+    c = concat(shared class embedding, one chunk of z). gain/bias are SN linears without bias.
+    """
+
+    def __init__(self, channels, cond_dim):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, eps=1e-4, momentum=0.1, affine=False)
+        self.gain = sn_linear(cond_dim, channels, bias=False)
+        self.bias = sn_linear(cond_dim, channels, bias=False)
+
+    def forward(self, x, cond):                                # x (B, C, H, W), cond (B, cond_dim)
+        gain = 1.0 + self.gain(cond)[:, :, None, None]         # (B, C, 1, 1)
+        bias = self.bias(cond)[:, :, None, None]               # (B, C, 1, 1)
+        return self.bn(x) * gain + bias
+
+class SelfAttention(nn.Module):
+    """SAGAN self-attention (Zhang et al. 2019) as in BigGAN: theta, phi -> C/8; g -> C/2; 2x2
+    max-pool on phi and g; output conv back to C; learnable scale starting at 0. 1.25 C^2 + 1 params."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.theta = sn_conv(channels, channels // 8, 1, bias=False)
+        self.phi = sn_conv(channels, channels // 8, 1, bias=False)
+        self.g = sn_conv(channels, channels // 2, 1, bias=False)
+        self.out = sn_conv(channels // 2, channels, 1, bias=False)
+        self.scale = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        theta = self.theta(x).flatten(2)                       # (B, C/8, HW)
+        phi = F.max_pool2d(self.phi(x), 2).flatten(2)          # (B, C/8, HW/4)
+        g = F.max_pool2d(self.g(x), 2).flatten(2)              # (B, C/2, HW/4)
+        attn = torch.softmax(theta.transpose(1, 2) @ phi, -1)  # (B, HW, HW/4)
+        o = (g @ attn.transpose(1, 2)).view(B, C // 2, H, W)   # (B, C/2, H, W)
+        return x + self.scale * self.out(o)
+
+def upsample2x(x):
+    """Nearest-neighbour x2, as F.interpolate(mode="nearest") but as a view + copy: on the CPU
+    interpolate detours through channels-last and took 6x longer (bench.py, width 96)."""
+    B, C, H, W = x.shape
+    return x[:, :, :, None, :, None].expand(B, C, H, 2, W, 2).reshape(B, C, 2 * H, 2 * W)
+
+class SpectralNorm(nn.Module):
+    """W / sigma(W) with sigma estimated by one power iteration per training forward (Miyato et al.
+    2018), as torch.nn.utils.spectral_norm does, but always in fp32 outside autocast so a bf16/fp16
+    run keeps an exact normaliser. u and v are buffers (the authors' parameter counts exclude them).
+    """
+
+    def __init__(self, weight, eps=1e-6):
+        super().__init__()
+        out_features = weight.shape[0]
+        in_features = weight[0].numel()
+        self.eps = eps  # authors: eps=1e-6 in every spectral_norm call
+        self.register_buffer("u", F.normalize(torch.randn(out_features), dim=0, eps=eps))
+        self.register_buffer("v", F.normalize(torch.randn(in_features), dim=0, eps=eps))
+
+    def forward(self, weight):
+        with torch.autocast(weight.device.type, enabled=False):
+            w = weight.flatten(1).float()                      # (out, in*kh*kw)
+            if self.training:
+                with torch.no_grad():                          # one power iteration per forward
+                    self.v.copy_(F.normalize(w.t() @ self.u, dim=0, eps=self.eps))
+                    self.u.copy_(F.normalize(w @ self.v, dim=0, eps=self.eps))
+            # clones: a second forward before backward must not see these buffers change in place
+            sigma = self.u.clone() @ w @ self.v.clone()        # the largest singular value of W
+            return (weight.float() / sigma).to(weight.dtype)
+
+def orthogonal_init(module):
+    """Orthogonal weights and zero biases: the authors' 'ortho' initialisation."""
+    nn.init.orthogonal_(module.weight)
+    if getattr(module, "bias", None) is not None:
+        nn.init.zeros_(module.bias)
+    return module
+
+def sn(module):
+    """Orthogonal init, then spectral norm on module.weight (every conv/linear/embedding of G and D)."""
+    orthogonal_init(module)
+    parametrize.register_parametrization(module, "weight", SpectralNorm(module.weight))
+    return module
+
+def sn_conv(c_in, c_out, kernel_size, bias=True):
+    return sn(nn.Conv2d(c_in, c_out, kernel_size, padding=kernel_size // 2, bias=bias))
+
+def sn_linear(f_in, f_out, bias=True):
+    return sn(nn.Linear(f_in, f_out, bias=bias))
+
+
+# ============================================================================================
+# Everything below is what a run needs that the paper does not describe: data, evaluation,
+# distributed training, checkpoints and resume, Ctrl-C, the command line. The method ends here.
+# ============================================================================================
+
+class UsageError(Exception):
+    """A problem with the user's input: main() prints 'error: <message>' and exits with status 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# Data: CIFAR-10/100 (torchvision), any class-per-folder tree (ImageFolder), built-in shapes
+# --------------------------------------------------------------------------------------------
+
+def to_signed(images):  # uint8 in [0, 255] -> float in [-1, 1], the range of G's tanh (fid.py does the same)
+    return images.float() / 127.5 - 1.0
+
+def uniform_labels(n, num_classes, device, generator=None):  # y uniform over classes: training and FID
+    return torch.randint(0, num_classes, (n,), device=device, generator=generator)
+
+def balanced_labels(num_classes, per_class, device):  # each class per_class times: grid rows, confusion fakes
+    return torch.arange(num_classes, device=device).repeat_interleave(per_class)
+
+class TensorImages(torch.utils.data.Dataset):
+    """A data set held in memory as uint8 (N, 3, H, W) images and int64 (N,) labels."""
+
+    def __init__(self, images, labels, classes):
+        self.images, self.labels, self.classes = images, labels, classes
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+SHAPES = [("circle", (230, 70, 60)), ("square", (70, 200, 90)),
+          ("triangle", (80, 120, 240)), ("cross", (235, 210, 70))]
+
+def make_shapes(n, img_size=32, seed=0):
+    """The built-in data set: one coloured shape per image at a random position and size on a noisy
+    dark background; class = shape and colour. Deterministic in (n, img_size, seed); no download."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % len(SHAPES)
+    labels = labels[torch.randperm(n, generator=gen)]
+    S = img_size
+    r = (0.15 + 0.15 * torch.rand(n, generator=gen)) * S                   # (n,) half-size
+    cx = r + (S - 2 * r) * torch.rand(n, generator=gen)                    # (n,) centre, inside
+    cy = r + (S - 2 * r) * torch.rand(n, generator=gen)
+    yy, xx = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
+    dx = xx[None] - cx[:, None, None]                                      # (n, S, S)
+    dy = yy[None] - cy[:, None, None]
+    r3 = r[:, None, None]
+    masks = torch.stack([dx ** 2 + dy ** 2 < r3 ** 2,                                # circle
+                         torch.maximum(dx.abs(), dy.abs()) < 0.8 * r3,               # square
+                         (dy < 0.8 * r3) & (dx.abs() < (dy + r3) * 0.6),             # triangle
+                         ((dx.abs() < r3 / 3) & (dy.abs() < r3)) |
+                         ((dy.abs() < r3 / 3) & (dx.abs() < r3))])                  # cross
+    mask = masks[labels, torch.arange(n)]                                  # (n, S, S)
+    colours = torch.tensor([c for _, c in SHAPES], dtype=torch.float32)
+    colour = colours[labels] + 20 * torch.randn(n, 3, generator=gen)       # (n, 3) jittered
+    background = 30 + 8 * torch.randn(n, 3, S, S, generator=gen)
+    images = torch.where(mask[:, None], colour[:, :, None, None], background)
+    return images.clamp(0, 255).round().to(torch.uint8), labels
+
+def shapes_class_of(images):
+    """Which class each shapes image shows, read off its colour (no network): the class whose colour
+    is nearest to the most pixels. images: float (B, 3, H, W) in [-1, 1]. Used for class consistency."""
+    rgb = (images.float() + 1) * 127.5                                     # (B, 3, H, W)
+    colours = torch.tensor([c for _, c in SHAPES], dtype=rgb.dtype, device=rgb.device)
+    dist2 = ((rgb[:, None] - colours[None, :, :, None, None]) ** 2).sum(2)  # (B, K, H, W)
+    near = dist2 < 60.0 ** 2                                               # pixel within 60 of a colour
+    return near.flatten(2).sum(2).argmax(1)                                # (B,)
+
+CIFAR = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+
+def load_cifar(name, data_dir, train):
+    """CIFAR-10/100 via torchvision, downloaded into data_dir once; offline, fail in seconds."""
+    import torchvision
+    cls = getattr(torchvision.datasets, CIFAR[name])
+    old_timeout = socket.getdefaulttimeout()
+    try:
+        ds = cls(data_dir, train=train, download=False)
+    except RuntimeError:                                       # not there yet: download it
+        try:
+            socket.setdefaulttimeout(20)                       # a dead network fails, never hangs
+            ds = cls(data_dir, train=train, download=True)
+        except Exception as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UsageError(
+                f"could not download {name} ({cls.filename} from {cls.url}): {reason}. Offline: fetch that file "
+                f"elsewhere and put it, or its extracted folder {cls.base_folder}/, in --data-dir "
+                f"({os.path.join(data_dir, cls.filename)})") from None
+        finally:
+            socket.setdefaulttimeout(old_timeout)
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()   # (N, 3, 32, 32) uint8
+    return TensorImages(images, torch.tensor(ds.targets), list(ds.classes))
+
+IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+def load_folder(root, img_size):
+    """Any class-per-folder tree (root/<class>/<image>), resized and centre-cropped to img_size. Every
+    image is decoded once here, so that a broken file cannot stop a run hours in: unreadable ones are
+    skipped with one warning that counts and names them."""
+    import torchvision
+    from PIL import Image
+    from torchvision import transforms as T
+    if not os.path.isdir(root):
+        raise UsageError(f"image folder {root!r} does not exist (give it with --data-dir)")
+    entries = os.listdir(root)
+    if not any(os.path.isdir(os.path.join(root, e)) for e in entries):
+        if any(e.lower().endswith(IMG_EXT) for e in entries):
+            raise UsageError(f"{root!r} holds images but no class sub-folders: put each class's "
+                             f"images in {root}/<class name>/")
+        raise UsageError(f"image folder {root!r} is empty: it needs one sub-folder of images per class")
+    transform = T.Compose([T.Resize(img_size), T.CenterCrop(img_size), T.PILToTensor()])
+    say, bad = is_main_process(), []
+
+    def readable(path):
+        try:
+            with Image.open(path) as image:
+                image.load()
+            return True
+        except Exception:                                      # OSError, SyntaxError, ValueError, ... from PIL
+            return bad.append(path)                            # None: skip it
+
+    if say:
+        print(f"checking every image in {root} once (a broken file is skipped now, not met hours in)", flush=True)
+    try:
+        data = torchvision.datasets.ImageFolder(root, transform=lambda im: transform(im.convert("RGB")),
+                                                is_valid_file=lambda p: p.lower().endswith(IMG_EXT) and readable(p))
+    except (FileNotFoundError, RuntimeError) as err:
+        raise UsageError(f"image folder {root!r}: {str(err).splitlines()[0]}") from None
+    if bad and say:
+        print(f"warning: skipped {len(bad)} unreadable image(s) of {len(data) + len(bad)}: {', '.join(bad[:10])}"
+              f"{f' and {len(bad) - 10} more' if len(bad) > 10 else ''}", file=sys.stderr, flush=True)
+    return data
+
+def load_data(cfg):
+    """(train, heldout, num_classes). heldout: CIFAR's test split; shapes: a fresh draw; folder: a
+    fixed 5% of the images set aside (none when the folder is tiny). It feeds D's held-out accuracy
+    and, for CIFAR and shapes, FID's reference statistics (the paper: CIFAR-10's 10k test images)."""
+    if cfg.dataset in CIFAR:
+        if cfg.img_size != 32:
+            raise UsageError(f"{cfg.dataset} images are 32x32; --img-size {cfg.img_size} is not supported for it")
+        train, heldout = load_cifar(cfg.dataset, cfg.data_dir, True), load_cifar(cfg.dataset, cfg.data_dir, False)
+        return train, heldout, len(train.classes)
+    if cfg.dataset == "shapes":
+        classes = [n for n, _ in SHAPES]
+        train = TensorImages(*make_shapes(cfg.shapes_size, cfg.img_size, seed=0), classes)
+        return train, TensorImages(*make_shapes(max(cfg.fid_images, 1024), cfg.img_size, seed=1), classes), len(classes)
+    data = load_folder(cfg.data_dir, cfg.img_size)
+    n_hold = len(data) // 20 if len(data) >= 200 else 0
+    if not n_hold:
+        return data, None, len(data.classes)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1234)).tolist()
+    Subset = torch.utils.data.Subset
+    return Subset(data, order[n_hold:]), Subset(data, order[:n_hold]), len(data.classes)
+
+class Batches:
+    """Endless real batches in [-1, 1], flipped at random when `flip` (the authors' only augmentation:
+    on for CIFAR-10, off for Tiny ImageNet). A DistributedSampler gives each torchrun rank its share;
+    (epoch, batch) is what a checkpoint saves, so a resumed run sees the very same batches."""
+
+    def __init__(self, dataset, local_batch, rank, world, seed, device, num_workers=0, flip=True):
+        if len(dataset) < local_batch * world:
+            raise UsageError(f"the data set has {len(dataset)} images, fewer than one batch of {local_batch * world}")
+        self.dataset, self.batch, self.device, self.num_workers = dataset, local_batch, device, num_workers
+        self.flip = flip
+        self.sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.epoch, self.pos, self._it = 0, 0, None
+        if isinstance(dataset, TensorImages):                  # in memory: keep it on the device
+            self.images, self.labels = dataset.images.to(device), dataset.labels.to(device)
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos, self._it = state["epoch"], state["pos"], None
+
+    def _batches(self):
+        self.sampler.set_epoch(self.epoch)
+        idx = list(self.sampler)[self.pos * self.batch:]
+        n = len(idx) // self.batch
+        if isinstance(self.dataset, TensorImages):             # in memory: index, no collation
+            idx = torch.tensor(idx, device=self.device)
+            for b in range(n):
+                ids = idx[b * self.batch:(b + 1) * self.batch]
+                yield self.images[ids], self.labels[ids]
+        else:
+            yield from torch.utils.data.DataLoader(
+                torch.utils.data.Subset(self.dataset, idx[:n * self.batch]), batch_size=self.batch,
+                num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+
+    def __next__(self):
+        while True:
+            if self._it is None:
+                self._it = self._batches()
+            try:
+                images, labels = next(self._it)
+                break
+            except StopIteration:
+                self.epoch, self.pos, self._it = self.epoch + 1, 0, None
+        self.pos += 1
+        x = to_signed(images.to(self.device, non_blocking=True))   # (B, 3, H, W)
+        if self.flip:
+            flip = torch.rand(x.shape[0], device=self.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        return x, labels.to(self.device, non_blocking=True)
+
+def fixed_sample(dataset, n, seed):
+    """A fixed random subset as uint8 (n, 3, H, W) images and (n,) labels (D's accuracy checks)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    if isinstance(dataset, TensorImages):
+        return dataset.images[order], dataset.labels[order]
+    items = [dataset[i] for i in order.tolist()]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation: sample grid, FID of the EMA generator (fid.py), Figure 3's diagnostics
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -772,16 +729,14 @@ def generate(G, labels, z_dim, batch_size, generator=None):
     torch._foreach_copy_(list(G.buffers()), buffers)
     return torch.cat(out)
 
-
 def save_grid(G, path, num_classes, z_dim, device, batch_size, seed):
     """A PNG with one row per class (the same noise every evaluation, so rows are comparable)."""
     import torchvision
     cols = 10 if num_classes <= 20 else 5
     gen = torch.Generator(device=device).manual_seed(seed)
-    labels = torch.arange(num_classes, device=device).repeat_interleave(cols)
+    labels = balanced_labels(num_classes, cols, device)
     images = generate(G, labels, z_dim, batch_size, gen)
     torchvision.utils.save_image(images * 0.5 + 0.5, path, nrow=cols, padding=1)
-
 
 @torch.no_grad()
 def d_judge(D, images, labels, device, batch_size=256):
@@ -790,13 +745,12 @@ def d_judge(D, images, labels, device, batch_size=256):
     D.eval()                                                   # no power iteration: state untouched
     hits, judged = 0, []
     for x, y in zip(images.split(batch_size), labels.split(batch_size)):
-        x = x.to(device).float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.to(device)
+        x = to_signed(x.to(device)) if x.dtype == torch.uint8 else x.to(device)
         out = D(x, y.to(device))
         hits += int((out["adv"] > 0).sum())
         judged.append(D.class_scores(out["h"]).argmax(1).cpu())
     D.train()
     return hits / max(len(labels), 1), torch.cat(judged)
-
 
 def confusion(asked, judged, num_classes):
     """Class confusion: K x K counts of asked (rows) vs judged (columns) classes, the share judged as
@@ -811,7 +765,6 @@ def confusion(asked, judged, num_classes):
     n = max(len(asked), 1)
     return counts, counts.diag().sum().item() / n, counts[rows, cols].sum().item() / n
 
-
 def d_diagnostics(D, G_ema, acc_train, acc_held, num_classes, cfg, device):
     """Figure 3's overfitting probe (D's accuracy at calling training vs held-out real images real)
     and class confusion: D's class judgement (`Discriminator.class_scores`) of held-out reals and of
@@ -825,7 +778,7 @@ def d_diagnostics(D, G_ema, acc_train, acc_held, num_classes, cfg, device):
         counts, rec["d_class_acc_heldout"], _ = confusion(acc_held[1], judged, num_classes)
         rec["confusion_d_heldout"] = counts.tolist() if num_classes <= 100 else None
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 4)  # the same noise every evaluation
-    y = torch.arange(num_classes, device=device).repeat_interleave(max(cfg.acc_images // num_classes, 1))
+    y = balanced_labels(num_classes, max(cfg.acc_images // num_classes, 1), device)
     fake = generate(G_ema, y, cfg.z_dim, cfg.eval_batch, gen)
     readers = {"d": d_judge(D, fake, y, device)[1]}
     if cfg.dataset == "shapes":                                # the class read off the colour
@@ -836,7 +789,6 @@ def d_diagnostics(D, G_ema, acc_train, acc_held, num_classes, cfg, device):
         rec[key], rec[key + "_relabelled"] = raw, relabelled
         rec["confusion_" + name] = counts.tolist() if num_classes <= 100 else None
     return rec
-
 
 def spectral_norms(model):
     """{layer: sigma}: each weight's largest singular value before normalisation, i.e. the power
@@ -849,7 +801,6 @@ def spectral_norms(model):
             sigmas[name] = float(sn_.u @ w @ sn_.v)
     return sigmas
 
-
 def detect_collapse(history, gap_threshold, patience):
     """The collapse the paper's Section 4.5 describes: D's train/held-out accuracy gap past a
     threshold, or FID rising `patience` evaluations in a row. Returns a reason or None."""
@@ -861,13 +812,11 @@ def detect_collapse(history, gap_threshold, patience):
         return f"FID rose {patience} evaluations in a row ({' -> '.join(f'{f:.2f}' for f in fids)})"
     return None
 
-
 class FIDEvaluator:
-    """FID of the EMA generator against reference statistics, through fid.py, in the paper's
-    protocol: Inception-V3 with the TF FID weights, 2048-d pool features, 299x299 bilinear; fakes
-    drawn with uniform labels by G_ema with BatchNorm batch statistics in batches of eval_batch (64);
-    reference = CIFAR's 10k test images (shapes: a held-out draw; folder: its training images).
-    Under DDP every rank embeds its share and the float64 sums are all-reduced (exact)."""
+    """FID of G_ema in the paper's protocol, through fid.py: Inception-V3 with the TF FID weights,
+    2048-d pool features, 299x299 bilinear; fakes with uniform labels, BatchNorm batch statistics,
+    batches of eval_batch (64); reference = CIFAR's 10k test images (shapes: a held-out draw; folder:
+    its training images). Under DDP every rank embeds its share; fid.py all-reduces the float64 sums."""
 
     def __init__(self, cfg, reference, split, num_classes, device, rank, world):
         self.cfg, self.num_classes, self.device, self.rank, self.world = cfg, num_classes, device, rank, world
@@ -885,29 +834,23 @@ class FIDEvaluator:
         self.description = (f"FID protocol: {cfg.fid_images} fakes of G_ema (BatchNorm batch statistics, "
                             f"batch {cfg.eval_batch}) vs {n_ref} {cfg.dataset} {split} images; "
                             f"Inception-V3 {self.protocol['weights']}; {self.protocol['resize']}")
-        stats_dir = cfg.data_dir if cfg.dataset != "folder" else cfg.run_dir
-        tag = "random" if random_weights else "tf"
+        stem = os.path.join(cfg.data_dir if cfg.dataset != "folder" else cfg.run_dir,
+                            f"fid_{cfg.dataset}_{split}_{n_ref}_{'random' if random_weights else 'tf'}")
         subset = torch.utils.data.Subset(reference, range(n_ref))
-        self.ref = self._reference(subset, os.path.join(stats_dir, f"fid_{cfg.dataset}_{split}_{n_ref}_{tag}.npz"),
-                                   self.protocol)
+        self.ref = self._reference(subset, stem + ".npz", self.protocol)
         self.class_ref = None
         if cfg.intra_fid:                                      # per-class reference statistics
-            if isinstance(reference, TensorImages):
-                labels = reference.labels[:n_ref]
-            else:                                              # reads each image once for its label
-                labels = torch.tensor([reference[i][1] for i in range(n_ref)])
+            labels = reference.labels[:n_ref] if isinstance(reference, TensorImages) else \
+                torch.tensor([reference[i][1] for i in range(n_ref)])  # reads each image once
             self.class_ref = [self._reference(
                 torch.utils.data.Subset(subset, (labels == k).nonzero().flatten().tolist()),
-                os.path.join(stats_dir, f"fid_{cfg.dataset}_{split}_{n_ref}_{tag}_class{k}.npz"),
-                {**self.protocol, "class": k}) for k in range(num_classes)]
+                f"{stem}_class{k}.npz", {**self.protocol, "class": k}) for k in range(num_classes)]
 
     def _reference(self, dataset, path, protocol):
-        # rank 0 computes and caches the statistics; the others wait, then read the cache.
-        if self.rank == 0:
-            fid.reference_stats(self.inception, Scaled(dataset), path, protocol, num_images=len(dataset),
+        if self.rank == 0:                                     # computes and caches; the others read the cache
+            fid.reference_stats(self.inception, dataset, path, protocol, num_images=len(dataset),
                                 batch_size=self.cfg.eval_batch, device=self.device)
-        if self.world > 1:
-            dist.barrier()
+        wait_for_rank0(self.world)
         mu, sigma, _ = fid.load_stats(path, expect=protocol)
         return mu, sigma
 
@@ -915,8 +858,8 @@ class FIDEvaluator:
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1 + self.rank)  # own share per rank
 
         def sample(batch):                                     # uniform labels, or one class
-            y = torch.randint(0, self.num_classes, (batch,), device=self.device, generator=gen) \
-                if label is None else torch.full((batch,), label, device=self.device)
+            y = uniform_labels(batch, self.num_classes, self.device, gen) if label is None else \
+                torch.full((batch,), label, device=self.device)
             return generate(G, y, self.cfg.z_dim, self.cfg.eval_batch, gen)
 
         stats, inception_score = fid.features_from_sampler(
@@ -940,14 +883,90 @@ class FIDEvaluator:
 
 
 # --------------------------------------------------------------------------------------------
-# The run: folders, checkpoints, resume, logging, Ctrl-C and NaN handling
+# Distributed training (torchrun): the process group, DDP wrappers, the 2C all-gather, ranks agreeing
+# to stop, every rank's RNG state. All that changes under torchrun; one process skips all of it.
+# --------------------------------------------------------------------------------------------
+
+def is_main_process():
+    return os.environ.get("RANK", "0") == "0"                 # only rank 0 prints, writes and errs
+
+def pick_device(choice, index=0, tf32=True):
+    """--device auto|cuda|cpu; on a GPU, TF32 as --tf32 says and cuDNN autotuning."""
+    use_cuda = torch.cuda.is_available() if choice == "auto" else choice == "cuda"
+    if not use_cuda:
+        return torch.device("cpu")
+    torch.cuda.set_device(index)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True
+    return torch.device("cuda", index)
+
+def setup_device(cfg):
+    """(device, rank, world) from torchrun's environment; joins the process group when world > 1."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")), cfg.tf32)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+        # torch.distributed.nn's all_gather is the public differentiable collective; recent torch
+        # versions flag it as deprecated in favour of a private one, which we do not use.
+        warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated")
+    return device, rank, world
+
+def ddp(module, world):
+    """DistributedDataParallel around a module that trains (G, D); the module itself in one process."""
+    if world == 1:
+        return module
+    device = next(module.parameters()).device
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+def gather_global_batch(embed, proxy, labels):
+    """Under DDP, all-gather so the 2C loss sees the global batch; a no-op in a single process.
+
+    torch.distributed.nn's all_gather is differentiable: every rank computes the same loss on the
+    global batch, and its backward sums each rank's gradient for the local slice over ranks. DDP then
+    averages parameter gradients over ranks, which turns that sum back into exactly the gradient of
+    the single-process loss on the whole batch (tested in test_contragan.py).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return embed, proxy, labels
+    from torch.distributed.nn.functional import all_gather
+    all_labels = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_labels, labels)                        # labels need no gradient
+    return torch.cat(all_gather(embed)), torch.cat(all_gather(proxy)), torch.cat(all_labels)
+
+def any_rank(flag, device, world):
+    """True on every rank when flag (a bool or a 0-d tensor) is true on any: all ranks stop together."""
+    flag = torch.as_tensor(flag, device=device).to(torch.int32)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+def wait_for_rank0(world):
+    if world > 1:
+        dist.barrier()
+
+def rng_states(device, world):
+    """Every rank's RNG state (rank 0 saves them all), so that a resumed run draws the same numbers."""
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# --------------------------------------------------------------------------------------------
+# The run: folders, checkpoints, resume, logging, Ctrl-C and NaN handling; generation from a checkpoint
 # --------------------------------------------------------------------------------------------
 
 # Flags that may differ when a run is resumed; every other flag must match the checkpoint.
 RUN_FLAGS = {"steps", "log_every", "eval_every", "fid_images", "fid_weights", "eval_batch", "intra_fid",
              "inception_score", "device", "num_workers", "compile", "resume", "run_dir", "data_dir",
              "collapse_gap", "collapse_patience", "acc_images", "preset"}
-
 
 def save_checkpoint(path, state):
     """Atomic: write a temporary file, flush it to disk, then rename over the old one. config.json next
@@ -962,7 +981,6 @@ def save_checkpoint(path, state):
         json.dump({**state["config"], "num_classes": state["num_classes"], "world_size": len(state["rng"])}, f, indent=2)
     os.replace(tmp, os.path.join(os.path.dirname(path), "config.json"))
 
-
 def load_checkpoint(path):
     if os.path.isdir(path):
         path = os.path.join(path, "last.pt")
@@ -976,7 +994,6 @@ def load_checkpoint(path):
     if not (isinstance(checkpoint, dict) and {"G", "D", "G_ema", "config", "step"} <= checkpoint.keys()):
         raise UsageError(f"{path} is a torch file but not a contragan.py checkpoint (no G, D, G_ema, config, step)")
     return checkpoint, path
-
 
 def claim_run_dir(run_dir, resume_dir):
     """One run owns its folder. Refused: a folder that holds another run (unless it is the one resumed),
@@ -1018,34 +1035,6 @@ def claim_run_dir(run_dir, resume_dir):
                 pass
     return release
 
-
-def rng_state(device):
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def setup_device(cfg):
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
-        torch.backends.cudnn.benchmark = True
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
-        # torch.distributed.nn's all_gather is the public differentiable collective; recent torch
-        # versions flag it as deprecated in favour of a private one, which we do not use.
-        warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated")
-    return device, rank, world
-
-
 def merge_resume_config(cfg, explicit, checkpoint, path):
     """The checkpoint's configuration, with the run flags (RUN_FLAGS) of this command on top. A model
     or training flag given now that differs from the checkpoint is refused: it is another run."""
@@ -1059,18 +1048,16 @@ def merge_resume_config(cfg, explicit, checkpoint, path):
     merged.update({k: v for k, v in explicit.items() if k in RUN_FLAGS})
     return argparse.Namespace(**merged)
 
-
 def evaluations_left(step, steps, eval_every):
     """How many evaluations the loop still runs at steps step..steps (every eval_every and at the end)."""
     return steps // eval_every - (step - 1) // eval_every + (steps % eval_every > 0)
-
 
 def format_duration(seconds):
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
-
 def train(cfg, explicit):
+    """Resolve the configuration (a resumed run: the checkpoint's), own the run folder, run."""
     checkpoint = ckpt_path = None
     if cfg.resume:
         checkpoint, ckpt_path = load_checkpoint(cfg.resume)
@@ -1080,7 +1067,7 @@ def train(cfg, explicit):
     validate(cfg)
     cfg.run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.dataset}-{cfg.loss}-s{cfg.seed}")
     if checkpoint is not None and checkpoint["step"] >= cfg.steps:
-        if os.environ.get("RANK", "0") == "0":
+        if is_main_process():
             print(f"nothing trained: {ckpt_path} is at step {checkpoint['step']} and --steps is {cfg.steps} "
                   f"(give a larger --steps to continue it)")
         return 0
@@ -1089,200 +1076,188 @@ def train(cfg, explicit):
         raise UsageError("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm works only on GPU modules")
     release = claim_run_dir(cfg.run_dir, ckpt_path and os.path.dirname(ckpt_path)) if rank == 0 else (lambda: None)
     try:
-        return run_training(cfg, checkpoint, ckpt_path, device, rank, world)
+        return Run(cfg, checkpoint, ckpt_path, device, rank, world).loop()
     finally:
         release()
 
+class Run:
+    """One training run once its folder is owned. Its state besides the models (step, best FID, history)
+    lives here, in one place; nothing is written into the folder before the loop starts."""
 
-def run_training(cfg, checkpoint, ckpt_path, device, rank, world):
-    """The run, once its folder is owned. Nothing is written into the folder before the training loop
-    starts; metrics.jsonl is then cut back to the checkpoint's step (a crash before the first checkpoint
-    leaves lines that a rerun would otherwise repeat)."""
-    main_rank = rank == 0
-    log = (lambda *a, **k: print(*a, **k, flush=True)) if main_rank else (lambda *a, **k: None)
-    train_set, heldout, num_classes = load_data(cfg)
-    if num_classes < 2 and cfg.loss in ("2c", "ac"):
-        raise UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is exactly 0 "
-                         f"every step (use --loss proj, or give more classes)")
-    trainer = Trainer(cfg, num_classes, device, rank, world)
-    batches = Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device, cfg.num_workers, cfg.flip)
-    step, best_fid, best_step, history = 0, None, None, []
-    if checkpoint is not None:
+    def __init__(self, cfg, checkpoint, ckpt_path, device, rank, world):
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        self.log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
+        train_set, heldout, self.num_classes = load_data(cfg)
+        if self.num_classes < 2 and cfg.loss in ("2c", "ac"):
+            raise UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is exactly 0 "
+                             f"every step (use --loss proj, or give more classes)")
+        self.trainer = Trainer(cfg, self.num_classes, device, world)
+        self.batches = Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device, cfg.num_workers,
+                               cfg.flip)
+        self.step, self.best_fid, self.best_step, self.history = 0, None, None, []
+        if checkpoint is not None:
+            self.resume(checkpoint, ckpt_path)
+        self.metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
+        n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (self.trainer.G, self.trainer.D))
+        self.log(f"config: {json.dumps(vars(cfg), sort_keys=True)}")
+        self.log(f"G {n_g:,} params | D {n_d:,} params | {cfg.loss} | {device}"
+                 f"{f' x {world} ranks' if world > 1 else ''} | global batch {cfg.batch_size} | run {cfg.run_dir}")
+        self.evaluator = None
+        if cfg.fid_images > 0 and fid is None:
+            self.log("FID is not available (fid.py is missing): evaluation writes the sample grid only")
+        elif cfg.fid_images > 0:
+            ref_set, split = (heldout, "test") if cfg.dataset in CIFAR else \
+                (heldout, "heldout") if cfg.dataset == "shapes" else (train_set, "train")
+            self.evaluator = FIDEvaluator(cfg, ref_set, split, self.num_classes, device, rank, world)
+            self.log(self.evaluator.description)
+        self.acc_train = fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
+        self.acc_held = fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3) if heldout else None
+        # metrics.jsonl is cut back to the checkpoint's step (all of it on a fresh start): a crash before the
+        # first checkpoint leaves lines that a rerun would otherwise repeat
+        if rank == 0 and os.path.exists(self.metrics_path):
+            with open(self.metrics_path) as f:
+                kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= self.step]  # not torn
+            with open(self.metrics_path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.metrics_path + ".tmp", self.metrics_path)
+        if cfg.compile:
+            self.log("--compile: the first steps compile G and D, about a minute on a GPU and several on a CPU")
+
+    def resume(self, checkpoint, path):
         try:
-            trainer.load_state_dict(checkpoint)
+            self.trainer.load_state_dict(checkpoint)
         except (RuntimeError, KeyError, ValueError) as err:
-            raise UsageError(f"checkpoint {ckpt_path} does not fit this model ({str(err).splitlines()[0]})") from None
-        step, best_fid, best_step = checkpoint["step"], checkpoint["best_fid"], checkpoint["best_step"]
-        history = checkpoint.get("history", [])
-        batches.load_state_dict(checkpoint["data"])
-        set_rng_state(checkpoint["rng"][rank if rank < len(checkpoint["rng"]) else 0], device)
-        log(f"resumed {ckpt_path} at step {step}")
-    metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
-    if main_rank:
-        n_g = sum(p.numel() for p in trainer.G.parameters())
-        n_d = sum(p.numel() for p in trainer.D.parameters())
-        log(f"config: {json.dumps(vars(cfg), sort_keys=True)}")
-        log(f"G {n_g:,} params | D {n_d:,} params | {cfg.loss} | {device}"
-            f"{f' x {world} ranks' if world > 1 else ''} | global batch {cfg.batch_size} | run {cfg.run_dir}")
+            raise UsageError(f"checkpoint {path} does not fit this model ({str(err).splitlines()[0]})") from None
+        self.step, self.best_fid, self.best_step = checkpoint["step"], checkpoint["best_fid"], checkpoint["best_step"]
+        self.history = checkpoint.get("history", [])
+        self.batches.load_state_dict(checkpoint["data"])
+        set_rng_state(checkpoint["rng"][self.rank if self.rank < len(checkpoint["rng"]) else 0], self.device)
+        self.log(f"resumed {path} at step {self.step}")
 
-    evaluator = None
-    if cfg.fid_images > 0 and fid is None:
-        log("FID is not available (fid.py is missing): evaluation writes the sample grid only")
-    elif cfg.fid_images > 0:
-        ref_set, split = (heldout, "test") if cfg.dataset in CIFAR else \
-            (heldout, "heldout") if cfg.dataset == "shapes" else (train_set, "train")
-        evaluator = FIDEvaluator(cfg, ref_set, split, num_classes, device, rank, world)
-        log(evaluator.description)
-    acc_train = fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
-    acc_held = fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3) if heldout else None
-    if main_rank and os.path.exists(metrics_path):            # drop lines past the checkpoint (or all: fresh run)
-        with open(metrics_path) as f:
-            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]  # not a torn line
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(metrics_path + ".tmp", metrics_path)
-    if cfg.compile:
-        log("--compile: the first steps compile G and D, about a minute on a GPU and several on a CPU")
+    def loop(self):
+        """Iterate, log, evaluate and save, stop: at --steps (0), or at Ctrl-C, saved (130)."""
+        cfg, self.stop_requested = self.cfg, False
+        previous_handler = signal.signal(signal.SIGINT, self.request_stop)
+        try:
+            self.t_last, self.step_last, self.eval_s = time.time(), self.step, 0.0
+            while self.step < cfg.steps:
+                logs = self.trainer.iteration(self.batches, self.step)
+                self.step += 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self.log_progress(logs)
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    t_eval = time.time()
+                    self.evaluate_and_save()
+                    self.eval_s = time.time() - t_eval
+                    self.t_last, self.step_last = time.time(), self.step  # s/step: training only
+                # all ranks stop at the same step: they agree at log steps
+                stopping = self.stop_requested if self.world == 1 else \
+                    self.step % cfg.log_every == 0 and any_rank(self.stop_requested, self.device, self.world)
+                if stopping and self.step < cfg.steps:
+                    self.save()
+                    self.log(f"interrupted at step {self.step}: saved {cfg.run_dir}/last.pt; "
+                             f"continue with --resume {cfg.run_dir}")
+                    return 130
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
+        self.log(f"done: best FID {self.best_fid:.3f} at step {self.best_step} ({cfg.run_dir}/best.pt)"
+                 if self.best_fid is not None else f"done: {cfg.run_dir}/last.pt")
+        return 0
 
-    def checkpoint_state():
-        state = trainer.state_dict()
-        check_finite(state)                                    # every save comes through here
-        rngs = [rng_state(device)]
-        if world > 1:
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state(device))
-        return {**state, "step": step, "best_fid": best_fid, "best_step": best_step,
-                "history": history, "config": vars(cfg), "num_classes": num_classes,
-                "data": batches.state_dict(), "rng": rngs}
+    def request_stop(self, signum, frame):
+        if self.stop_requested:                                # second Ctrl-C: leave at once
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        self.log("\ninterrupt: finishing this step, saving, exiting (Ctrl-C again to abort without saving)")
 
-    def check_finite(state=None):
+    def log_progress(self, logs):
+        self.check_finite()
+        cfg, now = self.cfg, time.time()
+        per_step = (now - self.t_last) / max(self.step - self.step_last, 1)
+        r = {"step": self.step, **{k: round(float(v), 5) for k, v in logs.items()},
+             "img_per_s": round(cfg.d_steps * cfg.batch_size / per_step, 1),
+             "s_per_step": round(per_step, 4), "time": round(now, 1)}
+        self.t_last, self.step_last = now, self.step
+        left = per_step * (cfg.steps - self.step) + self.eval_s * evaluations_left(self.step, cfg.steps, cfg.eval_every)
+        self.log(f"step {self.step}/{cfg.steps} | d {r['d_loss']:.4f} (adv {r['d_adv']:.4f} cond {r['d_cond']:.4f}) "
+                 f"| g {r['g_loss']:.4f} (adv {r['g_adv']:.4f} cond {r['g_cond']:.4f}) | {r['img_per_s']:.1f} img/s | "
+                 f"{per_step:.3f} s/step | left {format_duration(left)}")
+        self.write_metrics(r)
+
+    def write_metrics(self, record):
+        if self.rank == 0:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate_and_save(self):
+        """FID (every rank embeds a share), then on rank 0 the grid, Figure 3's diagnostics, the
+        console line and metrics.jsonl; last.pt (and best.pt when FID improved) from every rank's state."""
+        cfg, t = self.cfg, self.trainer
+        self.check_finite(t.state_dict())                      # before FID and the grid see NaN weights
+        record, improved = {"step": self.step, "eval": True}, False
+        if self.evaluator is not None:
+            t0 = time.time()
+            record.update(self.evaluator(t.G_ema))
+            record["fid_seconds"] = round(time.time() - t0, 1)
+        if self.rank == 0:
+            save_grid(t.G_ema, os.path.join(cfg.run_dir, "samples", f"step{self.step:07d}.png"),
+                      self.num_classes, cfg.z_dim, self.device, cfg.eval_batch, cfg.seed)
+            record.update(d_diagnostics(t.D, t.G_ema, self.acc_train, self.acc_held, self.num_classes, cfg,
+                                        self.device))
+            sigmas = spectral_norms(t.D)
+            record["d_sigma_max"], record["d_sigma"] = max(sigmas.values()), sigmas
+            self.history.append({k: record.get(k) for k in ("step", "fid", "d_acc_gap")})
+            record["collapse"] = detect_collapse(self.history, cfg.collapse_gap, cfg.collapse_patience)
+            improved = record.get("fid") is not None and (self.best_fid is None or record["fid"] < self.best_fid)
+            if improved:
+                self.best_fid, self.best_step = record["fid"], self.step
+            self.log(self.eval_line(record))
+            if self.evaluator is not None:
+                self.log(self.evaluator.description)
+            if record["collapse"]:
+                self.log(f"WARNING collapse suspected at step {self.step}: {record['collapse']}")
+            self.write_metrics(record)
+        self.save(best=improved)
+
+    def eval_line(self, r):
+        held = self.acc_held is not None
+        parts = [f"eval step {self.step}",
+                 "fid" in r and f"FID {r['fid']:.3f} (best {self.best_fid:.3f} @ {self.best_step})",
+                 "is_mean" in r and f"IS {r['is_mean']:.2f}+-{r['is_std']:.2f}",
+                 "intra_fid" in r and f"intra-FID {r['intra_fid']:.3f}",
+                 f"D acc train {r['d_acc_train']:.3f}" + (f" held-out {r['d_acc_heldout']:.3f}" if held else ""),
+                 f"max sigma(W_D) {r['d_sigma_max']:.2f}",
+                 held and f"D class acc held-out {r['d_class_acc_heldout']:.3f}"]
+        parts += [f"class consistency ({reader}) {r[k]:.3f}, relabelled {r[k + '_relabelled']:.3f}"
+                  for k, reader in (("class_consistency_d", "D"), ("class_consistency", "colour")) if k in r]
+        return " | ".join(p for p in parts if p)
+
+    def check_finite(self, state=None):
         """Stop on a non-finite loss, or on a non-finite state about to be saved or evaluated: a huge
         learning rate turns weights into inf/NaN while the losses are still finite. One max-abs
         reduction over every float tensor of G, D, G_ema and both Adam moments."""
-        flag = trainer.nonfinite
+        flag = self.trainer.nonfinite
         if state is not None:
             tensors = [t for k in ("G", "D", "G_ema") for t in state[k].values() if t.is_floating_point()]
             tensors += [t for k in ("opt_G", "opt_D") for s in state[k]["state"].values()
                         for name, t in s.items() if name != "step"]
             flag = flag | ~torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()
-        flag = flag.to(torch.int32)
-        if world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
-            last = os.path.join(cfg.run_dir, "last.pt")
+        if any_rank(flag, self.device, self.world):
+            last = os.path.join(self.cfg.run_dir, "last.pt")
             kept = f"the last good checkpoint {last} is intact" if os.path.exists(last) else "no checkpoint was written"
-            raise UsageError(f"non-finite loss or weights at or before step {step}: run stopped without saving it; {kept}")
+            raise UsageError(f"non-finite loss or weights at or before step {self.step}: run stopped without "
+                             f"saving it; {kept}")
 
-    def evaluate_and_save():
-        nonlocal best_fid, best_step
-        check_finite(trainer.state_dict())                     # before FID and the grid see NaN weights
-        record = {"step": step, "eval": True}
-        if evaluator is not None:
-            t0 = time.time()
-            record.update(evaluator(trainer.G_ema))
-            record["fid_seconds"] = round(time.time() - t0, 1)
-        if main_rank:
-            save_grid(trainer.G_ema, os.path.join(cfg.run_dir, "samples", f"step{step:07d}.png"),
-                      num_classes, cfg.z_dim, device, cfg.eval_batch, cfg.seed)
-            record.update(d_diagnostics(trainer.D, trainer.G_ema, acc_train, acc_held, num_classes, cfg, device))
-            sigmas = spectral_norms(trainer.D)
-            record["d_sigma_max"], record["d_sigma"] = max(sigmas.values()), sigmas
-            history.append({k: record.get(k) for k in ("step", "fid", "d_acc_gap")})
-            collapse = detect_collapse(history, cfg.collapse_gap, cfg.collapse_patience)
-            record["collapse"] = collapse
-            improved = record.get("fid") is not None and (best_fid is None or record["fid"] < best_fid)
-            if improved:
-                best_fid, best_step = record["fid"], step
-            parts = [f"eval step {step}"]
-            if "fid" in record:
-                parts.append(f"FID {record['fid']:.3f} (best {best_fid:.3f} @ {best_step})")
-            if "is_mean" in record:
-                parts.append(f"IS {record['is_mean']:.2f}+-{record['is_std']:.2f}")
-            if "intra_fid" in record:
-                parts.append(f"intra-FID {record['intra_fid']:.3f}")
-            parts.append(f"D acc train {record['d_acc_train']:.3f}" +
-                         (f" held-out {record['d_acc_heldout']:.3f}" if acc_held is not None else ""))
-            parts.append(f"max sigma(W_D) {record['d_sigma_max']:.2f}")
-            if acc_held is not None:
-                parts.append(f"D class acc held-out {record['d_class_acc_heldout']:.3f}")
-            for key, reader in (("class_consistency_d", "D"), ("class_consistency", "colour")):
-                if key in record:                              # fakes judged as asked, raw / relabelled
-                    parts.append(f"class consistency ({reader}) {record[key]:.3f}, "
-                                 f"relabelled {record[key + '_relabelled']:.3f}")
-            log(" | ".join(parts))
-            if evaluator is not None:
-                log(evaluator.description)
-            if collapse:
-                log(f"WARNING collapse suspected at step {step}: {collapse}")
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            state = checkpoint_state()
-            save_checkpoint(os.path.join(cfg.run_dir, "last.pt"), state)
-            if improved:
-                save_checkpoint(os.path.join(cfg.run_dir, "best.pt"), state)
-        elif world > 1:
-            checkpoint_state()                                 # joins rank 0's RNG gather
-
-    stop = {"requested": False}
-
-    def request_stop(signum, frame):
-        if stop["requested"]:                                  # second Ctrl-C: leave at once
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        log("\ninterrupt: finishing this step, saving, exiting (Ctrl-C again to abort without saving)")
-
-    previous_handler = signal.signal(signal.SIGINT, request_stop)
-    try:
-        t_last, step_last, eval_s = time.time(), step, 0.0
-        while step < cfg.steps:
-            logs = trainer.iteration(batches, step)
-            step += 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                check_finite()
-                now = time.time()
-                per_step = (now - t_last) / max(step - step_last, 1)
-                record = {"step": step, **{k: round(float(v), 5) for k, v in logs.items()},
-                          "img_per_s": round(cfg.d_steps * cfg.batch_size / per_step, 1),
-                          "s_per_step": round(per_step, 4), "time": round(now, 1)}
-                t_last, step_last = now, step
-                left = per_step * (cfg.steps - step) + eval_s * evaluations_left(step, cfg.steps, cfg.eval_every)
-                log(f"step {step}/{cfg.steps} | d {record['d_loss']:.4f} (adv {record['d_adv']:.4f} "
-                    f"cond {record['d_cond']:.4f}) | g {record['g_loss']:.4f} (adv {record['g_adv']:.4f} "
-                    f"cond {record['g_cond']:.4f}) | {record['img_per_s']:.1f} img/s | "
-                    f"{per_step:.3f} s/step | left {format_duration(left)}")
-                if main_rank:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                t_eval = time.time()
-                evaluate_and_save()
-                eval_s = time.time() - t_eval
-                t_last, step_last = time.time(), step             # s/step: training only
-            stopping = stop["requested"]
-            if world > 1 and (step % cfg.log_every == 0):      # all ranks stop at the same step
-                flag = torch.tensor(int(stopping), device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stopping = bool(flag.item())
-            elif world > 1:
-                stopping = False
-            if stopping and step < cfg.steps:
-                state = checkpoint_state()
-                if main_rank:
-                    save_checkpoint(os.path.join(cfg.run_dir, "last.pt"), state)
-                log(f"interrupted at step {step}: saved {cfg.run_dir}/last.pt; continue with --resume {cfg.run_dir}")
-                return 130
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-    if best_fid is not None:
-        log(f"done: best FID {best_fid:.3f} at step {best_step} ({cfg.run_dir}/best.pt)")
-    else:
-        log(f"done: {cfg.run_dir}/last.pt")
-    return 0
-
-
-# --------------------------------------------------------------------------------------------
-# Generation from a checkpoint, and the paper's Figure 3 from runs' metrics
-# --------------------------------------------------------------------------------------------
+    def save(self, best=False):
+        """last.pt (and best.pt): every rank checks its state and gives its RNG state; rank 0 writes."""
+        state = self.trainer.state_dict()
+        self.check_finite(state)                               # every save comes through here
+        state.update(step=self.step, best_fid=self.best_fid, best_step=self.best_step, history=self.history,
+                     config=vars(self.cfg), num_classes=self.num_classes, data=self.batches.state_dict(),
+                     rng=rng_states(self.device, self.world))
+        if self.rank == 0:
+            for name in ("last.pt", "best.pt") if best else ("last.pt",):
+                save_checkpoint(os.path.join(self.cfg.run_dir, name), state)
 
 def generate_from_checkpoint(path, num_images, out_dir, batch_size=64, seed=0, device="auto"):
     """N PNG files (class-balanced labels, for external FID tools) and a per-class grid, from G_ema
@@ -1291,20 +1266,18 @@ def generate_from_checkpoint(path, num_images, out_dir, batch_size=64, seed=0, d
     if os.path.isdir(out_dir) and os.listdir(out_dir):        # FID tools would read old files with the new
         raise UsageError(f"--out-dir {out_dir} is not empty: FID would read its old files too; give a new or empty folder")
     checkpoint, path = load_checkpoint(path)
-    cfg = argparse.Namespace(**checkpoint["config"])
-    device = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) or device == "cuda" else "cpu")
-    G = build_models(cfg, checkpoint["num_classes"])[0]
+    cfg, K = argparse.Namespace(**checkpoint["config"]), checkpoint["num_classes"]
+    device = pick_device(device, tf32=getattr(cfg, "tf32", True))
+    G = build_models(cfg, K)[0]
     try:
         G.load_state_dict(checkpoint["G_ema"])
+        os.makedirs(os.path.join(out_dir, "grid"), exist_ok=True)
     except RuntimeError as err:
         raise UsageError(f"checkpoint {path} does not fit its own configuration ({str(err).splitlines()[0]})") from None
-    G.to(device)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
     except OSError as err:
         raise UsageError(f"cannot write to {out_dir}: {err.strerror or err}") from None
+    G.to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    K = checkpoint["num_classes"]
     labels = torch.arange(num_images, device=device) % K
     labels = labels[torch.randperm(num_images, device=device, generator=gen)]
     for start in range(0, num_images, batch_size):
@@ -1314,69 +1287,8 @@ def generate_from_checkpoint(path, num_images, out_dir, batch_size=64, seed=0, d
         for i, (image, label) in enumerate(zip(images.permute(0, 2, 3, 1).cpu().numpy(), y.tolist())):
             Image.fromarray(image).save(os.path.join(out_dir, f"{start + i:06d}_class{label}.png"))
     # The grid goes one level down: FID tools read only the top level, where every image has one size.
-    os.makedirs(os.path.join(out_dir, "grid"), exist_ok=True)
     save_grid(G, os.path.join(out_dir, "grid", "grid.png"), K, cfg.z_dim, device, batch_size, seed)
     print(f"wrote {num_images} images and grid/grid.png to {out_dir} (G_ema of {path}, step {checkpoint['step']})")
-    return 0
-
-
-def plot_runs(runs, out):
-    """The paper's Figure 3 for one or several runs: D's accuracy on training vs held-out real images,
-    FID (and intra-class FID when measured), and the largest singular value of D's weights, against G
-    steps; plus class confusion: class consistency (raw and relabelled) over steps, and the last run's
-    final confusion matrix."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
-    fig, axes = plt.subplots(1, 5, figsize=(25, 4))
-    for run in runs:
-        path = os.path.join(run, "metrics.jsonl")
-        if not os.path.isfile(path):
-            raise UsageError(f"{run} has no metrics.jsonl")
-        with open(path) as f:
-            evals = [r for r in map(json.loads, f) if r.get("eval")]
-        if not evals:
-            raise UsageError(f"{run} has no evaluation yet")
-        name = os.path.basename(os.path.normpath(run))
-        steps = [r["step"] for r in evals]
-        line, = axes[0].plot(steps, [r["d_acc_train"] for r in evals], label=f"{name} train")
-        if "d_acc_heldout" in evals[0]:
-            axes[0].plot(steps, [r["d_acc_heldout"] for r in evals], "--", color=line.get_color(),
-                         label=f"{name} held-out")
-        for key, style in (("fid", "-"), ("intra_fid", "--")):
-            points = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
-            if points:
-                axes[1].plot(*zip(*points), style, color=line.get_color(), label=f"{name} {key.replace('_', '-')}")
-        axes[2].plot(steps, [r["d_sigma_max"] for r in evals], label=name)
-        reader = "class_consistency" if "class_consistency" in evals[-1] else "class_consistency_d"
-        for key, style in ((reader, "-"), (reader + "_relabelled", ":")):
-            points = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
-            if points:
-                axes[3].plot(*zip(*points), style, color=line.get_color(), label=f"{name} {'relabelled' if key.endswith('relabelled') else 'raw'} ({reader[18:] or 'colour'})")
-        matrix = evals[-1].get("confusion_colour") or evals[-1].get("confusion_d")
-        for r in evals:
-            if r.get("collapse"):
-                for ax in axes[:4]:
-                    ax.axvline(r["step"], color=line.get_color(), alpha=0.3, lw=0.8)
-    if matrix:                                                 # rows: asked label, columns: judged class
-        axes[4].imshow(matrix, cmap="Blues")
-        axes[4].set_ylabel("asked label")
-    for ax, title in zip(axes, ["D accuracy on real images (train vs held-out)", "FID (EMA G)",
-                                "largest singular value of D's weights",
-                                "class consistency of fakes (raw, relabelled)",
-                                f"confusion at step {steps[-1]}, {name} (x: judged class)"]):
-        ax.set_title(title)
-        ax.set_xlabel("G step" if ax is not axes[4] else "judged class")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        elif not (ax is axes[4] and matrix):                   # e.g. FID off (--fid-images 0)
-            ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    print(f"wrote {out}")
     return 0
 
 
@@ -1389,21 +1301,17 @@ PRESETS = {"cpu-demo": dict(dataset="shapes", g_width=16, d_width=16, batch_size
                             eval_every=250, log_every=50, fid_images=0, ema_start=250, ema_decay=0.995,
                             acc_images=256)}  # EMA horizon ~200 steps: 0.9999 would lag a short run
 
-
 class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message):                                  # one line, not usage + error
         self.exit(2, f"error: {message} (see --help)\n")
-
 
 def build_parser(suppress=False):
     """suppress=True gives a parser that returns only the flags given on the command line."""
     p = OneLineErrorParser(
         description="ContraGAN (Kang & Park, NeurIPS 2020) in one file. Defaults: the authors' CIFAR-10 setting.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS if suppress else None)
-
-    def add(flag, default=None, **kw):
+    def add(flag, default=None, **kw):                         # suppress: no defaults, only the flags given
         p.add_argument(flag, **({} if suppress else {"default": default}), **kw)
-
     add("--preset", choices=sorted(PRESETS), help="a named set of defaults (flags given still win): " +
         "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
     add("--dataset", "cifar10", choices=["cifar10", "cifar100", "folder", "shapes"],
@@ -1452,14 +1360,10 @@ def build_parser(suppress=False):
     add("--amp", "none", choices=["none", "bf16", "fp16"], help="autocast; fp16 uses a GradScaler")
     add("--tf32", True, action=argparse.BooleanOptionalAction, help="TF32 matmuls on Ampere+ GPUs")
     add("--compile", False, action="store_true", help="torch.compile G and D")
-    add("--channels-last", False, action="store_true", help="NHWC memory layout")
     add("--sync-bn", False, action="store_true", help="under torchrun: G's BatchNorm over the global batch")
     add("--generate", metavar="CKPT", help="write --num-images PNGs and a grid from a checkpoint's G_ema")
     add("--num-images", 10000, type=int, help="with --generate")
     add("--out-dir", "fakes", help="with --generate")
-    p.add_argument("--plot", nargs="+", metavar="RUN", **({} if suppress else {"default": None}),
-                   help="write the paper's Figure 3 for these runs to --plot-out")
-    add("--plot-out", "figure3.png", help="with --plot")
     return p
 
 
@@ -1475,7 +1379,6 @@ FLAG_RANGES = [
     ("ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
 ]
 
-
 def validate(cfg):
     """Bad input: one clear line (main prints it), before anything is built or written."""
     for names, ok, what in FLAG_RANGES:
@@ -1484,9 +1387,10 @@ def validate(cfg):
                 raise UsageError(f"--{name.replace('_', '-')} must be {what} (got {getattr(cfg, name)})")
     if cfg.img_size not in G_ARCH:
         raise UsageError(f"--img-size {cfg.img_size} is not supported: the architecture has 32, 64 and 128")
-    n_chunks = len(G_ARCH[cfg.img_size]["ch"])
-    if cfg.z_dim % n_chunks:
-        raise UsageError(f"--z-dim {cfg.z_dim} must split into {n_chunks} equal chunks at {cfg.img_size}x{cfg.img_size}")
+    try:
+        Generator.z_chunk(cfg.img_size, cfg.z_dim)
+    except ValueError as err:
+        raise UsageError(str(err).replace("z_dim", "--z-dim")) from None
     if cfg.loss == "2c" and cfg.batch_size < 2:
         raise UsageError("--loss 2c needs --batch-size of at least 2: it contrasts samples within a batch")
     if not cfg.data_positives and cfg.loss != "2c":
@@ -1498,9 +1402,6 @@ def validate(cfg):
         raise UsageError("--fid-images must be 0 (off) or at least 2 per rank")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but torch sees no CUDA GPU")
-    if cfg.plot and not os.access(os.path.dirname(os.path.abspath(cfg.plot_out)), os.W_OK):
-        raise UsageError(f"cannot write --plot-out {cfg.plot_out}: its folder is missing or not writable")
-
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
@@ -1513,8 +1414,6 @@ def main(argv=None):
     try:
         if not cfg.resume:                                     # a resumed run: once merged with its checkpoint
             validate(cfg)
-        if cfg.plot:
-            return plot_runs(cfg.plot, cfg.plot_out)
         if cfg.generate:
             return generate_from_checkpoint(cfg.generate, cfg.num_images, cfg.out_dir, cfg.eval_batch, cfg.seed, cfg.device)
         return train(cfg, explicit)
@@ -1524,13 +1423,12 @@ def main(argv=None):
     except Exception as err:
         if not isinstance(err, (UsageError, fid.FIDError if fid else UsageError)):
             raise
-        if os.environ.get("RANK", "0") == "0":                 # under torchrun: said once, by rank 0
+        if is_main_process():                                  # under torchrun: said once, by rank 0
             print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -391,7 +391,6 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine w
     (["--collapse-patience", "0"], "--collapse-patience must be at least 1"),
     (["--generate", "x", "--num-images", "0"], "--num-images must be at least 1"),
     pytest.param(["--generate", "x", "--device", "cuda"], "no CUDA GPU", marks=NO_GPU),
-    (["--plot", "x", "--plot-out", "/nonexistent/folder/f.png"], "cannot write --plot-out"),
 ])
 def test_bad_arguments(args, expected, tmp_path, capsys):
     r = run_main(capsys, *TINY, "--steps", "1", "--run-dir", str(tmp_path / "r"), *args)
@@ -509,6 +508,9 @@ def test_evaluations_left_counts_the_loops_evaluations(steps, every):
 
 # ---------------------------------------------------------------- Figure 3 and mixed precision
 
+PLOT = [sys.executable, os.path.join(HERE, "tools", "plot_runs.py")]
+
+
 def test_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib", reason="plotting is an optional extra: pip install matplotlib")
     runs = []
@@ -516,8 +518,14 @@ def test_plot_writes_png(tmp_path):
         runs.append(str(tmp_path / loss))
         assert cg.main([*TINY, "--loss", loss, "--steps", "2", "--eval-every", "1", "--run-dir", runs[-1]]) == 0
     out = tmp_path / "figure3.png"
-    assert cg.main(["--plot", *runs, "--plot-out", str(out)]) == 0
+    r = subprocess.run([*PLOT, *runs, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_plot_to_an_unwritable_folder_is_one_error_line(tmp_path):
+    r = subprocess.run([*PLOT, "x", "--out", "/nonexistent/folder/f.png"], capture_output=True, text=True, timeout=300)
+    assert "cannot write --out" in one_line_error(r)
 
 
 def test_bf16_step_is_finite_and_close_to_fp32():
