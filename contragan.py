@@ -1354,8 +1354,7 @@ def build_parser(suppress=False):
     add("--eval-batch", 64, type=int, help="G_ema batch at evaluation; BN uses its statistics (authors: 64)")
     add("--inception-score", False, action="store_true", help="also Inception Score (10 splits)")
     add("--intra-fid", False, action="store_true", help="also FID per class and their mean")
-    add("--acc-images", 1000, type=int,
-        help="real training and held-out images for D's accuracy; as many fakes for class confusion")
+    add("--acc-images", 1000, type=int, help="real train and held-out images for D's accuracy; as many fakes for confusion")
     add("--collapse-gap", 0.3, type=float, help="warn of collapse when D's train - held-out accuracy exceeds this")
     add("--collapse-patience", 3, type=int, help="warn of collapse when FID rises this many evaluations in a row")
     add("--device", "auto", choices=["auto", "cuda", "cpu"])

@@ -49,10 +49,11 @@ def plot_runs(runs, out):
                 axes[1].plot(*zip(*points), style, color=line.get_color(), label=f"{name} {key.replace('_', '-')}")
         axes[2].plot(steps, [r["d_sigma_max"] for r in evals], label=name)
         reader = "class_consistency" if "class_consistency" in evals[-1] else "class_consistency_d"
-        for key, style in ((reader, "-"), (reader + "_relabelled", ":")):
+        for key, style, kind in ((reader, "-", "raw"), (reader + "_relabelled", ":", "relabelled")):
             points = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
-            if points:
-                axes[3].plot(*zip(*points), style, color=line.get_color(), label=f"{name} {'relabelled' if key.endswith('relabelled') else 'raw'} ({reader[18:] or 'colour'})")
+            if points:                                         # the colour reader on shapes, else D's
+                axes[3].plot(*zip(*points), style, color=line.get_color(),
+                             label=f"{name} {kind} ({'colour' if reader == 'class_consistency' else 'D'})")
         matrix = evals[-1].get("confusion_colour") or evals[-1].get("confusion_d")
         for r in evals:
             if r.get("collapse"):
