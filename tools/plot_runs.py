@@ -38,6 +38,8 @@ def plot_runs(runs, out):
         if not evals:
             raise UsageError(f"{run} has no evaluation yet")
         name = os.path.basename(os.path.normpath(run))
+        if [os.path.basename(os.path.normpath(r)) for r in runs].count(name) > 1:  # e.g. study/<setting>/s0
+            name = os.path.join(os.path.basename(os.path.dirname(os.path.normpath(run))), name)
         steps = [r["step"] for r in evals]
         line, = axes[0].plot(steps, [r["d_acc_train"] for r in evals], label=f"{name} train")
         if "d_acc_heldout" in evals[0]:
