@@ -779,8 +779,10 @@ def d_diagnostics(D, G_ema, acc_train, acc_held, num_classes, cfg, device):
         rec["d_acc_gap"] = rec["d_acc_train"] - rec["d_acc_heldout"]
         counts, rec["d_class_acc_heldout"], _ = confusion(acc_held[1], judged, num_classes)
         rec["confusion_d_heldout"] = counts.tolist() if num_classes <= 100 else None
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 4)  # the same noise every evaluation
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 4)  # the same fakes every evaluation
     y = balanced_labels(num_classes, max(cfg.acc_images // num_classes, 1), device)
+    # shuffled: G's BatchNorm uses batch statistics, and a batch of one class would normalise its class away
+    y = y[torch.randperm(len(y), device=device, generator=gen)]
     fake = generate(G_ema, y, cfg.z_dim, cfg.eval_batch, gen)
     readers = {"d": d_judge(D, fake, y, device)[1]}
     if cfg.dataset == "shapes":                                # the class read off the colour

@@ -184,6 +184,19 @@ def test_confusion_raw_and_relabelled():
     assert raw == pytest.approx(4 / 6) and relabelled == pytest.approx(4 / 6)
 
 
+def test_confusion_fakes_are_drawn_in_mixed_batches(monkeypatch):
+    # G_ema draws with BatchNorm batch statistics: a batch of one class loses the class-dependent shift
+    # that conditional BN adds, so the fakes judged for confusion come in batches of mixed labels.
+    batches = []
+    monkeypatch.setattr(cg, "generate", lambda G, y, z_dim, batch_size, gen: batches.append(y.split(batch_size))
+                        or torch.zeros(len(y), 3, 32, 32))
+    monkeypatch.setattr(cg, "d_judge", lambda D, x, y, device: (1.0, y))
+    cfg = cg.build_parser().parse_args(TINY + ["--acc-images", "64"])
+    rec = cg.d_diagnostics(None, None, (None, None), None, 4, cfg, torch.device("cpu"))
+    assert all(len(b.unique()) > 1 for b in batches[0]) and rec["class_consistency_d"] == 1.0
+    assert torch.tensor(rec["confusion_d"]).diag().tolist() == [16] * 4
+
+
 def tiny_trainer(**flags):
     cfg = cg.build_parser().parse_args(TINY + [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()])
     return cg.Trainer(cfg, 4, torch.device("cpu"))

@@ -8,7 +8,9 @@ raw (judged as asked) and after the best one-to-one relabelling of the classes.
     python tools/confusion_study.py              # runs what is missing (2 at a time, 1 thread each)
     python tools/confusion_study.py --report     # only the table, from the runs there are
 
-Each finished run's final evaluation (without the per-layer sigmas) is appended to
+The numbers are D's and the colour reader's class judgement of the final G_ema, computed here from
+the run's last.pt by contragan.d_diagnostics (the same function training logs with). Each finished
+run's numbers are appended to
 docs/confusion-study/results.jsonl and its last sample grid copied beside it: both are committed, so
 a later session (whose runs/ folder is empty) skips the runs already done, and an interrupted run
 (runs/ still there) is resumed. Two single-thread runs at once, not one 2-thread run: see ../shared machine notes (two
@@ -24,7 +26,11 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+import contragan as cg  # noqa: E402
 SCRIPT = os.path.join(HERE, "..", "contragan.py")
 STEPS = 1500  # the cpu-demo preset's
 RESULTS = os.path.join(HERE, "..", "docs", "confusion-study")
@@ -57,9 +63,22 @@ def recorded(name, seed):
     return hits[-1] if hits else None
 
 
+def final_diagnostics(path):
+    """contragan.d_diagnostics of a run's last.pt: its D and G_ema, its fixed real samples."""
+    ckpt = torch.load(os.path.join(path, "last.pt"), map_location="cpu", weights_only=False)
+    cfg = argparse.Namespace(**ckpt["config"])
+    G, D = cg.build_models(cfg, ckpt["num_classes"])
+    G.load_state_dict(ckpt["G_ema"])
+    D.load_state_dict(ckpt["D"])
+    train, held, K = cg.load_data(cfg)
+    samples = [cg.fixed_sample(data, min(cfg.acc_images, len(data)), seed=cfg.seed + s)
+               for data, s in ((train, 2), (held, 3))]
+    return {"step": ckpt["step"], **cg.d_diagnostics(D, G, *samples, K, cfg, torch.device("cpu"))}
+
+
 def record(name, seed, path):
-    """Keep a finished run's final evaluation and last grid in docs/confusion-study/."""
-    final = {k: v for k, v in final_eval(path).items() if k != "d_sigma"}
+    """Keep a finished run's final numbers and last grid in docs/confusion-study/."""
+    final = final_diagnostics(path)
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "results.jsonl"), "a") as f:
         f.write(json.dumps({"setting": name, "seed": seed, **final}) + "\n")
