@@ -16,7 +16,7 @@ differ, this file follows the code and says so at that line.
   python contragan.py --dataset cifar10 --loss 2c          # the paper's CIFAR-10 ContraGAN run
   python contragan.py --dataset shapes --preset cpu-demo   # offline, minutes on a laptop CPU
   torchrun --nproc_per_node=4 contragan.py --dataset cifar10 --loss 2c   # DDP, global batch
-  python contragan.py --generate runs/cifar10-2c-s0 --num-images 10000 --out-dir fakes/
+  python tools/sample.py runs/cifar10-2c-s0 --num-images 10000 --out-dir fakes/   # PNGs for FID tools
   python tools/plot_runs.py runs/cifar10-proj-s0 runs/cifar10-2c-s0    # the paper's Figure 3
 """
 import argparse
@@ -24,17 +24,16 @@ import copy
 import json
 import os
 import signal
-import socket
 import sys
 import time
-import warnings
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
+
+import contragan_utils as utils  # data sets, torchrun, run folders: what a run needs besides the method
 
 try:  # fid.py sits next to this file; training works without it and says FID is unavailable.
     import fid
@@ -140,7 +139,7 @@ class Trainer:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         # The G step calls D without its DDP wrapper: D's parameters get no gradient there, and a DDP
         # module whose parameters get no gradient would wait for them at the next step.
-        self.G_train, self.D_train, self.D_frozen = ddp(self.G, world), ddp(self.D, world), self.D
+        self.G_train, self.D_train, self.D_frozen = utils.ddp(self.G, world), utils.ddp(self.D, world), self.D
         if cfg.compile:
             self.G_train, self.D_train, self.D_frozen = map(torch.compile, (self.G_train, self.D_train, self.D))
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked without host syncs
@@ -151,14 +150,14 @@ class Trainer:
     def sample_latents(self, batch):
         """z ~ N(0, I) and y uniform over classes: fresh for every step (authors)."""
         z = torch.randn(batch, self.cfg.z_dim, device=self.device)
-        return z, uniform_labels(batch, self.num_classes, self.device)
+        return z, utils.uniform_labels(batch, self.num_classes, self.device)
 
     def condition_loss(self, out, labels, fake_labels=None):
         """lambda * (2C or ACGAN cross-entropy) on the first len(labels) rows of D's output; ACGAN's
         D step (fake_labels given) adds the rows after them, the fakes (authors); 0 for proj."""
         cfg, B = self.cfg, len(labels)
         if cfg.loss == "2c":                                   # under DDP, 2C sees the global batch
-            embed, proxy, labels = gather_global_batch(out["embed"][:B], out["proxy"][:B], labels)
+            embed, proxy, labels = utils.gather_global_batch(out["embed"][:B], out["proxy"][:B], labels)
             return cfg.cond_lambda * conditional_contrastive_loss(embed, proxy, labels, cfg.temperature,
                                                                   cfg.data_positives)
         if cfg.loss == "ac":
@@ -497,221 +496,6 @@ def sn_linear(f_in, f_out, bias=True):
 # distributed training, checkpoints and resume, Ctrl-C, the command line. The method ends here.
 # ============================================================================================
 
-class UsageError(Exception):
-    """A problem with the user's input: main() prints 'error: <message>' and exits with status 2."""
-
-
-# --------------------------------------------------------------------------------------------
-# Data: CIFAR-10/100 (torchvision), any class-per-folder tree (ImageFolder), built-in shapes
-# --------------------------------------------------------------------------------------------
-
-def to_signed(images):  # uint8 in [0, 255] -> float in [-1, 1], the range of G's tanh (fid.py does the same)
-    return images.float() / 127.5 - 1.0
-
-def uniform_labels(n, num_classes, device, generator=None):  # y uniform over classes: training and FID
-    return torch.randint(0, num_classes, (n,), device=device, generator=generator)
-
-def balanced_labels(num_classes, per_class, device):  # each class per_class times: grid rows, confusion fakes
-    return torch.arange(num_classes, device=device).repeat_interleave(per_class)
-
-class TensorImages(torch.utils.data.Dataset):
-    """A data set held in memory as uint8 (N, 3, H, W) images and int64 (N,) labels."""
-
-    def __init__(self, images, labels, classes):
-        self.images, self.labels, self.classes = images, labels, classes
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i], int(self.labels[i])
-
-SHAPES = [("circle", (230, 70, 60)), ("square", (70, 200, 90)),
-          ("triangle", (80, 120, 240)), ("cross", (235, 210, 70))]
-
-def make_shapes(n, img_size=32, seed=0):
-    """The built-in data set: one coloured shape per image at a random position and size on a noisy
-    dark background; class = shape and colour. Deterministic in (n, img_size, seed); no download."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % len(SHAPES)
-    labels = labels[torch.randperm(n, generator=gen)]
-    S = img_size
-    r = (0.15 + 0.15 * torch.rand(n, generator=gen)) * S                   # (n,) half-size
-    cx = r + (S - 2 * r) * torch.rand(n, generator=gen)                    # (n,) centre, inside
-    cy = r + (S - 2 * r) * torch.rand(n, generator=gen)
-    yy, xx = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
-    dx = xx[None] - cx[:, None, None]                                      # (n, S, S)
-    dy = yy[None] - cy[:, None, None]
-    r3 = r[:, None, None]
-    masks = torch.stack([dx ** 2 + dy ** 2 < r3 ** 2,                                # circle
-                         torch.maximum(dx.abs(), dy.abs()) < 0.8 * r3,               # square
-                         (dy < 0.8 * r3) & (dx.abs() < (dy + r3) * 0.6),             # triangle
-                         ((dx.abs() < r3 / 3) & (dy.abs() < r3)) |
-                         ((dy.abs() < r3 / 3) & (dx.abs() < r3))])                  # cross
-    mask = masks[labels, torch.arange(n)]                                  # (n, S, S)
-    colours = torch.tensor([c for _, c in SHAPES], dtype=torch.float32)
-    colour = colours[labels] + 20 * torch.randn(n, 3, generator=gen)       # (n, 3) jittered
-    background = 30 + 8 * torch.randn(n, 3, S, S, generator=gen)
-    images = torch.where(mask[:, None], colour[:, :, None, None], background)
-    return images.clamp(0, 255).round().to(torch.uint8), labels
-
-def shapes_class_of(images):
-    """Which class each shapes image shows, read off its colour (no network): the class whose colour
-    is nearest to the most pixels. images: float (B, 3, H, W) in [-1, 1]. Used for class consistency."""
-    rgb = (images.float() + 1) * 127.5                                     # (B, 3, H, W)
-    colours = torch.tensor([c for _, c in SHAPES], dtype=rgb.dtype, device=rgb.device)
-    dist2 = ((rgb[:, None] - colours[None, :, :, None, None]) ** 2).sum(2)  # (B, K, H, W)
-    near = dist2 < 60.0 ** 2                                               # pixel within 60 of a colour
-    return near.flatten(2).sum(2).argmax(1)                                # (B,)
-
-CIFAR = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
-
-def load_cifar(name, data_dir, train):
-    """CIFAR-10/100 via torchvision, downloaded into data_dir once; offline, fail in seconds."""
-    import torchvision
-    cls = getattr(torchvision.datasets, CIFAR[name])
-    old_timeout = socket.getdefaulttimeout()
-    try:
-        ds = cls(data_dir, train=train, download=False)
-    except RuntimeError:                                       # not there yet: download it
-        try:
-            socket.setdefaulttimeout(20)                       # a dead network fails, never hangs
-            ds = cls(data_dir, train=train, download=True)
-        except Exception as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise UsageError(
-                f"could not download {name} ({cls.filename} from {cls.url}): {reason}. Offline: fetch that file "
-                f"elsewhere and put it, or its extracted folder {cls.base_folder}/, in --data-dir "
-                f"({os.path.join(data_dir, cls.filename)})") from None
-        finally:
-            socket.setdefaulttimeout(old_timeout)
-    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()   # (N, 3, 32, 32) uint8
-    return TensorImages(images, torch.tensor(ds.targets), list(ds.classes))
-
-IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-
-class SkipUnreadable(torch.utils.data.Dataset):
-    """An image folder whose broken files (real folders hold some) are skipped when drawn, each named
-    once in a warning, the next image taking its place: deterministic, so a resumed run draws the same
-    images, and nothing is decoded up front (ImageNet's 1.28M files would cost an hour every start)."""
-
-    def __init__(self, folder):
-        self.folder, self.classes, self.warned = folder, folder.classes, set()
-
-    def __len__(self):
-        return len(self.folder)
-
-    def __getitem__(self, i):
-        for j in (k % len(self) for k in range(i, i + len(self))):
-            try:
-                return self.folder[j]
-            except (OSError, SyntaxError, ValueError) as err:  # what PIL raises on a broken file
-                if j not in self.warned:
-                    self.warned.add(j)
-                    print(f"warning: skipped unreadable image {self.folder.samples[j][0]} ({type(err).__name__}); "
-                          f"the next image is used in its place", file=sys.stderr, flush=True)
-        raise UsageError(f"no image in {self.folder.root} can be read")
-
-def load_folder(root, img_size):
-    """Any class-per-folder tree (root/<class>/<image>), resized and centre-cropped to img_size."""
-    import torchvision
-    from torchvision import transforms as T
-    if not os.path.isdir(root):
-        raise UsageError(f"image folder {root!r} does not exist (give it with --data-dir)")
-    entries = os.listdir(root)
-    if not any(os.path.isdir(os.path.join(root, e)) for e in entries):
-        if any(e.lower().endswith(IMG_EXT) for e in entries):
-            raise UsageError(f"{root!r} holds images but no class sub-folders: put each class's "
-                             f"images in {root}/<class name>/")
-        raise UsageError(f"image folder {root!r} is empty: it needs one sub-folder of images per class")
-    transform = T.Compose([T.Resize(img_size), T.CenterCrop(img_size), T.PILToTensor()])
-    try:
-        return SkipUnreadable(torchvision.datasets.ImageFolder(root, transform=lambda im: transform(im.convert("RGB"))))
-    except (FileNotFoundError, RuntimeError) as err:
-        raise UsageError(f"image folder {root!r}: {str(err).splitlines()[0]}") from None
-
-def load_data(cfg):
-    """(train, heldout, num_classes). heldout: CIFAR's test split; shapes: a fresh draw; folder: a
-    fixed 5% of the images set aside (none when the folder is tiny). It feeds D's held-out accuracy
-    and, for CIFAR and shapes, FID's reference statistics (the paper: CIFAR-10's 10k test images)."""
-    if cfg.dataset in CIFAR:
-        if cfg.img_size != 32:
-            raise UsageError(f"{cfg.dataset} images are 32x32; --img-size {cfg.img_size} is not supported for it")
-        train, heldout = load_cifar(cfg.dataset, cfg.data_dir, True), load_cifar(cfg.dataset, cfg.data_dir, False)
-        return train, heldout, len(train.classes)
-    if cfg.dataset == "shapes":
-        classes = [n for n, _ in SHAPES]
-        train = TensorImages(*make_shapes(cfg.shapes_size, cfg.img_size, seed=0), classes)
-        return train, TensorImages(*make_shapes(max(cfg.fid_images, 1024), cfg.img_size, seed=1), classes), len(classes)
-    data = load_folder(cfg.data_dir, cfg.img_size)
-    n_hold = len(data) // 20 if len(data) >= 200 else 0
-    if not n_hold:
-        return data, None, len(data.classes)
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1234)).tolist()
-    Subset = torch.utils.data.Subset
-    return Subset(data, order[n_hold:]), Subset(data, order[:n_hold]), len(data.classes)
-
-class Batches:
-    """Endless real batches in [-1, 1], flipped at random when `flip` (the authors' only augmentation:
-    on for CIFAR-10, off for Tiny ImageNet). A DistributedSampler gives each torchrun rank its share;
-    (epoch, batch) is what a checkpoint saves, so a resumed run sees the very same batches."""
-
-    def __init__(self, dataset, local_batch, rank, world, seed, device, num_workers=0, flip=True):
-        if len(dataset) < local_batch * world:
-            raise UsageError(f"the data set has {len(dataset)} images, fewer than one batch of {local_batch * world}")
-        self.dataset, self.batch, self.device, self.num_workers = dataset, local_batch, device, num_workers
-        self.flip = flip
-        self.sampler = torch.utils.data.DistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.epoch, self.pos, self._it = 0, 0, None
-        if isinstance(dataset, TensorImages):                  # in memory: keep it on the device
-            self.images, self.labels = dataset.images.to(device), dataset.labels.to(device)
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state):
-        self.epoch, self.pos, self._it = state["epoch"], state["pos"], None
-
-    def _batches(self):
-        self.sampler.set_epoch(self.epoch)
-        idx = list(self.sampler)[self.pos * self.batch:]
-        n = len(idx) // self.batch
-        if isinstance(self.dataset, TensorImages):             # in memory: index, no collation
-            idx = torch.tensor(idx, device=self.device)
-            for b in range(n):
-                ids = idx[b * self.batch:(b + 1) * self.batch]
-                yield self.images[ids], self.labels[ids]
-        else:
-            yield from torch.utils.data.DataLoader(
-                torch.utils.data.Subset(self.dataset, idx[:n * self.batch]), batch_size=self.batch,
-                num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
-
-    def __next__(self):
-        while True:
-            if self._it is None:
-                self._it = self._batches()
-            try:
-                images, labels = next(self._it)
-                break
-            except StopIteration:
-                self.epoch, self.pos, self._it = self.epoch + 1, 0, None
-        self.pos += 1
-        x = to_signed(images.to(self.device, non_blocking=True))   # (B, 3, H, W)
-        if self.flip:
-            flip = torch.rand(x.shape[0], device=self.device) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        return x, labels.to(self.device, non_blocking=True)
-
-def fixed_sample(dataset, n, seed):
-    """A fixed random subset as uint8 (n, 3, H, W) images and (n,) labels (D's accuracy checks)."""
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
-    if isinstance(dataset, TensorImages):
-        return dataset.images[order], dataset.labels[order]
-    items = [dataset[i] for i in order.tolist()]
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
-
-
 # --------------------------------------------------------------------------------------------
 # Evaluation: sample grid, FID of the EMA generator (fid.py), Figure 3's diagnostics
 # --------------------------------------------------------------------------------------------
@@ -736,7 +520,7 @@ def save_grid(G, path, num_classes, z_dim, device, batch_size, seed):
     import torchvision
     cols = 10 if num_classes <= 20 else 5
     gen = torch.Generator(device=device).manual_seed(seed)
-    labels = balanced_labels(num_classes, cols, device)
+    labels = utils.balanced_labels(num_classes, cols, device)
     images = generate(G, labels, z_dim, batch_size, gen)
     torchvision.utils.save_image(images * 0.5 + 0.5, path, nrow=cols, padding=1)
 
@@ -747,7 +531,7 @@ def d_judge(D, images, labels, device, batch_size=256):
     D.eval()                                                   # no power iteration: state untouched
     hits, judged = 0, []
     for x, y in zip(images.split(batch_size), labels.split(batch_size)):
-        x = to_signed(x.to(device)) if x.dtype == torch.uint8 else x.to(device)
+        x = utils.to_signed(x.to(device)) if x.dtype == torch.uint8 else x.to(device)
         out = D(x, y.to(device))
         hits += int((out["adv"] > 0).sum())
         judged.append(D.class_scores(out["h"]).argmax(1).cpu())
@@ -780,13 +564,13 @@ def d_diagnostics(D, G_ema, acc_train, acc_held, num_classes, cfg, device):
         counts, rec["d_class_acc_heldout"], _ = confusion(acc_held[1], judged, num_classes)
         rec["confusion_d_heldout"] = counts.tolist() if num_classes <= 100 else None
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 4)  # the same fakes every evaluation
-    y = balanced_labels(num_classes, max(cfg.acc_images // num_classes, 1), device)
+    y = utils.balanced_labels(num_classes, max(cfg.acc_images // num_classes, 1), device)
     # shuffled: G's BatchNorm uses batch statistics, and a batch of one class would normalise its class away
     y = y[torch.randperm(len(y), device=device, generator=gen)]
     fake = generate(G_ema, y, cfg.z_dim, cfg.eval_batch, gen)
     readers = {"d": d_judge(D, fake, y, device)[1]}
     if cfg.dataset == "shapes":                                # the class read off the colour
-        readers["colour"] = shapes_class_of(fake)
+        readers["colour"] = utils.shapes_class_of(fake)
     for name, judged in readers.items():
         counts, raw, relabelled = confusion(y, judged, num_classes)
         key = "class_consistency" + ("_d" if name == "d" else "")
@@ -829,7 +613,7 @@ class FIDEvaluator:
             self.inception = fid.load_inception(weights=None if random_weights else cfg.fid_weights,
                                                 device=device, random_init=random_weights)
         except fid.FIDError as err:                            # name this script's flags, not fid.py's
-            raise UsageError(str(err).replace("--weights PATH", "--fid-weights PATH (or --fid-images 0 "
+            raise utils.UsageError(str(err).replace("--weights PATH", "--fid-weights PATH (or --fid-images 0 "
                                               "to train without FID)")) from None
         n_ref = min(cfg.fid_images, len(reference))
         # weights and resize as fid.py names them: a local file that is not the published one says so
@@ -844,7 +628,7 @@ class FIDEvaluator:
         self.ref = self._reference(subset, stem + ".npz", self.protocol)
         self.class_ref = None
         if cfg.intra_fid:                                      # per-class reference statistics
-            labels = reference.labels[:n_ref] if isinstance(reference, TensorImages) else \
+            labels = reference.labels[:n_ref] if isinstance(reference, utils.TensorImages) else \
                 torch.tensor([reference[i][1] for i in range(n_ref)])  # reads each image once
             self.class_ref = [self._reference(
                 torch.utils.data.Subset(subset, (labels == k).nonzero().flatten().tolist()),
@@ -854,7 +638,7 @@ class FIDEvaluator:
         if self.rank == 0:                                     # computes and caches; the others read the cache
             fid.reference_stats(self.inception, dataset, path, protocol, num_images=len(dataset),
                                 batch_size=self.cfg.eval_batch, device=self.device)
-        wait_for_rank0(self.world)
+        utils.wait_for_rank0(self.world)
         mu, sigma, _ = fid.load_stats(path, expect=protocol)
         return mu, sigma
 
@@ -862,7 +646,7 @@ class FIDEvaluator:
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1 + self.rank)  # own share per rank
 
         def sample(batch):                                     # uniform labels, or one class
-            y = uniform_labels(batch, self.num_classes, self.device, gen) if label is None else \
+            y = utils.uniform_labels(batch, self.num_classes, self.device, gen) if label is None else \
                 torch.full((batch,), label, device=self.device)
             return generate(G, y, self.cfg.z_dim, self.cfg.eval_batch, gen)
 
@@ -887,198 +671,28 @@ class FIDEvaluator:
 
 
 # --------------------------------------------------------------------------------------------
-# Distributed training (torchrun): the process group, DDP wrappers, the 2C all-gather, ranks agreeing
-# to stop, every rank's RNG state. All that changes under torchrun; one process skips all of it.
-# --------------------------------------------------------------------------------------------
-
-def is_main_process():
-    return os.environ.get("RANK", "0") == "0"                 # only rank 0 prints, writes and errs
-
-def pick_device(choice, index=0, tf32=True):
-    """--device auto|cuda|cpu; on a GPU, TF32 as --tf32 says and cuDNN autotuning."""
-    use_cuda = torch.cuda.is_available() if choice == "auto" else choice == "cuda"
-    if not use_cuda:
-        return torch.device("cpu")
-    torch.cuda.set_device(index)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cudnn.benchmark = True
-    return torch.device("cuda", index)
-
-def setup_device(cfg):
-    """(device, rank, world) from torchrun's environment; joins the process group when world > 1."""
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")), cfg.tf32)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
-        # torch.distributed.nn's all_gather is the public differentiable collective; recent torch
-        # versions flag it as deprecated in favour of a private one, which we do not use.
-        warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated")
-    return device, rank, world
-
-def ddp(module, world):
-    """DistributedDataParallel around a module that trains (G, D); the module itself in one process."""
-    if world == 1:
-        return module
-    device = next(module.parameters()).device
-    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-
-def gather_global_batch(embed, proxy, labels):
-    """Under DDP, all-gather so the 2C loss sees the global batch; a no-op in a single process.
-
-    torch.distributed.nn's all_gather is differentiable: every rank computes the same loss on the
-    global batch, and its backward sums each rank's gradient for the local slice over ranks. DDP then
-    averages parameter gradients over ranks, which turns that sum back into exactly the gradient of
-    the single-process loss on the whole batch (tested in test_contragan.py).
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return embed, proxy, labels
-    from torch.distributed.nn.functional import all_gather
-    all_labels = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
-    dist.all_gather(all_labels, labels)                        # labels need no gradient
-    return torch.cat(all_gather(embed)), torch.cat(all_gather(proxy)), torch.cat(all_labels)
-
-def any_rank(flag, device, world):
-    """True on every rank when flag (a bool or a 0-d tensor) is true on any: all ranks stop together."""
-    flag = torch.as_tensor(flag, device=device).to(torch.int32)
-    if world > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-def wait_for_rank0(world):
-    if world > 1:
-        dist.barrier()
-
-def rng_states(device, world):
-    """Every rank's RNG state (rank 0 saves them all), so that a resumed run draws the same numbers."""
-    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-    if world == 1:
-        return [state]
-    states = [None] * world
-    dist.all_gather_object(states, state)
-    return states
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-# --------------------------------------------------------------------------------------------
 # The run: folders, checkpoints, resume, logging, Ctrl-C and NaN handling; generation from a checkpoint
 # --------------------------------------------------------------------------------------------
-
-# Flags that may differ when a run is resumed; every other flag must match the checkpoint.
-RUN_FLAGS = {"steps", "log_every", "eval_every", "fid_images", "fid_weights", "eval_batch", "intra_fid",
-             "inception_score", "device", "num_workers", "compile", "resume", "run_dir", "data_dir",
-             "collapse_gap", "collapse_patience", "acc_images", "preset"}
-
-def save_checkpoint(path, state):
-    """Atomic: write a temporary file, flush it to disk, then rename over the old one. config.json next
-    to it is written only here, so it always describes a saved run (never a start that failed)."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    with open(tmp, "w") as f:
-        json.dump({**state["config"], "num_classes": state["num_classes"], "world_size": len(state["rng"])}, f, indent=2)
-    os.replace(tmp, os.path.join(os.path.dirname(path), "config.json"))
-
-def load_checkpoint(path):
-    if os.path.isdir(path):
-        path = os.path.join(path, "last.pt")
-    if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:                                   # torch's own text is a paragraph of zip internals
-        raise UsageError(f"checkpoint {path} is unreadable: truncated, corrupt or not a torch file "
-                         f"({type(err).__name__})") from None
-    if not (isinstance(checkpoint, dict) and {"G", "D", "G_ema", "config", "step"} <= checkpoint.keys()):
-        raise UsageError(f"{path} is a torch file but not a contragan.py checkpoint (no G, D, G_ema, config, step)")
-    return checkpoint, path
-
-def claim_run_dir(run_dir, resume_dir):
-    """One run owns its folder. Refused: a folder that holds another run (unless it is the one resumed),
-    and one that a live process holds (run.lock, created exclusively, holds its pid; the lock of a
-    process that is gone, e.g. killed with -9, is taken over). Returns release(), which removes the lock
-    and the folders this start created if they are still empty: a failed start leaves nothing behind."""
-    resuming_here = resume_dir is not None and os.path.realpath(run_dir) == os.path.realpath(resume_dir)
-    if not resuming_here and any(os.path.exists(os.path.join(run_dir, f)) for f in ("last.pt", "config.json")):
-        raise UsageError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another --run-dir")
-    lock, created = os.path.join(run_dir, "run.lock"), not os.path.isdir(run_dir)
-    try:
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-        while True:
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                break
-            except FileExistsError:
-                with open(lock) as f:
-                    pid = f.read().strip() or str(os.getpid())  # empty: its owner is writing its pid
-                try:
-                    os.kill(int(pid), 0)                       # signal 0 only asks whether it exists
-                except ProcessLookupError:                     # gone (killed with -9): take the lock over
-                    os.remove(lock)
-                    continue
-                except PermissionError:                        # alive, another user's
-                    pass
-                raise UsageError(f"{run_dir} is in use by another run (process {pid}; its lock is {lock})")
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-    except OSError as err:
-        raise UsageError(f"cannot write to run folder {run_dir}: {err.strerror or err}") from None
-
-    def release():
-        os.remove(lock)
-        for folder in [os.path.join(run_dir, "samples")] + [run_dir] * created:
-            try:
-                os.rmdir(folder)                               # only if empty
-            except OSError:
-                pass
-    return release
-
-def merge_resume_config(cfg, explicit, checkpoint, path):
-    """The checkpoint's configuration, with the run flags (RUN_FLAGS) of this command on top. A model
-    or training flag given now that differs from the checkpoint is refused: it is another run."""
-    saved = checkpoint["config"]
-    for key, value in explicit.items():
-        if key not in RUN_FLAGS and key in saved and saved[key] != value:
-            flag = "--" + key.replace("_", "-")
-            raise UsageError(f"checkpoint {path} is from another configuration: it has {flag} {saved[key]}, "
-                             f"this command asks for {value} (drop the flag to resume it)")
-    merged = {**vars(cfg), **saved}                            # flags newer than the checkpoint: defaults
-    merged.update({k: v for k, v in explicit.items() if k in RUN_FLAGS})
-    return argparse.Namespace(**merged)
-
-def evaluations_left(step, steps, eval_every):
-    """How many evaluations the loop still runs at steps step..steps (every eval_every and at the end)."""
-    return steps // eval_every - (step - 1) // eval_every + (steps % eval_every > 0)
-
-def format_duration(seconds):
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 def train(cfg, explicit):
     """Resolve the configuration (a resumed run: the checkpoint's), own the run folder, run."""
     checkpoint = ckpt_path = None
     if cfg.resume:
-        checkpoint, ckpt_path = load_checkpoint(cfg.resume)
+        checkpoint, ckpt_path = utils.load_checkpoint(cfg.resume)
         run_dir = cfg.run_dir or os.path.dirname(ckpt_path)
-        cfg = merge_resume_config(cfg, explicit, checkpoint, ckpt_path)
+        cfg = utils.merge_resume_config(cfg, explicit, checkpoint, ckpt_path)
         cfg.run_dir = run_dir
     validate(cfg)
     cfg.run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.dataset}-{cfg.loss}-s{cfg.seed}")
     if checkpoint is not None and checkpoint["step"] >= cfg.steps:
-        if is_main_process():
+        if utils.is_main_process():
             print(f"nothing trained: {ckpt_path} is at step {checkpoint['step']} and --steps is {cfg.steps} "
                   f"(give a larger --steps to continue it)")
         return 0
-    device, rank, world = setup_device(cfg)
+    device, rank, world = utils.setup_device(cfg)
     if cfg.sync_bn and world > 1 and device.type != "cuda":
-        raise UsageError("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm works only on GPU modules")
-    release = claim_run_dir(cfg.run_dir, ckpt_path and os.path.dirname(ckpt_path)) if rank == 0 else (lambda: None)
+        raise utils.UsageError("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm works only on GPU modules")
+    release = utils.claim_run_dir(cfg.run_dir, ckpt_path and os.path.dirname(ckpt_path)) if rank == 0 else (lambda: None)
     try:
         return Run(cfg, checkpoint, ckpt_path, device, rank, world).loop()
     finally:
@@ -1091,12 +705,12 @@ class Run:
     def __init__(self, cfg, checkpoint, ckpt_path, device, rank, world):
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         self.log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
-        train_set, heldout, self.num_classes = load_data(cfg)
+        train_set, heldout, self.num_classes = utils.load_data(cfg)
         if self.num_classes < 2 and cfg.loss in ("2c", "ac"):
-            raise UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is exactly 0 "
+            raise utils.UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is exactly 0 "
                              f"every step (use --loss proj, or give more classes)")
         self.trainer = Trainer(cfg, self.num_classes, device, world)
-        self.batches = Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device, cfg.num_workers,
+        self.batches = utils.Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device, cfg.num_workers,
                                cfg.flip)
         self.step, self.best_fid, self.best_step, self.history = 0, None, None, []
         if checkpoint is not None:
@@ -1110,12 +724,12 @@ class Run:
         if cfg.fid_images > 0 and fid is None:
             self.log("FID is not available (fid.py is missing): evaluation writes the sample grid only")
         elif cfg.fid_images > 0:
-            ref_set, split = (heldout, "test") if cfg.dataset in CIFAR else \
+            ref_set, split = (heldout, "test") if cfg.dataset in utils.CIFAR else \
                 (heldout, "heldout") if cfg.dataset == "shapes" else (train_set, "train")
             self.evaluator = FIDEvaluator(cfg, ref_set, split, self.num_classes, device, rank, world)
             self.log(self.evaluator.description)
-        self.acc_train = fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
-        self.acc_held = fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3) if heldout else None
+        self.acc_train = utils.fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
+        self.acc_held = utils.fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3) if heldout else None
         # metrics.jsonl is cut back to the checkpoint's step (all of it on a fresh start): a crash before the
         # first checkpoint leaves lines that a rerun would otherwise repeat
         if rank == 0 and os.path.exists(self.metrics_path):
@@ -1131,11 +745,11 @@ class Run:
         try:
             self.trainer.load_state_dict(checkpoint)
         except (RuntimeError, KeyError, ValueError) as err:
-            raise UsageError(f"checkpoint {path} does not fit this model ({str(err).splitlines()[0]})") from None
+            raise utils.UsageError(f"checkpoint {path} does not fit this model ({str(err).splitlines()[0]})") from None
         self.step, self.best_fid, self.best_step = checkpoint["step"], checkpoint["best_fid"], checkpoint["best_step"]
         self.history = checkpoint.get("history", [])
         self.batches.load_state_dict(checkpoint["data"])
-        set_rng_state(checkpoint["rng"][self.rank if self.rank < len(checkpoint["rng"]) else 0], self.device)
+        utils.set_rng_state(checkpoint["rng"][self.rank if self.rank < len(checkpoint["rng"]) else 0], self.device)
         self.log(f"resumed {path} at step {self.step}")
 
     def loop(self):
@@ -1156,7 +770,7 @@ class Run:
                     self.t_last, self.step_last = time.time(), self.step  # s/step: training only
                 # all ranks stop at the same step: they agree at log steps
                 stopping = self.stop_requested if self.world == 1 else \
-                    self.step % cfg.log_every == 0 and any_rank(self.stop_requested, self.device, self.world)
+                    self.step % cfg.log_every == 0 and utils.any_rank(self.stop_requested, self.device, self.world)
                 if stopping and self.step < cfg.steps:
                     self.save()
                     self.log(f"interrupted at step {self.step}: saved {cfg.run_dir}/last.pt; "
@@ -1182,10 +796,10 @@ class Run:
              "img_per_s": round(cfg.d_steps * cfg.batch_size / per_step, 1),
              "s_per_step": round(per_step, 4), "time": round(now, 1)}
         self.t_last, self.step_last = now, self.step
-        left = per_step * (cfg.steps - self.step) + self.eval_s * evaluations_left(self.step, cfg.steps, cfg.eval_every)
+        left = per_step * (cfg.steps - self.step) + self.eval_s * utils.evaluations_left(self.step, cfg.steps, cfg.eval_every)
         self.log(f"step {self.step}/{cfg.steps} | d {r['d_loss']:.4f} (adv {r['d_adv']:.4f} cond {r['d_cond']:.4f}) "
                  f"| g {r['g_loss']:.4f} (adv {r['g_adv']:.4f} cond {r['g_cond']:.4f}) | {r['img_per_s']:.1f} img/s | "
-                 f"{per_step:.3f} s/step | left {format_duration(left)}")
+                 f"{per_step:.3f} s/step | left {utils.format_duration(left)}")
         self.write_metrics(r)
 
     def write_metrics(self, record):
@@ -1246,10 +860,10 @@ class Run:
             tensors += [t for k in ("opt_G", "opt_D") for s in state[k]["state"].values()
                         for name, t in s.items() if name != "step"]
             flag = flag | ~torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()
-        if any_rank(flag, self.device, self.world):
+        if utils.any_rank(flag, self.device, self.world):
             last = os.path.join(self.cfg.run_dir, "last.pt")
             kept = f"the last good checkpoint {last} is intact" if os.path.exists(last) else "no checkpoint was written"
-            raise UsageError(f"non-finite loss or weights at or before step {self.step}: run stopped without "
+            raise utils.UsageError(f"non-finite loss or weights at or before step {self.step}: run stopped without "
                              f"saving it; {kept}")
 
     def save(self, best=False):
@@ -1258,43 +872,10 @@ class Run:
         self.check_finite(state)                               # every save comes through here
         state.update(step=self.step, best_fid=self.best_fid, best_step=self.best_step, history=self.history,
                      config=vars(self.cfg), num_classes=self.num_classes, data=self.batches.state_dict(),
-                     rng=rng_states(self.device, self.world))
+                     rng=utils.rng_states(self.device, self.world))
         if self.rank == 0:
             for name in ("last.pt", "best.pt") if best else ("last.pt",):
-                save_checkpoint(os.path.join(self.cfg.run_dir, name), state)
-
-def generate_from_checkpoint(path, num_images, out_dir, batch_size=64, seed=0, device="auto"):
-    """N PNG files (class-balanced labels, for external FID tools) and a per-class grid, from G_ema
-    with BatchNorm batch statistics (the FID protocol)."""
-    from PIL import Image
-    if os.path.isdir(out_dir) and os.listdir(out_dir):        # FID tools would read old files with the new
-        raise UsageError(f"--out-dir {out_dir} is not empty: FID would read its old files too; give a new or empty folder")
-    checkpoint, path = load_checkpoint(path)
-    cfg, K = argparse.Namespace(**checkpoint["config"]), checkpoint["num_classes"]
-    device = pick_device(device, tf32=getattr(cfg, "tf32", True))
-    G = build_models(cfg, K)[0]
-    try:
-        G.load_state_dict(checkpoint["G_ema"])
-        os.makedirs(os.path.join(out_dir, "grid"), exist_ok=True)
-    except RuntimeError as err:
-        raise UsageError(f"checkpoint {path} does not fit its own configuration ({str(err).splitlines()[0]})") from None
-    except OSError as err:
-        raise UsageError(f"cannot write to {out_dir}: {err.strerror or err}") from None
-    G.to(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    labels = torch.arange(num_images, device=device) % K
-    labels = labels[torch.randperm(num_images, device=device, generator=gen)]
-    for start in range(0, num_images, batch_size):
-        y = labels[start:start + batch_size]
-        images = generate(G, y, cfg.z_dim, batch_size, gen)
-        images = ((images * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)  # (B, 3, H, W)
-        for i, (image, label) in enumerate(zip(images.permute(0, 2, 3, 1).cpu().numpy(), y.tolist())):
-            Image.fromarray(image).save(os.path.join(out_dir, f"{start + i:06d}_class{label}.png"))
-    # The grid goes one level down: FID tools read only the top level, where every image has one size.
-    save_grid(G, os.path.join(out_dir, "grid", "grid.png"), K, cfg.z_dim, device, batch_size, seed)
-    print(f"wrote {num_images} images and grid/grid.png to {out_dir} (G_ema of {path}, step {checkpoint['step']})")
-    return 0
-
+                utils.save_checkpoint(os.path.join(self.cfg.run_dir, name), state)
 
 # --------------------------------------------------------------------------------------------
 # Command line
@@ -1365,9 +946,6 @@ def build_parser(suppress=False):
     add("--tf32", True, action=argparse.BooleanOptionalAction, help="TF32 matmuls on Ampere+ GPUs")
     add("--compile", False, action="store_true", help="torch.compile G and D")
     add("--sync-bn", False, action="store_true", help="under torchrun: G's BatchNorm over the global batch")
-    add("--generate", metavar="CKPT", help="write --num-images PNGs and a grid from a checkpoint's G_ema")
-    add("--num-images", 10000, type=int, help="with --generate")
-    add("--out-dir", "fakes", help="with --generate")
     return p
 
 
@@ -1375,7 +953,7 @@ def build_parser(suppress=False):
 # test, so "nan" and "inf" are refused along with the negative and zero values that make no sense.
 FLAG_RANGES = [
     ("steps log_every eval_every d_steps batch_size eval_batch g_width d_width z_dim shared_dim embed_dim "
-     "shapes_size acc_images num_images collapse_patience", lambda v: v >= 1, "at least 1"),
+     "shapes_size acc_images collapse_patience", lambda v: v >= 1, "at least 1"),
     ("num_workers ema_start", lambda v: v >= 0, "at least 0"),
     ("lr_g lr_d cond_lambda adam_eps", lambda v: 0 <= v < float("inf"), ">= 0 and finite"),
     ("temperature", lambda v: 0 < v < float("inf"), "> 0 and finite"),
@@ -1388,24 +966,24 @@ def validate(cfg):
     for names, ok, what in FLAG_RANGES:
         for name in names.split():
             if not ok(getattr(cfg, name)):
-                raise UsageError(f"--{name.replace('_', '-')} must be {what} (got {getattr(cfg, name)})")
+                raise utils.UsageError(f"--{name.replace('_', '-')} must be {what} (got {getattr(cfg, name)})")
     if cfg.img_size not in G_ARCH:
-        raise UsageError(f"--img-size {cfg.img_size} is not supported: the architecture has 32, 64 and 128")
+        raise utils.UsageError(f"--img-size {cfg.img_size} is not supported: the architecture has 32, 64 and 128")
     try:
         Generator.z_chunk(cfg.img_size, cfg.z_dim)
     except ValueError as err:
-        raise UsageError(str(err).replace("z_dim", "--z-dim")) from None
+        raise utils.UsageError(str(err).replace("z_dim", "--z-dim")) from None
     if cfg.loss == "2c" and cfg.batch_size < 2:
-        raise UsageError("--loss 2c needs --batch-size of at least 2: it contrasts samples within a batch")
+        raise utils.UsageError("--loss 2c needs --batch-size of at least 2: it contrasts samples within a batch")
     if not cfg.data_positives and cfg.loss != "2c":
-        raise UsageError(f"--no-data-positives changes the 2C loss: it needs --loss 2c (got --loss {cfg.loss})")
+        raise utils.UsageError(f"--no-data-positives changes the 2C loss: it needs --loss 2c (got --loss {cfg.loss})")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % world:
-        raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {world} ranks")
+        raise utils.UsageError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {world} ranks")
     if cfg.fid_images and cfg.fid_images < 2 * world:
-        raise UsageError("--fid-images must be 0 (off) or at least 2 per rank")
+        raise utils.UsageError("--fid-images must be 0 (off) or at least 2 per rank")
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but torch sees no CUDA GPU")
+        raise utils.UsageError("--device cuda asked for, but torch sees no CUDA GPU")
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
@@ -1418,16 +996,14 @@ def main(argv=None):
     try:
         if not cfg.resume:                                     # a resumed run: once merged with its checkpoint
             validate(cfg)
-        if cfg.generate:
-            return generate_from_checkpoint(cfg.generate, cfg.num_images, cfg.out_dir, cfg.eval_batch, cfg.seed, cfg.device)
         return train(cfg, explicit)
     except KeyboardInterrupt:                                  # Ctrl-C in start-up, or a second one: no traceback
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        if not isinstance(err, (UsageError, fid.FIDError if fid else UsageError)):
+        if not isinstance(err, (utils.UsageError, fid.FIDError if fid else utils.UsageError)):
             raise
-        if is_main_process():                                  # under torchrun: said once, by rank 0
+        if utils.is_main_process():                                  # under torchrun: said once, by rank 0
             print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -14,6 +14,10 @@ import pytest
 import torch
 
 import contragan as cg
+import contragan_utils as utils
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
+import sample  # noqa: E402  tools/sample.py: images from a checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "contragan.py")
@@ -234,10 +238,10 @@ def test_ema_averages_parameters_and_buffers():
 
 @pytest.mark.parametrize("flip", [True, False])
 def test_random_flips_can_be_turned_off(flip):
-    images, labels = cg.make_shapes(64, 32, seed=0)
-    data = cg.TensorImages(images, labels, ["a", "b", "c", "d"])
+    images, labels = utils.make_shapes(64, 32, seed=0)
+    data = utils.TensorImages(images, labels, ["a", "b", "c", "d"])
     torch.manual_seed(0)
-    x, _ = next(cg.Batches(data, 64, 0, 1, seed=0, device=torch.device("cpu"), flip=flip))
+    x, _ = next(utils.Batches(data, 64, 0, 1, seed=0, device=torch.device("cpu"), flip=flip))
     order = list(torch.utils.data.DistributedSampler(data, 1, 0, shuffle=True, seed=0, drop_last=True))
     plain = images[order].float() / 127.5 - 1
     flipped = (x == plain.flip(3)).flatten(1).all(1) & ~(x == plain).flatten(1).all(1)
@@ -271,13 +275,13 @@ def test_detect_collapse():
 
 
 def test_shapes_data_is_deterministic_and_class_readable():
-    a, ya = cg.make_shapes(200, 32, seed=3)
-    b, yb = cg.make_shapes(200, 32, seed=3)
+    a, ya = utils.make_shapes(200, 32, seed=3)
+    b, yb = utils.make_shapes(200, 32, seed=3)
     assert torch.equal(a, b) and torch.equal(ya, yb) and a.dtype == torch.uint8
     assert torch.bincount(ya).tolist() == [50, 50, 50, 50]
-    predicted = cg.shapes_class_of(a.float() / 127.5 - 1)
+    predicted = utils.shapes_class_of(a.float() / 127.5 - 1)
     assert (predicted == ya).float().mean() > 0.9           # the class-consistency probe reads real data
-    assert not torch.equal(a, cg.make_shapes(200, 32, seed=4)[0])
+    assert not torch.equal(a, utils.make_shapes(200, 32, seed=4)[0])
 
 
 # ---------------------------------------------------------------- real runs of the CLI
@@ -337,7 +341,7 @@ def test_resume_continues_exactly(tmp_path, loss):
 def test_generate_from_checkpoint(tmp_path):
     run, out = tmp_path / "run", tmp_path / "fakes"
     assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
-    assert cg.main(["--generate", str(run), "--num-images", "10", "--out-dir", str(out), "--eval-batch", "4"]) == 0
+    assert sample.main([str(run), "--num-images", "10", "--out-dir", str(out), "--batch-size", "4"]) == 0
     files = sorted(os.listdir(out))
     assert len([f for f in files if f.endswith(".png")]) == 10 and (out / "grid" / "grid.png").is_file()
     from PIL import Image
@@ -362,11 +366,11 @@ def test_fid_during_training_with_random_weights(tmp_path):
 
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing lost
 
-def run_main(capsys, *args):
+def run_main(capsys, *args, main=cg.main):
     """The command line in this process: main(argv) is what `python contragan.py ARGS` runs, without
     the ~6 s of imports a subprocess costs on 2 cores. Returns a CompletedProcess like run_cli's."""
     try:
-        status = cg.main([str(a) for a in args])
+        status = main([str(a) for a in args])
     except SystemExit as exit:                                 # argparse's own errors
         status = exit.code
     out, err = capsys.readouterr()
@@ -402,13 +406,22 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine w
     (["--num-workers", "-1"], "--num-workers must be at least 0"),
     (["--acc-images", "0"], "--acc-images must be at least 1"),        # divided by zero at the first evaluation
     (["--collapse-patience", "0"], "--collapse-patience must be at least 1"),
-    (["--generate", "x", "--num-images", "0"], "--num-images must be at least 1"),
-    pytest.param(["--generate", "x", "--device", "cuda"], "no CUDA GPU", marks=NO_GPU),
 ])
 def test_bad_arguments(args, expected, tmp_path, capsys):
     r = run_main(capsys, *TINY, "--steps", "1", "--run-dir", str(tmp_path / "r"), *args)
     assert expected in one_line_error(r)
     assert not (tmp_path / "r").exists()                       # a failed start leaves no folder behind
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--num-images", "0"], "--num-images must be at least 1"),
+    (["--batch-size", "-2"], "--batch-size must be at least 1"),
+    pytest.param(["--device", "cuda"], "no CUDA GPU", marks=NO_GPU),
+    ([], "no checkpoint at"),
+])
+def test_sample_bad_arguments(args, expected, tmp_path, capsys):
+    r = run_main(capsys, tmp_path / "x", "--out-dir", tmp_path / "f", *args, main=sample.main)
+    assert expected in one_line_error(r) and not (tmp_path / "f").exists()
 
 
 def test_bad_image_folders(tmp_path, capsys):
@@ -426,7 +439,7 @@ def test_bad_image_folders(tmp_path, capsys):
 
 def test_folder_dataset_trains(tmp_path):
     from PIL import Image
-    images, labels = cg.make_shapes(24, 40, seed=0)
+    images, labels = utils.make_shapes(24, 40, seed=0)
     for i, (x, y) in enumerate(zip(images, labels)):
         os.makedirs(tmp_path / "data" / f"c{int(y)}", exist_ok=True)
         Image.fromarray(x.permute(1, 2, 0).numpy()).save(tmp_path / "data" / f"c{int(y)}" / f"{i}.png")
@@ -516,7 +529,7 @@ def test_evaluations_left_counts_the_loops_evaluations(steps, every):
     """The time-left estimate counts the evaluations the training loop will run: brute force oracle."""
     for step in range(1, steps + 1):
         oracle = sum(1 for s in range(step, steps + 1) if s % every == 0 or s == steps)
-        assert cg.evaluations_left(step, steps, every) == oracle, (step, steps, every)
+        assert utils.evaluations_left(step, steps, every) == oracle, (step, steps, every)
 
 
 # ---------------------------------------------------------------- Figure 3 and mixed precision
@@ -548,7 +561,7 @@ def test_bf16_step_is_finite_and_close_to_fp32():
         cfg.amp = amp
         trainer = cg.Trainer(cfg, num_classes=4, device=torch.device("cpu"))
         torch.manual_seed(1)
-        real, y = cg.make_shapes(8, 32, seed=5)
+        real, y = utils.make_shapes(8, 32, seed=5)
         logs = trainer.d_step(real.float() / 127.5 - 1, y)
         logs.update(trainer.g_step())
         losses[amp] = {k: v.item() for k, v in logs.items()}
@@ -567,7 +580,7 @@ def _two_rank_2c(rank, world, init_file, out_dir):
     labels = torch.randint(0, 3, (12,), generator=gen)
     local = slice(rank * 6, rank * 6 + 6)                      # each rank holds half of it
     e, p = embed[local].clone().requires_grad_(), proxy[local].clone().requires_grad_()
-    loss = cg.conditional_contrastive_loss(*cg.gather_global_batch(e, p, labels[local]), temperature=0.5)
+    loss = cg.conditional_contrastive_loss(*utils.gather_global_batch(e, p, labels[local]), temperature=0.5)
     loss.backward()
     torch.save({"loss": loss.detach(), "embed_grad": e.grad, "proxy_grad": p.grad}, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
@@ -610,7 +623,7 @@ def test_torchrun_two_processes_train_and_resume(tmp_path):
 
 def write_folder(root, n, classes, size=40):
     from PIL import Image
-    images, labels = cg.make_shapes(n, size, seed=0)
+    images, labels = utils.make_shapes(n, size, seed=0)
     for i, (x, y) in enumerate(zip(images, labels)):
         os.makedirs(root / f"c{int(y) % classes}", exist_ok=True)
         Image.fromarray(x.permute(1, 2, 0).numpy()).save(root / f"c{int(y) % classes}" / f"{i}.png")
@@ -680,8 +693,9 @@ def test_not_a_checkpoint_and_short_messages(tmp_path, capsys):
     (tmp_path / "cut.pt").write_bytes((run / "last.pt").read_bytes()[:5000])
     for path, expected in [("other.pt", "not a contragan.py checkpoint"), ("notes.txt", "not a torch file"),
                            ("cut.pt", "truncated")]:
-        for args in (["--resume", tmp_path / path], ["--generate", tmp_path / path, "--out-dir", tmp_path / "f"]):
-            line = one_line_error(run_main(capsys, *args))
+        for args, main in ((["--resume", tmp_path / path], cg.main),
+                           ([tmp_path / path, "--out-dir", tmp_path / "f"], sample.main)):
+            line = one_line_error(run_main(capsys, *args, main=main))
             assert expected in line and len(line) < 200 and "miniz" not in line, line
 
 
@@ -689,7 +703,7 @@ def test_generate_refuses_a_folder_that_holds_files(tmp_path, capsys):
     out = tmp_path / "fakes"
     out.mkdir()
     (out / "old.png").write_bytes(b"stale")
-    r = run_main(capsys, "--generate", tmp_path, "--out-dir", out)
+    r = run_main(capsys, tmp_path, "--out-dir", out, main=sample.main)
     assert "is not empty" in one_line_error(r) and os.listdir(out) == ["old.png"]
 
 
@@ -757,7 +771,7 @@ def test_ctrl_c_during_start_up_exits_130_quietly(tmp_path, monkeypatch, capsys)
     def interrupted(cfg):
         raise KeyboardInterrupt                                # what Ctrl-C raises while the data loads
 
-    monkeypatch.setattr(cg, "load_data", interrupted)
+    monkeypatch.setattr(utils, "load_data", interrupted)
     try:
         status = cg.main([*TINY, "--steps", "1", "--run-dir", str(tmp_path / "run")])
     except KeyboardInterrupt:

@@ -1,0 +1,81 @@
+"""Images from a trained run's G_ema, for FID tools and for looking (nanoGPT keeps its sample.py apart too).
+
+    python tools/sample.py runs/cifar10-2c-s0 --num-images 10000 --out-dir fakes/
+    python fid.py fakes/ data/cifar10-test/        # or any FID tool that reads a folder of PNGs
+
+Writes N PNG files named <index>_class<label>.png (class-balanced labels, shuffled) and grid/grid.png
+(one row per class), drawn as contragan.py evaluates: BatchNorm batch statistics, batches of the run's
+--eval-batch. Bad input: one `error:` line, status 2 (as contragan.py).
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+import contragan as cg  # noqa: E402
+import contragan_utils as utils  # noqa: E402
+
+
+def generate_from_checkpoint(path, num_images, out_dir, batch_size=None, seed=0, device="auto"):
+    """num_images PNGs and a per-class grid from the G_ema of a run folder or checkpoint file."""
+    from PIL import Image
+    if os.path.isdir(out_dir) and os.listdir(out_dir):        # FID tools would read old files with the new
+        raise utils.UsageError(f"--out-dir {out_dir} is not empty: FID would read its old files too; "
+                               f"give a new or empty folder")
+    checkpoint, path = utils.load_checkpoint(path)
+    cfg, K = argparse.Namespace(**checkpoint["config"]), checkpoint["num_classes"]
+    batch_size = batch_size or cfg.eval_batch                  # BatchNorm statistics as at evaluation
+    device = utils.pick_device(device, tf32=getattr(cfg, "tf32", True))
+    G = cg.build_models(cfg, K)[0]
+    try:
+        G.load_state_dict(checkpoint["G_ema"])
+        os.makedirs(os.path.join(out_dir, "grid"), exist_ok=True)
+    except RuntimeError as err:
+        raise utils.UsageError(f"checkpoint {path} does not fit its own configuration "
+                               f"({str(err).splitlines()[0]})") from None
+    except OSError as err:
+        raise utils.UsageError(f"cannot write to {out_dir}: {err.strerror or err}") from None
+    G.to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    labels = torch.arange(num_images, device=device) % K
+    labels = labels[torch.randperm(num_images, device=device, generator=gen)]  # mixed batches (BN statistics)
+    for start in range(0, num_images, batch_size):
+        y = labels[start:start + batch_size]
+        images = cg.generate(G, y, cfg.z_dim, batch_size, gen)
+        images = ((images * 0.5 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)  # (B, 3, H, W)
+        for i, (image, label) in enumerate(zip(images.permute(0, 2, 3, 1).cpu().numpy(), y.tolist())):
+            Image.fromarray(image).save(os.path.join(out_dir, f"{start + i:06d}_class{label}.png"))
+    # The grid goes one level down: FID tools read only the top level, where every image has one size.
+    cg.save_grid(G, os.path.join(out_dir, "grid", "grid.png"), K, cfg.z_dim, device, batch_size, seed)
+    print(f"wrote {num_images} images and grid/grid.png to {out_dir} (G_ema of {path}, step {checkpoint['step']})")
+    return 0
+
+
+def main(argv=None):
+    p = cg.OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a run folder (its last.pt) or a checkpoint file")
+    p.add_argument("--num-images", type=int, default=10000)
+    p.add_argument("--out-dir", default="fakes")
+    p.add_argument("--batch-size", type=int, help="G_ema's batch (default: the run's --eval-batch, as its FID)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    args = p.parse_args(argv)
+    try:
+        for flag in ("num_images", "batch_size"):
+            value = getattr(args, flag)
+            if value is not None and value < 1:
+                raise utils.UsageError(f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise utils.UsageError("--device cuda asked for, but torch sees no CUDA GPU")
+        return generate_from_checkpoint(args.checkpoint, args.num_images, args.out_dir, args.batch_size,
+                                        args.seed, args.device)
+    except utils.UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
