@@ -628,6 +628,9 @@ class FIDEvaluator:
         self.ref = self._reference(subset, stem + ".npz", self.protocol)
         self.class_ref = None
         if cfg.intra_fid:                                      # per-class reference statistics
+            if cfg.fid_images // world < 2 * num_classes:
+                raise utils.UsageError(f"--intra-fid needs --fid-images of at least {2 * num_classes * world}: "
+                                       f"2 fakes per class per rank, for a covariance")
             labels = reference.labels[:n_ref] if isinstance(reference, utils.TensorImages) else \
                 torch.tensor([reference[i][1] for i in range(n_ref)])  # reads each image once
             self.class_ref = [self._reference(
@@ -642,31 +645,30 @@ class FIDEvaluator:
         mu, sigma, _ = fid.load_stats(path, expect=protocol)
         return mu, sigma
 
-    def _fake_stats(self, G, n, label=None, compute_is=False):
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1 + self.rank)  # own share per rank
-
-        def sample(batch):                                     # uniform labels, or one class
-            y = utils.uniform_labels(batch, self.num_classes, self.device, gen) if label is None else \
-                torch.full((batch,), label, device=self.device)
-            return generate(G, y, self.cfg.z_dim, self.cfg.eval_batch, gen)
-
-        stats, inception_score = fid.features_from_sampler(
-            self.inception, sample, n // self.world, self.cfg.eval_batch, self.device, compute_is=compute_is)
-        stats.all_reduce()
-        return stats, inception_score
-
     def __call__(self, G):
-        """{'fid', ['is_mean', 'is_std'], ['intra_fid', 'intra_fid_per_class']} on every rank."""
-        stats, inception_score = self._fake_stats(G, self.cfg.fid_images, compute_is=self.cfg.inception_score)
-        out = {"fid": fid.frechet_distance(stats.mu, stats.sigma, *self.ref)}
+        """{'fid', ['is_mean', 'is_std'], ['intra_fid', 'intra_fid_per_class']} on every rank. Intra-class
+        FID routes the same fakes by label, their labels then balanced (shuffled, n/K each): batches of
+        one class would normalise the class away in G's BatchNorm."""
+        cfg, K, n = self.cfg, self.num_classes, self.cfg.fid_images // self.world
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 + self.rank)  # own share per rank
+        class_stats = [fid.RunningStats() for _ in range(K)] if self.class_ref else None
+        labels = utils.uniform_labels(n, K, self.device, gen) if class_stats is None else \
+            (torch.arange(n, device=self.device) % K)[torch.randperm(n, device=self.device, generator=gen)]
+        batches = iter(labels.split(cfg.eval_batch))
+
+        def sample(batch):
+            y = next(batches)
+            x = generate(G, y, cfg.z_dim, cfg.eval_batch, gen)
+            return x if class_stats is None else (x, y)
+
+        stats, inception_score = fid.features_from_sampler(self.inception, sample, n, cfg.eval_batch, self.device,
+                                                           cfg.inception_score, class_stats=class_stats)
+        out = {"fid": fid.frechet_distance(stats.all_reduce().mu, stats.sigma, *self.ref)}
         if inception_score is not None:                        # under DDP: rank 0's share only
             out["is_mean"], out["is_std"] = inception_score
-        if self.class_ref is not None:
-            per_class = []
-            for k, (mu, sigma) in enumerate(self.class_ref):
-                s, _ = self._fake_stats(G, max(self.cfg.fid_images // self.num_classes, 2 * self.world), label=k)
-                per_class.append(fid.frechet_distance(s.mu, s.sigma, mu, sigma))
-            out["intra_fid"], out["intra_fid_per_class"] = sum(per_class) / len(per_class), per_class
+        if class_stats is not None:
+            per_class = [fid.frechet_distance(s.all_reduce().mu, s.sigma, *ref) for s, ref in zip(class_stats, self.class_ref)]
+            out["intra_fid"], out["intra_fid_per_class"] = sum(per_class) / K, per_class
         return out
 
 

@@ -310,21 +310,26 @@ def _scores(stats, compute_is):
     return stats, (inception_score(stats.probs) if compute_is else None)
 
 
-def features_from_sampler(model, sample_fn, num_images, batch_size, device, compute_is=False, progress=None):
+def features_from_sampler(model, sample_fn, num_images, batch_size, device, compute_is=False, progress=None,
+                          class_stats=None):
     """Statistics of num_images images from sample_fn(n) -> (n, 3, H, W) float in [-1, 1]; the
     caller puts the generator in the evaluated mode (EMA weights, BatchNorm mode) inside sample_fn.
-    Returns (RunningStats, (IS mean, IS std) or None). progress(done, total) is called per batch."""
+    Returns (RunningStats, (IS mean, IS std) or None). progress(done, total) is called per batch.
+    class_stats, a list of K RunningStats: sample_fn returns (images, labels) and each image's features
+    also go to class_stats[label] (intra-class FID from the same mixed-label batches)."""
     model.eval()
     stats, done = RunningStats(keep_probs=compute_is), 0
     with torch.no_grad(), _fp32_convolutions():
         while done < num_images:
             n = min(batch_size, num_images - done)
-            images = sample_fn(n)
+            images, labels = sample_fn(n) if class_stats is not None else (sample_fn(n), None)
             if images.ndim != 4 or tuple(images.shape[:2]) != (n, 3):
                 raise FIDError(f"sample_fn({n}) must return ({n}, 3, H, W) images, got {tuple(images.shape)}")
             _check_range(images)
             pool, logits = model(images.to(device))
             stats.update(pool, logits)
+            for k in (labels.unique().tolist() if labels is not None else []):
+                class_stats[k].update(pool[labels.to(pool.device) == k])
             done += n
             if progress:
                 progress(done, num_images)

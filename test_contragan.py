@@ -348,17 +348,22 @@ def test_generate_from_checkpoint(tmp_path):
     assert Image.open(out / files[0]).size == (32, 32)
 
 
-def test_fid_during_training_with_random_weights(tmp_path):
+def test_fid_during_training_with_random_weights(tmp_path, monkeypatch, capsys):
     pytest.importorskip("fid")
-    run = tmp_path / "run"
-    r = run_cli(*TINY, "--steps", "2", "--eval-every", "2", "--fid-images", "16", "--fid-weights", "random",
-                "--intra-fid", "--inception-score", "--data-dir", str(tmp_path), "--run-dir", str(run))
+    run, calls, real_generate = tmp_path / "run", [], cg.generate
+    monkeypatch.setattr(cg, "generate", lambda G, y, *a: calls.append(y.cpu()) or real_generate(G, y, *a))
+    r = run_main(capsys, *TINY, "--steps", "2", "--eval-every", "2", "--fid-images", "16", "--fid-weights", "random",
+                 "--eval-batch", "8", "--intra-fid", "--inception-score", "--data-dir", tmp_path, "--run-dir", run)
     assert r.returncode == 0, r.stderr
     record = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x][-1]
     assert math.isfinite(record["fid"]) and record["fid"] >= 0
     assert len(record["intra_fid_per_class"]) == 4 and record["intra_fid"] == pytest.approx(
         sum(record["intra_fid_per_class"]) / 4)
     assert 1.0 <= record["is_mean"] <= 1008
+    # Intra-class FID routes FID's own fakes by label, in mixed batches with balanced labels (it once drew one
+    # class per batch, and G's BatchNorm batch statistics removed the class). The evaluator draws first.
+    assert [len(y) for y in calls[:2]] == [8, 8] and all(len(y.unique()) > 1 for y in calls[:2])
+    assert torch.bincount(torch.cat(calls[:2]), minlength=4).tolist() == [4, 4, 4, 4]
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".npz"))[0] == "fid_shapes_heldout_16_random.npz"
     assert "FID protocol" in r.stdout and "RANDOM weights" in r.stdout
     assert (run / "best.pt").is_file()
@@ -406,6 +411,7 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine w
     (["--num-workers", "-1"], "--num-workers must be at least 0"),
     (["--acc-images", "0"], "--acc-images must be at least 1"),        # divided by zero at the first evaluation
     (["--collapse-patience", "0"], "--collapse-patience must be at least 1"),
+    (["--intra-fid", "--fid-images", "4", "--fid-weights", "random"], "--intra-fid needs --fid-images of at least 8"),
 ])
 def test_bad_arguments(args, expected, tmp_path, capsys):
     r = run_main(capsys, *TINY, "--steps", "1", "--run-dir", str(tmp_path / "r"), *args)

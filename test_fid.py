@@ -326,3 +326,22 @@ def test_cli_flags_and_files_give_one_clear_line(tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert exit.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, lines)
         assert expected in lines[0] and "pickle" not in lines[0] and not lines[0].endswith("(101)"), lines[0]
+
+
+def test_class_stats_route_each_image_to_its_label():
+    """Intra-class FID's statistics from mixed-label batches equal each class's own statistics."""
+    class Flat(torch.nn.Module):                               # features: the first 2048 pixel values
+        def forward(self, x):
+            return x.flatten(1)[:, :fid.FEATURE_DIM].double(), torch.zeros(len(x), 1008)
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(40, 3, 32, 32, generator=gen) * 2 - 1
+    labels = torch.randint(0, 3, (40,), generator=gen)
+    batches = iter(zip(images.split(16), labels.split(16)))
+    class_stats = [fid.RunningStats() for _ in range(3)]
+    stats, _ = fid.features_from_sampler(Flat(), lambda n: next(batches), 40, 16, "cpu", class_stats=class_stats)
+    assert stats.n == 40 and sum(s.n for s in class_stats) == 40
+    for k, s in enumerate(class_stats):
+        x = images[labels == k].flatten(1)[:, :fid.FEATURE_DIM].double().numpy()
+        np.testing.assert_allclose(s.mu, x.mean(0), atol=1e-12)
+        np.testing.assert_allclose(s.sigma, np.cov(x, rowvar=False), atol=1e-10)
