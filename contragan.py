@@ -8,10 +8,10 @@ relations through the conditional contrastive (2C) loss.
 The file follows the paper; read it top to bottom next to it. Part 1 is the method: Section 3 (the
 losses; the 2C loss is the part to copy) -> Algorithm 1 (`Trainer`: the D step, the G step, the EMA,
 one iteration) -> the appendix's networks (Generator, Discriminator, then their blocks and layers).
-Part 2, below one banner, is what a run needs that the paper does not describe: data -> evaluation
-(FID, Figure 3's diagnostics) -> distributed training (all of torchrun in one section) -> the run
-(checkpoints, resume, Ctrl-C) -> generation -> the command line. Where the paper and the authors' code
-differ, this file follows the code and says so at that line.
+Part 2, below one banner, runs it: evaluation (FID, Figure 3's diagnostics, class confusion) -> the
+run (the loop, checkpoints, resume, Ctrl-C) -> the command line. The data sets, torchrun and the run
+folder's files are in contragan_utils.py, which a reader of the method never needs to open. Where the
+paper and the authors' code differ, this file follows the code and says so at that line.
 
   python contragan.py --dataset cifar10 --loss 2c          # the paper's CIFAR-10 ContraGAN run
   python contragan.py --dataset shapes --preset cpu-demo   # offline, minutes on a laptop CPU
@@ -492,8 +492,8 @@ def sn_linear(f_in, f_out, bias=True):
 
 
 # ============================================================================================
-# Everything below is what a run needs that the paper does not describe: data, evaluation,
-# distributed training, checkpoints and resume, Ctrl-C, the command line. The method ends here.
+# The method ends here. Below: what a run needs that the paper does not describe: evaluation, the
+# run (loop, checkpoints, resume, Ctrl-C), the command line. Data and torchrun: contragan_utils.py.
 # ============================================================================================
 
 # --------------------------------------------------------------------------------------------
@@ -502,10 +502,9 @@ def sn_linear(f_in, f_out, bias=True):
 
 @torch.no_grad()
 def generate(G, labels, z_dim, batch_size, generator=None):
-    """Images in [-1, 1] for the given labels, in batches of batch_size with BatchNorm in train mode
-    (batch statistics): the authors' evaluation protocol for the EMA generator. G's buffers (BN
-    running statistics, spectral-norm u, v), which train mode updates, are restored afterwards: the
-    EMA averages them, and an evaluation must not change training (resume stays exact)."""
+    """Images in [-1, 1] for labels, in batches with BatchNorm batch statistics (train mode): the
+    authors' evaluation of the EMA generator. G's buffers (BN running statistics, SN's u, v), which train
+    mode updates, are restored: the EMA averages them, and evaluating must not change training."""
     G.train()
     buffers = [b.clone() for b in G.buffers()]
     out = []
@@ -520,7 +519,7 @@ def save_grid(G, path, num_classes, z_dim, device, batch_size, seed):
     import torchvision
     cols = 10 if num_classes <= 20 else 5
     gen = torch.Generator(device=device).manual_seed(seed)
-    labels = utils.balanced_labels(num_classes, cols, device)
+    labels = utils.balanced_labels(num_classes * cols, num_classes, device)
     images = generate(G, labels, z_dim, batch_size, gen)
     torchvision.utils.save_image(images * 0.5 + 0.5, path, nrow=cols, padding=1)
 
@@ -539,10 +538,9 @@ def d_judge(D, images, labels, device, batch_size=256):
     return hits / max(len(labels), 1), torch.cat(judged)
 
 def confusion(asked, judged, num_classes):
-    """Class confusion: K x K counts of asked (rows) vs judged (columns) classes, the share judged as
-    asked, and the share after the best one-to-one relabelling of the judged classes (Hungarian
-    algorithm). Low raw but high relabelled: G draws consistent classes under the wrong labels;
-    both low: G ignores the label."""
+    """K x K counts of asked (rows) vs judged (columns) classes, the share judged as asked, and the share
+    after the best one-to-one relabelling (Hungarian algorithm). Low raw but high relabelled: G draws
+    consistent classes under the wrong labels; both low: G ignores the label."""
     from scipy.optimize import linear_sum_assignment
     asked, judged = asked.cpu(), judged.cpu()
     counts = torch.zeros(num_classes, num_classes, dtype=torch.long)
@@ -552,10 +550,9 @@ def confusion(asked, judged, num_classes):
     return counts, counts.diag().sum().item() / n, counts[rows, cols].sum().item() / n
 
 def d_diagnostics(D, G_ema, acc_train, acc_held, num_classes, cfg, device):
-    """Figure 3's overfitting probe (D's accuracy at calling training vs held-out real images real)
-    and class confusion: D's class judgement (`Discriminator.class_scores`) of held-out reals and of
-    acc_images // K fakes per asked label; on shapes also the colour reader's. K x K matrices are
-    kept for K <= 100."""
+    """Figure 3's overfitting probe (D calling training vs held-out reals real) and class confusion: D's
+    class judgement (`class_scores`) of held-out reals and of acc_images // K fakes per asked label, in
+    mixed batches; on shapes also the colour reader's. K x K matrices are kept for K <= 100."""
     rec = {}
     rec["d_acc_train"], _ = d_judge(D, *acc_train, device)
     if acc_held is not None:
@@ -564,9 +561,7 @@ def d_diagnostics(D, G_ema, acc_train, acc_held, num_classes, cfg, device):
         counts, rec["d_class_acc_heldout"], _ = confusion(acc_held[1], judged, num_classes)
         rec["confusion_d_heldout"] = counts.tolist() if num_classes <= 100 else None
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 4)  # the same fakes every evaluation
-    y = utils.balanced_labels(num_classes, max(cfg.acc_images // num_classes, 1), device)
-    # shuffled: G's BatchNorm uses batch statistics, and a batch of one class would normalise its class away
-    y = y[torch.randperm(len(y), device=device, generator=gen)]
+    y = utils.balanced_labels(max(cfg.acc_images // num_classes, 1) * num_classes, num_classes, device, gen)
     fake = generate(G_ema, y, cfg.z_dim, cfg.eval_batch, gen)
     readers = {"d": d_judge(D, fake, y, device)[1]}
     if cfg.dataset == "shapes":                                # the class read off the colour
@@ -614,7 +609,7 @@ class FIDEvaluator:
                                                 device=device, random_init=random_weights)
         except fid.FIDError as err:                            # name this script's flags, not fid.py's
             raise utils.UsageError(str(err).replace("--weights PATH", "--fid-weights PATH (or --fid-images 0 "
-                                              "to train without FID)")) from None
+                                                    "to train without FID)")) from None
         n_ref = min(cfg.fid_images, len(reference))
         # weights and resize as fid.py names them: a local file that is not the published one says so
         self.protocol = {"dataset": cfg.dataset, "split": split, "num_images": n_ref,
@@ -646,14 +641,13 @@ class FIDEvaluator:
         return mu, sigma
 
     def __call__(self, G):
-        """{'fid', ['is_mean', 'is_std'], ['intra_fid', 'intra_fid_per_class']} on every rank. Intra-class
-        FID routes the same fakes by label, their labels then balanced (shuffled, n/K each): batches of
-        one class would normalise the class away in G's BatchNorm."""
+        """{'fid', ['is_mean', 'is_std'], ['intra_fid', 'intra_fid_per_class']} on every rank. Intra-class FID
+        routes the same fakes by label (then balanced): one-class batches lose the class in G's BatchNorm."""
         cfg, K, n = self.cfg, self.num_classes, self.cfg.fid_images // self.world
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 + self.rank)  # own share per rank
         class_stats = [fid.RunningStats() for _ in range(K)] if self.class_ref else None
         labels = utils.uniform_labels(n, K, self.device, gen) if class_stats is None else \
-            (torch.arange(n, device=self.device) % K)[torch.randperm(n, device=self.device, generator=gen)]
+            utils.balanced_labels(n, K, self.device, gen)
         batches = iter(labels.split(cfg.eval_batch))
 
         def sample(batch):
@@ -667,13 +661,14 @@ class FIDEvaluator:
         if inception_score is not None:                        # under DDP: rank 0's share only
             out["is_mean"], out["is_std"] = inception_score
         if class_stats is not None:
-            per_class = [fid.frechet_distance(s.all_reduce().mu, s.sigma, *ref) for s, ref in zip(class_stats, self.class_ref)]
+            per_class = [fid.frechet_distance(s.all_reduce().mu, s.sigma, *ref)
+                         for s, ref in zip(class_stats, self.class_ref)]
             out["intra_fid"], out["intra_fid_per_class"] = sum(per_class) / K, per_class
         return out
 
 
 # --------------------------------------------------------------------------------------------
-# The run: folders, checkpoints, resume, logging, Ctrl-C and NaN handling; generation from a checkpoint
+# The run: the loop, logging, evaluation, checkpoints and resume, Ctrl-C and NaN handling
 # --------------------------------------------------------------------------------------------
 
 def train(cfg, explicit):
@@ -709,11 +704,11 @@ class Run:
         self.log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
         train_set, heldout, self.num_classes = utils.load_data(cfg)
         if self.num_classes < 2 and cfg.loss in ("2c", "ac"):
-            raise utils.UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is exactly 0 "
-                             f"every step (use --loss proj, or give more classes)")
+            raise utils.UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is "
+                                   f"exactly 0 every step (use --loss proj, or give more classes)")
         self.trainer = Trainer(cfg, self.num_classes, device, world)
-        self.batches = utils.Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device, cfg.num_workers,
-                               cfg.flip)
+        self.batches = utils.Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device,
+                                     cfg.num_workers, cfg.flip)
         self.step, self.best_fid, self.best_step, self.history = 0, None, None, []
         if checkpoint is not None:
             self.resume(checkpoint, ckpt_path)
@@ -732,14 +727,8 @@ class Run:
             self.log(self.evaluator.description)
         self.acc_train = utils.fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
         self.acc_held = utils.fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3) if heldout else None
-        # metrics.jsonl is cut back to the checkpoint's step (all of it on a fresh start): a crash before the
-        # first checkpoint leaves lines that a rerun would otherwise repeat
-        if rank == 0 and os.path.exists(self.metrics_path):
-            with open(self.metrics_path) as f:
-                kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= self.step]  # not torn
-            with open(self.metrics_path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(self.metrics_path + ".tmp", self.metrics_path)
+        if rank == 0:                                          # lines past the checkpoint would be repeated
+            utils.cut_metrics(self.metrics_path, self.step)
         if cfg.compile:
             self.log("--compile: the first steps compile G and D, about a minute on a GPU and several on a CPU")
 
@@ -865,8 +854,8 @@ class Run:
         if utils.any_rank(flag, self.device, self.world):
             last = os.path.join(self.cfg.run_dir, "last.pt")
             kept = f"the last good checkpoint {last} is intact" if os.path.exists(last) else "no checkpoint was written"
-            raise utils.UsageError(f"non-finite loss or weights at or before step {self.step}: run stopped without "
-                             f"saving it; {kept}")
+            raise utils.UsageError(f"non-finite loss or weights at or before step {self.step}: run stopped "
+                                   f"without saving it; {kept}")
 
     def save(self, best=False):
         """last.pt (and best.pt): every rank checks its state and gives its RNG state; rank 0 writes."""
@@ -888,13 +877,9 @@ PRESETS = {"cpu-demo": dict(dataset="shapes", g_width=16, d_width=16, batch_size
                             eval_every=250, log_every=50, fid_images=0, ema_start=250, ema_decay=0.995,
                             acc_images=256)}  # EMA horizon ~200 steps: 0.9999 would lag a short run
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):                                  # one line, not usage + error
-        self.exit(2, f"error: {message} (see --help)\n")
-
 def build_parser(suppress=False):
     """suppress=True gives a parser that returns only the flags given on the command line."""
-    p = OneLineErrorParser(
+    p = utils.OneLineErrorParser(
         description="ContraGAN (Kang & Park, NeurIPS 2020) in one file. Defaults: the authors' CIFAR-10 setting.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS if suppress else None)
     def add(flag, default=None, **kw):                         # suppress: no defaults, only the flags given
@@ -951,24 +936,9 @@ def build_parser(suppress=False):
     return p
 
 
-# Each numeric flag's range, as one table: (flags, test, what the value must be). NaN fails every
-# test, so "nan" and "inf" are refused along with the negative and zero values that make no sense.
-FLAG_RANGES = [
-    ("steps log_every eval_every d_steps batch_size eval_batch g_width d_width z_dim shared_dim embed_dim "
-     "shapes_size acc_images collapse_patience", lambda v: v >= 1, "at least 1"),
-    ("num_workers ema_start", lambda v: v >= 0, "at least 0"),
-    ("lr_g lr_d cond_lambda adam_eps", lambda v: 0 <= v < float("inf"), ">= 0 and finite"),
-    ("temperature", lambda v: 0 < v < float("inf"), "> 0 and finite"),
-    ("beta1 beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
-]
-
 def validate(cfg):
     """Bad input: one clear line (main prints it), before anything is built or written."""
-    for names, ok, what in FLAG_RANGES:
-        for name in names.split():
-            if not ok(getattr(cfg, name)):
-                raise utils.UsageError(f"--{name.replace('_', '-')} must be {what} (got {getattr(cfg, name)})")
+    utils.check_ranges(cfg)                                    # every numeric flag: utils.FLAG_RANGES
     if cfg.img_size not in G_ARCH:
         raise utils.UsageError(f"--img-size {cfg.img_size} is not supported: the architecture has 32, 64 and 128")
     try:

@@ -1,8 +1,9 @@
 """
-What contragan.py's runs need around the method, kept out of it so that the script reads as the paper
-and its training loop: the data sets, distributed training (all of torchrun), and the run folder
-(checkpoint files, the folder lock, resuming). No function here knows the model; contragan.py is the
-only user. A reader of the method never needs to open this file.
+What contragan.py's runs need around the method, kept apart so that contragan.py reads as the paper and
+its training loop (and stays within 1,000 lines): the data sets (CIFAR, image folders, the built-in
+shapes), distributed training (all of torchrun), the run folder (checkpoint files, the folder lock,
+resuming) and the command line's range checks. Nothing here knows the model; a reader of the method
+never needs to open this file. Sections: data -> torchrun -> run folders -> flag checks.
 """
 import argparse
 import json
@@ -31,8 +32,11 @@ def to_signed(images):  # uint8 in [0, 255] -> float in [-1, 1], the range of G'
 def uniform_labels(n, num_classes, device, generator=None):  # y uniform over classes: training and FID
     return torch.randint(0, num_classes, (n,), device=device, generator=generator)
 
-def balanced_labels(num_classes, per_class, device):  # each class per_class times: grid rows, confusion fakes
-    return torch.arange(num_classes, device=device).repeat_interleave(per_class)
+def balanced_labels(n, num_classes, device, generator=None):
+    """n labels, each class n / K times (+-1): class after class (grid rows), or shuffled with a generator
+    (mixed batches: G_ema draws with BatchNorm batch statistics, which a one-class batch would remove)."""
+    y = torch.arange(n, device=device) * num_classes // n
+    return y if generator is None else y[torch.randperm(n, device=device, generator=generator)]
 
 class TensorImages(torch.utils.data.Dataset):
     """A data set held in memory as uint8 (N, 3, H, W) images and int64 (N,) labels."""
@@ -310,7 +314,7 @@ def set_rng_state(state, device):
 
 
 # --------------------------------------------------------------------------------------------
-# Run folders and checkpoints
+# Run folders: checkpoint files, the folder lock, resuming, metrics.jsonl
 # --------------------------------------------------------------------------------------------
 
 # Flags that may differ when a run is resumed; every other flag must match the checkpoint.
@@ -405,3 +409,40 @@ def evaluations_left(step, steps, eval_every):
 def format_duration(seconds):
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+def cut_metrics(path, step):
+    """metrics.jsonl cut back to the checkpoint's step (all of it on a fresh start): a crash before the
+    first checkpoint leaves lines that a rerun would otherwise repeat. A torn last line goes too."""
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
+# --------------------------------------------------------------------------------------------
+# The command line's checks
+# --------------------------------------------------------------------------------------------
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):                                  # one line, not usage + error
+        self.exit(2, f"error: {message} (see --help)\n")
+
+# Each numeric flag's range, as one table: (flags, test, what the value must be). NaN fails every
+# test, so "nan" and "inf" are refused along with the negative and zero values that make no sense.
+FLAG_RANGES = [
+    ("steps log_every eval_every d_steps batch_size eval_batch g_width d_width z_dim shared_dim embed_dim "
+     "shapes_size acc_images collapse_patience", lambda v: v >= 1, "at least 1"),
+    ("num_workers ema_start", lambda v: v >= 0, "at least 0"),
+    ("lr_g lr_d cond_lambda adam_eps", lambda v: 0 <= v < float("inf"), ">= 0 and finite"),
+    ("temperature", lambda v: 0 < v < float("inf"), "> 0 and finite"),
+    ("beta1 beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
+]
+
+def check_ranges(cfg):
+    for names, ok, what in FLAG_RANGES:
+        for name in names.split():
+            if not ok(getattr(cfg, name)):
+                raise UsageError(f"--{name.replace('_', '-')} must be {what} (got {getattr(cfg, name)})")

@@ -40,8 +40,7 @@ def generate_from_checkpoint(path, num_images, out_dir, batch_size=None, seed=0,
         raise utils.UsageError(f"cannot write to {out_dir}: {err.strerror or err}") from None
     G.to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    labels = torch.arange(num_images, device=device) % K
-    labels = labels[torch.randperm(num_images, device=device, generator=gen)]  # mixed batches (BN statistics)
+    labels = utils.balanced_labels(num_images, K, device, gen)  # shuffled: mixed batches (BN statistics)
     for start in range(0, num_images, batch_size):
         y = labels[start:start + batch_size]
         images = cg.generate(G, y, cfg.z_dim, batch_size, gen)
@@ -55,7 +54,7 @@ def generate_from_checkpoint(path, num_images, out_dir, batch_size=None, seed=0,
 
 
 def main(argv=None):
-    p = cg.OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a run folder (its last.pt) or a checkpoint file")
     p.add_argument("--num-images", type=int, default=10000)
     p.add_argument("--out-dir", default="fakes")
