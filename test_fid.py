@@ -284,7 +284,7 @@ def test_cli_folder_stats_npz_fid_round_trip(tmp_path, capsys):
     assert fid.load_stats(tmp_path / "a.npz")[2]["num_images"] == 4
 
 
-def test_cli_bad_inputs_give_one_error_line(tmp_path):
+def test_cli_bad_inputs_give_one_error_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     write_images(tmp_path / "one", 1)
     (tmp_path / "notes.txt").write_text("not an image")
@@ -298,13 +298,11 @@ def test_cli_bad_inputs_give_one_error_line(tmp_path):
              "non-image file": (tmp_path / "notes.txt", ok), "non-image .png": (tmp_path / "bad", ok),
              "unreadable .npz": (tmp_path / "broken.npz", ok), "sizes differ": (mixed, ok),
              "existing output": ("--save-stats", ok, tmp_path / "broken.npz")}
-    processes = {name: subprocess.Popen(  # in parallel: each one mostly imports torch
-        [sys.executable, os.path.join(HERE, "fid.py"), *map(str, args), "--random-weights", "--num-workers", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name, args in cases.items()}
-    for name, process in processes.items():
-        _, stderr = process.communicate(timeout=120)
-        lines = stderr.strip().splitlines()
-        assert process.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, lines)
+    for name, args in cases.items():                          # main() is what `python fid.py ARGS` runs
+        with pytest.raises(SystemExit) as exit:
+            fid.main([*map(str, args), "--random-weights", "--num-workers", "0"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, lines)
 
 
 # --- Issue 11: flags checked up front, messages a user can act on
