@@ -3,8 +3,6 @@
 Run: python -m pytest -q test_fid.py
 """
 import os
-import subprocess
-import sys
 import urllib.error
 import warnings
 
