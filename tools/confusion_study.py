@@ -7,6 +7,7 @@ raw (judged as asked) and after the best one-to-one relabelling of the classes.
 
     python tools/confusion_study.py              # runs what is missing (2 at a time, 1 thread each)
     python tools/confusion_study.py --report     # only the table, from the runs there are
+    python tools/confusion_study.py --report --readme README.md   # and into the README's table
 
 The numbers are D's and the colour reader's class judgement of the final G_ema, computed here from
 the run's last.pt by contragan.d_diagnostics (the same function training logs with). Each finished
@@ -143,6 +144,7 @@ def main():
     p.add_argument("--root", default="runs/study")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--report", action="store_true", help="only print the table (and record finished runs)")
+    p.add_argument("--readme", help="also put the table into this file, between its study-table markers")
     args = p.parse_args()
     for name, (_, seeds) in SETTINGS.items():               # runs finished but not yet recorded
         for seed in seeds:
@@ -156,7 +158,15 @@ def main():
         with ThreadPoolExecutor(args.jobs) as pool:
             for path in pool.map(lambda t: train(args.root, t[1], t[2], t[0]), todo):
                 print(f"done {path}", flush=True)
-    print(report())
+    table = report()
+    print(table)
+    if args.readme:
+        with open(args.readme) as f:
+            text = f.read()
+        start = text.index("\n", text.index("<!-- study-table:")) + 1
+        end = text.index("<!-- /study-table -->")
+        with open(args.readme, "w") as f:
+            f.write(text[:start] + table + "\n" + text[end:])
 
 
 if __name__ == "__main__":
