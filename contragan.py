@@ -119,7 +119,7 @@ class Trainer:
     D step (authors' code): hinge(D(x), D(G(z))) + lambda * cond, cond = 2C on REAL embeddings
     (ContraGAN) or cross-entropy on real and fake logits (ACGAN); ProjGAN's condition is in D's logit.
     G step: -mean D(G(z, y)) + lambda * cond on the fakes, with D frozen (its heads and proxies are
-    not updated by G). Under torchrun (world > 1) the batches are each rank's share; see `ddp`.
+    not updated by G). Under torchrun (world > 1) the batches are each rank's share; see `utils.ddp`.
     """
 
     def __init__(self, cfg, num_classes, device, world=1):
