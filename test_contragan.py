@@ -365,7 +365,7 @@ def test_fid_during_training_with_random_weights(tmp_path, monkeypatch, capsys):
     assert 1.0 <= record["is_mean"] <= 1008
     # Intra-class FID routes FID's own fakes by label, in mixed batches with balanced labels (it once drew one
     # class per batch, and G's BatchNorm batch statistics removed the class). The evaluator draws first.
-    assert [len(y) for y in calls[:2]] == [8, 8] and all(len(y.unique()) > 1 for y in calls[:2])
+    assert [len(y) for y in calls[:2]] == [8, 8] and all(len(y.unique()) > 1 for y in calls)
     assert torch.bincount(torch.cat(calls[:2]), minlength=4).tolist() == [4, 4, 4, 4]
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".npz"))[0] == "fid_shapes_heldout_16_random.npz"
     assert "FID protocol" in r.stdout and "RANDOM weights" in r.stdout
