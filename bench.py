@@ -75,9 +75,8 @@ def seconds_per_call_side_by_side(fns, device, budget_s=1.0, rounds=5, warmup=1)
     return best
 
 
-def matmul_rate(device, dtype, budget_s=2.0, n=None):
-    """FLOP/s of one large square matrix multiply, 2 n^3 / t: the machine's own limit for dense math."""
-    n = n or (8192 if device.type == "cuda" else 2048)
+def matmul_rate(device, dtype, budget_s, n):
+    """FLOP/s of one large n x n matrix multiply, 2 n^3 / t: the machine's own limit for dense math."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n ** 3 / seconds_per_call(lambda: a @ b, device, budget_s)
 

@@ -603,6 +603,9 @@ class FIDEvaluator:
 
     def __init__(self, cfg, reference, split, num_classes, device, rank, world):
         self.cfg, self.num_classes, self.device, self.rank, self.world = cfg, num_classes, device, rank, world
+        if cfg.intra_fid and cfg.fid_images // world < 2 * num_classes:  # before minutes of reference statistics
+            raise utils.UsageError(f"--intra-fid needs --fid-images of at least {2 * num_classes * world}: "
+                                   f"2 fakes per class per rank, for a covariance")
         random_weights = cfg.fid_weights == "random"
         try:
             self.inception = fid.load_inception(weights=None if random_weights else cfg.fid_weights,
@@ -623,9 +626,6 @@ class FIDEvaluator:
         self.ref = self._reference(subset, stem + ".npz", self.protocol)
         self.class_ref = None
         if cfg.intra_fid:                                      # per-class reference statistics
-            if cfg.fid_images // world < 2 * num_classes:
-                raise utils.UsageError(f"--intra-fid needs --fid-images of at least {2 * num_classes * world}: "
-                                       f"2 fakes per class per rank, for a covariance")
             labels = reference.labels[:n_ref] if isinstance(reference, utils.TensorImages) else \
                 torch.tensor([reference[i][1] for i in range(n_ref)])  # reads each image once
             self.class_ref = [self._reference(
@@ -650,7 +650,7 @@ class FIDEvaluator:
             utils.balanced_labels(n, K, self.device, gen)
         batches = iter(labels.split(cfg.eval_batch))
 
-        def sample(batch):
+        def sample(batch):                                     # fid.py asks in the same eval_batch chunks
             y = next(batches)
             x = generate(G, y, cfg.z_dim, cfg.eval_batch, gen)
             return x if class_stats is None else (x, y)
@@ -975,7 +975,7 @@ def main(argv=None):
     except Exception as err:
         if not isinstance(err, (utils.UsageError, fid.FIDError if fid else utils.UsageError)):
             raise
-        if utils.is_main_process():                                  # under torchrun: said once, by rank 0
+        if utils.is_main_process():                            # under torchrun: said once, by rank 0
             print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -441,8 +441,8 @@ FLAG_RANGES = [
     ("ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
 ]
 
-def check_ranges(cfg):
-    for names, ok, what in FLAG_RANGES:
+def check_ranges(cfg, table=FLAG_RANGES):
+    for names, ok, what in table:
         for name in names.split():
             if not ok(getattr(cfg, name)):
                 raise UsageError(f"--{name.replace('_', '-')} must be {what} (got {getattr(cfg, name)})")

@@ -63,10 +63,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     args = p.parse_args(argv)
     try:
-        for flag in ("num_images", "batch_size"):
-            value = getattr(args, flag)
-            if value is not None and value < 1:
-                raise utils.UsageError(f"--{flag.replace('_', '-')} must be at least 1 (got {value})")
+        utils.check_ranges(args, [("num_images batch_size", lambda v: v is None or v >= 1, "at least 1")])
         if args.device == "cuda" and not torch.cuda.is_available():
             raise utils.UsageError("--device cuda asked for, but torch sees no CUDA GPU")
         return generate_from_checkpoint(args.checkpoint, args.num_images, args.out_dir, args.batch_size,
