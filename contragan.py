@@ -93,6 +93,39 @@ def conditional_contrastive_loss(embed, proxy, labels, temperature=1.0, data_pos
         if data_positives else class_sim[:, 0]                 # (m,)
     return (log_denominator - log_numerator).mean()
 
+def data_to_data_cross_entropy_loss(embed, proxy, labels, temperature=0.5, margin=0.98):
+    """D2D-CE, the authors' own remedy for 2C's class confusion (ReACGAN: Kang, Shim, Cho, Park, "Rebooting
+    ACGAN: Auxiliary Classifier GANs with Stable Training", NeurIPS 2021, arXiv:2111.01118):
+
+        loss_i = -log( exp([l_i.e_i - m_p]_- / t)
+                     / (exp([l_i.e_i - m_p]_- / t) + sum_{j: y_j != y_i} exp([l_i.l_j - m_n]_+ / t)) )
+
+    with [x]_- = min(x, 0), [x]_+ = max(x, 0), m_n = 1 - m_p. Unlike 2C, same-class samples are in
+    neither sum ("false negative removal"): the proxy is the one positive, every other class a negative,
+    and the margins stop pulling a sample closer than m_p and pushing it further than m_n.
+
+    Paper symbol -> argument: l_i -> embed[i] (m, D), e_i = e(y_i) -> proxy[i] (m, D), both L2-normalised
+    here; y_i -> labels[i] (m,); t -> temperature (their CIFAR-10: 0.5); m_p -> margin (their: 0.98).
+
+    Computed as their code computes it (PyTorch-StudioGAN src/utils/losses.py, Data2DataCrossEntropyLoss,
+    commit 947b35e), which produced their numbers and differs from the equation in one place, marked
+    below. Their exp() and sum is written as a log-sum-exp here: the same value, no overflow at small t.
+    """
+    dtype = torch.promote_types(embed.dtype, torch.float32)    # fp16/bf16 in -> fp32 math
+    l = F.normalize(embed.to(dtype), dim=1)                    # (m, D)  l_i
+    e = F.normalize(proxy.to(dtype), dim=1)                    # (m, D)  e_i = e(y_i)
+    data_sim = (l @ l.t() + margin - 1.0) / temperature        # (m, m)  (l_i . l_j - m_n) / t
+    is_self = torch.eye(l.shape[0], dtype=torch.bool, device=l.device)
+    # Their code, not the equation: every negative is scaled by exp(-M_i), M_i = max_{j != i} of the
+    # similarity before the [.]_+ (detached; meant for stability), while the positive is not: the value
+    # and the gradients differ from the equation unless M_i = 0.
+    row_max = data_sim.masked_fill(is_self, float("-inf")).amax(dim=1, keepdim=True).detach()  # (m, 1)
+    negative = labels[:, None] != labels[None, :]              # (m, m)  y_j != y_i (so j != i)
+    neg_logits = (F.relu(data_sim) - row_max).masked_fill(~negative, float("-inf"))  # (m, m)
+    pos_attraction = F.relu((margin - (l * e).sum(dim=1)) / temperature)  # (m,)  -[l_i.e_i - m_p]_- / t
+    log_denominator = torch.logsumexp(torch.cat([-pos_attraction[:, None], neg_logits], dim=1), dim=1)  # (m,)
+    return (pos_attraction + log_denominator).mean()           # -log(exp(-a_i) / denominator_i)
+
 def projection_logit(adv_logit, feature, class_embed):
     """Projection discriminator (Miyato & Koyama 2018, ProjGAN): D(x, y) = psi(phi(x)) + <embed(y), phi(x)>.
 
@@ -153,11 +186,16 @@ class Trainer:
         return z, utils.uniform_labels(batch, self.num_classes, self.device)
 
     def condition_loss(self, out, labels, fake_labels=None):
-        """lambda * (2C or ACGAN cross-entropy) on the first len(labels) rows of D's output; ACGAN's
-        D step (fake_labels given) adds the rows after them, the fakes (authors); 0 for proj."""
+        """lambda * (2C, D2D-CE or ACGAN cross-entropy) on the first len(labels) rows of D's output; ACGAN's
+        D step (fake_labels given) adds the rows after them, the fakes (authors); 0 for proj. D2D-CE is
+        fed as 2C is: real embeddings in the D step, the fakes' in the G step (authors' src/worker.py,
+        commit 947b35e, lines 307-309 and 575-577, aux_cls_type "W/O" in configs/CIFAR10/ReACGAN.yaml)."""
         cfg, B = self.cfg, len(labels)
-        if cfg.loss == "2c":                                   # under DDP, 2C sees the global batch
+        if cfg.loss in ("2c", "d2dce"):                        # under DDP, both see the global batch
             embed, proxy, labels = utils.gather_global_batch(out["embed"][:B], out["proxy"][:B], labels)
+            if cfg.loss == "d2dce":
+                return cfg.cond_lambda * data_to_data_cross_entropy_loss(embed, proxy, labels, cfg.temperature,
+                                                                         cfg.margin)
             return cfg.cond_lambda * conditional_contrastive_loss(embed, proxy, labels, cfg.temperature,
                                                                   cfg.data_positives)
         if cfg.loss == "ac":
@@ -295,6 +333,7 @@ class Discriminator(nn.Module):
     """D(x, y) with one of three heads on the sum-pooled feature h = sum_{H,W} relu(trunk(x)):
 
       loss="2c"   -> {"adv": (B,), "embed": (B, embed_dim), "proxy": (B, embed_dim)}  ContraGAN
+      loss="d2dce" -> the same outputs as "2c", for the D2D-CE loss                 ReACGAN
       loss="proj" -> {"adv": (B,)}  the projection term already added                ProjGAN
       loss="ac"   -> {"adv": (B,), "class_logits": (B, K)}                             ACGAN
 
@@ -305,8 +344,8 @@ class Discriminator(nn.Module):
 
     def __init__(self, img_size=32, width=96, num_classes=10, loss="2c", embed_dim=512):
         super().__init__()
-        if loss not in ("2c", "proj", "ac"):
-            raise ValueError(f"unknown loss {loss!r}: choose 2c, proj or ac")
+        if loss not in ("2c", "d2dce", "proj", "ac"):
+            raise ValueError(f"unknown loss {loss!r}: choose 2c, d2dce, proj or ac")
         arch = D_ARCH[img_size]
         ch = [m * width for m in arch["ch"]]
         self.loss = loss
@@ -318,7 +357,7 @@ class Discriminator(nn.Module):
         self.attn = SelfAttention(ch[self.attn_after])
         C = ch[-1]
         self.adv_head = sn_linear(C, 1)
-        if loss == "2c":
+        if loss in ("2c", "d2dce"):
             self.embed_head = sn_linear(C, embed_dim)          # h -> l(x), one linear, no MLP
             self.proxy = sn(nn.Embedding(num_classes, embed_dim))  # e(y)
         elif loss == "proj":
@@ -337,7 +376,7 @@ class Discriminator(nn.Module):
     def forward(self, x, y):
         h = self.features(x)                                   # (B, C)
         adv = self.adv_head(h).squeeze(1)                      # (B,)
-        if self.loss == "2c":
+        if self.loss in ("2c", "d2dce"):
             return {"adv": adv, "h": h, "embed": self.embed_head(h), "proxy": self.proxy(y)}
         if self.loss == "proj":
             return {"adv": projection_logit(adv, h, self.class_embed(y)), "h": h}
@@ -345,9 +384,9 @@ class Discriminator(nn.Module):
 
     def class_scores(self, h):
         """D's own class judgement of features h (B, C) -> (B, K), arg-max = the class D sees: cosine
-        to every proxy (2C), <embed(y), h> for every y (proj: arg-max_y D(x, y), whose adversarial
+        to every proxy (2C, D2D-CE), <embed(y), h> for every y (proj: arg-max_y D(x, y), whose adversarial
         term is the same for all y), the class logits (ACGAN)."""
-        if self.loss == "2c":
+        if self.loss in ("2c", "d2dce"):
             return F.normalize(self.embed_head(h), dim=1) @ F.normalize(self.proxy.weight, dim=1).t()
         if self.loss == "proj":
             return h @ self.class_embed.weight.t()
@@ -703,7 +742,7 @@ class Run:
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         self.log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
         train_set, heldout, self.num_classes = utils.load_data(cfg)
-        if self.num_classes < 2 and cfg.loss in ("2c", "ac"):
+        if self.num_classes < 2 and cfg.loss in ("2c", "d2dce", "ac"):
             raise utils.UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is "
                                    f"exactly 0 every step (use --loss proj, or give more classes)")
         self.trainer = Trainer(cfg, self.num_classes, device, world)
@@ -889,7 +928,8 @@ def build_parser(suppress=False):
     add("--dataset", "cifar10", choices=["cifar10", "cifar100", "folder", "shapes"],
         help="folder: an ImageFolder tree at --data-dir; shapes: built in, no download")
     add("--data-dir", "data", help="where CIFAR is downloaded to / read from, or the image folder")
-    add("--loss", "2c", choices=["2c", "proj", "ac"], help="ContraGAN, ProjGAN or ACGAN (as the authors ran it)")
+    add("--loss", "2c", choices=["2c", "d2dce", "proj", "ac"], help="ContraGAN (2C), ReACGAN's D2D-CE, ProjGAN or "
+        "ACGAN, each with the authors' loss arrangement on this BigGAN backbone")
     add("--img-size", 32, type=int, help="32, 64 or 128 (the architecture's sizes)")
     add("--shapes-size", 10000, type=int, help="number of training images of --dataset shapes")
     add("--g-width", 96, type=int, help="G channels = 4 x width (authors: 96)")
@@ -897,10 +937,12 @@ def build_parser(suppress=False):
     add("--z-dim", 80, type=int, help="z size, split into (G blocks + 1) chunks (authors: 80 = 4 x 20)")
     add("--shared-dim", 128, type=int, help="G's shared class embedding (authors: 128)")
     add("--embed-dim", 512, type=int, help="2C embedding size (authors' CIFAR-10: 512)")
-    add("--temperature", 1.0, type=float, help="2C temperature t (authors: 1.0)")
+    add("--temperature", 1.0, type=float, help="2C / D2D-CE temperature t (authors: 1.0 for 2C, 0.5 for D2D-CE)")
+    add("--margin", 0.98, type=float, help="D2D-CE's positive margin m_p; m_n = 1 - m_p (authors: 0.98)")
     add("--data-positives", True, action=argparse.BooleanOptionalAction, help="same-class samples in "
         "2C's numerator (the paper); --no-data-positives: the proxy alone, the authors' remedy for class confusion")
-    add("--cond-lambda", 1.0, type=float, help="lambda, weight of the 2C / ACGAN term (authors: 1.0)")
+    add("--cond-lambda", 1.0, type=float, help="lambda, weight of the 2C / D2D-CE / ACGAN term (authors: 1.0 for "
+        "2C and ACGAN, 0.5 for D2D-CE)")
     add("--batch-size", 64, type=int, help="GLOBAL batch: split over torchrun's ranks (authors: 64)")
     add("--lr-g", 2e-4, type=float, help="Adam lr of G (authors: 2e-4)")
     add("--lr-d", 2e-4, type=float, help="Adam lr of D (authors: 2e-4)")
@@ -945,8 +987,10 @@ def validate(cfg):
         Generator.z_chunk(cfg.img_size, cfg.z_dim)
     except ValueError as err:
         raise utils.UsageError(str(err).replace("z_dim", "--z-dim")) from None
-    if cfg.loss == "2c" and cfg.batch_size < 2:
-        raise utils.UsageError("--loss 2c needs --batch-size of at least 2: it contrasts samples within a batch")
+    if cfg.loss in ("2c", "d2dce") and cfg.batch_size < 2:
+        raise utils.UsageError(f"--loss {cfg.loss} needs --batch-size of at least 2: it contrasts samples within a batch")
+    if not 0 < cfg.margin <= 1:                                # m_n = 1 - m_p must lie in [0, 1)
+        raise utils.UsageError(f"--margin must be in (0, 1] (got {cfg.margin})")
     if not cfg.data_positives and cfg.loss != "2c":
         raise utils.UsageError(f"--no-data-positives changes the 2C loss: it needs --loss 2c (got --loss {cfg.loss})")
     world = int(os.environ.get("WORLD_SIZE", "1"))
