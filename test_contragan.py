@@ -18,6 +18,7 @@ import contragan_utils as utils
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
 import sample  # noqa: E402  tools/sample.py: images from a checkpoint
+from literal_losses import literal_2c  # noqa: E402  tools/literal_losses.py: the equation, term by term
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "contragan.py")
@@ -28,23 +29,6 @@ TINY = ["--dataset", "shapes", "--shapes-size", "256", "--g-width", "8", "--d-wi
 
 
 # ---------------------------------------------------------------- the 2C loss against the equation
-
-def literal_2c(embed, proxy, labels, t=1.0, data_positives=True):
-    """The 2C loss written straight from the equation, one sample and one term at a time.
-    data_positives=False: the authors' pos_collected_numerator=False, the proxy alone on top."""
-    l = [x / x.norm() for x in embed]
-    e = [x / x.norm() for x in proxy]
-    m = len(l)
-    losses = []
-    for i in range(m):
-        data_to_class = torch.exp(l[i] @ e[i] / t)
-        positives = sum((torch.exp(l[i] @ l[k] / t) for k in range(m) if k != i and labels[k] == labels[i]),
-                        torch.zeros((), dtype=embed.dtype))
-        everyone = sum((torch.exp(l[i] @ l[k] / t) for k in range(m) if k != i), torch.zeros((), dtype=embed.dtype))
-        numerator = data_to_class + positives if data_positives else data_to_class
-        losses.append(-torch.log(numerator / (data_to_class + everyone)))
-    return sum(losses) / m
-
 
 CASES = [  # (batch m, number of classes, labels rule, temperature)
     (2, 2, "random", 1.0), (2, 1, "same", 1.0), (5, 3, "random", 0.5), (8, 8, "distinct", 1.0),

@@ -4,24 +4,7 @@ import torch
 
 import contragan as cg
 from test_contragan import TINY, run_cli
-
-
-def literal_d2dce(embed, proxy, labels, t=0.5, m_p=0.98):
-    """PyTorch-StudioGAN's Data2DataCrossEntropyLoss.forward (src/utils/losses.py, commit 947b35e), one
-    anchor and one term at a time: s_ij = (cos(l_i, l_j) + m_p - 1) / t for j != i; M_i = max_j s_ij;
-    negatives: y_j != y_i, each exp(relu(s_ij) - M_i); a_i = relu((m_p - cos(l_i, e_i)) / t);
-    loss_i = a_i + log(exp(-a_i) + sum of negatives)."""
-    cos = torch.nn.functional.cosine_similarity
-    m = len(embed)
-    losses = []
-    for i in range(m):
-        s = {j: (cos(embed[i], embed[j], dim=0) + m_p - 1) / t for j in range(m) if j != i}
-        M = max(s.values()).detach()
-        negatives = sum((torch.exp(torch.relu(s[j]) - M) for j in s if labels[j] != labels[i]),
-                        torch.zeros((), dtype=embed.dtype))
-        a = torch.relu((m_p - cos(embed[i], proxy[i], dim=0)) / t)
-        losses.append(a + torch.log(torch.exp(-a) + negatives))
-    return sum(losses) / m
+from literal_losses import literal_d2dce  # tools/, on the path via test_contragan
 
 
 CASES = [  # (batch m, number of classes, labels rule, temperature, margin)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The one-shot GPU check for a session that is lent a GPU (about 5-8 minutes on one H100):
+# The one-shot GPU check, for a machine with one CUDA GPU (planned at about 5-8 minutes on one H100):
 # the CUDA training path for real (TF32, then bf16 + torch.compile, a resume, FID during training),
-# then bench.py on the GPU, which fills the README's "-" GPU cells and issue 5's H100 projection.
+# then tools/bench.py on the GPU, which fills the README's "-" GPU cells and the 100k-step projection.
 #
 #   bash tools/gpu_check.sh OUT_DIR
 #
@@ -30,5 +30,5 @@ train run-fp32 --steps "$steps"                                  # TF32 on (the 
 train run-fp32 --resume "$out/run-fp32" --steps $((steps + steps / 2))   # continue from last.pt
 train run-bf16-compile --steps "$steps" --amp bf16 --compile
 train run-proj --steps "$steps" --loss proj
-python bench.py --device "$device" --out "$out/perf-gpu.md" "${bench[@]}" 2>&1 | tee "$out/bench.log"
+python tools/bench.py --device "$device" --out "$out/perf-gpu.md" "${bench[@]}" 2>&1 | tee "$out/bench.log"
 echo "gpu_check: done, $(date -u)" | tee -a "$out/gpu.txt"

@@ -3,11 +3,11 @@ How fast this ContraGAN is, against the authors' approach and against the machin
 One command, one markdown report; every figure in it comes from the same run, on the machine named
 at its top.
 
-  python bench.py                          # everything: about 6 minutes on 2 CPU cores
-  python bench.py --device cuda            # the same on a GPU
-  python bench.py --quick                  # tiny sizes, a smoke test (~20 s)
-  python bench.py --threads 1              # steadier on a CPU shared with other jobs
-  python bench.py --sections 2c,fid --out perf.md
+  python tools/bench.py                          # everything: about 6 minutes on 2 CPU cores
+  python tools/bench.py --device cuda            # the same on a GPU
+  python tools/bench.py --quick                  # tiny sizes, a smoke test (~20 s)
+  python tools/bench.py --threads 1              # steadier on a CPU shared with other jobs
+  python tools/bench.py --sections 2c,fid --out perf.md
 
 Sections: 2c (the loss against the literal loop and the authors' code), ddp (the 2C loss
 through gather_global_batch in 2 gloo processes against one process), train (one iteration =
@@ -31,9 +31,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import contragan as cg
-import contragan_utils as utils
-from test_contragan import literal_2c  # the tests' oracle, straight from the equation: timed here
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import contragan as cg  # noqa: E402
+import contragan_utils as utils  # noqa: E402
+from literal_losses import literal_2c  # noqa: E402  the tests' oracle, straight from the equation: timed here
 
 # ---------------------------------------------------------------------------------------------
 # Timing, memory and the machine
@@ -258,7 +259,7 @@ def _ddp_worker(rank, world, port, sizes, dim, threads, out_path):
 def bench_ddp(device, sizes, dim=512, world=2):
     if device.type == "cuda":
         return ["- (needs 2 GPUs: `torchrun --nproc_per_node=2` of the training script; this section "
-                "measures the gloo path on the CPU only: `python bench.py --device cpu --sections ddp`)"]
+                "measures the gloo path on the CPU only: `python tools/bench.py --device cpu --sections ddp`)"]
     threads = max(1, torch.get_num_threads() // world)         # the same cores in all
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -393,7 +394,7 @@ def bench_train(device, batch, width, small_width, small_rounds, peak_fp32, peak
                      f"{r['peak_mb']:.0f} | "
                      f"{duration(r['seconds'] * 1e5)} | {r['warmup_s']:.3g} |")
     if device.type != "cuda":
-        lines.append("| default, one GPU | - | | | | | | | | - (`python bench.py --device cuda`) | |")
+        lines.append("| default, one GPU | - | | | | | | | | - (`python tools/bench.py --device cuda`) | |")
     lines.append(f"\nBatch {batch}; one iteration = {results[configs[0][0]]['d_steps']} D steps + 1 G step + "
                  f"EMA update after a warm-up D and G step; width {width}: one iteration; width {small_width}: " +
                  (f"the best of that one and {small_rounds} more rounds in which the {len(configs) - 1} "
@@ -521,7 +522,7 @@ def main(argv=None):
     device = utils.setup_device(cg.build_parser().parse_args(["--device", args.device]))[0]  # TF32 as training
     start = time.perf_counter()
     report = [f"# ContraGAN benchmarks\n\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine(device)}, "
-              f"torch {torch.__version__}: `{' '.join(['python bench.py'] + argv)}`"]
+              f"torch {torch.__version__}: `{' '.join(['python tools/bench.py'] + argv)}`"]
 
     def emit(lines):
         text = "\n".join(lines)
@@ -550,7 +551,7 @@ def main(argv=None):
         sizes = [(64, 10)] if args.quick else [(64, 50), (1024, 10)]
         emit(["## 2C under DDP (gloo, CPU)\n"] + bench_ddp(device, sizes))
     if "train" in sections:
-        options = [("bf16", dict(amp="bf16"))]  # --channels-last: 1.03x-1.10x on the CPU, removed (issue 12)
+        options = [("bf16", dict(amp="bf16"))]  # --channels-last measured 1.03x-1.10x on the CPU: not worth a flag
         if not args.quick:
             options.append(("torch.compile", dict(compile=True)))
         lines, results, flops = bench_train(device, args.batch_size, args.width, args.small_width,
@@ -572,7 +573,7 @@ def main(argv=None):
         run_s = r["seconds"] * 1e5
         with_eval = (f" + evaluations {duration(eval_s)} = {duration(run_s + eval_s)}" if eval_s is not None
                      else " (evaluations not timed: add the eval section)")
-        how = ")." if device.type == "cuda" else "; measure it with `python bench.py --device cuda`)."
+        how = ")." if device.type == "cuda" else "; measure it with `python tools/bench.py --device cuda`)."
         goals.append(f"100k iterations at width {args.width}: training {duration(run_s)}{with_eval} on this "
                      "device (goal on one H100: < 1 h including evaluations" + how)
     emit(["## Goals (measured, not asserted)\n"] + [f"- {g}" for g in goals] +

@@ -1,4 +1,4 @@
-"""Smoke test of bench.py: its reference 2C formulations agree with contragan's, and a tiny run
+"""Smoke test of tools/bench.py: its reference 2C formulations agree with contragan's, and a tiny run
 writes the report. Timings are not checked: they are measured, not asserted."""
 import torch
 
