@@ -27,6 +27,8 @@ import signal
 import sys
 import time
 
+if __name__ == "__main__":  # Ctrl-C in the seconds of `import torch`: one line, not a traceback (main() resets it)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("interrupted", file=sys.stderr) or 130))
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -481,7 +483,7 @@ class SelfAttention(nn.Module):
 
 def upsample2x(x):
     """Nearest-neighbour x2, as F.interpolate(mode="nearest") but as a view + copy: on the CPU
-    interpolate detours through channels-last and took 6x longer (bench.py, width 96)."""
+    interpolate detours through channels-last and took 6x longer (tools/bench.py, width 96)."""
     B, C, H, W = x.shape
     return x[:, :, :, None, :, None].expand(B, C, H, 2, W, 2).reshape(B, C, 2 * H, 2 * W)
 
@@ -577,21 +579,23 @@ def d_judge(D, images, labels, device, batch_size=256):
     return hits / max(len(labels), 1), torch.cat(judged)
 
 def confusion(asked, judged, num_classes):
-    """K x K counts of asked (rows) vs judged (columns) classes, the share judged as asked, and the share
-    after the best one-to-one relabelling (Hungarian algorithm). Low raw but high relabelled: G draws
-    consistent classes under the wrong labels; both low: G ignores the label."""
+    """K x (K + 1) counts of asked (rows) vs judged (columns) classes, the last column "none" (judged -1:
+    the colour reader saw no class; D always names one), the share judged as asked, and the share after
+    the best one-to-one relabelling of the K classes (Hungarian algorithm); none is a miss in both. Low
+    raw but high relabelled: G draws consistent classes under the wrong labels; both low: G ignores the label."""
     from scipy.optimize import linear_sum_assignment
     asked, judged = asked.cpu(), judged.cpu()
-    counts = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    counts.index_put_((asked, judged), torch.ones_like(asked), accumulate=True)
-    rows, cols = linear_sum_assignment(counts.numpy(), maximize=True)
+    counts = torch.zeros(num_classes, num_classes + 1, dtype=torch.long)
+    counts.index_put_((asked, torch.where(judged < 0, num_classes, judged)), torch.ones_like(asked), accumulate=True)
+    rows, cols = linear_sum_assignment(counts[:, :num_classes].numpy(), maximize=True)
     n = max(len(asked), 1)
     return counts, counts.diag().sum().item() / n, counts[rows, cols].sum().item() / n
 
 def d_diagnostics(D, G_ema, acc_train, acc_held, num_classes, cfg, device):
     """Figure 3's overfitting probe (D calling training vs held-out reals real) and class confusion: D's
     class judgement (`class_scores`) of held-out reals and of acc_images // K fakes per asked label, in
-    mixed batches; on shapes also the colour reader's. K x K matrices are kept for K <= 100."""
+    mixed batches; on shapes also the colour reader's, and the share it reads as none. Matrices (K x
+    (K + 1), see `confusion`) are kept for K <= 100."""
     rec = {}
     rec["d_acc_train"], _ = d_judge(D, *acc_train, device)
     if acc_held is not None:
@@ -610,6 +614,8 @@ def d_diagnostics(D, G_ema, acc_train, acc_held, num_classes, cfg, device):
         key = "class_consistency" + ("_d" if name == "d" else "")
         rec[key], rec[key + "_relabelled"] = raw, relabelled
         rec["confusion_" + name] = counts.tolist() if num_classes <= 100 else None
+        if name == "colour":
+            rec["class_none"] = counts[:, -1].sum().item() / len(y)
     return rec
 
 def spectral_norms(model):
@@ -656,17 +662,29 @@ class FIDEvaluator:
         # weights and resize as fid.py names them: a local file that is not the published one says so
         self.protocol = {"dataset": cfg.dataset, "split": split, "num_images": n_ref,
                          "img_size": cfg.img_size, **fid.inception_protocol(self.inception)}
+        source = f"{n_ref} of the {len(reference)} folder training images (a fixed random subset; there is " \
+            "no held-out reference)" if cfg.dataset == "folder" else f"{n_ref} {cfg.dataset} {split} images"
         self.description = (f"FID protocol: {cfg.fid_images} fakes of G_ema (BatchNorm batch statistics, "
-                            f"batch {cfg.eval_batch}) vs {n_ref} {cfg.dataset} {split} images; "
+                            f"batch {cfg.eval_batch}) vs {source}; "
                             f"Inception-V3 {self.protocol['weights']}; {self.protocol['resize']}")
         stem = os.path.join(cfg.data_dir if cfg.dataset != "folder" else cfg.run_dir,
                             f"fid_{cfg.dataset}_{split}_{n_ref}_{'random' if random_weights else 'tf'}")
+        names = [stem + ".npz"] + [f"{stem}_class{k}.npz" for k in range(num_classes) if cfg.intra_fid]
+        if cfg.dataset != "folder" and not all(map(os.path.exists, names)) and not utils.can_write(cfg.data_dir):
+            stem = os.path.join(cfg.run_dir, os.path.basename(stem))   # e.g. a read-only shared data set
+            self.description += f"; reference statistics cached in the run folder (cannot write to {cfg.data_dir})"
         subset = torch.utils.data.Subset(reference, range(n_ref))
+        if cfg.intra_fid:                                      # checked before any statistics are written
+            labels = reference.labels[:n_ref] if isinstance(reference, utils.TensorImages) else \
+                torch.tensor([reference[i][1] for i in range(n_ref)])  # reads each image once
+            counts = torch.bincount(labels, minlength=num_classes)
+            if counts.min() < 2:
+                k, classes = int(counts.argmin()), getattr(reference, "classes", None) or reference.dataset.classes
+                raise utils.UsageError(f"--intra-fid needs 2 reference images per class, for a covariance: class "
+                                       f"{classes[k]!r} has {counts[k]} of the {n_ref} (of {len(reference)} in all)")
         self.ref = self._reference(subset, stem + ".npz", self.protocol)
         self.class_ref = None
         if cfg.intra_fid:                                      # per-class reference statistics
-            labels = reference.labels[:n_ref] if isinstance(reference, utils.TensorImages) else \
-                torch.tensor([reference[i][1] for i in range(n_ref)])  # reads each image once
             self.class_ref = [self._reference(
                 torch.utils.data.Subset(subset, (labels == k).nonzero().flatten().tolist()),
                 f"{stem}_class{k}.npz", {**self.protocol, "class": k}) for k in range(num_classes)]
@@ -710,12 +728,19 @@ class FIDEvaluator:
 # The run: the loop, logging, evaluation, checkpoints and resume, Ctrl-C and NaN handling
 # --------------------------------------------------------------------------------------------
 
+# Ctrl-C, SIGTERM (SLURM, Kubernetes, `timeout`) and SIGHUP (a closed terminal) all stop a run the same way:
+# at once in start-up (nothing to save yet), and in the loop after the step, saved (Run.request_stop).
+STOP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)
+
 def train(cfg, explicit):
     """Resolve the configuration (a resumed run: the checkpoint's), own the run folder, run."""
     checkpoint = ckpt_path = None
-    if cfg.resume:
+    if cfg.resume is not None:                                 # --resume "" (an unset variable) too: no fresh run
         checkpoint, ckpt_path = utils.load_checkpoint(cfg.resume)
-        run_dir = cfg.run_dir or os.path.dirname(ckpt_path)
+        run_dir = cfg.run_dir or os.path.dirname(ckpt_path) or "."  # --resume last.pt: this folder
         cfg = utils.merge_resume_config(cfg, explicit, checkpoint, ckpt_path)
         cfg.run_dir = run_dir
     validate(cfg)
@@ -728,9 +753,15 @@ def train(cfg, explicit):
     device, rank, world = utils.setup_device(cfg)
     if cfg.sync_bn and world > 1 and device.type != "cuda":
         raise utils.UsageError("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm works only on GPU modules")
-    release = utils.claim_run_dir(cfg.run_dir, ckpt_path and os.path.dirname(ckpt_path)) if rank == 0 else (lambda: None)
+    if cfg.sync_bn and world == 1:
+        print("note: --sync-bn changes nothing in one process: G's BatchNorm already sees the whole batch")
+    release = utils.claim_run_dir(cfg.run_dir, ckpt_path) if rank == 0 else (lambda: None)
     try:
         return Run(cfg, checkpoint, ckpt_path, device, rank, world).loop()
+    except OSError as err:                                     # a full disk, a folder removed: what is kept
+        last = os.path.join(cfg.run_dir, "last.pt")
+        raise utils.UsageError(f"{err.strerror or err}: {err.filename or cfg.run_dir}; " +
+                               (f"{last} is intact" if os.path.exists(last) else "no checkpoint was written")) from None
     finally:
         release()
 
@@ -740,7 +771,7 @@ class Run:
 
     def __init__(self, cfg, checkpoint, ckpt_path, device, rank, world):
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
-        self.log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
+        self.log = self.say if rank == 0 else (lambda *a, **k: None)
         train_set, heldout, self.num_classes = utils.load_data(cfg)
         if self.num_classes < 2 and cfg.loss in ("2c", "d2dce", "ac"):
             raise utils.UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is "
@@ -751,6 +782,7 @@ class Run:
         self.step, self.best_fid, self.best_step, self.history = 0, None, None, []
         if checkpoint is not None:
             self.resume(checkpoint, ckpt_path)
+        self.saved_step = self.step                            # last.pt's step when it exists
         self.metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
         n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (self.trainer.G, self.trainer.D))
         self.log(f"config: {json.dumps(vars(cfg), sort_keys=True)}")
@@ -780,12 +812,18 @@ class Run:
         self.history = checkpoint.get("history", [])
         self.batches.load_state_dict(checkpoint["data"])
         utils.set_rng_state(checkpoint["rng"][self.rank if self.rank < len(checkpoint["rng"]) else 0], self.device)
-        self.log(f"resumed {path} at step {self.step}")
+        for opt, key in ((self.trainer.opt_G, "lr_g"), (self.trainer.opt_D, "lr_d")):
+            for group in opt.param_groups:                     # the loaded state holds the checkpoint's rate
+                group["lr"] = getattr(self.cfg, key)
+        changed = [f"--{k.replace('_', '-')} {checkpoint['config'][k]} -> {getattr(self.cfg, k)}"
+                   for k in ("lr_g", "lr_d") if checkpoint["config"][k] != getattr(self.cfg, k)]
+        self.log(f"resumed {path} at step {self.step}" + (f" ({', '.join(changed)})" if changed else ""))
 
     def loop(self):
-        """Iterate, log, evaluate and save, stop: at --steps (0), or at Ctrl-C, saved (130)."""
-        cfg, self.stop_requested = self.cfg, False
-        previous_handler = signal.signal(signal.SIGINT, self.request_stop)
+        """Iterate, log, evaluate and save, stop: at --steps (0), or at Ctrl-C, SIGTERM or SIGHUP, saved
+        (128 + the signal's number: 130, 143, 129)."""
+        cfg, self.stop_signal = self.cfg, 0
+        previous = {s: signal.signal(s, self.request_stop) for s in STOP_SIGNALS}
         try:
             self.t_last, self.step_last, self.eval_s = time.time(), self.step, 0.0
             while self.step < cfg.steps:
@@ -799,24 +837,36 @@ class Run:
                     self.eval_s = time.time() - t_eval
                     self.t_last, self.step_last = time.time(), self.step  # s/step: training only
                 # all ranks stop at the same step: they agree at log steps
-                stopping = self.stop_requested if self.world == 1 else \
-                    self.step % cfg.log_every == 0 and utils.any_rank(self.stop_requested, self.device, self.world)
+                stopping = self.stop_signal > 0 if self.world == 1 else \
+                    self.step % cfg.log_every == 0 and utils.any_rank(self.stop_signal > 0, self.device, self.world)
                 if stopping and self.step < cfg.steps:
-                    self.save()
-                    self.log(f"interrupted at step {self.step}: saved {cfg.run_dir}/last.pt; "
-                             f"continue with --resume {cfg.run_dir}")
-                    return 130
+                    if self.saved_step < self.step:                # not just saved by the evaluation
+                        self.save()
+                    how = signal.Signals(self.stop_signal).name if self.stop_signal else "another rank's signal"
+                    status = 128 + (self.stop_signal or signal.SIGTERM)
+                    self.log(f"interrupted at step {self.step} by {how}: saved {cfg.run_dir}/last.pt; continue "
+                             f"with --resume {cfg.run_dir} (exit status {status})")
+                    return status
         finally:
-            signal.signal(signal.SIGINT, previous_handler)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         self.log(f"done: best FID {self.best_fid:.3f} at step {self.best_step} ({cfg.run_dir}/best.pt)"
                  if self.best_fid is not None else f"done: {cfg.run_dir}/last.pt")
         return 0
 
+    def say(self, *args, **kwargs):
+        try:
+            print(*args, **kwargs, flush=True)
+        except OSError:                                        # the terminal is gone (SIGHUP, a closed pipe): train on
+            sys.stdout = open(os.devnull, "w")
+
     def request_stop(self, signum, frame):
-        if self.stop_requested:                                # second Ctrl-C: leave at once
-            raise KeyboardInterrupt
-        self.stop_requested = True
-        self.log("\ninterrupt: finishing this step, saving, exiting (Ctrl-C again to abort without saving)")
+        if self.stop_signal and time.time() > self.stop_time + 2:  # again (not SLURM's copy): leave, unsaved
+            raise KeyboardInterrupt(signum)
+        if not self.stop_signal:
+            self.stop_signal, self.stop_time = signum, time.time()
+            self.log(f"\n{signal.Signals(signum).name}: finishing this step, saving, exiting "
+                     f"(Ctrl-C again to abort without saving)")
 
     def log_progress(self, logs):
         self.check_finite()
@@ -877,6 +927,7 @@ class Run:
                  f"max sigma(W_D) {r['d_sigma_max']:.2f}",
                  held and f"D class acc held-out {r['d_class_acc_heldout']:.3f}"]
         parts += [f"class consistency ({reader}) {r[k]:.3f}, relabelled {r[k + '_relabelled']:.3f}"
+                  + (f", none {r['class_none']:.3f}" if reader == "colour" else "")
                   for k, reader in (("class_consistency_d", "D"), ("class_consistency", "colour")) if k in r]
         return " | ".join(p for p in parts if p)
 
@@ -891,8 +942,11 @@ class Run:
                         for name, t in s.items() if name != "step"]
             flag = flag | ~torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()
         if utils.any_rank(flag, self.device, self.world):
-            last = os.path.join(self.cfg.run_dir, "last.pt")
-            kept = f"the last good checkpoint {last} is intact" if os.path.exists(last) else "no checkpoint was written"
+            last, best = (os.path.join(self.cfg.run_dir, f) for f in ("last.pt", "best.pt"))
+            kept = f"{last} (step {self.saved_step}), the last checkpoint with finite weights, is intact but may " \
+                f"be far off already (see samples/): resume it with lower --lr-g / --lr-d" + \
+                (f", or branch from {best} with --resume {best} --run-dir NEW" if os.path.exists(best) else "") \
+                if os.path.exists(last) else "no checkpoint was written: start again with lower --lr-g / --lr-d"
             raise utils.UsageError(f"non-finite loss or weights at or before step {self.step}: run stopped "
                                    f"without saving it; {kept}")
 
@@ -906,6 +960,7 @@ class Run:
         if self.rank == 0:
             for name in ("last.pt", "best.pt") if best else ("last.pt",):
                 utils.save_checkpoint(os.path.join(self.cfg.run_dir, name), state)
+        self.saved_step = self.step
 
 # --------------------------------------------------------------------------------------------
 # Command line
@@ -1009,13 +1064,15 @@ def main(argv=None):
     if cfg.preset:                                             # preset defaults, then the given flags
         parser.set_defaults(**PRESETS[cfg.preset])
         cfg = parser.parse_args(argv)
+    previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}  # the loop's own: Run.request_stop
     try:
-        if not cfg.resume:                                     # a resumed run: once merged with its checkpoint
+        if cfg.resume is None:                                 # a resumed run: once merged with its checkpoint
             validate(cfg)
         return train(cfg, explicit)
-    except KeyboardInterrupt:                                  # Ctrl-C in start-up, or a second one: no traceback
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:                           # a signal in start-up, or a second one: no traceback
+        signum = err.args[0] if err.args and isinstance(err.args[0], int) else signal.SIGINT
+        print("interrupted" + (f" by {signal.Signals(signum).name}" if signum != signal.SIGINT else ""), file=sys.stderr)
+        return 128 + signum
     except Exception as err:
         if not isinstance(err, (utils.UsageError, fid.FIDError if fid else utils.UsageError)):
             raise
@@ -1023,6 +1080,8 @@ def main(argv=None):
             print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

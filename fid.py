@@ -194,7 +194,8 @@ def load_inception(weights=None, device="cpu", random_init=False, seed=0):
         in_cache = weights is None
         path = _cached_weights() if in_cache else os.fspath(weights)
         if not os.path.isfile(path):
-            raise FIDError(f"weights file {path} not found (the published file is {WEIGHTS_NAME}, {WEIGHTS_URL})")
+            raise FIDError(f"weights file {path} {'is a folder' if os.path.isdir(path) else 'not found'} "
+                           f"(the published file is {WEIGHTS_NAME}, {WEIGHTS_URL})")
         digest = _sha256(path)
         published = digest.startswith(WEIGHTS_SHA256_PREFIX)
         if in_cache and not published:
@@ -482,10 +483,17 @@ def load_stats(path, expect=None):
         raise FIDError(f"{path}: not a readable .npz statistics file ({reason})") from None
     if "mu" not in contents or "sigma" not in contents:
         raise FIDError(f"{path}: no 'mu' and 'sigma' arrays (it has {sorted(contents)})")
-    mu, sigma = contents["mu"].astype(np.float64), contents["sigma"].astype(np.float64)
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise FIDError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
-    protocol = json.loads(str(contents["protocol"])) if "protocol" in contents else {}
+    mu, sigma = contents["mu"], contents["sigma"]
+    if mu.dtype.kind not in "fiu" or sigma.dtype.kind not in "fiu" or mu.ndim != 1 or not len(mu) \
+            or sigma.shape != (len(mu), len(mu)):  # real, (d,) and (d, d)
+        raise FIDError(f"{path}: mu {mu.dtype} {mu.shape} and sigma {sigma.dtype} {sigma.shape} do not fit together")
+    try:
+        protocol = json.loads(str(contents["protocol"])) if "protocol" in contents else {}
+    except ValueError:
+        protocol = None
+    if not isinstance(protocol, dict):
+        raise FIDError(f"{path}: its 'protocol' is not a JSON object as save_stats writes")
+    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
     if expect is not None:
         expect = _normalised(expect)
         if not protocol:
@@ -504,14 +512,16 @@ def reference_stats(model, dataset, cache_path, protocol, num_images, batch_size
     when its stored protocol equals `protocol` in every key, refused when it differs, else computed
     and cached with `protocol`. protocol: e.g. {"dataset": "cifar10", "split": "test", "num_images":
     10000, **inception_protocol(model)}. A protocol that names the published weights while the model
-    has others is refused, so a cache cannot be mislabelled."""
+    has others is refused, so a cache cannot be mislabelled. progress: default, a line on stderr every
+    10 s (minutes of silence on a CPU otherwise); pass lambda done, total: None for none."""
     if WEIGHTS_NAME in str(protocol.get("weights", "")) and model.weights_tag != WEIGHTS_NAME:
         raise FIDError(f"protocol says weights={protocol['weights']!r} but the model has {model.weights_tag!r}")
     if os.path.exists(cache_path):
         mu, sigma, _ = load_stats(cache_path, expect=protocol)
         return mu, sigma, protocol
+    _check_writable(cache_path, make_folder=True)
+    progress = progress or _progress_printer(f"FID reference {os.path.basename(cache_path)}")
     stats, _ = features_from_dataset(model, dataset, num_images, batch_size, device, num_workers, progress=progress)
-    os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
     save_stats(cache_path, stats, protocol)
     return stats.mu, stats.sigma, protocol
 
@@ -569,23 +579,44 @@ class ImageFolderFlat(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, index):
-        with Image.open(self.files[index]) as image:
-            return pil_to_tensor(image.convert("RGB"))  # (3, H, W) uint8
+        try:  # the data (a truncated file) fails only here; FID over fewer files is another number: refuse
+            with Image.open(self.files[index]) as image:
+                return pil_to_tensor(image.convert("RGB"))  # (3, H, W) uint8
+        except Exception as e:
+            raise FIDError(f"{self.files[index]}: not a readable image ({_one_line(e)})") from None
 
 
 # -----------------------------------------------------------------------------
 # Command line
 
 
-def _progress_printer(label):
-    start = time.perf_counter()
+def _progress_printer(label, every_s=10):
+    """progress(done, total) for features_from_*: a line on stderr every every_s seconds and at the end."""
+    start = last = time.perf_counter()
 
     def report(done, total):
-        rate = done / max(time.perf_counter() - start, 1e-9)
-        print(f"\r{label}: {done}/{total} images | {rate:.1f} images/s", end="\n" if done == total else "",
-              file=sys.stderr, flush=True)
+        nonlocal last
+        now = time.perf_counter()
+        if now - last >= every_s or done == total:
+            last, rate = now, done / max(now - start, 1e-9)
+            left = round((total - done) / max(rate, 1e-9))
+            print(f"{label}: {done}/{total} images | {rate:.1f} img/s | left {left // 60}m{left % 60:02d}s",
+                  file=sys.stderr, flush=True)
 
     return report
+
+
+def _check_writable(path, make_folder=False):
+    """Fail before minutes of statistics, not after: create and remove the temporary file that
+    save_stats writes first (os.access says yes to root everywhere)."""
+    probe = f"{path}.tmp{os.getpid()}"
+    try:
+        if make_folder and not os.path.exists(os.path.dirname(os.path.abspath(path))):
+            os.makedirs(os.path.dirname(os.path.abspath(path)))  # (a file in its place: "Not a directory" below)
+        open(probe, "xb").close()
+        os.remove(probe)
+    except OSError as e:
+        raise FIDError(f"cannot write {path} ({e.strerror or _one_line(e)})") from None
 
 
 def _check_path(path):
@@ -596,11 +627,16 @@ def _check_path(path):
     raise FIDError(f"{path}: neither a folder of images nor a .npz statistics file")
 
 
-def _folder_stats(path, get_model, args, compute_is):
+def _image_folder(path, compute_is):
     dataset = ImageFolderFlat(path)
     if len(dataset) < 2:
         raise FIDError(f"{path}: FID needs at least 2 images for a covariance, found {len(dataset)}")
-    model = get_model()
+    if compute_is and len(dataset) < 10:
+        raise FIDError(f"{path}: the Inception Score needs at least 10 images (one per split), found {len(dataset)}")
+    return dataset
+
+
+def _folder_stats(path, dataset, model, args, compute_is):
     stats, is_score = features_from_dataset(model, dataset, None, args.batch_size, args.device, args.num_workers,
                                             compute_is, progress=_progress_printer(path))
     protocol = {**inception_protocol(model), "dataset": f"folder {os.path.abspath(path)}", "num_images": stats.n}
@@ -629,49 +665,65 @@ def main(argv=None):
     if args.batch_size < 1 or args.num_workers < 0:
         parser.error(f"--batch-size must be at least 1 and --num-workers at least 0 (got {args.batch_size}, "
                      f"{args.num_workers})")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device} asked for, but torch sees no CUDA GPU")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = torch.device("meta")
+    if device.type not in ("cpu", "cuda", "mps"):
+        parser.error(f"--device {args.device}: not one of cpu, cuda, cuda:N, mps")
+    count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}[device.type]
+    if (device.index or 0) >= count:
+        parser.error(f"--device {args.device} asked for, but torch sees {count or 'no'} "
+                     f"{'CUDA GPU' if device.type == 'cuda' else device.type.upper() + ' device'}(s)")
+    if args.random_weights and args.weights:
+        parser.error("--random-weights and --weights exclude each other")
+    if args.inception_score and (args.save_stats or all(p.endswith(".npz") for p in args.path)):
+        parser.error("--inception-score needs an image folder to compare (not --save-stats, not two .npz)")
     warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
     try:
         run(args)
-    except FIDError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except FIDError as e:  # from a DataLoader worker: a traceback whose last line holds the message
+        print(f"error: {str(e).splitlines()[-1].split('FIDError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # nothing is written before the end: nothing to clean
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def run(args):
     for path in args.path[:1] if args.save_stats else args.path:
         _check_path(path)
-    model = None
-
-    def get_model():  # loaded only when some images need it
-        nonlocal model
-        if model is None:
-            model = load_inception(args.weights, args.device, random_init=args.random_weights)
-        return model
-
     if args.save_stats:
         folder, out = args.path
         if not os.path.isdir(folder):
             raise FIDError(f"--save-stats reads a folder of images, not {folder}")
+        if not out.endswith(".npz"):  # the name by which `fid.py A B` reads statistics back
+            raise FIDError(f"--save-stats writes .npz files: {out} does not end in .npz")
         if os.path.exists(out):
             raise FIDError(f"{out} exists; delete it or choose another name")
-        mu, sigma, protocol, _ = _folder_stats(folder, get_model, args, compute_is=False)
+        _check_writable(out)
+        dataset, model = _image_folder(folder, False), load_inception(args.weights, args.device,
+                                                                         random_init=args.random_weights)
+        mu, sigma, protocol, _ = _folder_stats(folder, dataset, model, args, compute_is=False)
         save_stats(out, (mu, sigma), protocol)
         print(f"saved {out}: mu {mu.shape}, sigma {sigma.shape} | {describe_protocol(protocol)}")
         return
 
-    sides = []
-    for path in args.path:
-        if path.endswith(".npz"):
-            mu, sigma, protocol = load_stats(path)
-            sides.append((mu, sigma, protocol or {"dataset": f"{path} (protocol unknown)"}, None))
-        else:
-            sides.append(_folder_stats(path, get_model, args, args.inception_score))
-    (mu1, sigma1, protocol1, is1), (mu2, sigma2, protocol2, is2) = sides
+    # Every check that can fail (files, image headers, the model, comparability) before minutes of features.
+    inputs = [load_stats(p) if p.endswith(".npz") else _image_folder(p, args.inception_score) for p in args.path]
+    model = (load_inception(args.weights, args.device, random_init=args.random_weights)
+             if any(isinstance(x, ImageFolderFlat) for x in inputs) else None)
+    (d1, protocol1), (d2, protocol2) = [(FEATURE_DIM, inception_protocol(model)) if isinstance(x, ImageFolderFlat)
+                                        else (len(x[0]), x[2]) for x in inputs]
+    if d1 != d2:
+        raise FIDError(f"A has {d1}-d statistics but B has {d2}-d: not the same features")
     for key in ("weights", "resize"):  # statistics from different Inceptions are not comparable
         if key in protocol1 and key in protocol2 and protocol1[key] != protocol2[key]:
             raise FIDError(f"A has {key}={protocol1[key]!r} but B has {key}={protocol2[key]!r}")
+    (mu1, sigma1, protocol1, is1), (mu2, sigma2, protocol2, is2) = [
+        _folder_stats(path, x, model, args, args.inception_score) if isinstance(x, ImageFolderFlat)
+        else (x[0], x[1], x[2] or {"dataset": f"{path} (protocol unknown)"}, None)
+        for path, x in zip(args.path, inputs)]
     fid = frechet_distance(mu1, sigma1, mu2, sigma2)
     shared = {key: protocol1.get(key, protocol2.get(key)) for key in ("weights", "resize")
               if key in protocol1 or key in protocol2}

@@ -167,7 +167,7 @@ def test_class_scores_are_ds_own_judgement(loss):
 def test_confusion_raw_and_relabelled():
     asked = torch.tensor([0, 0, 1, 1, 2, 2])
     counts, raw, relabelled = cg.confusion(asked, torch.tensor([1, 1, 2, 2, 0, 0]), 3)
-    assert counts.tolist() == [[0, 2, 0], [0, 0, 2], [2, 0, 0]]
+    assert counts.tolist() == [[0, 2, 0, 0], [0, 0, 2, 0], [2, 0, 0, 0]]   # last column: none
     assert raw == 0 and relabelled == 1                        # consistent classes, wrong labels
     _, raw, relabelled = cg.confusion(asked, torch.zeros(6, dtype=torch.long), 3)
     assert raw == pytest.approx(1 / 3) and relabelled == pytest.approx(1 / 3)  # the label ignored
@@ -293,9 +293,9 @@ def test_cli_tiny_run_writes_grid_metrics_checkpoint(tmp_path):
     assert {"d_acc_train", "d_acc_heldout", "d_acc_gap", "d_sigma_max", "d_sigma", "class_consistency",
             "class_consistency_relabelled", "class_consistency_d", "class_consistency_d_relabelled",
             "d_class_acc_heldout", "collapse"} <= set(evals[0])
-    for key in ("confusion_colour", "confusion_d", "confusion_d_heldout"):  # K x K, asked x judged
+    for key in ("confusion_colour", "confusion_d", "confusion_d_heldout"):  # asked x judged, and none
         counts = torch.tensor(evals[0][key])
-        assert counts.shape == (4, 4)
+        assert counts.shape == (4, 5)
     assert torch.tensor(evals[0]["confusion_d"]).sum(1).tolist() == [32 // 4] * 4  # acc_images // K per label
     assert "class consistency (D)" in r.stdout and "relabelled" in r.stdout
     assert "step 4/4" in r.stdout and "img/s" in r.stdout and "left" in r.stdout
@@ -387,9 +387,9 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine w
     (["--loss", "proj", "--no-data-positives"], "needs --loss 2c"),
     (["--img-size", "48"], "not supported"),
     (["--dataset", "folder", "--data-dir", "/nonexistent/images"], "does not exist"),
-    (["--lr-g", "nan"], "--lr-g must be >= 0 and finite"),             # issue 11: every flag checked up front
-    (["--lr-d", "inf"], "--lr-d must be >= 0 and finite"),
-    (["--lr-g", "-0.0001"], "--lr-g must be >= 0"),
+    (["--lr-g", "nan"], "--lr-g must be > 0 and finite"),              # every flag checked up front
+    (["--lr-d", "inf"], "--lr-d must be > 0 and finite"),
+    (["--lr-g", "-0.0001"], "--lr-g must be > 0"),
     (["--beta1", "1"], "--beta1 must be in [0, 1)"),
     (["--beta2", "-0.1"], "--beta2 must be in [0, 1)"),
     (["--ema-decay", "1.5"], "--ema-decay must be in [0, 1]"),

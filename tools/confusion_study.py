@@ -1,21 +1,26 @@
-"""Class-confusion study on the built-in shapes data, at the CPU demo's budget (issue 10).
+"""Class-confusion study on the built-in shapes data, at the CPU demo's budget.
 
-Every setting below is trained with `--preset cpu-demo` (1,500 G steps, width 16, batch 32) for a few
-seeds; the table gives the final evaluation's class consistency of G_ema's fakes, mean +- std over
-seeds, read two ways: by the colour reader (`shapes_class_of`) and by D's own class judgement, each
-raw (judged as asked) and after the best one-to-one relabelling of the classes.
+Does G draw the class it is asked for? Every setting below is trained with `--preset cpu-demo` (1,500 G
+steps, width 16, batch 32) for a few seeds; the final G_ema's fakes (acc_images // 4 per class) are
+judged two ways: by the colour reader (`shapes_class_of`: the palette colour of the most pixels, if
+their form is that class's; else "none") and by D's own class judgement. The table gives, mean +- std
+over seeds, the share judged as asked (raw), the share after the best one-to-one relabelling of the
+classes (high relabelled but low raw: consistent classes under the wrong labels), both counting
+"none" as a miss, and the share the colour reader calls none (G drew no class: blank, off-palette
+colour, or a palette colour in another class's form); --matrices prints each run's K x (K + 1) colour
+matrix (rows: asked; columns: judged, then none) for reading with its sample grid.
 
     python tools/confusion_study.py              # runs what is missing (2 at a time, 1 thread each)
-    python tools/confusion_study.py --report     # only the table, from the runs there are
+    python tools/confusion_study.py --report     # only the table, from the runs recorded
     python tools/confusion_study.py --report --readme README.md   # and into the README's table
+    python tools/confusion_study.py --report --matrices           # and every recorded run's matrix
 
-The numbers are D's and the colour reader's class judgement of the final G_ema, computed here from
-the run's last.pt by contragan.d_diagnostics (the same function training logs with). Each finished
-run's numbers are appended to
-docs/confusion-study/results.jsonl and its last sample grid copied beside it: both are committed, so
-a later session (whose runs/ folder is empty) skips the runs already done, and an interrupted run
-(runs/ still there) is resumed. Two single-thread runs at once, not one 2-thread run: see ../shared machine notes (two
-2-thread runs on 2 cores slow each other 10x).
+The numbers are computed here from a finished run's last.pt (runs/study/<setting>/s<seed>) by
+contragan.d_diagnostics, the function training evaluates with, appended to
+docs/confusion-study/results.jsonl, and its last sample grid is copied beside it: both are committed,
+so a later checkout (runs/ empty) skips the runs already recorded. Every call first records the runs
+that have finished; an interrupted run (its last.pt still there) is resumed. Two single-thread runs at
+once, not one 2-thread run: on 2 cores two 2-thread runs slow each other 10x.
 """
 import argparse
 import json
@@ -37,15 +42,17 @@ SCRIPT = os.path.join(HERE, "..", "contragan.py")
 STEPS = 1500  # the cpu-demo preset's
 RESULTS = os.path.join(HERE, "..", "docs", "confusion-study")
 
-SETTINGS = {  # name: (flags, seeds)
+NO_DATA_POSITIVES = ["--loss", "2c", "--no-data-positives", "--temperature", "0.5"]
+D2DCE = ["--loss", "d2dce", "--temperature", "0.5", "--margin", "0.98"]
+SETTINGS = {  # name: (flags, seeds); a run's folder is runs/study/<slug(name)>/s<seed>
     "2c (paper)": (["--loss", "2c"], [0, 1, 2]),
-    "2c --no-data-positives": (["--loss", "2c", "--no-data-positives"], [0, 1, 2]),
-    "2c --no-data-positives t=0.5 lambda=0.5": (
-        ["--loss", "2c", "--no-data-positives", "--temperature", "0.5", "--cond-lambda", "0.5"], [0, 1, 2]),
+    "2c --no-data-positives t=0.5 lambda=0.5": ([*NO_DATA_POSITIVES, "--cond-lambda", "0.5"], [0, 1, 2]),
+    "2c --no-data-positives t=0.5 lambda=1": ([*NO_DATA_POSITIVES, "--cond-lambda", "1"], [0, 1, 2]),
+    "d2dce t=0.5 m=0.98 lambda=0.5": ([*D2DCE, "--cond-lambda", "0.5"], [0, 1, 2]),
+    "d2dce t=0.5 m=0.98 lambda=1": ([*D2DCE, "--cond-lambda", "1"], [0, 1, 2]),
     "proj": (["--loss", "proj"], [0, 1]),
     "ac": (["--loss", "ac"], [0, 1]),
 }
-EXTRA = {"2c --no-data-positives t=0.5 lambda=0.5"}  # beyond the issue's minimum
 
 
 def slug(name):
@@ -123,19 +130,27 @@ def mean_std(values):
 
 
 def report():
-    keys = ["class_consistency", "class_consistency_relabelled", "class_consistency_d",
+    keys = ["class_consistency", "class_consistency_relabelled", "class_none", "class_consistency_d",
             "class_consistency_d_relabelled", "d_class_acc_heldout"]
-    lines = ["| setting | seeds | colour: raw | colour: relabelled | D: raw | D: relabelled | "
-             "D on held-out reals |", "|---|---|---|---|---|---|---|"]
+    lines = ["| setting | seeds | colour: raw | colour: relabelled | colour: none | D: raw | D: relabelled | "
+             "D on held-out reals |", "|---|---|---|---|---|---|---|---|"]
     for name, (_, seeds) in SETTINGS.items():
         finals = [r for r in (recorded(name, s) for s in seeds) if r]
         cells = [mean_std([r[k] for r in finals]) for k in keys]
         lines.append(f"| {name} | {len(finals)} of {len(seeds)} | " + " | ".join(cells) + " |")
-        for s in seeds:
-            r = recorded(name, s)
-            if r:
-                lines.append(f"|  seed {s} | | {r[keys[0]]:.2f} | {r[keys[1]]:.2f} | {r[keys[2]]:.2f} | "
-                             f"{r[keys[3]]:.2f} | {r[keys[4]]:.2f} |")
+        lines += [f"|  seed {r['seed']} | | " + " | ".join(f"{r[k]:.2f}" for k in keys) + " |" for r in finals]
+    return "\n".join(lines)
+
+
+def matrices():
+    """Each recorded run's colour matrix: rows asked, columns judged (the last: none), as counts."""
+    classes = [c for c, _ in utils.SHAPES]
+    lines = []
+    for name, (_, seeds) in SETTINGS.items():
+        for r in filter(None, (recorded(name, s) for s in seeds)):
+            lines += [f"{name}, seed {r['seed']} (step {r['step']}): colour reader, asked x judged",
+                      " " * 9 + "".join(f"{c:>9}" for c in classes + ["none"])]
+            lines += [f"{c:>9}" + "".join(f"{v:>9}" for v in row) for c, row in zip(classes, r["confusion_colour"])]
     return "\n".join(lines)
 
 
@@ -145,21 +160,23 @@ def main():
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--report", action="store_true", help="only print the table (and record finished runs)")
     p.add_argument("--readme", help="also put the table into this file, between its study-table markers")
+    p.add_argument("--matrices", action="store_true", help="also print every recorded run's colour matrix")
     args = p.parse_args()
     for name, (_, seeds) in SETTINGS.items():               # runs finished but not yet recorded
         for seed in seeds:
             if not recorded(name, seed) and final_eval(run_dir(args.root, name, seed)):
                 record(name, seed, run_dir(args.root, name, seed))
     if not args.report:
-        # the issue's minimum first (3 seeds of 2c and its switch, 2 of proj and ac), then the extra
-        # setting; seed-major within each, so a study stopped early has every setting at its first seeds
+        # seed-major, so a study stopped early has every setting at its first seeds
         todo = sorted(((s, name, flags) for name, (flags, seeds) in SETTINGS.items() for s in seeds),
-                      key=lambda t: (t[1] in EXTRA, t[0]))
+                      key=lambda t: t[0])
         with ThreadPoolExecutor(args.jobs) as pool:
             for path in pool.map(lambda t: train(args.root, t[1], t[2], t[0]), todo):
                 print(f"done {path}", flush=True)
     table = report()
     print(table)
+    if args.matrices:
+        print("\n" + matrices())
     if args.readme:
         with open(args.readme) as f:
             text = f.read()

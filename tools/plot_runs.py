@@ -4,7 +4,8 @@
 
 Panels: D's accuracy on training vs held-out real images, FID (and intra-class FID when measured), the
 largest singular value of D's weights, against G steps; plus class confusion: class consistency (raw
-and relabelled) over steps, and the last run's final confusion matrix. Bad input: one `error:` line,
+and relabelled; on shapes the colour reader's none share) over steps, and the last run's final
+confusion matrix (its last column: none). Bad input: one `error:` line,
 status 2 (as contragan.py).
 """
 import argparse
@@ -20,8 +21,8 @@ class UsageError(Exception):
 def plot_runs(runs, out):
     """The paper's Figure 3 for one or several runs: D's accuracy on training vs held-out real images,
     FID (and intra-class FID when measured), and the largest singular value of D's weights, against G
-    steps; plus class confusion: class consistency (raw and relabelled) over steps, and the last run's
-    final confusion matrix."""
+    steps; plus class confusion: class consistency (raw and relabelled; none on shapes) over steps, and
+    the last run's final confusion matrix."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -29,14 +30,22 @@ def plot_runs(runs, out):
     except ImportError:
         raise UsageError("plotting needs matplotlib: pip install matplotlib") from None
     fig, axes = plt.subplots(1, 5, figsize=(25, 4))
+    fmt = os.path.splitext(out)[1][1:].lower() or "png"       # no extension: a PNG at exactly that path
+    if fmt not in fig.canvas.get_supported_filetypes():        # before the runs are read, not after
+        raise UsageError(f"--out {out}: matplotlib cannot write .{fmt} files (use .png, .pdf or .svg)")
     for run in runs:
         path = os.path.join(run, "metrics.jsonl")
         if not os.path.isfile(path):
             raise UsageError(f"{run} has no metrics.jsonl")
-        with open(path) as f:
-            evals = [r for r in map(json.loads, f) if r.get("eval")]
+        try:
+            with open(path) as f:                              # a torn last line (killed mid-write): skipped
+                evals = [r for r in map(json.loads, (x for x in f if x.endswith("\n"))) if r.get("eval")]
+        except (ValueError, AttributeError) as err:            # not JSON, or JSON but not a record
+            raise UsageError(f"{path}: not one JSON record per line ({err})") from None
         if not evals:
             raise UsageError(f"{run} has no evaluation yet")
+        if not all({"step", "d_acc_train", "d_sigma_max"} <= r.keys() for r in evals):
+            raise UsageError(f"{path}: evaluations without step, d_acc_train or d_sigma_max (not contragan.py's?)")
         name = os.path.basename(os.path.normpath(run))
         if [os.path.basename(os.path.normpath(r)) for r in runs].count(name) > 1:  # e.g. study/<setting>/s0
             name = os.path.join(os.path.basename(os.path.dirname(os.path.normpath(run))), name)
@@ -51,7 +60,8 @@ def plot_runs(runs, out):
                 axes[1].plot(*zip(*points), style, color=line.get_color(), label=f"{name} {key.replace('_', '-')}")
         axes[2].plot(steps, [r["d_sigma_max"] for r in evals], label=name)
         reader = "class_consistency" if "class_consistency" in evals[-1] else "class_consistency_d"
-        for key, style, kind in ((reader, "-", "raw"), (reader + "_relabelled", ":", "relabelled")):
+        for key, style, kind in ((reader, "-", "raw"), (reader + "_relabelled", ":", "relabelled"),
+                                 ("class_none", "--", "none")):
             points = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
             if points:                                         # the colour reader on shapes, else D's
                 axes[3].plot(*zip(*points), style, color=line.get_color(),
@@ -64,9 +74,11 @@ def plot_runs(runs, out):
     if matrix:                                                 # rows: asked label, columns: judged class
         axes[4].imshow(matrix, cmap="Blues")
         axes[4].set_ylabel("asked label")
+        if len(matrix[0]) > len(matrix):                       # the last column: judged as no class
+            axes[4].set_xticks([0, len(matrix) - 1, len(matrix)], [0, len(matrix) - 1, "none"])
     for ax, title in zip(axes, ["D accuracy on real images (train vs held-out)", "FID (EMA G)",
                                 "largest singular value of D's weights",
-                                "class consistency of fakes (raw, relabelled)",
+                                "class consistency of fakes (raw, relabelled; none)",
                                 f"confusion at step {steps[-1]}, {name} (x: judged class)"]):
         ax.set_title(title)
         ax.set_xlabel("G step" if ax is not axes[4] else "judged class")
@@ -75,19 +87,30 @@ def plot_runs(runs, out):
         elif not (ax is axes[4] and matrix):                   # e.g. FID off (--fid-images 0)
             ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, format=fmt)
     print(f"wrote {out}")
     return 0
+
+
+def check_writable(path):
+    """Create the file now, and remove it again if it is new: os.access says yes to root everywhere."""
+    existed = os.path.exists(path)
+    try:
+        open(path, "ab").close()
+    except OSError as err:
+        raise UsageError(f"cannot write --out {path}: {err.strerror or err}") from None
+    if not existed:
+        os.remove(path)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="The paper's Figure 3 for contragan.py runs.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (each with metrics.jsonl)")
-    p.add_argument("--out", default="figure3.png", help="the PNG to write")
+    p.add_argument("--out", default="figure3.png", help="the figure to write (.png unless another extension)")
+    p.error = lambda message: p.exit(2, f"error: {message} (see --help)\n")  # one line, not usage too
     args = p.parse_args(argv)
     try:
-        if not os.access(os.path.dirname(os.path.abspath(args.out)), os.W_OK):
-            raise UsageError(f"cannot write --out {args.out}: its folder is missing or not writable")
+        check_writable(args.out)
         return plot_runs(args.runs, args.out)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
