@@ -836,9 +836,10 @@ class Run:
                     self.evaluate_and_save()
                     self.eval_s = time.time() - t_eval
                     self.t_last, self.step_last = time.time(), self.step  # s/step: training only
-                # all ranks stop at the same step: they agree at log steps
+                # all ranks stop at the same step: they agree every 10 steps (one host sync), well within the
+                # 30 s that torchrun and SLURM give a signalled process before SIGKILL
                 stopping = self.stop_signal > 0 if self.world == 1 else \
-                    self.step % cfg.log_every == 0 and utils.any_rank(self.stop_signal > 0, self.device, self.world)
+                    self.step % min(cfg.log_every, 10) == 0 and utils.any_rank(self.stop_signal > 0, self.device, self.world)
                 if stopping and self.step < cfg.steps:
                     if self.saved_step < self.step:                # not just saved by the evaluation
                         self.save()
