@@ -8,9 +8,9 @@ relations through the conditional contrastive (2C) loss.
 The file follows the paper; read it top to bottom next to it. Part 1 is the method: Section 3 (the
 losses; the 2C loss is the part to copy) -> Algorithm 1 (`Trainer`: the D step, the G step, the EMA,
 one iteration) -> the appendix's networks (Generator, Discriminator, then their blocks and layers).
-Part 2, below one banner, runs it: evaluation (FID, Figure 3's diagnostics, class confusion) -> the
-run (the loop, checkpoints, resume, Ctrl-C) -> the command line. The data sets, torchrun and the run
-folder's files are in contragan_utils.py, which a reader of the method never needs to open. Where the
+Part 2, below one banner, runs it: the data sets -> distributed training (torchrun) -> evaluation
+(FID, Figure 3's diagnostics, class confusion) -> the run and its folder (the loop, checkpoints,
+resume, signals) -> the command line. It imports fid.py and nothing else of its project. Where the
 paper and the authors' code differ, this file follows the code and says so at that line.
 
   python contragan.py --dataset cifar10 --loss 2c          # the paper's CIFAR-10 ContraGAN run
@@ -21,21 +21,27 @@ paper and the authors' code differ, this file follows the code and says so at th
 """
 import argparse
 import copy
+import hashlib
+import io
 import json
 import os
 import signal
+import socket
 import sys
 import time
+import warnings
+from datetime import timedelta
 
 if __name__ == "__main__":  # Ctrl-C in the seconds of `import torch`: one line, not a traceback (main() resets it)
     signal.signal(signal.SIGINT, lambda *_: sys.exit(print("interrupted", file=sys.stderr) or 130))
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 from torch.nn.utils import parametrize
 
-import contragan_utils as utils  # data sets, torchrun, run folders: what a run needs besides the method
 
 try:  # fid.py sits next to this file; training works without it and says FID is unavailable.
     import fid
@@ -154,7 +160,7 @@ class Trainer:
     D step (authors' code): hinge(D(x), D(G(z))) + lambda * cond, cond = 2C on REAL embeddings
     (ContraGAN) or cross-entropy on real and fake logits (ACGAN); ProjGAN's condition is in D's logit.
     G step: -mean D(G(z, y)) + lambda * cond on the fakes, with D frozen (its heads and proxies are
-    not updated by G). Under torchrun (world > 1) the batches are each rank's share; see `utils.ddp`.
+    not updated by G). Under torchrun (world > 1) the batches are each rank's share; see `ddp`.
     """
 
     def __init__(self, cfg, num_classes, device, world=1):
@@ -174,7 +180,7 @@ class Trainer:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         # The G step calls D without its DDP wrapper: D's parameters get no gradient there, and a DDP
         # module whose parameters get no gradient would wait for them at the next step.
-        self.G_train, self.D_train, self.D_frozen = utils.ddp(self.G, world), utils.ddp(self.D, world), self.D
+        self.G_train, self.D_train, self.D_frozen = ddp(self.G, world), ddp(self.D, world), self.D
         if cfg.compile:
             self.G_train, self.D_train, self.D_frozen = map(torch.compile, (self.G_train, self.D_train, self.D))
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked without host syncs
@@ -185,7 +191,7 @@ class Trainer:
     def sample_latents(self, batch):
         """z ~ N(0, I) and y uniform over classes: fresh for every step (authors)."""
         z = torch.randn(batch, self.cfg.z_dim, device=self.device)
-        return z, utils.uniform_labels(batch, self.num_classes, self.device)
+        return z, uniform_labels(batch, self.num_classes, self.device)
 
     def condition_loss(self, out, labels, fake_labels=None):
         """lambda * (2C, D2D-CE or ACGAN cross-entropy) on the first len(labels) rows of D's output; ACGAN's
@@ -194,7 +200,7 @@ class Trainer:
         commit 947b35e, lines 307-309 and 575-577, aux_cls_type "W/O" in configs/CIFAR10/ReACGAN.yaml)."""
         cfg, B = self.cfg, len(labels)
         if cfg.loss in ("2c", "d2dce"):                        # under DDP, both see the global batch
-            embed, proxy, labels = utils.gather_global_batch(out["embed"][:B], out["proxy"][:B], labels)
+            embed, proxy, labels = gather_global_batch(out["embed"][:B], out["proxy"][:B], labels)
             if cfg.loss == "d2dce":
                 return cfg.cond_lambda * data_to_data_cross_entropy_loss(embed, proxy, labels, cfg.temperature,
                                                                          cfg.margin)
@@ -533,9 +539,398 @@ def sn_linear(f_in, f_out, bias=True):
 
 
 # ============================================================================================
-# The method ends here. Below: what a run needs that the paper does not describe: evaluation, the
-# run (loop, checkpoints, resume, Ctrl-C), the command line. Data and torchrun: contragan_utils.py.
+# The method ends here. Below: what a run needs that the paper does not describe, in sections: the
+# data sets, distributed training (torchrun), evaluation, the run and its folder, the command line.
 # ============================================================================================
+
+class UsageError(Exception):
+    """A problem with the user's input: main() prints 'error: <message>' and exits with status 2."""
+
+# --------------------------------------------------------------------------------------------
+# Data: CIFAR-10/100 (torchvision), any class-per-folder tree (ImageFolder), built-in shapes
+# --------------------------------------------------------------------------------------------
+
+def to_signed(images):  # uint8 in [0, 255] -> float in [-1, 1], the range of G's tanh (fid.py does the same)
+    return images.float() / 127.5 - 1.0
+
+def uniform_labels(n, num_classes, device, generator=None):  # y uniform over classes: training and FID
+    return torch.randint(0, num_classes, (n,), device=device, generator=generator)
+
+def balanced_labels(n, num_classes, device, generator=None):
+    """n labels, each class n / K times (+-1): class after class (grid rows), or shuffled with a generator
+    (mixed batches: G_ema draws with BatchNorm batch statistics, which a one-class batch would remove)."""
+    y = torch.arange(n, device=device) * num_classes // n
+    return y if generator is None else y[torch.randperm(n, device=device, generator=generator)]
+
+class TensorImages(torch.utils.data.Dataset):
+    """A data set held in memory as uint8 (N, 3, H, W) images and int64 (N,) labels."""
+
+    def __init__(self, images, labels, classes):
+        self.images, self.labels, self.classes = images, labels, classes
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+SHAPES = [("circle", (230, 70, 60)), ("square", (70, 200, 90)),
+          ("triangle", (80, 120, 240)), ("cross", (235, 210, 70))]
+
+def make_shapes(n, img_size=32, seed=0):
+    """The built-in data set: one coloured shape per image at a random position and size on a noisy
+    dark background; class = shape and colour. Deterministic in (n, img_size, seed); no download."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % len(SHAPES)
+    labels = labels[torch.randperm(n, generator=gen)]
+    S = img_size
+    r = (0.15 + 0.15 * torch.rand(n, generator=gen)) * S                   # (n,) half-size
+    cx = r + (S - 2 * r) * torch.rand(n, generator=gen)                    # (n,) centre, inside
+    cy = r + (S - 2 * r) * torch.rand(n, generator=gen)
+    yy, xx = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
+    dx = xx[None] - cx[:, None, None]                                      # (n, S, S)
+    dy = yy[None] - cy[:, None, None]
+    r3 = r[:, None, None]
+    masks = torch.stack([dx ** 2 + dy ** 2 < r3 ** 2,                                # circle
+                         torch.maximum(dx.abs(), dy.abs()) < 0.8 * r3,               # square
+                         (dy < 0.8 * r3) & (dx.abs() < (dy + r3) * 0.6),             # triangle
+                         ((dx.abs() < r3 / 3) & (dy.abs() < r3)) |
+                         ((dy.abs() < r3 / 3) & (dx.abs() < r3))])                  # cross
+    mask = masks[labels, torch.arange(n)]                                  # (n, S, S)
+    colours = torch.tensor([c for _, c in SHAPES], dtype=torch.float32)
+    colour = colours[labels] + 20 * torch.randn(n, 3, generator=gen)       # (n, 3) jittered
+    background = 30 + 8 * torch.randn(n, 3, S, S, generator=gen)
+    images = torch.where(mask[:, None], colour[:, :, None, None], background)
+    return images.clamp(0, 255).round().to(torch.uint8), labels
+
+def shapes_class_of(images):
+    """Which class each shapes image shows, or -1 for none (no network). A pixel takes the palette colour
+    nearest to it if within 80 (4 sigma of the data's colour jitter); the colour of the most pixels names
+    the class if those pixels are at least 1% of the image and have its form, judged by three features:
+    fill, the share of their bounding box they cover (ideal: circle pi/4, square 1, triangle 1/2, cross
+    5/9); below, how far their centroid lies below the box's centre, in box heights (the triangle's apex
+    is up: 1/6; the others 0); roundness, their count over the area of the disc about the centroid that
+    reaches their farthest pixel (ideal: circle 1, square and cross 2/pi, triangle 0.41; unlike fill, it
+    does not change when the shape is tilted).
+    Real images, 32x32 and 64x64: fill circle 0.67-0.90, square 1, triangle 0.48-0.63, cross 0.47-0.64;
+    below triangle 0.12-0.17, the others within 0.045; roundness circle 0.80-0.96, the others 0.40-0.74.
+    The ranges in `forms` add room for G's samples (blurred edges; squares often tilted and circles
+    oval, which lowers fill and roundness). images: float (B, 3, H, W) in [-1, 1]."""
+    forms = torch.tensor([[0.65, 0.93, -0.1, 0.1, 9],     # circle (fill lo, hi; below lo, hi; roundness hi)
+                          [0.75, 1.00, -0.1, 0.1, 0.78],  # square
+                          [0.40, 0.70, 0.05, 0.3, 0.78],  # triangle
+                          [0.40, 0.70, -0.1, 0.1, 0.78]], device=images.device)  # cross
+    rgb = (images.float() + 1) * 127.5                                     # (B, 3, H, W)
+    H, W = rgb.shape[2:]
+    colours = torch.tensor([c for _, c in SHAPES], dtype=rgb.dtype, device=rgb.device)
+    dist2, nearest = ((rgb[:, None] - colours[None, :, :, None, None]) ** 2).sum(2).min(1)  # (B, H, W)
+    nearest[dist2 > 80.0 ** 2] = -1                                        # no palette colour
+    k = torch.stack([(nearest == c).sum((1, 2)) for c in range(len(SHAPES))], 1).argmax(1)  # (B,)
+    mask = nearest == k[:, None, None]                                     # (B, H, W) its pixels
+    n = mask.sum((1, 2))
+    rows, cols = mask.any(2).float(), mask.any(1).float()                  # (B, H), (B, W)
+    top, height = rows.argmax(1), H - rows.flip(1).argmax(1) - rows.argmax(1)
+    fill = n / (height * (W - cols.flip(1).argmax(1) - cols.argmax(1)))
+    y, x = torch.meshgrid(torch.arange(H, device=rgb.device), torch.arange(W, device=rgb.device), indexing="ij")
+    cy, cx = [(mask * t).sum((1, 2))[:, None, None] / n.clamp(min=1)[:, None, None] for t in (y, x)]
+    below = (cy.flatten() - top - (height - 1) / 2) / height
+    reach = torch.where(mask, (y - cy) ** 2 + (x - cx) ** 2, 0).amax((1, 2)).sqrt() + 0.5  # to its pixel's edge
+    roundness = n / (torch.pi * reach ** 2)
+    lo, hi, below_lo, below_hi, round_hi = forms[k].T
+    ok = (n >= 0.01 * H * W) & (lo <= fill) & (fill <= hi) & (below_lo <= below) & (below <= below_hi)
+    return torch.where(ok & (roundness <= round_hi), k, -1)
+
+CIFAR = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+
+def load_cifar(name, data_dir, train):
+    """CIFAR-10/100 via torchvision, downloaded into data_dir once; offline, fail in seconds."""
+    import torchvision
+    cls = getattr(torchvision.datasets, CIFAR[name])
+    old_timeout = socket.getdefaulttimeout()
+    try:
+        ds = cls(data_dir, train=train, download=False)
+    except RuntimeError:                                       # not there yet: download it
+        try:
+            socket.setdefaulttimeout(20)                       # a dead network fails, never hangs
+            ds = cls(data_dir, train=train, download=True)
+        except Exception as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UsageError(
+                f"could not download {name} ({cls.filename} from {cls.url}): {reason}. Offline: fetch that file "
+                f"elsewhere and put it, or its extracted folder {cls.base_folder}/, in --data-dir "
+                f"({os.path.join(data_dir, cls.filename)})") from None
+        finally:
+            socket.setdefaulttimeout(old_timeout)
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()   # (N, 3, 32, 32) uint8
+    return TensorImages(images, torch.tensor(ds.targets), list(ds.classes))
+
+# GIF, animated WebP and multi-page TIFF: the first frame. Other types (.heic, .avif, ...) are left out, said once.
+IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
+
+def to_rgb(im):
+    """A PIL image as 8-bit RGB by its real range (convert("RGB") clips: 16-bit would turn white, float
+    black): 16-bit grey (I;16*, and I, PIL's 32-bit mode, read as 16-bit) / 257, float (F) in [0, 1]
+    * 255, other values refused (ValueError); transparent pixels over white; EXIF rotation applied."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        a, top = np.asarray(im, dtype=np.float64), 1.0 if im.mode == "F" else 65535.0
+        if not (a.min() >= 0 and a.max() <= top):             # NaN fails too
+            raise ValueError(f"mode {im.mode} with values in [{a.min():g}, {a.max():g}], not [0, {top:g}]")
+        return Image.fromarray(np.round(a * (255 / top)).astype(np.uint8)).convert("RGB")
+    if {"A", "a"} & set(im.getbands()) or "transparency" in im.info:
+        im = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB")
+    return im.convert("RGB")
+
+class SkipUnreadable(torch.utils.data.Dataset):
+    """An image folder whose broken files (real folders hold some) are skipped when drawn, each named
+    once in a warning, the next image taking its place: deterministic, so a resumed run draws the same
+    images, and nothing is decoded up front (ImageNet's 1.28M files would cost an hour every start)."""
+
+    def __init__(self, root, samples, classes, transform):
+        self.root, self.samples, self.classes, self.transform = root, samples, classes, transform
+        # in shared memory: DataLoader workers (new ones every epoch) all see which files were named
+        self.warned = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        for j in (k % len(self) for k in range(i, i + len(self))):
+            try:
+                with Image.open(self.samples[j][0]) as im:
+                    return self.transform(to_rgb(im)), self.samples[j][1]
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises
+                if not self.warned[j]:
+                    self.warned[j] = True
+                    print(f"warning: skipped unreadable image {self.samples[j][0]} ({type(err).__name__}: "
+                          f"{err}); the next image is used in its place", file=sys.stderr, flush=True)
+        raise UsageError(f"no image in {self.root} can be read")
+
+def load_folder(root, img_size):
+    """Any class-per-folder tree (root/<class>/.../<image>), resized and centre-cropped to img_size. Hidden
+    files and folders (.name) are left out. Linked folders are followed; a folder or file met twice
+    (a loop such as class/up -> ..) counts once, and one met in two classes is refused."""
+    from torchvision import transforms as T
+    if not os.path.isdir(root):
+        raise UsageError(f"image folder {root!r} does not exist (give it with --data-dir)")
+    owner, samples = {os.path.realpath(root): None}, []   # the class of each folder and file met, by real path
+
+    def first_time(real, path, k):                            # real: the path with every link resolved
+        n = len(owner)
+        if owner.setdefault(real, k) not in (k, None):
+            raise UsageError(f"{path} is also in class {classes[owner[real]]!r} (through a link): "
+                             f"each image needs one class")
+        return len(owner) > n
+    try:
+        entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
+        classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
+        if not classes:
+            if any(e.lower().endswith(IMG_EXT) for e in entries):
+                raise UsageError(f"{root!r} holds images but no class sub-folders: put each class's "
+                                 f"images in {root}/<class name>/")
+            raise UsageError(f"image folder {root!r} is empty: it needs one sub-folder of images per class")
+        left_out = [os.path.join(root, e) for e in entries if e not in classes]
+        for k, c in enumerate(classes):
+            stack, found = [os.path.join(root, c)], []
+            while stack:
+                d = stack.pop()
+                if first_time(real_d := os.path.realpath(d), d, k):
+                    for e in os.scandir(d):
+                        if e.name.startswith("."):
+                            continue
+                        if e.is_dir():
+                            stack.append(e.path)
+                        elif not (e.is_file() and e.name.lower().endswith(IMG_EXT)):  # FIFOs, devices too
+                            left_out.append(e.path)
+                        elif first_time(os.path.realpath(e.path) if e.is_symlink() else os.path.join(real_d, e.name),
+                                        e.path, k):
+                            found.append(e.path)
+            if not found:
+                raise UsageError(f"class folder {os.path.join(root, c)} holds no image ({' '.join(IMG_EXT)})")
+            samples += [(p, k) for p in sorted(found, key=os.path.split)]
+    except OSError as err:
+        raise UsageError(f"cannot read {err.filename}: {err.strerror}") from None
+    if left_out and is_main_process():
+        print(f"note: {len(left_out)} files in {root} are not read: not in a class folder or not "
+              f"{' '.join(IMG_EXT)} (e.g. {left_out[0]})", flush=True)
+    resize = T.Compose([T.Resize(img_size), T.CenterCrop(img_size), T.PILToTensor()])
+    return SkipUnreadable(root, samples, classes, resize)
+
+def load_data(cfg):
+    """(train, heldout, num_classes). heldout: CIFAR's test split; shapes: a fresh draw; folder: a
+    fixed 5% of the images set aside (none when the folder is tiny). It feeds D's held-out accuracy
+    and, for CIFAR and shapes, FID's reference statistics (the paper: CIFAR-10's 10k test images)."""
+    if cfg.dataset != "shapes" and os.path.exists(cfg.data_dir) and not os.path.isdir(cfg.data_dir):
+        raise UsageError(f"--data-dir {cfg.data_dir} is a file, not a folder")
+    if cfg.dataset in CIFAR:
+        if cfg.img_size != 32:
+            raise UsageError(f"{cfg.dataset} images are 32x32; --img-size {cfg.img_size} is not supported for it")
+        train, heldout = load_cifar(cfg.dataset, cfg.data_dir, True), load_cifar(cfg.dataset, cfg.data_dir, False)
+        return train, heldout, len(train.classes)
+    if cfg.dataset == "shapes":
+        n, S = max(cfg.shapes_size, cfg.fid_images), cfg.img_size     # make_shapes' peak: ~100 bytes a pixel
+        if hasattr(os, "sysconf") and 100 * n * S * S > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
+            raise UsageError(f"drawing {n} shapes images of {S}x{S} (--shapes-size, --fid-images) needs about "
+                             f"{100 * n * S * S / 2 ** 30:.0f} GB of memory, more than this machine has")
+        classes = [n for n, _ in SHAPES]
+        train = TensorImages(*make_shapes(cfg.shapes_size, cfg.img_size, seed=0), classes)
+        return train, TensorImages(*make_shapes(max(cfg.fid_images, 1024), cfg.img_size, seed=1), classes), len(classes)
+    data = load_folder(cfg.data_dir, cfg.img_size)
+    n_hold = len(data) // 20 if len(data) >= 200 else 0
+    # train in a fixed random order, not class by class: FID's reference is its first --fid-images
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1234)).tolist()
+    Subset = torch.utils.data.Subset
+    return Subset(data, order[n_hold:]), Subset(data, order[:n_hold]) if n_hold else None, len(data.classes)
+
+def can_write(folder):
+    """Whether a file can be created in folder (made if missing): tried, since os.access says yes to root
+    on a read-only mount."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        os.close(os.open(probe := os.path.join(folder, f".write-test-{os.getpid()}"), os.O_CREAT | os.O_WRONLY))
+        os.remove(probe)
+        return True
+    except OSError:
+        return False
+
+class Batches:
+    """Endless real batches in [-1, 1], flipped at random when `flip` (the authors' only augmentation:
+    on for CIFAR-10, off for Tiny ImageNet). A DistributedSampler gives each torchrun rank its share;
+    (epoch, batch) is what a checkpoint saves, so a resumed run sees the very same batches."""
+
+    def __init__(self, dataset, local_batch, rank, world, seed, device, num_workers=0, flip=True):
+        if len(dataset) < local_batch * world:
+            raise UsageError(f"the data set has {len(dataset)} images, fewer than one batch of {local_batch * world}")
+        self.dataset, self.batch, self.device, self.num_workers = dataset, local_batch, device, num_workers
+        self.flip = flip
+        self.sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.epoch, self.pos, self._it = 0, 0, None
+        if isinstance(dataset, TensorImages):                  # in memory: keep it on the device
+            self.images, self.labels = dataset.images.to(device), dataset.labels.to(device)
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos, self._it = state["epoch"], state["pos"], None
+
+    def _batches(self):
+        self.sampler.set_epoch(self.epoch)
+        idx = list(self.sampler)[self.pos * self.batch:]
+        n = len(idx) // self.batch
+        if isinstance(self.dataset, TensorImages):             # in memory: index, no collation
+            idx = torch.tensor(idx, device=self.device)
+            for b in range(n):
+                ids = idx[b * self.batch:(b + 1) * self.batch]
+                yield self.images[ids], self.labels[ids]
+        else:
+            yield from torch.utils.data.DataLoader(
+                torch.utils.data.Subset(self.dataset, idx[:n * self.batch]), batch_size=self.batch,
+                num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+
+    def __next__(self):
+        while True:
+            if self._it is None:
+                self._it = self._batches()
+            try:
+                images, labels = next(self._it)
+                break
+            except StopIteration:
+                self.epoch, self.pos, self._it = self.epoch + 1, 0, None
+        self.pos += 1
+        x = to_signed(images.to(self.device, non_blocking=True))   # (B, 3, H, W)
+        if self.flip:
+            flip = torch.rand(x.shape[0], device=self.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        return x, labels.to(self.device, non_blocking=True)
+
+def fixed_sample(dataset, n, seed):
+    """A fixed random subset as uint8 (n, 3, H, W) images and (n,) labels (D's accuracy checks)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    if isinstance(dataset, TensorImages):
+        return dataset.images[order], dataset.labels[order]
+    items = [dataset[i] for i in order.tolist()]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed training (torchrun): the process group, DDP wrappers, the 2C all-gather, ranks agreeing
+# to stop, every rank's RNG state. All that changes under torchrun; one process skips all of it.
+# --------------------------------------------------------------------------------------------
+
+def is_main_process():
+    return os.environ.get("RANK", "0") == "0"                 # only rank 0 prints, writes and errs
+
+def pick_device(choice, index=0, tf32=True):
+    """--device auto|cuda|cpu; on a GPU, TF32 as --tf32 says and cuDNN autotuning."""
+    use_cuda = torch.cuda.is_available() if choice == "auto" else choice == "cuda"
+    if not use_cuda:
+        return torch.device("cpu")
+    torch.cuda.set_device(index)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True
+    return torch.device("cuda", index)
+
+def setup_device(cfg):
+    """(device, rank, world) from torchrun's environment; joins the process group when world > 1."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")), cfg.tf32)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+        # torch.distributed.nn's all_gather is the public differentiable collective; recent torch
+        # versions flag it as deprecated in favour of a private one, which we do not use.
+        warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated")
+    return device, rank, world
+
+def ddp(module, world):
+    """DistributedDataParallel around a module that trains (G, D); the module itself in one process."""
+    if world == 1:
+        return module
+    device = next(module.parameters()).device
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+def gather_global_batch(embed, proxy, labels):
+    """Under DDP, all-gather so the 2C loss sees the global batch; a no-op in a single process.
+
+    torch.distributed.nn's all_gather is differentiable: every rank computes the same loss on the
+    global batch, and its backward sums each rank's gradient for the local slice over ranks. DDP then
+    averages parameter gradients over ranks, which turns that sum back into exactly the gradient of
+    the single-process loss on the whole batch (tested in test_contragan.py).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return embed, proxy, labels
+    from torch.distributed.nn.functional import all_gather
+    all_labels = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_labels, labels)                        # labels need no gradient
+    return torch.cat(all_gather(embed)), torch.cat(all_gather(proxy)), torch.cat(all_labels)
+
+def any_rank(flag, device, world):
+    """True on every rank when flag (a bool or a 0-d tensor) is true on any: all ranks stop together."""
+    flag = torch.as_tensor(flag, device=device).to(torch.int32)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+def wait_for_rank0(world):
+    if world > 1:
+        dist.barrier()
+
+def rng_states(device, world):
+    """Every rank's RNG state (rank 0 saves them all), so that a resumed run draws the same numbers."""
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
 
 # --------------------------------------------------------------------------------------------
 # Evaluation: sample grid, FID of the EMA generator (fid.py), Figure 3's diagnostics
@@ -560,7 +955,7 @@ def save_grid(G, path, num_classes, z_dim, device, batch_size, seed):
     import torchvision
     cols = 10 if num_classes <= 20 else 5
     gen = torch.Generator(device=device).manual_seed(seed)
-    labels = utils.balanced_labels(num_classes * cols, num_classes, device)
+    labels = balanced_labels(num_classes * cols, num_classes, device)
     images = generate(G, labels, z_dim, batch_size, gen)
     torchvision.utils.save_image(images * 0.5 + 0.5, path, nrow=cols, padding=1)
 
@@ -571,7 +966,7 @@ def d_judge(D, images, labels, device, batch_size=256):
     D.eval()                                                   # no power iteration: state untouched
     hits, judged = 0, []
     for x, y in zip(images.split(batch_size), labels.split(batch_size)):
-        x = utils.to_signed(x.to(device)) if x.dtype == torch.uint8 else x.to(device)
+        x = to_signed(x.to(device)) if x.dtype == torch.uint8 else x.to(device)
         out = D(x, y.to(device))
         hits += int((out["adv"] > 0).sum())
         judged.append(D.class_scores(out["h"]).argmax(1).cpu())
@@ -604,11 +999,11 @@ def d_diagnostics(D, G_ema, acc_train, acc_held, num_classes, cfg, device):
         counts, rec["d_class_acc_heldout"], _ = confusion(acc_held[1], judged, num_classes)
         rec["confusion_d_heldout"] = counts.tolist() if num_classes <= 100 else None
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 4)  # the same fakes every evaluation
-    y = utils.balanced_labels(max(cfg.acc_images // num_classes, 1) * num_classes, num_classes, device, gen)
+    y = balanced_labels(max(cfg.acc_images // num_classes, 1) * num_classes, num_classes, device, gen)
     fake = generate(G_ema, y, cfg.z_dim, cfg.eval_batch, gen)
     readers = {"d": d_judge(D, fake, y, device)[1]}
     if cfg.dataset == "shapes":                                # the class read off the colour
-        readers["colour"] = utils.shapes_class_of(fake)
+        readers["colour"] = shapes_class_of(fake)
     for name, judged in readers.items():
         counts, raw, relabelled = confusion(y, judged, num_classes)
         key = "class_consistency" + ("_d" if name == "d" else "")
@@ -649,14 +1044,14 @@ class FIDEvaluator:
     def __init__(self, cfg, reference, split, num_classes, device, rank, world):
         self.cfg, self.num_classes, self.device, self.rank, self.world = cfg, num_classes, device, rank, world
         if cfg.intra_fid and cfg.fid_images // world < 2 * num_classes:  # before minutes of reference statistics
-            raise utils.UsageError(f"--intra-fid needs --fid-images of at least {2 * num_classes * world}: "
+            raise UsageError(f"--intra-fid needs --fid-images of at least {2 * num_classes * world}: "
                                    f"2 fakes per class per rank, for a covariance")
         random_weights = cfg.fid_weights == "random"
         try:
             self.inception = fid.load_inception(weights=None if random_weights else cfg.fid_weights,
                                                 device=device, random_init=random_weights)
         except fid.FIDError as err:                            # name this script's flags, not fid.py's
-            raise utils.UsageError(str(err).replace("--weights PATH", "--fid-weights PATH (or --fid-images 0 "
+            raise UsageError(str(err).replace("--weights PATH", "--fid-weights PATH (or --fid-images 0 "
                                                     "to train without FID)")) from None
         n_ref = min(cfg.fid_images, len(reference))
         # weights and resize as fid.py names them: a local file that is not the published one says so
@@ -670,17 +1065,17 @@ class FIDEvaluator:
         stem = os.path.join(cfg.data_dir if cfg.dataset != "folder" else cfg.run_dir,
                             f"fid_{cfg.dataset}_{split}_{n_ref}_{'random' if random_weights else 'tf'}")
         names = [stem + ".npz"] + [f"{stem}_class{k}.npz" for k in range(num_classes) if cfg.intra_fid]
-        if cfg.dataset != "folder" and not all(map(os.path.exists, names)) and not utils.can_write(cfg.data_dir):
+        if cfg.dataset != "folder" and not all(map(os.path.exists, names)) and not can_write(cfg.data_dir):
             stem = os.path.join(cfg.run_dir, os.path.basename(stem))   # e.g. a read-only shared data set
             self.description += f"; reference statistics cached in the run folder (cannot write to {cfg.data_dir})"
         subset = torch.utils.data.Subset(reference, range(n_ref))
         if cfg.intra_fid:                                      # checked before any statistics are written
-            labels = reference.labels[:n_ref] if isinstance(reference, utils.TensorImages) else \
+            labels = reference.labels[:n_ref] if isinstance(reference, TensorImages) else \
                 torch.tensor([reference[i][1] for i in range(n_ref)])  # reads each image once
             counts = torch.bincount(labels, minlength=num_classes)
             if counts.min() < 2:
                 k, classes = int(counts.argmin()), getattr(reference, "classes", None) or reference.dataset.classes
-                raise utils.UsageError(f"--intra-fid needs 2 reference images per class, for a covariance: class "
+                raise UsageError(f"--intra-fid needs 2 reference images per class, for a covariance: class "
                                        f"{classes[k]!r} has {counts[k]} of the {n_ref} (of {len(reference)} in all)")
         self.ref = self._reference(subset, stem + ".npz", self.protocol)
         self.class_ref = None
@@ -693,7 +1088,7 @@ class FIDEvaluator:
         if self.rank == 0:                                     # computes and caches; the others read the cache
             fid.reference_stats(self.inception, dataset, path, protocol, num_images=len(dataset),
                                 batch_size=self.cfg.eval_batch, device=self.device)
-        utils.wait_for_rank0(self.world)
+        wait_for_rank0(self.world)
         mu, sigma, _ = fid.load_stats(path, expect=protocol)
         return mu, sigma
 
@@ -703,8 +1098,8 @@ class FIDEvaluator:
         cfg, K, n = self.cfg, self.num_classes, self.cfg.fid_images // self.world
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 + self.rank)  # own share per rank
         class_stats = [fid.RunningStats() for _ in range(K)] if self.class_ref else None
-        labels = utils.uniform_labels(n, K, self.device, gen) if class_stats is None else \
-            utils.balanced_labels(n, K, self.device, gen)
+        labels = uniform_labels(n, K, self.device, gen) if class_stats is None else \
+            balanced_labels(n, K, self.device, gen)
         batches = iter(labels.split(cfg.eval_batch))
 
         def sample(batch):                                     # fid.py asks in the same eval_batch chunks
@@ -739,28 +1134,28 @@ def train(cfg, explicit):
     """Resolve the configuration (a resumed run: the checkpoint's), own the run folder, run."""
     checkpoint = ckpt_path = None
     if cfg.resume is not None:                                 # --resume "" (an unset variable) too: no fresh run
-        checkpoint, ckpt_path = utils.load_checkpoint(cfg.resume)
+        checkpoint, ckpt_path = load_checkpoint(cfg.resume)
         run_dir = cfg.run_dir or os.path.dirname(ckpt_path) or "."  # --resume last.pt: this folder
-        cfg = utils.merge_resume_config(cfg, explicit, checkpoint, ckpt_path)
+        cfg = merge_resume_config(cfg, explicit, checkpoint, ckpt_path)
         cfg.run_dir = run_dir
     validate(cfg)
     cfg.run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.dataset}-{cfg.loss}-s{cfg.seed}")
     if checkpoint is not None and checkpoint["step"] >= cfg.steps:
-        if utils.is_main_process():
+        if is_main_process():
             print(f"nothing trained: {ckpt_path} is at step {checkpoint['step']} and --steps is {cfg.steps} "
                   f"(give a larger --steps to continue it)")
         return 0
-    device, rank, world = utils.setup_device(cfg)
+    device, rank, world = setup_device(cfg)
     if cfg.sync_bn and world > 1 and device.type != "cuda":
-        raise utils.UsageError("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm works only on GPU modules")
+        raise UsageError("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm works only on GPU modules")
     if cfg.sync_bn and world == 1:
         print("note: --sync-bn changes nothing in one process: G's BatchNorm already sees the whole batch")
-    release = utils.claim_run_dir(cfg.run_dir, ckpt_path) if rank == 0 else (lambda: None)
+    release = claim_run_dir(cfg.run_dir, ckpt_path) if rank == 0 else (lambda: None)
     try:
         return Run(cfg, checkpoint, ckpt_path, device, rank, world).loop()
     except OSError as err:                                     # a full disk, a folder removed: what is kept
         last = os.path.join(cfg.run_dir, "last.pt")
-        raise utils.UsageError(f"{err.strerror or err}: {err.filename or cfg.run_dir}; " +
+        raise UsageError(f"{err.strerror or err}: {err.filename or cfg.run_dir}; " +
                                (f"{last} is intact" if os.path.exists(last) else "no checkpoint was written")) from None
     finally:
         release()
@@ -772,12 +1167,12 @@ class Run:
     def __init__(self, cfg, checkpoint, ckpt_path, device, rank, world):
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         self.log = self.say if rank == 0 else (lambda *a, **k: None)
-        train_set, heldout, self.num_classes = utils.load_data(cfg)
+        train_set, heldout, self.num_classes = load_data(cfg)
         if self.num_classes < 2 and cfg.loss in ("2c", "d2dce", "ac"):
-            raise utils.UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is "
+            raise UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is "
                                    f"exactly 0 every step (use --loss proj, or give more classes)")
         self.trainer = Trainer(cfg, self.num_classes, device, world)
-        self.batches = utils.Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device,
+        self.batches = Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device,
                                      cfg.num_workers, cfg.flip)
         self.step, self.best_fid, self.best_step, self.history = 0, None, None, []
         if checkpoint is not None:
@@ -792,14 +1187,14 @@ class Run:
         if cfg.fid_images > 0 and fid is None:
             self.log("FID is not available (fid.py is missing): evaluation writes the sample grid only")
         elif cfg.fid_images > 0:
-            ref_set, split = (heldout, "test") if cfg.dataset in utils.CIFAR else \
+            ref_set, split = (heldout, "test") if cfg.dataset in CIFAR else \
                 (heldout, "heldout") if cfg.dataset == "shapes" else (train_set, "train")
             self.evaluator = FIDEvaluator(cfg, ref_set, split, self.num_classes, device, rank, world)
             self.log(self.evaluator.description)
-        self.acc_train = utils.fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
-        self.acc_held = utils.fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3) if heldout else None
+        self.acc_train = fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
+        self.acc_held = fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3) if heldout else None
         if rank == 0:                                          # lines past the checkpoint would be repeated
-            utils.cut_metrics(self.metrics_path, self.step)
+            cut_metrics(self.metrics_path, self.step)
         if cfg.compile:
             self.log("--compile: the first steps compile G and D, about a minute on a GPU and several on a CPU")
 
@@ -807,11 +1202,11 @@ class Run:
         try:
             self.trainer.load_state_dict(checkpoint)
         except (RuntimeError, KeyError, ValueError) as err:
-            raise utils.UsageError(f"checkpoint {path} does not fit this model ({str(err).splitlines()[0]})") from None
+            raise UsageError(f"checkpoint {path} does not fit this model ({str(err).splitlines()[0]})") from None
         self.step, self.best_fid, self.best_step = checkpoint["step"], checkpoint["best_fid"], checkpoint["best_step"]
         self.history = checkpoint.get("history", [])
         self.batches.load_state_dict(checkpoint["data"])
-        utils.set_rng_state(checkpoint["rng"][self.rank if self.rank < len(checkpoint["rng"]) else 0], self.device)
+        set_rng_state(checkpoint["rng"][self.rank if self.rank < len(checkpoint["rng"]) else 0], self.device)
         for opt, key in ((self.trainer.opt_G, "lr_g"), (self.trainer.opt_D, "lr_d")):
             for group in opt.param_groups:                     # the loaded state holds the checkpoint's rate
                 group["lr"] = getattr(self.cfg, key)
@@ -839,7 +1234,7 @@ class Run:
                 # all ranks stop at the same step: they agree every 10 steps (one host sync), well within the
                 # 30 s that torchrun and SLURM give a signalled process before SIGKILL
                 stopping = self.stop_signal > 0 if self.world == 1 else \
-                    self.step % min(cfg.log_every, 10) == 0 and utils.any_rank(self.stop_signal > 0, self.device, self.world)
+                    self.step % min(cfg.log_every, 10) == 0 and any_rank(self.stop_signal > 0, self.device, self.world)
                 if stopping and self.step < cfg.steps:
                     if self.saved_step < self.step:                # not just saved by the evaluation
                         self.save()
@@ -877,10 +1272,10 @@ class Run:
              "img_per_s": round(cfg.d_steps * cfg.batch_size / per_step, 1),
              "s_per_step": round(per_step, 4), "time": round(now, 1)}
         self.t_last, self.step_last = now, self.step
-        left = per_step * (cfg.steps - self.step) + self.eval_s * utils.evaluations_left(self.step, cfg.steps, cfg.eval_every)
+        left = per_step * (cfg.steps - self.step) + self.eval_s * evaluations_left(self.step, cfg.steps, cfg.eval_every)
         self.log(f"step {self.step}/{cfg.steps} | d {r['d_loss']:.4f} (adv {r['d_adv']:.4f} cond {r['d_cond']:.4f}) "
                  f"| g {r['g_loss']:.4f} (adv {r['g_adv']:.4f} cond {r['g_cond']:.4f}) | {r['img_per_s']:.1f} img/s | "
-                 f"{per_step:.3f} s/step | left {utils.format_duration(left)}")
+                 f"{per_step:.3f} s/step | left {format_duration(left)}")
         self.write_metrics(r)
 
     def write_metrics(self, record):
@@ -942,13 +1337,13 @@ class Run:
             tensors += [t for k in ("opt_G", "opt_D") for s in state[k]["state"].values()
                         for name, t in s.items() if name != "step"]
             flag = flag | ~torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()
-        if utils.any_rank(flag, self.device, self.world):
+        if any_rank(flag, self.device, self.world):
             last, best = (os.path.join(self.cfg.run_dir, f) for f in ("last.pt", "best.pt"))
             kept = f"{last} (step {self.saved_step}), the last checkpoint with finite weights, is intact but may " \
                 f"be far off already (see samples/): resume it with lower --lr-g / --lr-d" + \
                 (f", or branch from {best} with --resume {best} --run-dir NEW" if os.path.exists(best) else "") \
                 if os.path.exists(last) else "no checkpoint was written: start again with lower --lr-g / --lr-d"
-            raise utils.UsageError(f"non-finite loss or weights at or before step {self.step}: run stopped "
+            raise UsageError(f"non-finite loss or weights at or before step {self.step}: run stopped "
                                    f"without saving it; {kept}")
 
     def save(self, best=False):
@@ -957,15 +1352,183 @@ class Run:
         self.check_finite(state)                               # every save comes through here
         state.update(step=self.step, best_fid=self.best_fid, best_step=self.best_step, history=self.history,
                      config=vars(self.cfg), num_classes=self.num_classes, data=self.batches.state_dict(),
-                     rng=utils.rng_states(self.device, self.world))
+                     rng=rng_states(self.device, self.world))
         if self.rank == 0:
             for name in ("last.pt", "best.pt") if best else ("last.pt",):
-                utils.save_checkpoint(os.path.join(self.cfg.run_dir, name), state)
+                save_checkpoint(os.path.join(self.cfg.run_dir, name), state)
         self.saved_step = self.step
+
+# --------------------------------------------------------------------------------------------
+# Run folders: checkpoint files, the folder lock, resuming, metrics.jsonl
+# --------------------------------------------------------------------------------------------
+
+# Flags that may differ when a run is resumed (the learning rates too: the way on after a blow-up);
+# every other flag must match the checkpoint.
+RUN_FLAGS = {"steps", "log_every", "eval_every", "fid_images", "fid_weights", "eval_batch", "intra_fid",
+             "inception_score", "device", "num_workers", "compile", "resume", "run_dir", "data_dir",
+             "collapse_gap", "collapse_patience", "acc_images", "preset", "lr_g", "lr_d"}
+
+SEAL = b"contragan-sha256:"  # then the sha256 of torch.save's bytes before it; torch.load ignores this tail
+
+def save_checkpoint(path, state):
+    """Atomic: write a temporary file (torch.save's bytes, then SEAL and their sha256), flush it to disk,
+    rename it over the old one. config.json next to it is written only here, so it always describes a
+    saved run. A failed write (a full disk) removes the temporary file and says what is intact."""
+    tmp, digest, saved = path + ".tmp", hashlib.sha256(), False
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, argparse.Namespace(write=lambda b: digest.update(b) or f.write(b), flush=f.flush))
+            f.write(SEAL + digest.hexdigest().encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        saved = True
+        with open(tmp, "w") as f:
+            json.dump({**state["config"], "num_classes": state["num_classes"], "world_size": len(state["rng"])}, f, indent=2)
+        os.replace(tmp, os.path.join(os.path.dirname(path), "config.json"))
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        kept = f"{path} is saved, config.json not updated" if saved else \
+            f"the previous {path} is intact" if os.path.exists(path) else "no checkpoint was written"
+        raise UsageError(f"cannot save {path}: {err.strerror or err}; {kept}") from None
+
+def load_checkpoint(path):
+    """(checkpoint, path): a run folder's last.pt or a file, its sha256 checked when it has one (a
+    checkpoint written before checksums has none and is read as it is)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "last.pt")
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path!r}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise UsageError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    n = len(SEAL) + 64
+    if data[-n:-64] == SEAL and hashlib.sha256(memoryview(data)[:-n]).hexdigest().encode() != data[-64:]:
+        raise UsageError(f"checkpoint {path} is corrupt: its bytes do not match the sha256 saved with them "
+                         f"(a disk or copy fault); use another checkpoint or a backup copy")
+    try:
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as err:                                   # torch's own text is a paragraph of zip internals
+        raise UsageError(f"checkpoint {path} is unreadable: truncated, corrupt or not a torch file "
+                         f"({type(err).__name__})") from None
+    if not (isinstance(checkpoint, dict) and {"G", "D", "G_ema", "config", "step"} <= checkpoint.keys()):
+        raise UsageError(f"{path} is a torch file but not a contragan.py checkpoint (no G, D, G_ema, config, step)")
+    missing = sorted({"opt_G", "opt_D", "num_classes", "data", "rng", "best_fid", "best_step"} - checkpoint.keys())
+    if missing or not isinstance(checkpoint["config"], dict):
+        raise UsageError(f"{path} is not a checkpoint of this contragan.py version (no {', '.join(missing) or 'config'})")
+    return checkpoint, path
+
+def claim_run_dir(run_dir, resume_path=None):
+    """One run owns its folder. Refused: a folder that holds another run (unless it is the one resumed),
+    an earlier checkpoint (best.pt) resumed in its folder, whose last.pt and metrics.jsonl it would
+    roll back, and a folder that a live process holds (run.lock, created exclusively, holds its pid; the
+    lock of a process that is gone, e.g. killed with -9, is taken over). Returns release(), which removes
+    the lock and the folders this start created if they are still empty: a failed start leaves nothing."""
+    here = resume_path is not None and os.path.realpath(run_dir) == os.path.realpath(os.path.dirname(resume_path))
+    if here and os.path.basename(resume_path) != "last.pt" and os.path.exists(os.path.join(run_dir, "last.pt")):
+        raise UsageError(f"resuming {resume_path} in its own folder would overwrite {run_dir}/last.pt and cut "
+                         f"metrics.jsonl: branch from it with --run-dir NEW, or continue with --resume {run_dir}")
+    if not here and any(os.path.exists(os.path.join(run_dir, f)) for f in ("last.pt", "config.json")):
+        raise UsageError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another --run-dir")
+    lock, created = os.path.join(run_dir, "run.lock"), not os.path.isdir(run_dir)
+    try:
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+        while True:
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                with open(lock) as f:
+                    pid = f.read().strip() or str(os.getpid())  # empty: its owner is writing its pid
+                try:
+                    os.kill(int(pid), 0)                       # signal 0 only asks whether it exists
+                except ProcessLookupError:                     # gone (killed with -9): take the lock over
+                    os.remove(lock)
+                    continue
+                except PermissionError:                        # alive, another user's
+                    pass
+                raise UsageError(f"{run_dir} is in use by another run (process {pid}; its lock is {lock})")
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+    except OSError as err:
+        raise UsageError(f"cannot write to run folder {run_dir}: {err.strerror or err}") from None
+
+    def release():
+        os.remove(lock)
+        for folder in [os.path.join(run_dir, "samples")] + [run_dir] * created:
+            try:
+                os.rmdir(folder)                               # only if empty
+            except OSError:
+                pass
+    return release
+
+def merge_resume_config(cfg, explicit, checkpoint, path):
+    """The checkpoint's configuration, with the run flags (RUN_FLAGS) of this command on top. A model
+    or training flag given now that differs from the checkpoint is refused: it is another run."""
+    saved = checkpoint["config"]
+    for key in sorted(saved.keys() - vars(cfg).keys()):       # a flag this version would silently drop
+        raise UsageError(f"checkpoint {path} is from a newer contragan.py: it has --{key.replace('_', '-')}, "
+                         f"which this one does not know")
+    for key, value in explicit.items():
+        if key not in RUN_FLAGS and key in saved and saved[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"checkpoint {path} is from another configuration: it has {flag} {saved[key]}, "
+                             f"this command asks for {value} (drop the flag to resume it)")
+    merged = {**vars(cfg), **saved}                            # flags newer than the checkpoint: defaults
+    merged.update({k: v for k, v in explicit.items() if k in RUN_FLAGS})
+    return argparse.Namespace(**merged)
+
+def evaluations_left(step, steps, eval_every):
+    """How many evaluations the loop still runs at steps step..steps (every eval_every and at the end)."""
+    return steps // eval_every - (step - 1) // eval_every + (steps % eval_every > 0)
+
+def format_duration(seconds):
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+def cut_metrics(path, step):
+    """metrics.jsonl cut back to the checkpoint's step (all of it on a fresh start): a crash before the
+    first checkpoint leaves lines that a rerun would otherwise repeat. A torn last line goes too."""
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
 
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):                                  # one line, not usage + error
+        self.exit(2, f"error: {message} (see --help)\n")
+
+# Each numeric flag's range, as one table: (flags, test, what the value must be). NaN fails every
+# test, so "nan" and "inf" are refused along with the negative and zero values that make no sense.
+FLAG_RANGES = [
+    ("steps log_every eval_every d_steps batch_size eval_batch g_width d_width z_dim shared_dim embed_dim "
+     "shapes_size acc_images collapse_patience", lambda v: v >= 1, "at least 1"),
+    ("num_workers ema_start", lambda v: v >= 0, "at least 0"),
+    ("seed", lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"),      # torch's seeds are 64-bit
+    ("cond_lambda collapse_gap", lambda v: 0 <= v < float("inf"), ">= 0 and finite"),
+    ("temperature lr_g lr_d adam_eps", lambda v: 0 < v < float("inf"), "> 0 and finite"),
+    ("beta1 beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
+]
+
+def check_ranges(cfg, table=FLAG_RANGES):
+    for names, ok, what in table:
+        for name in names.split():
+            if not ok(getattr(cfg, name)):
+                raise UsageError(f"--{name.replace('_', '-')} must be {what} (got {getattr(cfg, name)})")
+
+
 
 # A small, fast configuration for a CPU: offline on the built-in shapes, class-conditional in minutes.
 PRESETS = {"cpu-demo": dict(dataset="shapes", g_width=16, d_width=16, batch_size=32, d_steps=2, steps=1500,
@@ -974,7 +1537,7 @@ PRESETS = {"cpu-demo": dict(dataset="shapes", g_width=16, d_width=16, batch_size
 
 def build_parser(suppress=False):
     """suppress=True gives a parser that returns only the flags given on the command line."""
-    p = utils.OneLineErrorParser(
+    p = OneLineErrorParser(
         description="ContraGAN (Kang & Park, NeurIPS 2020) in one file. Defaults: the authors' CIFAR-10 setting.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS if suppress else None)
     def add(flag, default=None, **kw):                         # suppress: no defaults, only the flags given
@@ -1036,26 +1599,26 @@ def build_parser(suppress=False):
 
 def validate(cfg):
     """Bad input: one clear line (main prints it), before anything is built or written."""
-    utils.check_ranges(cfg)                                    # every numeric flag: utils.FLAG_RANGES
+    check_ranges(cfg)                                    # every numeric flag: FLAG_RANGES
     if cfg.img_size not in G_ARCH:
-        raise utils.UsageError(f"--img-size {cfg.img_size} is not supported: the architecture has 32, 64 and 128")
+        raise UsageError(f"--img-size {cfg.img_size} is not supported: the architecture has 32, 64 and 128")
     try:
         Generator.z_chunk(cfg.img_size, cfg.z_dim)
     except ValueError as err:
-        raise utils.UsageError(str(err).replace("z_dim", "--z-dim")) from None
+        raise UsageError(str(err).replace("z_dim", "--z-dim")) from None
     if cfg.loss in ("2c", "d2dce") and cfg.batch_size < 2:
-        raise utils.UsageError(f"--loss {cfg.loss} needs --batch-size of at least 2: it contrasts samples within a batch")
+        raise UsageError(f"--loss {cfg.loss} needs --batch-size of at least 2: it contrasts samples within a batch")
     if not 0 < cfg.margin <= 1:                                # m_n = 1 - m_p must lie in [0, 1)
-        raise utils.UsageError(f"--margin must be in (0, 1] (got {cfg.margin})")
+        raise UsageError(f"--margin must be in (0, 1] (got {cfg.margin})")
     if not cfg.data_positives and cfg.loss != "2c":
-        raise utils.UsageError(f"--no-data-positives changes the 2C loss: it needs --loss 2c (got --loss {cfg.loss})")
+        raise UsageError(f"--no-data-positives changes the 2C loss: it needs --loss 2c (got --loss {cfg.loss})")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % world:
-        raise utils.UsageError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {world} ranks")
+        raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {world} ranks")
     if cfg.fid_images and cfg.fid_images < 2 * world:
-        raise utils.UsageError("--fid-images must be 0 (off) or at least 2 per rank")
+        raise UsageError("--fid-images must be 0 (off) or at least 2 per rank")
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise utils.UsageError("--device cuda asked for, but torch sees no CUDA GPU")
+        raise UsageError("--device cuda asked for, but torch sees no CUDA GPU")
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
@@ -1075,9 +1638,9 @@ def main(argv=None):
         print("interrupted" + (f" by {signal.Signals(signum).name}" if signum != signal.SIGINT else ""), file=sys.stderr)
         return 128 + signum
     except Exception as err:
-        if not isinstance(err, (utils.UsageError, fid.FIDError if fid else utils.UsageError)):
+        if not isinstance(err, (UsageError, fid.FIDError if fid else UsageError)):
             raise
-        if utils.is_main_process():                            # under torchrun: said once, by rank 0
+        if is_main_process():                            # under torchrun: said once, by rank 0
             print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import contragan as cg
-import contragan_utils as utils
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
 import sample  # noqa: E402  tools/sample.py: images from a checkpoint
@@ -225,10 +224,10 @@ def test_ema_averages_parameters_and_buffers():
 
 @pytest.mark.parametrize("flip", [True, False])
 def test_random_flips_can_be_turned_off(flip):
-    images, labels = utils.make_shapes(64, 32, seed=0)
-    data = utils.TensorImages(images, labels, ["a", "b", "c", "d"])
+    images, labels = cg.make_shapes(64, 32, seed=0)
+    data = cg.TensorImages(images, labels, ["a", "b", "c", "d"])
     torch.manual_seed(0)
-    x, _ = next(utils.Batches(data, 64, 0, 1, seed=0, device=torch.device("cpu"), flip=flip))
+    x, _ = next(cg.Batches(data, 64, 0, 1, seed=0, device=torch.device("cpu"), flip=flip))
     order = list(torch.utils.data.DistributedSampler(data, 1, 0, shuffle=True, seed=0, drop_last=True))
     plain = images[order].float() / 127.5 - 1
     flipped = (x == plain.flip(3)).flatten(1).all(1) & ~(x == plain).flatten(1).all(1)
@@ -262,13 +261,13 @@ def test_detect_collapse():
 
 
 def test_shapes_data_is_deterministic_and_class_readable():
-    a, ya = utils.make_shapes(200, 32, seed=3)
-    b, yb = utils.make_shapes(200, 32, seed=3)
+    a, ya = cg.make_shapes(200, 32, seed=3)
+    b, yb = cg.make_shapes(200, 32, seed=3)
     assert torch.equal(a, b) and torch.equal(ya, yb) and a.dtype == torch.uint8
     assert torch.bincount(ya).tolist() == [50, 50, 50, 50]
-    predicted = utils.shapes_class_of(a.float() / 127.5 - 1)
+    predicted = cg.shapes_class_of(a.float() / 127.5 - 1)
     assert (predicted == ya).float().mean() > 0.9           # the class-consistency probe reads real data
-    assert not torch.equal(a, utils.make_shapes(200, 32, seed=4)[0])
+    assert not torch.equal(a, cg.make_shapes(200, 32, seed=4)[0])
 
 
 # ---------------------------------------------------------------- real runs of the CLI
@@ -432,7 +431,7 @@ def test_bad_image_folders(tmp_path, capsys):
 
 def test_folder_dataset_trains(tmp_path):
     from PIL import Image
-    images, labels = utils.make_shapes(24, 40, seed=0)
+    images, labels = cg.make_shapes(24, 40, seed=0)
     for i, (x, y) in enumerate(zip(images, labels)):
         os.makedirs(tmp_path / "data" / f"c{int(y)}", exist_ok=True)
         Image.fromarray(x.permute(1, 2, 0).numpy()).save(tmp_path / "data" / f"c{int(y)}" / f"{i}.png")
@@ -522,7 +521,7 @@ def test_evaluations_left_counts_the_loops_evaluations(steps, every):
     """The time-left estimate counts the evaluations the training loop will run: brute force oracle."""
     for step in range(1, steps + 1):
         oracle = sum(1 for s in range(step, steps + 1) if s % every == 0 or s == steps)
-        assert utils.evaluations_left(step, steps, every) == oracle, (step, steps, every)
+        assert cg.evaluations_left(step, steps, every) == oracle, (step, steps, every)
 
 
 # ---------------------------------------------------------------- Figure 3 and mixed precision
@@ -554,7 +553,7 @@ def test_bf16_step_is_finite_and_close_to_fp32():
         cfg.amp = amp
         trainer = cg.Trainer(cfg, num_classes=4, device=torch.device("cpu"))
         torch.manual_seed(1)
-        real, y = utils.make_shapes(8, 32, seed=5)
+        real, y = cg.make_shapes(8, 32, seed=5)
         logs = trainer.d_step(real.float() / 127.5 - 1, y)
         logs.update(trainer.g_step())
         losses[amp] = {k: v.item() for k, v in logs.items()}
@@ -573,7 +572,7 @@ def _two_rank_2c(rank, world, init_file, out_dir):
     labels = torch.randint(0, 3, (12,), generator=gen)
     local = slice(rank * 6, rank * 6 + 6)                      # each rank holds half of it
     e, p = embed[local].clone().requires_grad_(), proxy[local].clone().requires_grad_()
-    loss = cg.conditional_contrastive_loss(*utils.gather_global_batch(e, p, labels[local]), temperature=0.5)
+    loss = cg.conditional_contrastive_loss(*cg.gather_global_batch(e, p, labels[local]), temperature=0.5)
     loss.backward()
     torch.save({"loss": loss.detach(), "embed_grad": e.grad, "proxy_grad": p.grad}, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
@@ -616,7 +615,7 @@ def test_torchrun_two_processes_train_and_resume(tmp_path):
 
 def write_folder(root, n, classes, size=40):
     from PIL import Image
-    images, labels = utils.make_shapes(n, size, seed=0)
+    images, labels = cg.make_shapes(n, size, seed=0)
     for i, (x, y) in enumerate(zip(images, labels)):
         os.makedirs(root / f"c{int(y) % classes}", exist_ok=True)
         Image.fromarray(x.permute(1, 2, 0).numpy()).save(root / f"c{int(y) % classes}" / f"{i}.png")
@@ -764,7 +763,7 @@ def test_ctrl_c_during_start_up_exits_130_quietly(tmp_path, monkeypatch, capsys)
     def interrupted(cfg):
         raise KeyboardInterrupt                                # what Ctrl-C raises while the data loads
 
-    monkeypatch.setattr(utils, "load_data", interrupted)
+    monkeypatch.setattr(cg, "load_data", interrupted)
     try:
         status = cg.main([*TINY, "--steps", "1", "--run-dir", str(tmp_path / "run")])
     except KeyboardInterrupt:

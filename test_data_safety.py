@@ -7,7 +7,6 @@ import pytest
 from PIL import Image
 
 import contragan as cg
-import contragan_utils as utils
 from test_contragan import TINY, one_line_error, run_main, write_folder
 
 
@@ -31,7 +30,7 @@ def test_image_modes_are_read_by_their_range(tmp_path, capsys):
     for name, im in files.items():                            # one class per file: the label names the file
         (tmp_path / "data" / name).mkdir(parents=True)
         im.save(tmp_path / "data" / name / name, **{"exif": exif} if name == "jexif.png" else {})
-    ds = utils.load_folder(str(tmp_path / "data"), 8)
+    ds = cg.load_folder(str(tmp_path / "data"), 8)
     px = {ds.classes[y]: x[:, 0, 0].tolist() for x, y in (ds[j] for j in range(len(ds)))}  # uniform images
     assert px["a16.png"] == px["b16.tif"] == [156] * 3                       # 40000 / 257 = 155.6
     assert px["cfloat.tif"] == [64] * 3 and px["dint.tif"] == [78] * 3       # 0.25 * 255, 20000 / 257
@@ -47,7 +46,7 @@ def test_symlink_loop_counts_each_image_once(tmp_path, capsys):
     data = write_folder(tmp_path / "data", 16, classes=2)
     os.symlink("..", data / "c0" / "up")                      # ImageFolder followed it: 7,216 images
     os.symlink("0.png", data / "c0" / "again.png")            # the same file twice in one class: once
-    ds = utils.load_folder(str(data), 32)
+    ds = cg.load_folder(str(data), 32)
     assert len(ds) == 16
     assert all(os.path.basename(os.path.dirname(path)) == f"c{label}" for path, label in ds.samples)
     os.symlink("../c1", data / "c0" / "other")                # class c1's images inside c0: which class?
@@ -60,7 +59,7 @@ def test_hidden_and_non_image_files_are_left_out(tmp_path, capsys):
     (data / ".ipynb_checkpoints").mkdir()                     # a notebook's folder is no class
     (data / "c0" / "._0.png").write_bytes(b"\0" * 64)         # macOS resource fork: not an image
     (data / "c1" / "notes.txt").write_text("labels by hand")
-    ds = utils.load_folder(str(data), 32)
+    ds = cg.load_folder(str(data), 32)
     assert ds.classes == ["c0", "c1"] and len(ds) == 16
     out = capsys.readouterr()
     assert "1 files" in out.out and "notes.txt" in out.out and not out.err
@@ -70,7 +69,7 @@ def test_huge_image_is_skipped_and_named(tmp_path, capsys, monkeypatch):
     data = write_folder(tmp_path / "data", 4, classes=2)
     Image.new("RGB", (64, 64)).save(data / "c0" / "huge.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1700)      # 4096 pixels: over twice the limit
-    ds = utils.load_folder(str(data), 32)
+    ds = cg.load_folder(str(data), 32)
     assert [ds[j][0].shape for j in range(len(ds))] == [(3, 32, 32)] * 5
     assert "huge.png (DecompressionBombError" in capsys.readouterr().err
 

@@ -5,15 +5,14 @@ import pytest
 import torch
 
 import contragan as cg
-import contragan_utils as utils
 
-PALETTE = [c for _, c in utils.SHAPES]
+PALETTE = [c for _, c in cg.SHAPES]
 
 
 def painted(form, colour, n=200, img_size=32):
     """Real shapes images of one class (`form`: its index) with the shape's pixels painted in `colour`
     (no jitter): the data's own geometry in any colour. Float in [-1, 1]."""
-    images, labels = utils.make_shapes(4 * n, img_size, seed=5)
+    images, labels = cg.make_shapes(4 * n, img_size, seed=5)
     images = images[labels == form].float()
     shape = images.amax(1, keepdim=True) > 120                 # background <= 30 + 8 sigma; shapes >= 200
     images = torch.where(shape, torch.tensor(colour, dtype=torch.float)[:, None, None], images)
@@ -23,15 +22,15 @@ def painted(form, colour, n=200, img_size=32):
 @pytest.mark.parametrize("size", [32, 64])
 def test_reader_reads_real_images(size):
     for seed in range(3):
-        images, labels = utils.make_shapes(400, size, seed)
-        assert (utils.shapes_class_of(images.float() / 127.5 - 1) == labels).float().mean() >= 0.98
+        images, labels = cg.make_shapes(400, size, seed)
+        assert (cg.shapes_class_of(images.float() / 127.5 - 1) == labels).float().mean() >= 0.98
 
 
 def test_reader_says_none_for_a_blank_background_and_off_palette_colours():
     blank = (30 + 8 * torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))) / 127.5 - 1
-    assert utils.shapes_class_of(blank).tolist() == [-1] * 8
+    assert cg.shapes_class_of(blank).tolist() == [-1] * 8
     for form, colour in ((1, (0, 255, 0)), (0, (255, 0, 255)), (2, (255, 255, 255))):  # lime, magenta, white
-        assert (utils.shapes_class_of(painted(form, colour)) == -1).all(), (form, colour)
+        assert (cg.shapes_class_of(painted(form, colour)) == -1).all(), (form, colour)
 
 
 @pytest.mark.parametrize("form", range(4))
@@ -39,7 +38,7 @@ def test_reader_checks_the_form_against_the_colour(form):
     # circle red, square green, triangle blue, cross yellow: each other pairing (a yellow disc, a red
     # square, a blue cross, ...) is none. Small discs and crosses fill their boxes alike (0.65-0.70).
     for colour in range(4):
-        judged = utils.shapes_class_of(painted(form, PALETTE[colour]))
+        judged = cg.shapes_class_of(painted(form, PALETTE[colour]))
         if colour == form:
             assert (judged == form).float().mean() >= 0.98, colour
         else:
@@ -60,10 +59,10 @@ def test_confusion_counts_none_as_a_miss():
 
 def test_d_diagnostics_records_the_none_share(monkeypatch):
     # Fakes are real images, one blanked: the colour reader's matrix has a none column and its share.
-    images, labels = utils.make_shapes(64, 32, seed=2)
+    images, labels = cg.make_shapes(64, 32, seed=2)
     images = images.float() / 127.5 - 1
     images[0] = -0.75                                          # a blank dark image
-    monkeypatch.setattr(utils, "balanced_labels", lambda n, K, device, gen=None: labels)
+    monkeypatch.setattr(cg, "balanced_labels", lambda n, K, device, gen=None: labels)
     monkeypatch.setattr(cg, "generate", lambda G, y, z_dim, batch_size, gen: images)
     monkeypatch.setattr(cg, "d_judge", lambda D, x, y, device: (1.0, y))
     cfg = cg.build_parser().parse_args(["--dataset", "shapes", "--acc-images", "64"])

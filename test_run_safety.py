@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import contragan as cg
-import contragan_utils as utils
 from test_contragan import HERE, SCRIPT, TINY, one_line_error, run_main, sample
 
 
@@ -88,8 +87,8 @@ def test_flipped_bytes_are_refused_by_resume_and_sample(tmp_path, capsys):
         assert "is corrupt" in one_line_error(run_main(capsys, *args, main=main))
     assert (run / "last.pt").read_bytes() == data and not (tmp_path / "f").exists()
     legacy = tmp_path / "legacy.pt"                            # written before checksums: read as it is
-    legacy.write_bytes(good[:-len(utils.SEAL) - 64])
-    assert utils.load_checkpoint(str(legacy))[0]["step"] == 1
+    legacy.write_bytes(good[:-len(cg.SEAL) - 64])
+    assert cg.load_checkpoint(str(legacy))[0]["step"] == 1
 
 
 def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, capsys, monkeypatch):

@@ -33,7 +33,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import contragan as cg  # noqa: E402
-import contragan_utils as utils  # noqa: E402
 from literal_losses import literal_2c  # noqa: E402  the tests' oracle, straight from the equation: timed here
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +240,7 @@ def _ddp_worker(rank, world, port, sizes, dim, threads, out_path):
         labels = labels[local]
 
         def step():
-            g_embed, g_proxy, g_labels = utils.gather_global_batch(embed, proxy, labels)
+            g_embed, g_proxy, g_labels = cg.gather_global_batch(embed, proxy, labels)
             torch.autograd.grad(cg.conditional_contrastive_loss(g_embed, g_proxy, g_labels), (embed, proxy))
         for _ in range(2):
             step()
@@ -292,7 +291,7 @@ def random_cifar(n=512, num_classes=10, img_size=32):
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, img_size, img_size), dtype=torch.uint8, generator=gen)
     labels = torch.arange(n) % num_classes
-    return utils.TensorImages(images, labels, [str(c) for c in range(num_classes)])
+    return cg.TensorImages(images, labels, [str(c) for c in range(num_classes)])
 
 
 def is_conv(op):
@@ -320,7 +319,7 @@ def build_trainer(device, batch, width, amp="none", compile=False):
     argv = ["--batch-size", str(batch), "--g-width", str(width), "--d-width", str(width), "--amp", amp]
     argv += ["--compile"] * compile
     cfg = cg.build_parser().parse_args(argv)
-    return cg.Trainer(cfg, 10, device), utils.Batches(random_cifar(), batch, 0, 1, 0, device)
+    return cg.Trainer(cfg, 10, device), cg.Batches(random_cifar(), batch, 0, 1, 0, device)
 
 
 def time_iteration(trainer, batches, device):
@@ -519,7 +518,7 @@ def main(argv=None):
         args.small_rounds = 0 if args.quick else 3
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = utils.setup_device(cg.build_parser().parse_args(["--device", args.device]))[0]  # TF32 as training
+    device = cg.setup_device(cg.build_parser().parse_args(["--device", args.device]))[0]  # TF32 as training
     start = time.perf_counter()
     report = [f"# ContraGAN benchmarks\n\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine(device)}, "
               f"torch {torch.__version__}: `{' '.join(['python tools/bench.py'] + argv)}`"]

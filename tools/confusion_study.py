@@ -37,7 +37,6 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 import contragan as cg  # noqa: E402
-import contragan_utils as utils  # noqa: E402
 SCRIPT = os.path.join(HERE, "..", "contragan.py")
 STEPS = 1500  # the cpu-demo preset's
 RESULTS = os.path.join(HERE, "..", "docs", "confusion-study")
@@ -80,8 +79,8 @@ def final_diagnostics(path):
     G, D = cg.build_models(cfg, ckpt["num_classes"])
     G.load_state_dict(ckpt["G_ema"])
     D.load_state_dict(ckpt["D"])
-    train, held, K = utils.load_data(cfg)
-    samples = [utils.fixed_sample(data, min(cfg.acc_images, len(data)), seed=cfg.seed + s)
+    train, held, K = cg.load_data(cfg)
+    samples = [cg.fixed_sample(data, min(cfg.acc_images, len(data)), seed=cfg.seed + s)
                for data, s in ((train, 2), (held, 3))]
     return {"step": ckpt["step"], **cg.d_diagnostics(D, G, *samples, K, cfg, torch.device("cpu"))}
 
@@ -144,7 +143,7 @@ def report():
 
 def matrices():
     """Each recorded run's colour matrix: rows asked, columns judged (the last: none), as counts."""
-    classes = [c for c, _ in utils.SHAPES]
+    classes = [c for c, _ in cg.SHAPES]
     lines = []
     for name, (_, seeds) in SETTINGS.items():
         for r in filter(None, (recorded(name, s) for s in seeds)):

@@ -18,7 +18,6 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 import contragan as cg  # noqa: E402
-import contragan_utils as utils  # noqa: E402
 
 
 def generate_from_checkpoint(path, num_images, out_dir, batch_size=None, seed=0, device="auto"):
@@ -27,26 +26,26 @@ def generate_from_checkpoint(path, num_images, out_dir, batch_size=None, seed=0,
     from PIL import Image
     out_dir = os.path.abspath(out_dir)                         # "" or "new/..": the folder checked is the one written
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise utils.UsageError(f"--out-dir {out_dir} is a file, not a folder")
+        raise cg.UsageError(f"--out-dir {out_dir} is a file, not a folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir):        # FID tools would read old files with the new
-        raise utils.UsageError(f"--out-dir {out_dir} is not empty: FID would read its old files too; "
+        raise cg.UsageError(f"--out-dir {out_dir} is not empty: FID would read its old files too; "
                                f"give a new or empty folder")
-    checkpoint, path = utils.load_checkpoint(path)
+    checkpoint, path = cg.load_checkpoint(path)
     cfg, K = argparse.Namespace(**checkpoint["config"]), checkpoint["num_classes"]
     made, existing = None, out_dir                             # made: the highest folder this run creates
     while not os.path.exists(existing):
         made, existing = existing, os.path.dirname(existing)
     need, free = num_images * max(3 * cfg.img_size ** 2, 4096), shutil.disk_usage(existing).free
     if need > free:                                            # PNGs of G's output: about the raw pixels, >= 1 block
-        raise utils.UsageError(f"--num-images {num_images} needs about {need / 1e9:,.1f} GB for its PNGs, but "
+        raise cg.UsageError(f"--num-images {num_images} needs about {need / 1e9:,.1f} GB for its PNGs, but "
                                f"{existing} has {free / 1e9:,.1f} GB free")
     batch_size = batch_size or cfg.eval_batch                  # BatchNorm statistics as at evaluation
-    device = utils.pick_device(device, tf32=getattr(cfg, "tf32", True))
+    device = cg.pick_device(device, tf32=getattr(cfg, "tf32", True))
     G = cg.build_models(cfg, K)[0]
     try:
         G.load_state_dict(checkpoint["G_ema"])
     except RuntimeError as err:
-        raise utils.UsageError(f"checkpoint {path} does not fit its own configuration "
+        raise cg.UsageError(f"checkpoint {path} does not fit its own configuration "
                                f"({str(err).splitlines()[0]})") from None
     G.to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -71,14 +70,14 @@ def generate_from_checkpoint(path, num_images, out_dir, batch_size=None, seed=0,
             elif os.path.lexists(entry):
                 os.remove(entry)
         if isinstance(err, OSError):
-            raise utils.UsageError(f"cannot write to {out_dir}: {err.strerror or err} (nothing kept)") from None
+            raise cg.UsageError(f"cannot write to {out_dir}: {err.strerror or err} (nothing kept)") from None
         raise
     print(f"wrote {num_images} images and grid/grid.png to {out_dir} (G_ema of {path}, step {checkpoint['step']})")
     return 0
 
 
 def main(argv=None):
-    p = utils.OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cg.OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a run folder (its last.pt) or a checkpoint file")
     p.add_argument("--num-images", type=int, default=10000)
     p.add_argument("--out-dir", default="fakes")
@@ -87,13 +86,13 @@ def main(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     args = p.parse_args(argv)
     try:
-        utils.check_ranges(args, [("num_images batch_size", lambda v: v is None or v >= 1, "at least 1"),
+        cg.check_ranges(args, [("num_images batch_size", lambda v: v is None or v >= 1, "at least 1"),
                                   ("seed", lambda v: 0 <= v < 2 ** 64, "in [0, 2^64)")])   # torch's seed range
         if args.device == "cuda" and not torch.cuda.is_available():
-            raise utils.UsageError("--device cuda asked for, but torch sees no CUDA GPU")
+            raise cg.UsageError("--device cuda asked for, but torch sees no CUDA GPU")
         return generate_from_checkpoint(args.checkpoint, args.num_images, args.out_dir, args.batch_size,
                                         args.seed, args.device)
-    except utils.UsageError as err:
+    except cg.UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
