@@ -141,6 +141,17 @@ def report():
     return "\n".join(lines)
 
 
+def grids():
+    """The recorded runs' final sample grids as a markdown table: a column per setting, a row per seed."""
+    names = list(SETTINGS)
+    rows = ["| seed | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for s in range(max(len(seeds) for _, seeds in SETTINGS.values())):
+        rows.append(f"| {s} | " + " | ".join(f"![{n}, seed {s}](docs/confusion-study/{slug(n)}-s{s}.png)"
+                                              if recorded(n, s) else "-" for n in names) + " |")
+    return "Final grids (rows: circle/red, square/green, triangle/blue, cross/yellow; '-': not run yet):\n\n" + \
+        "\n".join(rows)
+
+
 def matrices():
     """Each recorded run's colour matrix: rows asked, columns judged (the last: none), as counts."""
     classes = [c for c, _ in cg.SHAPES]
@@ -172,7 +183,7 @@ def main():
         with ThreadPoolExecutor(args.jobs) as pool:
             for path in pool.map(lambda t: train(args.root, t[1], t[2], t[0]), todo):
                 print(f"done {path}", flush=True)
-    table = report()
+    table = report() + "\n\n" + grids()
     print(table)
     if args.matrices:
         print("\n" + matrices())
