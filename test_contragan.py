@@ -1,5 +1,6 @@
-"""Tests of contragan.py: CPU only, deterministic, no downloads (the built-in shapes data and random
-weights). Run: python -m pytest -q"""
+"""Tests of contragan.py and of the tools that use it (tools/sample.py, tools/plot_runs.py): CPU only,
+deterministic, no downloads (the built-in shapes data and random weights). Run: python -m pytest -q"""
+import errno
 import hashlib
 import json
 import math
@@ -9,15 +10,19 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import contragan as cg
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
+import plot_runs  # noqa: E402  tools/plot_runs.py: Figure 3 from run folders
 import sample  # noqa: E402  tools/sample.py: images from a checkpoint
-from literal_losses import literal_2c  # noqa: E402  tools/literal_losses.py: the equation, term by term
+from literal_losses import literal_2c, literal_d2dce  # noqa: E402  tools/literal_losses.py: the equations, term by term
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "contragan.py")
@@ -88,6 +93,84 @@ def test_2c_low_precision_does_not_overflow():
         assert torch.isfinite(low) and abs(low.item() - ref.item()) < 0.05 * abs(ref.item()) + 0.05
 
 
+# ---------------------------------------------------------------- the D2D-CE loss against the authors' code
+
+D2DCE_CASES = [  # (batch m, number of classes, labels rule, temperature, margin)
+    (2, 2, "distinct", 0.5, 0.98), (2, 1, "same", 0.5, 0.98), (6, 1, "same", 1.0, 0.98),
+    (8, 8, "distinct", 0.25, 0.98), (9, 3, "random", 0.5, 0.98), (16, 4, "random", 0.75, 0.9),
+    (33, 10, "random", 1.0, 0.5), (12, 5, "random", 0.25, 1.0)]
+
+
+@pytest.mark.parametrize("m,K,rule,t,m_p", D2DCE_CASES)
+def test_d2dce_equals_the_authors_code_as_a_loop(m, K, rule, t, m_p):
+    gen = torch.Generator().manual_seed(m * 100 + K)
+    labels = {"random": torch.randint(0, K, (m,), generator=gen), "same": torch.zeros(m, dtype=torch.long),
+              "distinct": torch.randperm(m, generator=gen)}[rule]
+    embed = torch.randn(m, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    table = torch.randn(max(K, m), 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    fast = cg.data_to_data_cross_entropy_loss(embed, table[labels], labels, temperature=t, margin=m_p)
+    slow = literal_d2dce(embed, table[labels], labels, t, m_p)
+    assert fast.dtype == torch.float64
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(fast, (embed, table)), torch.autograd.grad(slow, (embed, table))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_d2dce_analytic_cases():
+    """One class: no negatives, so loss_i = a_i - a_i = 0. All embeddings on their proxies (cos = 1 >= m_p)
+    and negatives orthogonal (relu((0 + m_p - 1) / t) = 0, M_i = (m_p - 1) / t): loss = log(1 + (m-1) e^-M)."""
+    gen = torch.Generator().manual_seed(0)
+    e = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    assert cg.data_to_data_cross_entropy_loss(e, torch.randn(5, 4, dtype=torch.float64, generator=gen),
+                                              torch.zeros(5, dtype=torch.long)).item() == 0.0
+    eye = torch.eye(4, dtype=torch.float64)
+    t, m_p = 0.5, 0.98
+    M = (m_p - 1) / t
+    expected = torch.log(1 + 3 * torch.exp(torch.tensor(-M, dtype=torch.float64)))
+    got = cg.data_to_data_cross_entropy_loss(eye, 3 * eye, torch.arange(4), temperature=t, margin=m_p)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_d2dce_small_temperature_and_bf16_stay_finite():
+    gen = torch.Generator().manual_seed(1)
+    embed, proxy = torch.randn(64, 32, generator=gen), torch.randn(64, 32, generator=gen)
+    labels = torch.randint(0, 4, (64,), generator=gen)
+    for t in (0.01, 0.05):
+        assert torch.isfinite(cg.data_to_data_cross_entropy_loss(embed, proxy, labels, temperature=t))
+    low = cg.data_to_data_cross_entropy_loss(embed.bfloat16(), proxy.bfloat16(), labels)
+    assert low.dtype == torch.float32 and torch.isfinite(low)
+
+
+def test_d2dce_discriminator_and_trainer_use_real_then_fake_embeddings(monkeypatch):
+    """--loss d2dce: D has the 2C heads (same parameter count), the D step feeds D2D-CE the REAL rows with
+    the real labels, the G step the fakes with their labels; temperature, margin and lambda as given."""
+    seen = []
+
+    def spy(embed, proxy, labels, temperature, margin):
+        seen.append((embed.shape[0], labels.clone(), temperature, margin))
+        return torch.zeros((), requires_grad=True) + 0.0 * embed.sum()
+    monkeypatch.setattr(cg, "data_to_data_cross_entropy_loss", spy)
+    D2, Dd = (cg.Discriminator(32, 8, 4, loss, 16) for loss in ("2c", "d2dce"))
+    assert sum(p.numel() for p in D2.parameters()) == sum(p.numel() for p in Dd.parameters())
+    cfg = cg.build_parser().parse_args(TINY + ["--loss", "d2dce", "--temperature", "0.3", "--margin", "0.9"])
+    trainer = cg.Trainer(cfg, 4, torch.device("cpu"))
+    real_y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    trainer.d_step(torch.zeros(8, 3, 32, 32), real_y)
+    trainer.g_step()
+    assert [s[0] for s in seen] == [8, 8] and torch.equal(seen[0][1], real_y)
+    assert all(s[2:] == (0.3, 0.9) for s in seen)
+
+
+def test_cli_d2dce_trains_and_bad_margin_is_one_line(tmp_path):
+    r = run_cli(*TINY, "--loss", "d2dce", "--temperature", "0.5", "--margin", "0.98", "--cond-lambda", "0.5",
+                "--steps", "2", "--eval-every", "2", "--run-dir", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "run" / "last.pt").exists()
+    for bad in ("0", "1.5", "nan"):
+        r = run_cli(*TINY, "--loss", "d2dce", "--margin", bad, "--run-dir", str(tmp_path / f"bad{bad}"))
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--margin" in r.stderr
+
+
 # ---------------------------------------------------------------- the other losses, by hand
 
 def test_hinge_projection_acgan_by_hand():
@@ -147,61 +230,25 @@ def test_output_shapes(size, z_dim):
         assert {k: tuple(v.shape) for k, v in out.items()} == {**keys, "h": (3, C)}
 
 
-@pytest.mark.parametrize("loss", ["2c", "proj", "ac"])
-def test_class_scores_are_ds_own_judgement(loss):
-    # For every class y, the score is what D's conditional head says of (x, y): 2C the cosine of l(x)
-    # and the proxy e(y), projection D(x, y) minus its label-free part, ACGAN the logit of y.
-    torch.manual_seed(0)
-    D = cg.Discriminator(width=8, num_classes=4, loss=loss, embed_dim=16).eval()
-    x = torch.randn(5, 3, 32, 32)
-    scores = D.class_scores(D(x, torch.zeros(5, dtype=torch.long))["h"])
-    for y in range(4):
-        out = D(x, torch.full((5,), y))
-        expected = {"2c": lambda: torch.cosine_similarity(out["embed"], out["proxy"]),
-                    "proj": lambda: out["adv"] - D.adv_head(out["h"]).squeeze(1),
-                    "ac": lambda: out["class_logits"][:, y]}[loss]()
-        torch.testing.assert_close(scores[:, y], expected, rtol=1e-5, atol=1e-5)
-
-
-def test_confusion_raw_and_relabelled():
-    asked = torch.tensor([0, 0, 1, 1, 2, 2])
-    counts, raw, relabelled = cg.confusion(asked, torch.tensor([1, 1, 2, 2, 0, 0]), 3)
-    assert counts.tolist() == [[0, 2, 0, 0], [0, 0, 2, 0], [2, 0, 0, 0]]   # last column: none
-    assert raw == 0 and relabelled == 1                        # consistent classes, wrong labels
-    _, raw, relabelled = cg.confusion(asked, torch.zeros(6, dtype=torch.long), 3)
-    assert raw == pytest.approx(1 / 3) and relabelled == pytest.approx(1 / 3)  # the label ignored
-    _, raw, relabelled = cg.confusion(asked, torch.tensor([0, 1, 1, 1, 2, 0]), 3)
-    assert raw == pytest.approx(4 / 6) and relabelled == pytest.approx(4 / 6)
-
-
-def test_confusion_fakes_are_drawn_in_mixed_batches(monkeypatch):
-    # G_ema draws with BatchNorm batch statistics: a batch of one class loses the class-dependent shift
-    # that conditional BN adds, so the fakes judged for confusion come in batches of mixed labels.
-    batches = []
-    monkeypatch.setattr(cg, "generate", lambda G, y, z_dim, batch_size, gen: batches.append(y.split(batch_size))
-                        or torch.zeros(len(y), 3, 32, 32))
-    monkeypatch.setattr(cg, "d_judge", lambda D, x, y, device: (1.0, y))
-    cfg = cg.build_parser().parse_args(TINY + ["--acc-images", "64"])
-    rec = cg.d_diagnostics(None, None, (None, None), None, 4, cfg, torch.device("cpu"))
-    assert all(len(b.unique()) > 1 for b in batches[0]) and rec["class_consistency_d"] == 1.0
-    assert torch.tensor(rec["confusion_d"]).diag().tolist() == [16] * 4
-
-
 def tiny_trainer(**flags):
     cfg = cg.build_parser().parse_args(TINY + [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()])
     return cg.Trainer(cfg, 4, torch.device("cpu"))
 
 
-def test_acgan_d_step_uses_real_and_fake_class_logits():
+def test_acgan_d_step_uses_real_and_fake_class_logits(monkeypatch):
     # The authors' D step adds CE on the real AND the fake class logits; the G step on the fakes.
     trainer = tiny_trainer(loss="ac", cond_lambda=0.5)
-    logits = torch.randn(6, 4)
-    real_y, fake_y = torch.tensor([0, 1, 2]), torch.tensor([3, 3, 1])
-    d_cond = trainer.condition_loss({"class_logits": logits}, real_y, fake_y)
-    expected = 0.5 * (cg.acgan_loss(logits[:3], real_y) + cg.acgan_loss(logits[3:], fake_y))
-    torch.testing.assert_close(d_cond, expected)
-    g_cond = trainer.condition_loss({"class_logits": logits[:3]}, real_y)
-    torch.testing.assert_close(g_cond, 0.5 * cg.acgan_loss(logits[:3], real_y))
+    calls, real_acgan = [], cg.acgan_loss
+    monkeypatch.setattr(cg, "acgan_loss", lambda logits, y: calls.append((logits.detach(), y)) or real_acgan(logits, y))
+    real_y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    d_cond = trainer.d_step(torch.zeros(8, 3, 32, 32), real_y)["d_cond"]
+    (real_logits, y), (fake_logits, fake_y) = calls
+    assert torch.equal(y, real_y) and real_logits.shape == fake_logits.shape == (8, 4) and len(fake_y) == 8
+    torch.testing.assert_close(d_cond, 0.5 * (real_acgan(real_logits, real_y) + real_acgan(fake_logits, fake_y)))
+    calls.clear()
+    g_cond = trainer.g_step()["g_cond"]
+    (fake_logits, fake_y), = calls
+    torch.testing.assert_close(g_cond, 0.5 * real_acgan(fake_logits, fake_y))
 
 
 def test_ema_averages_parameters_and_buffers():
@@ -270,6 +317,119 @@ def test_shapes_data_is_deterministic_and_class_readable():
     assert not torch.equal(a, cg.make_shapes(200, 32, seed=4)[0])
 
 
+# ---------------------------------------------------------------- the class-confusion judge
+
+@pytest.mark.parametrize("loss", ["2c", "proj", "ac"])
+def test_class_scores_are_ds_own_judgement(loss):
+    # For every class y, the score is what D's conditional head says of (x, y): 2C the cosine of l(x)
+    # and the proxy e(y), projection D(x, y) minus its label-free part, ACGAN the logit of y.
+    torch.manual_seed(0)
+    D = cg.Discriminator(width=8, num_classes=4, loss=loss, embed_dim=16).eval()
+    x = torch.randn(5, 3, 32, 32)
+    scores = cg.d_class_scores(D, D(x, torch.zeros(5, dtype=torch.long))["h"])
+    for y in range(4):
+        out = D(x, torch.full((5,), y))
+        expected = {"2c": lambda: torch.cosine_similarity(out["embed"], out["proxy"]),
+                    "proj": lambda: out["adv"] - D.adv_head(out["h"]).squeeze(1),
+                    "ac": lambda: out["class_logits"][:, y]}[loss]()
+        torch.testing.assert_close(scores[:, y], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_confusion_raw_and_relabelled():
+    asked = torch.tensor([0, 0, 1, 1, 2, 2])
+    counts, raw, relabelled = cg.confusion(asked, torch.tensor([1, 1, 2, 2, 0, 0]), 3)
+    assert counts.tolist() == [[0, 2, 0, 0], [0, 0, 2, 0], [2, 0, 0, 0]]   # last column: none
+    assert raw == 0 and relabelled == 1                        # consistent classes, wrong labels
+    _, raw, relabelled = cg.confusion(asked, torch.zeros(6, dtype=torch.long), 3)
+    assert raw == pytest.approx(1 / 3) and relabelled == pytest.approx(1 / 3)  # the label ignored
+    _, raw, relabelled = cg.confusion(asked, torch.tensor([0, 1, 1, 1, 2, 0]), 3)
+    assert raw == pytest.approx(4 / 6) and relabelled == pytest.approx(4 / 6)
+
+
+def test_confusion_fakes_are_drawn_in_mixed_batches(monkeypatch):
+    # G_ema draws with BatchNorm batch statistics: a batch of one class loses the class-dependent shift
+    # that conditional BN adds, so the fakes judged for confusion come in batches of mixed labels.
+    batches = []
+    monkeypatch.setattr(cg, "generate", lambda G, y, z_dim, batch_size, gen: batches.append(y.split(batch_size))
+                        or torch.zeros(len(y), 3, 32, 32))
+    monkeypatch.setattr(cg, "d_judge", lambda D, x, y, device: (1.0, y))
+    cfg = cg.build_parser().parse_args(TINY + ["--acc-images", "64"])
+    rec = cg.d_diagnostics(None, None, (None, None), None, 4, cfg, torch.device("cpu"))
+    assert all(len(b.unique()) > 1 for b in batches[0]) and rec["class_consistency_d"] == 1.0
+    assert torch.tensor(rec["confusion_d"]).diag().tolist() == [16] * 4
+
+
+PALETTE = [c for _, c in cg.SHAPES]
+
+
+def painted(form, colour, n=200, img_size=32):
+    """Real shapes images of one class (`form`: its index) with the shape's pixels painted in `colour`
+    (no jitter): the data's own geometry in any colour. Float in [-1, 1]."""
+    images, labels = cg.make_shapes(4 * n, img_size, seed=5)
+    images = images[labels == form].float()
+    shape = images.amax(1, keepdim=True) > 120                 # background <= 30 + 8 sigma; shapes >= 200
+    images = torch.where(shape, torch.tensor(colour, dtype=torch.float)[:, None, None], images)
+    return images / 127.5 - 1
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_reader_reads_real_images(size):
+    for seed in range(3):
+        images, labels = cg.make_shapes(400, size, seed)
+        assert (cg.shapes_class_of(images.float() / 127.5 - 1) == labels).float().mean() >= 0.98
+
+
+def test_reader_says_none_for_a_blank_background_and_off_palette_colours():
+    blank = (30 + 8 * torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))) / 127.5 - 1
+    assert cg.shapes_class_of(blank).tolist() == [-1] * 8
+    for form, colour in ((1, (0, 255, 0)), (0, (255, 0, 255)), (2, (255, 255, 255))):  # lime, magenta, white
+        assert (cg.shapes_class_of(painted(form, colour)) == -1).all(), (form, colour)
+
+
+@pytest.mark.parametrize("form", range(4))
+def test_reader_checks_the_form_against_the_colour(form):
+    # circle red, square green, triangle blue, cross yellow: each other pairing (a yellow disc, a red
+    # square, a blue cross, ...) is none. Small discs and crosses fill their boxes alike (0.65-0.70).
+    for colour in range(4):
+        judged = cg.shapes_class_of(painted(form, PALETTE[colour]))
+        if colour == form:
+            assert (judged == form).float().mean() >= 0.98, colour
+        else:
+            assert (judged == -1).float().mean() >= 0.95, colour
+
+
+def test_confusion_counts_none_as_a_miss():
+    asked = torch.tensor([0, 0, 1, 1, 2, 2])
+    counts, raw, relabelled = cg.confusion(asked, torch.tensor([1, -1, 2, 2, -1, -1]), 3)
+    assert counts.tolist() == [[0, 1, 0, 1], [0, 0, 2, 0], [0, 0, 0, 2]]   # last column: none
+    # best relabelling 0->1, 1->2; the all-none row gets no hit (with "none" as a fourth class it would)
+    assert raw == 0 and relabelled == pytest.approx(3 / 6)
+    counts, raw, relabelled = cg.confusion(asked, torch.tensor([0, -1, 1, 1, 2, -1]), 3)
+    assert counts[:, 3].tolist() == [1, 0, 1] and raw == relabelled == pytest.approx(4 / 6)
+    counts, raw, relabelled = cg.confusion(asked, torch.full((6,), -1), 3)
+    assert counts[:, 3].tolist() == [2, 2, 2] and raw == relabelled == 0
+
+
+def test_d_diagnostics_records_the_none_share(monkeypatch):
+    # Fakes are real images, one blanked: the colour reader's matrix has a none column and its share.
+    images, labels = cg.make_shapes(64, 32, seed=2)
+    images = images.float() / 127.5 - 1
+    images[0] = -0.75                                          # a blank dark image
+    monkeypatch.setattr(cg, "balanced_labels", lambda n, K, device, gen=None: labels)
+    monkeypatch.setattr(cg, "generate", lambda G, y, z_dim, batch_size, gen: images)
+    monkeypatch.setattr(cg, "d_judge", lambda D, x, y, device: (1.0, y))
+    cfg = cg.build_parser().parse_args(["--dataset", "shapes", "--acc-images", "64"])
+    rec = cg.d_diagnostics(None, None, (None, None), None, 4, cfg, torch.device("cpu"))
+    colour = torch.tensor(rec["confusion_colour"])
+    assert colour.shape == (4, 5) and colour[labels[0], 4] >= 1 and colour.sum() == 64
+    assert rec["class_none"] == pytest.approx(colour[:, 4].sum().item() / 64) and rec["class_none"] > 0
+    assert torch.tensor(rec["confusion_d"])[:, 4].sum() == 0 and rec["class_consistency_d"] == 1.0
+    run = types.SimpleNamespace(acc_held=None, step=3)
+    line = cg.Run.eval_line(run, {**rec, "d_sigma_max": 1.0})
+    assert f"class consistency (colour) {rec['class_consistency']:.3f}, relabelled" in line
+    assert f"none {rec['class_none']:.3f}" in line and line.count("none") == 1   # D never says none
+
+
 # ---------------------------------------------------------------- real runs of the CLI
 
 def run_cli(*args, timeout=300):
@@ -324,16 +484,6 @@ def test_resume_continues_exactly(tmp_path, loss):
     assert [s for s in steps if s] == sorted(steps) and steps.count(3) == 2  # log line + eval at 3, no repeats
 
 
-def test_generate_from_checkpoint(tmp_path):
-    run, out = tmp_path / "run", tmp_path / "fakes"
-    assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
-    assert sample.main([str(run), "--num-images", "10", "--out-dir", str(out), "--batch-size", "4"]) == 0
-    files = sorted(os.listdir(out))
-    assert len([f for f in files if f.endswith(".png")]) == 10 and (out / "grid" / "grid.png").is_file()
-    from PIL import Image
-    assert Image.open(out / files[0]).size == (32, 32)
-
-
 def test_fid_during_training_with_random_weights(tmp_path, monkeypatch, capsys):
     pytest.importorskip("fid")
     run, calls, real_generate = tmp_path / "run", [], cg.generate
@@ -346,8 +496,8 @@ def test_fid_during_training_with_random_weights(tmp_path, monkeypatch, capsys):
     assert len(record["intra_fid_per_class"]) == 4 and record["intra_fid"] == pytest.approx(
         sum(record["intra_fid_per_class"]) / 4)
     assert 1.0 <= record["is_mean"] <= 1008
-    # Intra-class FID routes FID's own fakes by label, in mixed batches with balanced labels (it once drew one
-    # class per batch, and G's BatchNorm batch statistics removed the class). The evaluator draws first.
+    # Intra-class FID routes FID's own fakes by label, in mixed batches with balanced labels (in a batch of one
+    # class, G's BatchNorm batch statistics would remove the class). The evaluator draws first.
     assert [len(y) for y in calls[:2]] == [8, 8] and all(len(y.unique()) > 1 for y in calls)
     assert torch.bincount(torch.cat(calls[:2]), minlength=4).tolist() == [4, 4, 4, 4]
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".npz"))[0] == "fid_shapes_heldout_16_random.npz"
@@ -405,24 +555,12 @@ def test_bad_arguments(args, expected, tmp_path, capsys):
     assert not (tmp_path / "r").exists()                       # a failed start leaves no folder behind
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["--num-images", "0"], "--num-images must be at least 1"),
-    (["--batch-size", "-2"], "--batch-size must be at least 1"),
-    pytest.param(["--device", "cuda"], "no CUDA GPU", marks=NO_GPU),
-    ([], "no checkpoint at"),
-])
-def test_sample_bad_arguments(args, expected, tmp_path, capsys):
-    r = run_main(capsys, tmp_path / "x", "--out-dir", tmp_path / "f", *args, main=sample.main)
-    assert expected in one_line_error(r) and not (tmp_path / "f").exists()
-
-
 def test_bad_image_folders(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     flat = tmp_path / "flat"
     flat.mkdir()
     torch.manual_seed(0)
-    from PIL import Image
     Image.new("RGB", (8, 8)).save(flat / "a.png")
     for folder, expected in [(empty, "is empty"), (flat, "no class sub-folders")]:
         assert cg.main([*TINY, "--dataset", "folder", "--data-dir", str(folder), "--run-dir", str(tmp_path / "r")]) == 2
@@ -430,7 +568,6 @@ def test_bad_image_folders(tmp_path, capsys):
 
 
 def test_folder_dataset_trains(tmp_path):
-    from PIL import Image
     images, labels = cg.make_shapes(24, 40, seed=0)
     for i, (x, y) in enumerate(zip(images, labels)):
         os.makedirs(tmp_path / "data" / f"c{int(y)}", exist_ok=True)
@@ -524,27 +661,7 @@ def test_evaluations_left_counts_the_loops_evaluations(steps, every):
         assert cg.evaluations_left(step, steps, every) == oracle, (step, steps, every)
 
 
-# ---------------------------------------------------------------- Figure 3 and mixed precision
-
-PLOT = [sys.executable, os.path.join(HERE, "tools", "plot_runs.py")]
-
-
-def test_plot_writes_png(tmp_path):
-    pytest.importorskip("matplotlib", reason="plotting is an optional extra: pip install matplotlib")
-    runs = []
-    for loss in ("proj", "2c"):
-        runs.append(str(tmp_path / loss))
-        assert cg.main([*TINY, "--loss", loss, "--steps", "2", "--eval-every", "1", "--run-dir", runs[-1]]) == 0
-    out = tmp_path / "figure3.png"
-    r = subprocess.run([*PLOT, *runs, "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
-
-
-def test_plot_to_an_unwritable_folder_is_one_error_line(tmp_path):
-    r = subprocess.run([*PLOT, "x", "--out", "/nonexistent/folder/f.png"], capture_output=True, text=True, timeout=300)
-    assert "cannot write --out" in one_line_error(r)
-
+# ---------------------------------------------------------------- mixed precision
 
 def test_bf16_step_is_finite_and_close_to_fp32():
     cfg = cg.build_parser().parse_args(TINY)
@@ -611,16 +728,158 @@ def test_torchrun_two_processes_train_and_resume(tmp_path):
     assert "resumed" in r.stdout and torch.load(run / "last.pt", weights_only=False)["step"] == 3
 
 
-# ---------------------------------------------------------------- issue 11: nothing lost, nothing false
+# ---------------------------------------------------------------- image folders as they come
 
 def write_folder(root, n, classes, size=40):
-    from PIL import Image
     images, labels = cg.make_shapes(n, size, seed=0)
     for i, (x, y) in enumerate(zip(images, labels)):
         os.makedirs(root / f"c{int(y) % classes}", exist_ok=True)
         Image.fromarray(x.permute(1, 2, 0).numpy()).save(root / f"c{int(y) % classes}" / f"{i}.png")
     return root
 
+
+def test_unreadable_images_are_skipped_and_named(tmp_path, capsys):
+    data = write_folder(tmp_path / "data", 24, classes=4)
+    (data / "c0" / "notes.png").write_text("not a png")
+    good = (data / "c1" / "1.png").read_bytes()
+    (data / "c1" / "cut.png").write_bytes(good[:len(good) // 2])   # a truncated file: its header reads fine
+    r = run_main(capsys, *TINY, "--dataset", "folder", "--data-dir", data, "--steps", "2", "--run-dir",
+                 tmp_path / "run")
+    assert r.returncode == 0, r.stderr                         # the evaluation draws all 26: both are met
+    warnings = sorted(line for line in r.stderr.splitlines() if line.startswith("warning: "))
+    assert len(warnings) == 2 and "c0/notes.png" in warnings[0] and "c1/cut.png" in warnings[1]
+    assert all("skipped unreadable image" in w for w in warnings)
+
+
+def test_one_class_folder_refused_for_2c(tmp_path, capsys):
+    data = write_folder(tmp_path / "data", 12, classes=1)
+    r = run_main(capsys, *TINY, "--dataset", "folder", "--data-dir", data, "--steps", "1", "--run-dir", tmp_path / "r")
+    assert "needs at least 2 classes" in one_line_error(r) and not (tmp_path / "r").exists()
+
+
+def test_image_modes_are_read_by_their_range(tmp_path, capsys):
+    full = lambda value, dtype: np.full((8, 8), value, dtype=dtype)
+    files = {"a16.png": Image.fromarray(full(40000, np.uint16)),          # I;16: by its range (convert("RGB"): white)
+             "b16.tif": Image.fromarray(full(40000, ">u2")),              # I;16B
+             "cfloat.tif": Image.fromarray(full(0.25, np.float32)),       # F in [0, 1]: times 255, not black
+             "dint.tif": Image.fromarray(full(20000, np.int32)),          # I, read as 16-bit, not clipped
+             "etransparent.png": Image.new("RGBA", (8, 8), (0, 0, 255, 0)),  # over white, not its hidden blue
+             "fla.png": Image.new("LA", (8, 8), (0, 128)),                # black at half alpha over white
+             "gcmyk.tif": Image.new("CMYK", (8, 8), (0, 255, 255, 0)),    # red
+             "hbit.png": Image.new("1", (8, 8), 1),
+             "igif.gif": Image.new("RGB", (8, 8), (10, 200, 30)),         # GIF: read too
+             "jexif.png": Image.new("RGB", (8, 8), (255, 0, 0)),          # stored upside down: shown blue on top
+             "xfloat.tif": Image.fromarray(full(3.0, np.float32)),        # a float range other than [0, 1]: refused
+             "yint.tif": Image.fromarray(full(-5, np.int32))}
+    files["jexif.png"].paste((0, 0, 255), (0, 4, 8, 8))
+    exif = Image.Exif()
+    exif[0x0112] = 3                                          # EXIF orientation: rotate 180 degrees to show
+    for name, im in files.items():                            # one class per file: the label names the file
+        (tmp_path / "data" / name).mkdir(parents=True)
+        im.save(tmp_path / "data" / name / name, **{"exif": exif} if name == "jexif.png" else {})
+    ds = cg.load_folder(str(tmp_path / "data"), 8)
+    px = {ds.classes[y]: x[:, 0, 0].tolist() for x, y in (ds[j] for j in range(len(ds)))}  # uniform images
+    assert px["a16.png"] == px["b16.tif"] == [156] * 3                       # 40000 / 257 = 155.6
+    assert px["cfloat.tif"] == [64] * 3 and px["dint.tif"] == [78] * 3       # 0.25 * 255, 20000 / 257
+    assert px["etransparent.png"] == [255] * 3 and px["fla.png"] == [127] * 3
+    assert px["gcmyk.tif"] == [255, 0, 0] and px["hbit.png"] == [255] * 3 and px["igif.gif"] == [10, 200, 30]
+    assert px["jexif.png"] == [0, 0, 255] and "xfloat.tif" not in px and "yint.tif" not in px
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 2 and "xfloat.tif" in warnings[0] and "mode F" in warnings[0]
+    assert "yint.tif" in warnings[1] and "mode I" in warnings[1]
+
+
+def test_symlink_loop_counts_each_image_once(tmp_path, capsys):
+    data = write_folder(tmp_path / "data", 16, classes=2)
+    os.symlink("..", data / "c0" / "up")                      # ImageFolder follows it: 7,216 images
+    os.symlink("0.png", data / "c0" / "again.png")            # the same file twice in one class: once
+    ds = cg.load_folder(str(data), 32)
+    assert len(ds) == 16
+    assert all(os.path.basename(os.path.dirname(path)) == f"c{label}" for path, label in ds.samples)
+    os.symlink("../c1", data / "c0" / "other")                # class c1's images inside c0: which class?
+    r = run_main(capsys, *TINY, "--dataset", "folder", "--data-dir", data, "--steps", "1", "--run-dir", tmp_path / "r")
+    assert "also in class 'c0'" in one_line_error(r) and not (tmp_path / "r").exists()
+
+
+def test_hidden_and_non_image_files_are_left_out(tmp_path, capsys):
+    data = write_folder(tmp_path / "data", 16, classes=2)
+    (data / ".ipynb_checkpoints").mkdir()                     # a notebook's folder is no class
+    (data / "c0" / "._0.png").write_bytes(b"\0" * 64)         # macOS resource fork: not an image
+    (data / "c1" / "notes.txt").write_text("labels by hand")
+    ds = cg.load_folder(str(data), 32)
+    assert ds.classes == ["c0", "c1"] and len(ds) == 16
+    out = capsys.readouterr()
+    assert "1 files" in out.out and "notes.txt" in out.out and not out.err
+
+
+def test_huge_image_is_skipped_and_named(tmp_path, capsys, monkeypatch):
+    data = write_folder(tmp_path / "data", 4, classes=2)
+    Image.new("RGB", (64, 64)).save(data / "c0" / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1700)      # 4096 pixels: over twice the limit
+    ds = cg.load_folder(str(data), 32)
+    assert [ds[j][0].shape for j in range(len(ds))] == [(3, 32, 32)] * 5
+    assert "huge.png (DecompressionBombError" in capsys.readouterr().err
+
+
+def test_small_folder_fid_reference_is_a_random_subset(tmp_path, capsys, monkeypatch):
+    # Under 200 images there is no held-out split: FID's reference is the training images, drawn at random
+    # (their first --fid-images are class 0's alone). The statistics are stubbed: what is measured is which images.
+    data, seen = write_folder(tmp_path / "data", 16, classes=2), []
+    monkeypatch.setattr(cg.FIDEvaluator, "_reference", lambda self, ds, path, protocol: seen.append(
+        [ds[i][1] for i in range(len(ds))]) or (np.zeros(2048), np.eye(2048)))
+    monkeypatch.setattr(cg.FIDEvaluator, "__call__", lambda self, G: {"fid": 1.0})
+    r = run_main(capsys, *TINY, "--dataset", "folder", "--data-dir", data, "--steps", "1", "--fid-images", "8",
+                 "--fid-weights", "random", "--run-dir", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    assert len(seen) == 1 and len(seen[0]) == 8 and 2 <= sum(seen[0]) <= 6
+    assert "vs 8 of the 16 folder training images" in r.stdout and "no held-out reference" in r.stdout
+
+
+def test_intra_fid_short_class_fails_before_writing(tmp_path, capsys):
+    data = write_folder(tmp_path / "data", 15, classes=2)
+    for f in list((data / "c1").iterdir())[1:]:               # c1 keeps one image: no covariance
+        f.rename(data / "c0" / f"moved{f.name}")
+    r = run_main(capsys, *TINY, "--dataset", "folder", "--data-dir", data, "--steps", "1", "--fid-images", "15",
+                 "--fid-weights", "random", "--intra-fid", "--batch-size", "4", "--run-dir", tmp_path / "r")
+    assert "class 'c1' has 1 of the 15" in one_line_error(r)
+    assert not (tmp_path / "r").exists()                       # no 33 MB statistics files left behind
+
+
+@pytest.mark.parametrize("dataset", ["folder", "cifar10"])
+def test_data_dir_that_is_a_file(dataset, tmp_path, capsys):
+    (tmp_path / "images.zip").write_bytes(b"PK")
+    r = run_main(capsys, *TINY, "--dataset", dataset, "--data-dir", tmp_path / "images.zip", "--steps", "1",
+                 "--run-dir", tmp_path / "r")
+    assert "is a file, not a folder" in one_line_error(r)
+
+
+def test_shapes_beyond_memory_is_refused(tmp_path, capsys):
+    r = run_main(capsys, *TINY, "--shapes-size", "10000000", "--steps", "1", "--run-dir", tmp_path / "r")
+    assert "GB of memory, more than this machine has" in one_line_error(r)    # not a crash at the allocation
+
+
+def test_fid_cache_in_unwritable_data_dir_goes_to_run_folder(tmp_path, capsys):
+    (tmp_path / "blocker").write_text("a file where a folder would be")
+    r = run_main(capsys, *TINY, "--steps", "1", "--fid-images", "8", "--fid-weights", "random", "--eval-batch", "8",
+                 "--data-dir", tmp_path / "blocker" / "data", "--run-dir", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "r" / "fid_shapes_heldout_8_random.npz").is_file()
+    assert "cached in the run folder (cannot write to" in r.stdout
+
+
+def test_broken_image_named_once_across_workers_and_epochs(tmp_path, capfd):
+    data = write_folder(tmp_path / "data", 15, classes=2)
+    good = next((data / "c1").iterdir()).read_bytes()
+    (data / "c1" / "cut.png").write_bytes(good[:len(good) // 2])   # truncated: PIL fails only when decoding
+    # 16 images, batches of 8, 2 D steps a step: each step is one epoch, new workers every epoch
+    r = run_main(capfd, *TINY, "--dataset", "folder", "--data-dir", data, "--num-workers", "2", "--acc-images", "1",
+                 "--steps", "3", "--eval-every", "100", "--run-dir", tmp_path / "r")   # capfd: the workers' stderr too
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "c1/cut.png" in warnings[0] and "truncated" in warnings[0]
+
+
+# ---------------------------------------------------------------- signals, checkpoints, resume
 
 def test_nonfinite_weights_are_never_saved(tmp_path, monkeypatch, capsys):
     # A huge finite learning rate: G's weights reach ~1e30 at step 1 (still finite, and saved), its
@@ -658,25 +917,6 @@ def test_resume_into_another_run_is_refused(tmp_path, capsys):
     assert not (b / "run.lock").exists()
 
 
-def test_unreadable_images_are_skipped_and_named(tmp_path, capsys):
-    data = write_folder(tmp_path / "data", 24, classes=4)
-    (data / "c0" / "notes.png").write_text("not a png")
-    good = (data / "c1" / "1.png").read_bytes()
-    (data / "c1" / "cut.png").write_bytes(good[:len(good) // 2])   # a truncated file: its header reads fine
-    r = run_main(capsys, *TINY, "--dataset", "folder", "--data-dir", data, "--steps", "2", "--run-dir",
-                 tmp_path / "run")
-    assert r.returncode == 0, r.stderr                         # the evaluation draws all 26: both are met
-    warnings = sorted(line for line in r.stderr.splitlines() if line.startswith("warning: "))
-    assert len(warnings) == 2 and "c0/notes.png" in warnings[0] and "c1/cut.png" in warnings[1]
-    assert all("skipped unreadable image" in w for w in warnings)
-
-
-def test_one_class_folder_refused_for_2c(tmp_path, capsys):
-    data = write_folder(tmp_path / "data", 12, classes=1)
-    r = run_main(capsys, *TINY, "--dataset", "folder", "--data-dir", data, "--steps", "1", "--run-dir", tmp_path / "r")
-    assert "needs at least 2 classes" in one_line_error(r) and not (tmp_path / "r").exists()
-
-
 def test_not_a_checkpoint_and_short_messages(tmp_path, capsys):
     run = tmp_path / "run"
     assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
@@ -689,14 +929,6 @@ def test_not_a_checkpoint_and_short_messages(tmp_path, capsys):
                            ([tmp_path / path, "--out-dir", tmp_path / "f"], sample.main)):
             line = one_line_error(run_main(capsys, *args, main=main))
             assert expected in line and len(line) < 200 and "miniz" not in line, line
-
-
-def test_generate_refuses_a_folder_that_holds_files(tmp_path, capsys):
-    out = tmp_path / "fakes"
-    out.mkdir()
-    (out / "old.png").write_bytes(b"stale")
-    r = run_main(capsys, tmp_path, "--out-dir", out, main=sample.main)
-    assert "is not empty" in one_line_error(r) and os.listdir(out) == ["old.png"]
 
 
 def test_failed_start_or_resume_writes_nothing(tmp_path, capsys):
@@ -738,7 +970,7 @@ def test_one_run_owns_its_folder(tmp_path, capsys):
     assert "in use by another run" in one_line_error(r) and not (run / "metrics.jsonl").exists()
     dead = subprocess.Popen([sys.executable, "-c", ""])
     dead.wait()
-    (run / "run.lock").write_text(str(dead.pid))              # killed with -9 earlier: taken over
+    (run / "run.lock").write_text(str(dead.pid))              # its process is gone (kill -9): taken over
     assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
     assert (run / "last.pt").is_file() and not (run / "run.lock").exists()
 
@@ -777,3 +1009,284 @@ def test_torchrun_error_is_said_once(tmp_path):
     r = subprocess.run([*torchrun, *TINY, "--steps", "1", "--lr-g", "nan", "--run-dir", str(tmp_path / "r")],
                        capture_output=True, text=True, timeout=300, cwd=HERE)
     assert r.returncode != 0 and r.stderr.count("error: --lr-g must be") == 1, r.stderr[-3000:]
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def start_cli(*args, launcher=(sys.executable,)):
+    return subprocess.Popen([*launcher, SCRIPT, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=HERE)
+
+
+@pytest.mark.parametrize("sig,launcher", [("SIGTERM", None), ("SIGHUP", None), ("SIGTERM", TORCHRUN)],
+                         ids=["SIGTERM", "SIGHUP", "torchrun-SIGTERM"])
+def test_sigterm_and_sighup_save_and_exit_like_ctrl_c(tmp_path, capsys, sig, launcher):
+    # SIGTERM: how SLURM, Kubernetes and `timeout` stop a job (torchrun passes it on to every rank).
+    # SIGHUP: the terminal closed, so the output is gone too (here: a closed pipe); the run still saves.
+    run, signum = tmp_path / "run", getattr(signal, sig)
+    proc = start_cli(*TINY, "--steps", "100000", "--eval-every", "100000", "--run-dir", run,
+                     launcher=launcher or (sys.executable,))
+    assert next(line for line in proc.stdout if line.startswith("step ")).startswith("step 1/")
+    if sig == "SIGHUP":
+        proc.stdout.close()
+    proc.send_signal(signum)
+    proc.wait(timeout=120)
+    err = proc.stderr.read()
+    if sig == "SIGTERM":
+        out = proc.stdout.read()
+        assert f"by SIGTERM: saved {run}/last.pt" in out and "(exit status 143)" in out
+    assert launcher or proc.returncode == 128 + signum and err == "", err   # torchrun adds its own report
+    state = torch.load(run / "last.pt", weights_only=False)
+    assert state["step"] >= 1 and len(state["rng"]) == (2 if launcher else 1) and not (run / "run.lock").exists()
+    assert run_main(capsys, "--resume", run, "--steps", state["step"] + 1).returncode == 0
+
+
+def test_ctrl_c_during_the_imports_is_one_line(tmp_path):
+    proc = start_cli(*TINY, "--steps", "1", "--run-dir", tmp_path / "run")
+    time.sleep(1.0)                                            # inside `import torch` (seconds)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip() == "interrupted", err
+
+
+def test_an_earlier_checkpoint_branches_and_never_rolls_a_run_back(tmp_path, capsys):
+    run, new = tmp_path / "run", tmp_path / "new"
+    assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
+    (run / "best.pt").write_bytes((run / "last.pt").read_bytes())   # best.pt at step 1, last.pt later
+    assert cg.main(["--resume", str(run), "--steps", "2"]) == 0
+    before = {f: (run / f).read_bytes() for f in ("last.pt", "best.pt", "metrics.jsonl")}
+    line = one_line_error(run_main(capsys, "--resume", run / "best.pt", "--steps", "3"))
+    assert "--run-dir NEW" in line and f"--resume {run}" in line
+    assert {f: (run / f).read_bytes() for f in before} == before and not (run / "run.lock").exists()
+    assert cg.main(["--resume", str(run / "best.pt"), "--run-dir", str(new), "--steps", "3"]) == 0
+    assert torch.load(new / "last.pt", weights_only=False)["step"] == 3
+    assert [json.loads(x)["step"] for x in (new / "metrics.jsonl").read_text().splitlines()] == [2, 3, 3]
+    assert {f: (run / f).read_bytes() for f in before} == before
+
+
+def test_resume_of_last_pt_in_its_folder_continues_there(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
+    monkeypatch.chdir(run)                                     # `--resume last.pt` from inside the run folder
+    assert cg.main(["--resume", "last.pt", "--steps", "2"]) == 0
+    assert torch.load(run / "last.pt", weights_only=False)["step"] == 2 and os.listdir(run).count("runs") == 0
+
+
+def test_flipped_bytes_are_refused_by_resume_and_sample(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
+    good = (run / "last.pt").read_bytes()
+    data, middle = bytearray(good), len(good) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    (run / "last.pt").write_bytes(data)
+    for args, main in ((["--resume", run, "--steps", "2"], cg.main), ([run, "--out-dir", tmp_path / "f"], sample.main)):
+        assert "is corrupt" in one_line_error(run_main(capsys, *args, main=main))
+    assert (run / "last.pt").read_bytes() == data and not (tmp_path / "f").exists()
+    legacy = tmp_path / "legacy.pt"                            # no sha256 seal at its end: read as it is
+    legacy.write_bytes(good[:-len(cg.SEAL) - 64])
+    assert cg.load_checkpoint(str(legacy))[0]["step"] == 1
+
+
+def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
+    before = (run / "last.pt").read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b"\0" * 1000)                                  # part of it written, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    line = one_line_error(run_main(capsys, "--resume", run, "--steps", "2"))
+    assert "No space left on device" in line and f"the previous {run}/last.pt is intact" in line
+    assert (run / "last.pt").read_bytes() == before and sorted(os.listdir(run)) == [
+        "config.json", "last.pt", "metrics.jsonl", "samples"]  # no last.pt.tmp, no run.lock
+    real_open = open                                           # full before the checkpoint: metrics.jsonl
+
+    def full_open(file, mode="r", *args, **kwargs):
+        if "a" in mode and str(file).startswith(str(run)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_open)
+    line = one_line_error(run_main(capsys, "--resume", run, "--steps", "2"))
+    assert f"No space left on device: {run}/metrics.jsonl; {run}/last.pt is intact" in line
+    assert (run / "last.pt").read_bytes() == before and not (run / "run.lock").exists()
+
+
+def test_a_blow_up_names_what_is_true_and_the_way_on(tmp_path, capsys):
+    # --lr-g 1e30: step 1's weights are ~1e30 but finite (saved), step 2 overflows: that checkpoint is
+    # not "good", and resuming it cannot help unless the learning rate can change.
+    huge = tmp_path / "huge"
+    line = one_line_error(run_main(capsys, *TINY, "--lr-g", "1e30", "--steps", "3", "--eval-every", "1",
+                                   "--run-dir", huge))
+    assert "(step 1), the last checkpoint with finite weights, is intact" in line and "good" not in line
+    assert "lower --lr-g / --lr-d" in line
+    run = tmp_path / "run"
+    assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
+    r = run_main(capsys, "--resume", run, "--steps", "2", "--lr-g", "1e-5", "--lr-d", "3e-5")
+    assert r.returncode == 0 and "--lr-g 0.0002 -> 1e-05, --lr-d 0.0002 -> 3e-05" in r.stdout
+    state = torch.load(run / "last.pt", weights_only=False)    # the optimisers use them, not the loaded rate
+    assert [g["lr"] for g in state["opt_G"]["param_groups"]] == [1e-5] * len(state["opt_G"]["param_groups"])
+    assert {g["lr"] for g in state["opt_D"]["param_groups"]} == {3e-5} and state["config"]["lr_g"] == 1e-5
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--lr-g", "0"], "--lr-g must be > 0 and finite"),        # Adam with lr 0 trains nothing, silently
+    (["--lr-d", "0"], "--lr-d must be > 0 and finite"),
+    (["--adam-eps", "0"], "--adam-eps must be > 0 and finite"),  # 0/0 at step 1: "non-finite", no flag named
+    (["--collapse-gap", "nan"], "--collapse-gap must be >= 0 and finite"),  # NaN: never warns
+    (["--seed", str(2 ** 64)], "--seed must be in [0, 2**63)"),  # torch's own error is a traceback
+])
+def test_flags_refused_up_front(args, expected, tmp_path, capsys):
+    r = run_main(capsys, *TINY, "--steps", "1", "--run-dir", tmp_path / "r", *args)
+    assert expected in one_line_error(r) and not (tmp_path / "r").exists()
+
+
+def test_sync_bn_in_one_process_says_it_changes_nothing(tmp_path, capsys):
+    r = run_main(capsys, *TINY, "--sync-bn", "--steps", "1", "--run-dir", tmp_path / "run")
+    assert r.returncode == 0 and "--sync-bn changes nothing in one process" in r.stdout
+
+
+def test_checkpoints_of_other_versions_and_empty_resume_are_one_line(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
+    state = torch.load(run / "last.pt", weights_only=False)
+    for name, change, expected in [
+            ("newer", lambda c: c["config"].update(new_flag=1), "from a newer contragan.py: it has --new-flag"),
+            ("older", lambda c: c.pop("data"), "not a checkpoint of this contragan.py version (no data)"),
+            ("odd", lambda c: c.update(config="x"), "version (no config)")]:
+        other = {**state, "config": dict(state["config"])}
+        change(other)
+        torch.save(other, tmp_path / f"{name}.pt")
+        assert expected in one_line_error(run_main(capsys, "--resume", tmp_path / f"{name}.pt", "--steps", "2"))
+    monkeypatch.chdir(tmp_path)                                # `--resume $UNSET`: never a fresh run
+    assert "no checkpoint at ''" in one_line_error(run_main(capsys, *TINY, "--resume", "", "--steps", "1"))
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------- tools: sample.py and plot_runs.py
+
+def test_generate_from_checkpoint(tmp_path):
+    run, out = tmp_path / "run", tmp_path / "fakes"
+    assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
+    assert sample.main([str(run), "--num-images", "10", "--out-dir", str(out), "--batch-size", "4"]) == 0
+    files = sorted(os.listdir(out))
+    assert len([f for f in files if f.endswith(".png")]) == 10 and (out / "grid" / "grid.png").is_file()
+    assert Image.open(out / files[0]).size == (32, 32)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--num-images", "0"], "--num-images must be at least 1"),
+    (["--batch-size", "-2"], "--batch-size must be at least 1"),
+    pytest.param(["--device", "cuda"], "no CUDA GPU", marks=NO_GPU),
+    ([], "no checkpoint at"),
+])
+def test_sample_bad_arguments(args, expected, tmp_path, capsys):
+    r = run_main(capsys, tmp_path / "x", "--out-dir", tmp_path / "f", *args, main=sample.main)
+    assert expected in one_line_error(r) and not (tmp_path / "f").exists()
+
+
+def test_generate_refuses_a_folder_that_holds_files(tmp_path, capsys):
+    out = tmp_path / "fakes"
+    out.mkdir()
+    (out / "old.png").write_bytes(b"stale")
+    r = run_main(capsys, tmp_path, "--out-dir", out, main=sample.main)
+    assert "is not empty" in one_line_error(r) and os.listdir(out) == ["old.png"]
+
+
+PLOT = [sys.executable, os.path.join(HERE, "tools", "plot_runs.py")]
+
+
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="plotting is an optional extra: pip install matplotlib")
+    runs = []
+    for loss in ("proj", "2c"):
+        runs.append(str(tmp_path / loss))
+        assert cg.main([*TINY, "--loss", loss, "--steps", "2", "--eval-every", "1", "--run-dir", runs[-1]]) == 0
+    out = tmp_path / "figure3.png"
+    r = subprocess.run([*PLOT, *runs, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_plot_to_an_unwritable_folder_is_one_error_line(tmp_path):
+    r = subprocess.run([*PLOT, "x", "--out", "/nonexistent/folder/f.png"], capture_output=True, text=True, timeout=300)
+    assert "cannot write --out" in one_line_error(r)
+
+
+def one_line(capsys, main, args, code=2):
+    """main(args) as the command line runs it: the exit status and its single stderr line."""
+    try:
+        status = main([str(a) for a in args])
+    except SystemExit as exit:
+        status = exit.code
+    except KeyboardInterrupt:                                  # escaped: a traceback (and pytest would stop)
+        status = "KeyboardInterrupt"
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == code and len(lines) == 1, (args, status, lines)
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run")
+    assert cg.main([*TINY, "--steps", "1", "--run-dir", str(folder)]) == 0
+    return folder
+
+
+def test_sample_refuses_absurd_counts_bad_seeds_and_files_up_front(trained_run, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for args, expected in [(["--num-images", 10 ** 12], "GB for its PNGs, but"),
+                           (["--seed", 2 ** 64], "--seed must be in [0, 2^64)"),
+                           (["--out-dir", tmp_path / "file"], "is a file, not a folder")]:
+        line = one_line(capsys, sample.main, [trained_run, "--out-dir", tmp_path / "fakes", *args])
+        assert line.startswith("error: ") and expected in line, line
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_sample_failed_or_interrupted_run_keeps_nothing_and_reruns(trained_run, tmp_path, capsys, monkeypatch):
+    real_generate, calls = cg.generate, []
+
+    def generate_then_fail(error):
+        def generate(*args):
+            calls.append(args[1].tolist())
+            if error and len(calls) == 2:
+                raise error
+            return real_generate(*args)
+        return generate
+
+    out = tmp_path / "deep" / "fakes"                          # two folders this run creates
+    monkeypatch.setattr(cg, "generate", generate_then_fail(KeyboardInterrupt()))
+    line = one_line(capsys, sample.main, [trained_run, "--out-dir", out, "--num-images", 12, "--batch-size", 4],
+                    code=130)
+    assert line.startswith("interrupted") and os.listdir(tmp_path) == []
+    out.mkdir(parents=True)                                    # an empty folder given: it stays, empty
+    calls.clear()
+    monkeypatch.setattr(cg, "generate", generate_then_fail(OSError(errno.ENOSPC, "No space left on device")))
+    line = one_line(capsys, sample.main, [trained_run, "--out-dir", out, "--num-images", 12, "--batch-size", 4])
+    assert "No space left on device" in line and os.listdir(out) == []
+    calls.clear()
+    monkeypatch.setattr(cg, "generate", generate_then_fail(None))
+    assert sample.main([str(trained_run), "--out-dir", str(out), "--num-images", "12", "--batch-size", "4"]) == 0
+    assert len(os.listdir(out)) == 13 and all(sorted(y) == [0, 1, 2, 3] for y in calls[:3])  # every batch mixed
+
+
+def test_plot_out_is_checked_by_creating_it(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "file").write_text("")
+    for out, expected in [(tmp_path / "file" / "f.png", "Not a directory"), (tmp_path / "a" / "b" / "f.png",
+                          "No such file or directory"), (tmp_path, "Is a directory")]:
+        line = one_line(capsys, plot_runs.main, ["missing-run", "--out", out])   # --out before the runs
+        assert line == f"error: cannot write --out {out}: {expected}", line
+    run, bad = tmp_path / "run", tmp_path / "bad"
+    run.mkdir(), bad.mkdir()
+    record = '{"step": 1, "eval": true, "d_acc_train": 0.5, "d_sigma_max": 1.0}\n'
+    (run / "metrics.jsonl").write_text(record + '{"step": 2, "ev')   # torn by a kill mid-write: skipped
+    (bad / "metrics.jsonl").write_text("hello\n")
+    assert "cannot write .xyz" in one_line(capsys, plot_runs.main, [run, "--out", tmp_path / "f.xyz"])
+    assert "not one JSON record per line" in one_line(capsys, plot_runs.main, [bad, "--out", tmp_path / "f.png"])
+    assert plot_runs.main([str(run), "--out", str(tmp_path / "figure")]) == 0  # no extension: that very file
+    assert (tmp_path / "figure").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(tmp_path)) == ["bad", "figure", "file", "run"]

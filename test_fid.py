@@ -3,6 +3,8 @@
 Run: python -m pytest -q test_fid.py
 """
 import os
+import re
+import types
 import urllib.error
 import warnings
 
@@ -37,6 +39,23 @@ def write_images(folder, count, size=16, seed=0, offset=0):
         pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(os.path.join(folder, f"{i + offset:03d}.png"))
     return folder
+
+
+def one_line(capsys, main, args, code=2):
+    """main(args) as the command line runs it: the exit status and its single stderr line."""
+    try:
+        status = main([str(a) for a in args])
+    except SystemExit as exit:
+        status = exit.code
+    except KeyboardInterrupt:                                  # escaped: a traceback (and pytest would stop)
+        status = "KeyboardInterrupt"
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == code and len(lines) == 1, (args, status, lines)
+    return lines[0]
+
+
+def no_work(*args, **kwargs):
+    raise AssertionError("the work started before the check that fails")
 
 
 # --- The Frechet distance: analytic oracles and the sqrtm formula
@@ -117,6 +136,25 @@ def _all_reduce_worker(rank, init_file, x):
 def test_all_reduce_combines_ranks_exactly(tmp_path):
     x = torch.rand(10, 6)
     mp.start_processes(_all_reduce_worker, args=(str(tmp_path / "init"), x), nprocs=2, start_method="fork")
+
+
+def test_class_stats_route_each_image_to_its_label():
+    """Intra-class FID's statistics from mixed-label batches equal each class's own statistics."""
+    class Flat(torch.nn.Module):                               # features: the first 2048 pixel values
+        def forward(self, x):
+            return x.flatten(1)[:, :fid.FEATURE_DIM].double(), torch.zeros(len(x), 1008)
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(40, 3, 32, 32, generator=gen) * 2 - 1
+    labels = torch.randint(0, 3, (40,), generator=gen)
+    batches = iter(zip(images.split(16), labels.split(16)))
+    class_stats = [fid.RunningStats() for _ in range(3)]
+    stats, _ = fid.features_from_sampler(Flat(), lambda n: next(batches), 40, 16, "cpu", class_stats=class_stats)
+    assert stats.n == 40 and sum(s.n for s in class_stats) == 40
+    for k, s in enumerate(class_stats):
+        x = images[labels == k].flatten(1)[:, :fid.FEATURE_DIM].double().numpy()
+        np.testing.assert_allclose(s.mu, x.mean(0), atol=1e-12)
+        np.testing.assert_allclose(s.sigma, np.cov(x, rowvar=False), atol=1e-10)
 
 
 def test_inception_score_oracles():
@@ -209,6 +247,7 @@ def test_offline_without_weights_gives_one_clear_line(monkeypatch, tmp_path):
 
 # --- Statistics files and their protocol
 
+
 PROTOCOL = {"dataset": "cifar10", "split": "test", "num_images": 37, "weights": fid.WEIGHTS_NAME,
             "resize": fid.RESIZE}
 
@@ -262,6 +301,26 @@ def test_sampler_dataset_and_reference_cache_agree(model, tmp_path, monkeypatch)
         fid.reference_stats(model, dataset, tmp_path / "x.npz", {**protocol, "weights": fid.WEIGHTS_NAME}, 10, 4, "cpu")
 
 
+def test_fid_reference_stats_reports_progress_and_checks_its_cache_first(tmp_path, capsys, monkeypatch):
+    class Flat(torch.nn.Module):                               # features: the first 2048 pixel values
+        def forward(self, x):
+            return x.flatten(1)[:, :fid.FEATURE_DIM].double(), torch.zeros(len(x), 1008)
+
+    clock = iter(range(0, 10 ** 6, 4))                         # 4 s per reading: a line every few batches
+    monkeypatch.setattr(fid, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    images = torch.rand(40, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with pytest.warns(UserWarning, match="singular"):
+        fid.reference_stats(Flat(), images, tmp_path / "ref.npz", {"dataset": "toy"}, 40, 4, "cpu")
+    lines = capsys.readouterr().err.splitlines()
+    assert 3 <= len(lines) < 10 and lines[-1].startswith("FID reference ref.npz: 40/40 images | "), lines
+    for line in lines:
+        assert re.fullmatch(r"FID reference ref\.npz: \d+/40 images \| [\d.]+ img/s \| left \d+m\d\ds", line), line
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(fid, "features_from_dataset", no_work)
+    with pytest.raises(fid.FIDError, match="cannot write .*Not a directory"):
+        fid.reference_stats(Flat(), images, tmp_path / "file" / "ref.npz", {"dataset": "toy"}, 40, 4, "cpu")
+
+
 # --- Command line
 
 
@@ -303,7 +362,7 @@ def test_cli_bad_inputs_give_one_error_line(tmp_path, capsys):
         assert exit.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, lines)
 
 
-# --- Issue 11: flags checked up front, messages a user can act on
+# --- Command line: flags, files and outputs checked before the work, one clear line
 
 
 def test_cli_flags_and_files_give_one_clear_line(tmp_path, capsys):
@@ -324,20 +383,38 @@ def test_cli_flags_and_files_give_one_clear_line(tmp_path, capsys):
         assert expected in lines[0] and "pickle" not in lines[0] and not lines[0].endswith("(101)"), lines[0]
 
 
-def test_class_stats_route_each_image_to_its_label():
-    """Intra-class FID's statistics from mixed-label batches equal each class's own statistics."""
-    class Flat(torch.nn.Module):                               # features: the first 2048 pixel values
-        def forward(self, x):
-            return x.flatten(1)[:, :fid.FEATURE_DIM].double(), torch.zeros(len(x), 1008)
+def test_fid_cli_checks_output_inputs_and_flags_before_the_features(tmp_path, capsys, monkeypatch):
+    ok, one = write_images(tmp_path / "ok", 3), write_images(tmp_path / "one", 1)
+    (tmp_path / "file").write_text("")
+    np.savez(tmp_path / "d4.npz", mu=np.zeros(4), sigma=np.eye(4))
+    np.savez(tmp_path / "text.npz", mu=np.array(["a", "b"]), sigma=np.eye(2))
+    np.savez(tmp_path / "empty.npz", mu=np.zeros(0), sigma=np.zeros((0, 0)))
+    np.savez(tmp_path / "proto.npz", mu=np.zeros(4), sigma=np.eye(4), protocol=np.array("{not json"))
+    monkeypatch.setattr(fid, "features_from_dataset", no_work)  # every case fails before minutes of features
+    random = ["--random-weights", "--num-workers", "0"]
+    cases = [(["--save-stats", ok, tmp_path / "file" / "a.npz", *random], "cannot write"),
+             (["--save-stats", ok, tmp_path / "no" / "such" / "a.npz", *random], "No such file or directory"),
+             (["--save-stats", ok, tmp_path / "ok", *random], "does not end in .npz"),  # not "exists; delete it"
+             ([ok, one, *random], "at least 2 images"),      # B's headers before A's features
+             ([ok, tmp_path / "d4.npz", *random], "2048-d statistics but B has 4-d"),
+             ([ok, ok, "--inception-score", *random], "at least 10 images"),
+             ([tmp_path / "text.npz", tmp_path / "d4.npz"], "do not fit together"),
+             ([tmp_path / "empty.npz", tmp_path / "empty.npz"], "do not fit together"),
+             ([tmp_path / "proto.npz", tmp_path / "d4.npz"], "'protocol' is not a JSON object"),
+             ([ok, ok, "--device", "banana"], "--device banana: not one of cpu, cuda"),
+             ([ok, ok, "--weights", tmp_path], "is a folder"),
+             ([ok, ok, "--weights", tmp_path / "w.pth", "--random-weights"], "exclude each other"),
+             ([tmp_path / "d4.npz", tmp_path / "d4.npz", "--inception-score"], "needs an image folder")]
+    for args, expected in cases:
+        line = one_line(capsys, fid.main, args)
+        assert line.startswith("error: ") and expected in line, (args, line)
+    assert sorted(os.listdir(tmp_path)) == ["d4.npz", "empty.npz", "file", "ok", "one", "proto.npz", "text.npz"]
 
-    gen = torch.Generator().manual_seed(0)
-    images = torch.rand(40, 3, 32, 32, generator=gen) * 2 - 1
-    labels = torch.randint(0, 3, (40,), generator=gen)
-    batches = iter(zip(images.split(16), labels.split(16)))
-    class_stats = [fid.RunningStats() for _ in range(3)]
-    stats, _ = fid.features_from_sampler(Flat(), lambda n: next(batches), 40, 16, "cpu", class_stats=class_stats)
-    assert stats.n == 40 and sum(s.n for s in class_stats) == 40
-    for k, s in enumerate(class_stats):
-        x = images[labels == k].flatten(1)[:, :fid.FEATURE_DIM].double().numpy()
-        np.testing.assert_allclose(s.mu, x.mean(0), atol=1e-12)
-        np.testing.assert_allclose(s.sigma, np.cov(x, rowvar=False), atol=1e-10)
+
+@pytest.mark.parametrize("workers", [0, 1])                   # 1: the error crosses a DataLoader worker
+def test_fid_cli_names_a_truncated_image(tmp_path, capsys, workers):
+    ok, cut = write_images(tmp_path / "ok", 3), write_images(tmp_path / "cut", 3)
+    data = (cut / "001.png").read_bytes()
+    (cut / "001.png").write_bytes(data[:len(data) // 2])       # the header reads; the pixels do not
+    line = one_line(capsys, fid.main, [cut, ok, "--random-weights", "--num-workers", workers])
+    assert line == f"error: {cut / '001.png'}: not a readable image (image file is truncated)", line
