@@ -1,25 +1,19 @@
 """
-ContraGAN in one file: a conditional GAN whose discriminator learns data-to-data and data-to-class
-relations through the conditional contrastive (2C) loss.
+ContraGAN in one file: a conditional GAN whose discriminator learns data-to-data and data-to-class relations
+through the conditional contrastive (2C) loss. Minguk Kang and Jaesik Park, "ContraGAN: Contrastive Learning
+for Conditional Image Generation", NeurIPS 2020, arXiv:2006.12681; authors' code: POSTECH-CVLab/PyTorch-StudioGAN.
 
-  Minguk Kang and Jaesik Park, "ContraGAN: Contrastive Learning for Conditional Image Generation",
-  NeurIPS 2020, arXiv:2006.12681. Authors' code: POSTECH-CVLab/PyTorch-StudioGAN (2020 version).
-
-The file follows the paper; read it top to bottom next to it. Part 1 is the method: Section 3 (the
-losses; the 2C loss is the part to copy) -> Algorithm 1 (`Trainer`: the D step, the G step, the EMA,
-one iteration) -> the appendix's networks (Generator, Discriminator, then their blocks and layers).
-Part 2, below one banner, runs it: the data sets -> distributed training (torchrun) -> evaluation
-(FID, Figure 3's diagnostics, class confusion) -> the run and its folder (the loop, checkpoints,
-resume, signals) -> the command line. It imports fid.py and nothing else of its project. Where the
-paper and the authors' code differ, this file follows the code and says so at that line.
+Read it top to bottom next to the paper: Section 3 (the losses; the 2C loss is the part to copy) -> Algorithm 1
+(`Trainer`) -> the appendix's networks. Below one banner, what runs it: data -> torchrun -> evaluation (FID,
+Figure 3, class confusion) -> the run and its folder -> the command line. Where the paper and the authors' code
+differ, this file follows the code and says so at that line. It imports fid.py and nothing else of its project.
 
   python contragan.py --dataset cifar10 --loss 2c          # the paper's CIFAR-10 ContraGAN run
   python contragan.py --dataset shapes --preset cpu-demo   # offline, minutes on a laptop CPU
   torchrun --nproc_per_node=4 contragan.py --dataset cifar10 --loss 2c   # DDP, global batch
-  python tools/sample.py runs/cifar10-2c-s0 --num-images 10000 --out-dir fakes/   # PNGs for FID tools
-  python tools/plot_runs.py runs/cifar10-proj-s0 runs/cifar10-2c-s0    # the paper's Figure 3
 """
 import argparse
+import contextlib
 import copy
 import hashlib
 import io
@@ -42,12 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.nn.utils import parametrize
 
-
-try:  # fid.py sits next to this file; training works without it and says FID is unavailable.
-    import fid
-except ImportError:
-    fid = None
-
+import fid  # fid.py, next to this file: FID as the paper measured it (Inception-V3, TF weights)
 
 # --------------------------------------------------------------------------------------------
 # Section 3: the losses. Pure tensor functions (torch only; no config, device or globals). Copy freely.
@@ -84,21 +73,23 @@ def conditional_contrastive_loss(embed, proxy, labels, temperature=1.0, data_pos
     neither sum, and only the sample's own class proxy appears. A sample with no other same-class
     sample keeps its proxy term, so there is never a 0/0. The authors take exp() and divide; this is
     the same value as a difference of two log-sum-exps, which cannot overflow (exp(1/t) overflows
-    fp16 for t < 0.09). Old versions of their code returned -log(t * ratio): a constant -log(t) off.
+    fp16 for t < 0.09). Their code at commit 21594bd returned -log(t * ratio) (added in 41e99a9,
+    2020-11-10; gone by 5c62666, 2021-07-28): a constant -log(t) off, the same gradients.
     """
     dtype = torch.promote_types(embed.dtype, torch.float32)    # fp16/bf16 in -> fp32 math
-    l = F.normalize(embed.to(dtype), dim=1)                    # (m, D)  l_i
-    e = F.normalize(proxy.to(dtype), dim=1)                    # (m, D)  e_i = e(y_i)
-    data_sim = l @ l.t() / temperature                         # (m, m)  l_i . l_k / t
-    class_sim = (l * e).sum(dim=1, keepdim=True) / temperature  # (m, 1)  l_i . e_i / t
-    m = l.shape[0]
-    is_self = torch.eye(m, dtype=torch.bool, device=l.device)   # (m, m)  k == i
-    same_class = (labels[:, None] == labels[None, :]) & ~is_self  # (m, m)  k != i, y_k == y_i
-    data_sim = data_sim.masked_fill(is_self, float("-inf"))    # drop k == i from both sums
-    log_denominator = torch.logsumexp(torch.cat([class_sim, data_sim], dim=1), dim=1)  # (m,)
-    log_numerator = torch.logsumexp(
-        torch.cat([class_sim, data_sim.masked_fill(~same_class, float("-inf"))], dim=1), dim=1) \
-        if data_positives else class_sim[:, 0]                 # (m,)
+    lx = F.normalize(embed.to(dtype), dim=1)                   # (m, D)  l(x_i)
+    ey = F.normalize(proxy.to(dtype), dim=1)                   # (m, D)  e(y_i)
+    m = lx.shape[0]
+    # Every exponent of the ratio in one row per sample i: column 0 is l_i.e_i / t, column 1 + k is l_i.l_k / t.
+    exponents = torch.cat([(lx * ey).sum(dim=1, keepdim=True), lx @ lx.t()], dim=1) / temperature  # (m, 1 + m)
+    is_self = torch.eye(m, dtype=torch.bool, device=lx.device)  # (m, m)  k == i: in neither sum
+    proxy_term = torch.ones(m, 1, dtype=torch.bool, device=lx.device)  # (m, 1)  in both sums
+    in_denominator = torch.cat([proxy_term, ~is_self], dim=1)  # (m, 1 + m)  proxy, every k != i
+    same_class = (labels[:, None] == labels[None, :]) & data_positives  # (m, m)  y_k == y_i
+    in_numerator = in_denominator & torch.cat([proxy_term, same_class], dim=1)  # (m, 1 + m)  and y_k == y_i
+    # loss_i = -log(numerator_i / denominator_i) = log sum_{denominator} exp(.) - log sum_{numerator} exp(.)
+    log_denominator = torch.logsumexp(exponents.masked_fill(~in_denominator, float("-inf")), dim=1)  # (m,)
+    log_numerator = torch.logsumexp(exponents.masked_fill(~in_numerator, float("-inf")), dim=1)      # (m,)
     return (log_denominator - log_numerator).mean()
 
 def data_to_data_cross_entropy_loss(embed, proxy, labels, temperature=0.5, margin=0.98):
@@ -120,35 +111,32 @@ def data_to_data_cross_entropy_loss(embed, proxy, labels, temperature=0.5, margi
     below. Their exp() and sum is written as a log-sum-exp here: the same value, no overflow at small t.
     """
     dtype = torch.promote_types(embed.dtype, torch.float32)    # fp16/bf16 in -> fp32 math
-    l = F.normalize(embed.to(dtype), dim=1)                    # (m, D)  l_i
-    e = F.normalize(proxy.to(dtype), dim=1)                    # (m, D)  e_i = e(y_i)
-    data_sim = (l @ l.t() + margin - 1.0) / temperature        # (m, m)  (l_i . l_j - m_n) / t
-    is_self = torch.eye(l.shape[0], dtype=torch.bool, device=l.device)
+    lx = F.normalize(embed.to(dtype), dim=1)                   # (m, D)  l_i
+    ey = F.normalize(proxy.to(dtype), dim=1)                   # (m, D)  e_i = e(y_i)
+    data_sim = (lx @ lx.t() + margin - 1.0) / temperature      # (m, m)  (l_i . l_j - m_n) / t
+    is_self = torch.eye(lx.shape[0], dtype=torch.bool, device=lx.device)
     # Their code, not the equation: every negative is scaled by exp(-M_i), M_i = max_{j != i} of the
     # similarity before the [.]_+ (detached; meant for stability), while the positive is not: the value
     # and the gradients differ from the equation unless M_i = 0.
     row_max = data_sim.masked_fill(is_self, float("-inf")).amax(dim=1, keepdim=True).detach()  # (m, 1)
     negative = labels[:, None] != labels[None, :]              # (m, m)  y_j != y_i (so j != i)
     neg_logits = (F.relu(data_sim) - row_max).masked_fill(~negative, float("-inf"))  # (m, m)
-    pos_attraction = F.relu((margin - (l * e).sum(dim=1)) / temperature)  # (m,)  -[l_i.e_i - m_p]_- / t
+    pos_attraction = F.relu((margin - (lx * ey).sum(dim=1)) / temperature)  # (m,)  -[l_i.e_i - m_p]_- / t
     log_denominator = torch.logsumexp(torch.cat([-pos_attraction[:, None], neg_logits], dim=1), dim=1)  # (m,)
     return (pos_attraction + log_denominator).mean()           # -log(exp(-a_i) / denominator_i)
 
 def projection_logit(adv_logit, feature, class_embed):
     """Projection discriminator (Miyato & Koyama 2018, ProjGAN): D(x, y) = psi(phi(x)) + <embed(y), phi(x)>.
 
-    adv_logit (B,) = psi(phi(x)); feature (B, C) = phi(x); class_embed (B, C) = embed(y_i) per sample.
-    """
+    adv_logit (B,) = psi(phi(x)); feature (B, C) = phi(x); class_embed (B, C) = embed(y_i) per sample."""
     return adv_logit + (class_embed * feature).sum(dim=1)
 
 def acgan_loss(class_logits, labels):
     """ACGAN's auxiliary classifier loss (Odena et al. 2017): cross-entropy of D's class logits.
 
-    As the authors ran it (PyTorch-StudioGAN src/worker.py, commit 21594bd, lines 261 and 421): the
-    D step adds it on real AND fake images, each with its own labels; the G step on the fakes.
-    """
+    As the authors ran it (PyTorch-StudioGAN src/worker.py, commit 21594bd, lines 261 and 421): the D step adds it on
+    real AND fake images, each with its own labels; the G step on the fakes."""
     return F.cross_entropy(class_logits.float(), labels)
-
 
 # --------------------------------------------------------------------------------------------
 # Algorithm 1: d_steps D steps, one G step, the EMA update (one iteration; the authors' schedule)
@@ -157,33 +145,17 @@ def acgan_loss(class_logits, labels):
 class Trainer:
     """G, D, the EMA generator and their optimisers, and the two update steps of the paper.
 
-    D step (authors' code): hinge(D(x), D(G(z))) + lambda * cond, cond = 2C on REAL embeddings
-    (ContraGAN) or cross-entropy on real and fake logits (ACGAN); ProjGAN's condition is in D's logit.
-    G step: -mean D(G(z, y)) + lambda * cond on the fakes, with D frozen (its heads and proxies are
-    not updated by G). Under torchrun (world > 1) the batches are each rank's share; see `ddp`.
-    """
+    D step (authors' code): hinge(D(x), D(G(z))) + lambda * cond, cond = 2C on REAL embeddings (ContraGAN) or
+    cross-entropy on real and fake logits (ACGAN); ProjGAN's condition is in D's logit. G step: -mean D(G(z, y)) +
+    lambda * cond on the fakes, with D frozen (its heads and proxies are not updated by G). Under torchrun (world > 1)
+    the batches are each rank's share; see `ddp`."""
 
     def __init__(self, cfg, num_classes, device, world=1):
         self.cfg, self.num_classes, self.device, self.world = cfg, num_classes, device, world
         torch.manual_seed(cfg.seed)                            # same initial weights on every rank
-        G, D = build_models(cfg, num_classes)
-        G_ema = copy.deepcopy(G).requires_grad_(False)         # evaluated alone: plain BatchNorm
-        if cfg.sync_bn and world > 1:
-            G = nn.SyncBatchNorm.convert_sync_batchnorm(G)     # G's BN statistics over the global batch
-        self.G, self.D, self.G_ema = G.to(device), D.to(device), G_ema.to(device)
-        adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
-        adam["fused" if device.type == "cuda" else "foreach"] = True  # one kernel per step on GPU
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, **adam)
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, **adam)
-        self.scaler_G = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        self.scaler_D = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-        # The G step calls D without its DDP wrapper: D's parameters get no gradient there, and a DDP
-        # module whose parameters get no gradient would wait for them at the next step.
-        self.G_train, self.D_train, self.D_frozen = ddp(self.G, world), ddp(self.D, world), self.D
-        if cfg.compile:
-            self.G_train, self.D_train, self.D_frozen = map(torch.compile, (self.G_train, self.D_train, self.D))
-        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked without host syncs
+        self.G, self.D = build_models(cfg, num_classes)
+        self.G_ema = copy.deepcopy(self.G).requires_grad_(False)  # the EMA of G: the generator evaluated
+        setup_training(self, cfg, device, world)               # below the banner: Adam, AMP, DDP, G_train, ...
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -193,27 +165,25 @@ class Trainer:
         z = torch.randn(batch, self.cfg.z_dim, device=self.device)
         return z, uniform_labels(batch, self.num_classes, self.device)
 
-    def condition_loss(self, out, labels, fake_labels=None):
-        """lambda * (2C, D2D-CE or ACGAN cross-entropy) on the first len(labels) rows of D's output; ACGAN's
-        D step (fake_labels given) adds the rows after them, the fakes (authors); 0 for proj. D2D-CE is
-        fed as 2C is: real embeddings in the D step, the fakes' in the G step (authors' src/worker.py,
-        commit 947b35e, lines 307-309 and 575-577, aux_cls_type "W/O" in configs/CIFAR10/ReACGAN.yaml)."""
-        cfg, B = self.cfg, len(labels)
-        if cfg.loss in ("2c", "d2dce"):                        # under DDP, both see the global batch
-            embed, proxy, labels = gather_global_batch(out["embed"][:B], out["proxy"][:B], labels)
+    def condition_loss(self, out, labels):
+        """lambda * the class term of D's outputs `out` for images of class `labels`: 2C or D2D-CE on their
+        embeddings (under DDP over the global batch), ACGAN's cross-entropy on their class logits; 0 for
+        proj, whose condition is inside D's logit. D2D-CE is fed as 2C is (authors' src/worker.py, commit
+        947b35e, lines 307-309 and 575-577; aux_cls_type "W/O" in src/configs/CIFAR10/ReACGAN.yaml)."""
+        cfg = self.cfg
+        if cfg.loss in ("2c", "d2dce"):
+            embed, proxy, labels = gather_global_batch(out["embed"], out["proxy"], labels)
             if cfg.loss == "d2dce":
                 return cfg.cond_lambda * data_to_data_cross_entropy_loss(embed, proxy, labels, cfg.temperature,
                                                                          cfg.margin)
             return cfg.cond_lambda * conditional_contrastive_loss(embed, proxy, labels, cfg.temperature,
                                                                   cfg.data_positives)
         if cfg.loss == "ac":
-            fake = acgan_loss(out["class_logits"][B:], fake_labels) if fake_labels is not None else 0.0
-            return cfg.cond_lambda * (acgan_loss(out["class_logits"][:B], labels) + fake)
+            return cfg.cond_lambda * acgan_loss(out["class_logits"], labels)
         return torch.zeros((), device=self.device)
 
     def update(self, optimizer, scaler, loss):
-        """backward + Adam step (through the fp16 GradScaler when on); a non-finite loss is noted on
-        the device, read only at log and save steps."""
+        """backward + Adam step (through fp16's GradScaler); a non-finite loss is flagged on the device, no sync."""
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -226,19 +196,20 @@ class Trainer:
         with torch.no_grad(), self.autocast():
             fake = self.G_train(z, fake_y)
         with self.autocast():
-            # One D forward over real and fake together: D has no BatchNorm, so this equals two
-            # calls (authors) but runs one power iteration per step instead of two, and compiles.
+            # One D forward over real and fake together (D has no BatchNorm): the same outputs as the
+            # authors' two calls would give with one power iteration of spectral norm instead of two.
             out = self.D_train(torch.cat([real, fake]), torch.cat([real_y, fake_y]))
-            real_logit, fake_logit = out["adv"].float().split(B)
-            adv = d_hinge_loss(real_logit, fake_logit)
-            cond = self.condition_loss(out, real_y, fake_y)
+            real_out, fake_out = ({k: v[rows] for k, v in out.items()} for rows in (slice(0, B), slice(B, None)))
+            adv = d_hinge_loss(real_out["adv"].float(), fake_out["adv"].float())
+            cond = self.condition_loss(real_out, real_y)       # 2C, D2D-CE: real images only (authors)
+            if self.cfg.loss == "ac":                          # ACGAN as the authors ran it: the fakes too
+                cond = cond + self.condition_loss(fake_out, fake_y)
             loss = adv + cond
         self.update(self.opt_D, self.scaler_D, loss)
         return {"d_loss": loss.detach(), "d_adv": adv.detach(), "d_cond": cond.detach()}
 
     def g_step(self):
-        B = self.cfg.batch_size // self.world
-        z, y = self.sample_latents(B)
+        z, y = self.sample_latents(self.cfg.batch_size // self.world)
         self.D.requires_grad_(False)                           # D frozen in the G step
         with self.autocast():
             out = self.D_frozen(self.G_train(z, y), y)
@@ -258,6 +229,7 @@ class Trainer:
         decay = self.cfg.ema_decay if step >= self.cfg.ema_start else 0.0
         ema_state, state = self.G_ema.state_dict(), self.G.state_dict()
         floats = [k for k, v in state.items() if v.is_floating_point()]
+        # ema + (1 - decay) * (G - ema) = decay * ema + (1 - decay) * G, for every tensor in one call
         torch._foreach_lerp_([ema_state[k] for k in floats], [state[k] for k in floats], 1.0 - decay)
         for k in state.keys() - set(floats):
             ema_state[k].copy_(state[k])
@@ -270,28 +242,27 @@ class Trainer:
         self.ema_update(step)
         return {**d_logs, **g_logs}
 
+    PARTS = ("G", "D", "G_ema", "opt_G", "opt_D", "scaler_G", "scaler_D")  # what a checkpoint holds of it
+
     def state_dict(self):
-        return {"G": self.G.state_dict(), "D": self.D.state_dict(), "G_ema": self.G_ema.state_dict(),
-                "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
-                "scaler_G": self.scaler_G.state_dict(), "scaler_D": self.scaler_D.state_dict()}
+        return {name: getattr(self, name).state_dict() for name in self.PARTS}
 
     def load_state_dict(self, state):
-        for name in ("G", "D", "G_ema", "opt_G", "opt_D", "scaler_G", "scaler_D"):
+        for name in self.PARTS:
             getattr(self, name).load_state_dict(state[name])
 
 def build_models(cfg, num_classes):
-    G = Generator(cfg.img_size, cfg.g_width, cfg.z_dim, cfg.shared_dim, num_classes)
-    D = Discriminator(cfg.img_size, cfg.d_width, num_classes, cfg.loss, cfg.embed_dim)
-    return G, D
-
+    return (Generator(cfg.img_size, cfg.g_width, cfg.z_dim, cfg.shared_dim, num_classes),
+            Discriminator(cfg.img_size, cfg.d_width, num_classes, cfg.loss, cfg.embed_dim))
 
 # --------------------------------------------------------------------------------------------
 # Appendix: Generator and Discriminator, a BigGAN-style SN-ResNet (the authors' big_resnet)
 # --------------------------------------------------------------------------------------------
 
-# Channel multipliers of `width`, block by block, and the resolution that gets self-attention: the
-# authors' big_resnet.py (g_in/out_dims_collection, d_in/out_dims_collection, commit 21594bd). 32 is
-# CIFAR-10, 64 Tiny ImageNet, 128 ImageNet; their logs' parameter counts are tested for all three.
+# Channel multipliers of `width` and the resolution that gets self-attention: the authors' big_resnet.py
+# (g_in/out_dims_collection, d_in/out_dims_collection, commit 21594bd). G's `ch` has one entry more than
+# it has blocks: the 4x4 input's, then each block's output. D's has one per block, each block's output
+# (its input is the image). 32 is CIFAR-10, 64 Tiny ImageNet, 128 ImageNet; their logs' counts are tested.
 G_ARCH = {32: dict(ch=[4, 4, 4, 4], attn=16),
           64: dict(ch=[16, 8, 4, 2, 1], attn=32),
           128: dict(ch=[16, 16, 8, 4, 2, 1], attn=64)}
@@ -308,7 +279,9 @@ class Generator(nn.Module):
         arch = G_ARCH[img_size]
         ch = [m * width for m in arch["ch"]]
         n_blocks = len(ch) - 1
-        self.chunk = self.z_chunk(img_size, z_dim)             # 80 // 4 = 20 for CIFAR-10
+        self.chunk, rest = divmod(z_dim, len(ch))              # equal chunks of z: 80 // 4 = 20 for CIFAR-10
+        if rest:                                               # one for the 4x4 input, one for each block
+            raise ValueError(f"z_dim {z_dim} must split into {len(ch)} equal chunks at {img_size}x{img_size}")
         self.ch0 = ch[0]
         self.shared = orthogonal_init(nn.Embedding(num_classes, shared_dim))  # plain, no SN
         self.linear = sn_linear(self.chunk, ch[0] * 4 * 4)
@@ -318,14 +291,6 @@ class Generator(nn.Module):
         self.attn = SelfAttention(ch[self.attn_after + 1])     # on the output of that block
         self.bn = nn.BatchNorm2d(ch[-1], eps=1e-4)             # the only affine BN in G
         self.to_rgb = sn_conv(ch[-1], 3, 3)
-
-    @staticmethod
-    def z_chunk(img_size, z_dim):
-        """z splits into equal chunks: one for the 4x4 input, one for each block."""
-        n = len(G_ARCH[img_size]["ch"])
-        if z_dim % n:
-            raise ValueError(f"z_dim {z_dim} must split into {n} equal chunks at {img_size}x{img_size}")
-        return z_dim // n
 
     def forward(self, z, y):                                   # z (B, z_dim), y (B,) -> (B, 3, S, S)
         z_chunks = torch.split(z, self.chunk, dim=1)
@@ -345,9 +310,9 @@ class Discriminator(nn.Module):
       loss="proj" -> {"adv": (B,)}  the projection term already added                ProjGAN
       loss="ac"   -> {"adv": (B,), "class_logits": (B, K)}                             ACGAN
 
-    ContraGAN's D has no projection term: 2C replaces it. Every output also holds "h" (B, C), the
-    pooled feature, for `class_scores`. Defaults: the CIFAR-10 model, 2,517,186 params with the 2C
-    head, 2,415,170 with the projection head.
+    ContraGAN's D has no projection term: 2C replaces it. Every output also holds "h" (B, C), the pooled
+    feature, which no loss uses: evaluation reads D's class judgement off it (`d_class_scores`).
+    Defaults: the CIFAR-10 model, 2,517,186 params with the 2C head, 2,415,170 with the projection head.
     """
 
     def __init__(self, img_size=32, width=96, num_classes=10, loss="2c", embed_dim=512):
@@ -390,17 +355,6 @@ class Discriminator(nn.Module):
             return {"adv": projection_logit(adv, h, self.class_embed(y)), "h": h}
         return {"adv": adv, "h": h, "class_logits": self.class_head(h)}
 
-    def class_scores(self, h):
-        """D's own class judgement of features h (B, C) -> (B, K), arg-max = the class D sees: cosine
-        to every proxy (2C, D2D-CE), <embed(y), h> for every y (proj: arg-max_y D(x, y), whose adversarial
-        term is the same for all y), the class logits (ACGAN)."""
-        if self.loss in ("2c", "d2dce"):
-            return F.normalize(self.embed_head(h), dim=1) @ F.normalize(self.proxy.weight, dim=1).t()
-        if self.loss == "proj":
-            return h @ self.class_embed.weight.t()
-        return self.class_head(h)
-
-
 # --------------------------------------------------------------------------------------------
 # Their blocks and layers: residual blocks, conditional BatchNorm, self-attention, spectral norm
 # --------------------------------------------------------------------------------------------
@@ -423,13 +377,11 @@ class GBlock(nn.Module):
         return h + upsample2x(self.skip(x))
 
 class DBlock(nn.Module):
-    """D block: ReLU -> conv3 -> ReLU -> conv3 [-> avgpool2]; skip conv1 [-> avgpool2] only when
-    down-sampling or changing channels. first=True is D's input block: conv3 -> ReLU -> conv3 ->
-    avgpool2, skip avgpool2 -> conv1.
+    """D block: ReLU -> conv3 -> ReLU -> conv3 [-> avgpool2]; skip conv1 [-> avgpool2] only when down-sampling or
+    changing channels. first=True is D's input block: conv3 -> ReLU -> conv3 -> avgpool2, skip avgpool2 -> conv1.
 
-    Authors' quirk, kept: their block starts with an in-place ReLU that also overwrites the tensor the
-    skip holds, so the skip carries relu(x), not x (ResNet/BigGAN carry x).
-    """
+    Authors' quirk, kept: their block starts with an in-place ReLU that also overwrites the tensor the skip holds, so
+    the skip carries relu(x), not x (ResNet/BigGAN carry x)."""
 
     def __init__(self, c_in, c_out, downsample, first=False):
         super().__init__()
@@ -452,8 +404,7 @@ class DBlock(nn.Module):
 class ConditionalBatchNorm2d(nn.Module):
     """BatchNorm without affine, then x * (1 + gain(c)) + bias(c) (BigGAN; the authors' code).
 
-    c = concat(shared class embedding, one chunk of z). gain/bias are SN linears without bias.
-    """
+    c = concat(shared class embedding, one chunk of z). gain/bias are SN linears without bias."""
 
     def __init__(self, channels, cond_dim):
         super().__init__()
@@ -488,24 +439,20 @@ class SelfAttention(nn.Module):
         return x + self.scale * self.out(o)
 
 def upsample2x(x):
-    """Nearest-neighbour x2, as F.interpolate(mode="nearest") but as a view + copy: on the CPU
-    interpolate detours through channels-last and took 6x longer (tools/bench.py, width 96)."""
+    """Nearest x2 as a view + copy: F.interpolate(mode="nearest") took 6x longer on a CPU (tools/bench.py)."""
     B, C, H, W = x.shape
     return x[:, :, :, None, :, None].expand(B, C, H, 2, W, 2).reshape(B, C, 2 * H, 2 * W)
 
 class SpectralNorm(nn.Module):
-    """W / sigma(W) with sigma estimated by one power iteration per training forward (Miyato et al.
-    2018), as torch.nn.utils.spectral_norm does, but always in fp32 outside autocast so a bf16/fp16
-    run keeps an exact normaliser. u and v are buffers (the authors' parameter counts exclude them).
-    """
+    """W / sigma(W) with sigma estimated by one power iteration per training forward (Miyato et al. 2018), as
+    torch.nn.utils.spectral_norm does, but always in fp32 outside autocast so a bf16/fp16 run keeps an exact
+    normaliser. u and v are buffers (the authors' parameter counts exclude them)."""
 
     def __init__(self, weight, eps=1e-6):
         super().__init__()
-        out_features = weight.shape[0]
-        in_features = weight[0].numel()
         self.eps = eps  # authors: eps=1e-6 in every spectral_norm call
-        self.register_buffer("u", F.normalize(torch.randn(out_features), dim=0, eps=eps))
-        self.register_buffer("v", F.normalize(torch.randn(in_features), dim=0, eps=eps))
+        self.register_buffer("u", F.normalize(torch.randn(weight.shape[0]), dim=0, eps=eps))   # (out,)
+        self.register_buffer("v", F.normalize(torch.randn(weight[0].numel()), dim=0, eps=eps))  # (in*kh*kw,)
 
     def forward(self, weight):
         with torch.autocast(weight.device.type, enabled=False):
@@ -537,7 +484,6 @@ def sn_conv(c_in, c_out, kernel_size, bias=True):
 def sn_linear(f_in, f_out, bias=True):
     return sn(nn.Linear(f_in, f_out, bias=bias))
 
-
 # ============================================================================================
 # The method ends here. Below: what a run needs that the paper does not describe, in sections: the
 # data sets, distributed training (torchrun), evaluation, the run and its folder, the command line.
@@ -557,8 +503,7 @@ def uniform_labels(n, num_classes, device, generator=None):  # y uniform over cl
     return torch.randint(0, num_classes, (n,), device=device, generator=generator)
 
 def balanced_labels(n, num_classes, device, generator=None):
-    """n labels, each class n / K times (+-1): class after class (grid rows), or shuffled with a generator
-    (mixed batches: G_ema draws with BatchNorm batch statistics, which a one-class batch would remove)."""
+    """n labels, n / K (+-1) per class: in order (grid rows), or shuffled (no one-class batch for BatchNorm)."""
     y = torch.arange(n, device=device) * num_classes // n
     return y if generator is None else y[torch.randperm(n, device=device, generator=generator)]
 
@@ -574,16 +519,12 @@ class TensorImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.images[i], int(self.labels[i])
 
-SHAPES = [("circle", (230, 70, 60)), ("square", (70, 200, 90)),
-          ("triangle", (80, 120, 240)), ("cross", (235, 210, 70))]
+SHAPES = [("circle", (230, 70, 60)), ("square", (70, 200, 90)), ("triangle", (80, 120, 240)), ("cross", (235, 210, 70))]
 
 def make_shapes(n, img_size=32, seed=0):
-    """The built-in data set: one coloured shape per image at a random position and size on a noisy
-    dark background; class = shape and colour. Deterministic in (n, img_size, seed); no download."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % len(SHAPES)
-    labels = labels[torch.randperm(n, generator=gen)]
-    S = img_size
+    """Built-in data, deterministic in its arguments: one coloured shape (the class) per image on a noisy background."""
+    gen, S = torch.Generator().manual_seed(seed), img_size
+    labels = (torch.arange(n) % len(SHAPES))[torch.randperm(n, generator=gen)]
     r = (0.15 + 0.15 * torch.rand(n, generator=gen)) * S                   # (n,) half-size
     cx = r + (S - 2 * r) * torch.rand(n, generator=gen)                    # (n,) centre, inside
     cy = r + (S - 2 * r) * torch.rand(n, generator=gen)
@@ -604,18 +545,12 @@ def make_shapes(n, img_size=32, seed=0):
     return images.clamp(0, 255).round().to(torch.uint8), labels
 
 def shapes_class_of(images):
-    """Which class each shapes image shows, or -1 for none (no network). A pixel takes the palette colour
-    nearest to it if within 80 (4 sigma of the data's colour jitter); the colour of the most pixels names
-    the class if those pixels are at least 1% of the image and have its form, judged by three features:
-    fill, the share of their bounding box they cover (ideal: circle pi/4, square 1, triangle 1/2, cross
-    5/9); below, how far their centroid lies below the box's centre, in box heights (the triangle's apex
-    is up: 1/6; the others 0); roundness, their count over the area of the disc about the centroid that
-    reaches their farthest pixel (ideal: circle 1, square and cross 2/pi, triangle 0.41; unlike fill, it
-    does not change when the shape is tilted).
-    Real images, 32x32 and 64x64: fill circle 0.67-0.90, square 1, triangle 0.48-0.63, cross 0.47-0.64;
-    below triangle 0.12-0.17, the others within 0.045; roundness circle 0.80-0.96, the others 0.40-0.74.
-    The ranges in `forms` add room for G's samples (blurred edges; squares often tilted and circles
-    oval, which lowers fill and roundness). images: float (B, 3, H, W) in [-1, 1]."""
+    """Which class each shapes image (float (B, 3, H, W) in [-1, 1]) shows, or -1 for none: the commonest palette
+    colour (within 80, 4 sigma of the jitter) if its pixels are >= 1% of the image and fit the class's `forms` row:
+    fill (of their bounding box), below (centroid under the box centre, in box heights), roundness (count / area of
+    the centroid's disc that reaches the farthest pixel; tilt leaves it). Ideal: fill pi/4, 1, 1/2, 5/9; below 0, 0,
+    1/6, 0; roundness 1, 2/pi, 0.41, 2/pi. Real images: fill 0.67-0.90, 1, 0.48-0.63, 0.47-0.64; below 0.12-0.17
+    (triangle), others within 0.045; roundness 0.80-0.96 (circle), others 0.40-0.74; `forms` adds room for fakes."""
     forms = torch.tensor([[0.65, 0.93, -0.1, 0.1, 9],     # circle (fill lo, hi; below lo, hi; roundness hi)
                           [0.75, 1.00, -0.1, 0.1, 0.78],  # square
                           [0.40, 0.70, 0.05, 0.3, 0.78],  # triangle
@@ -646,19 +581,18 @@ def load_cifar(name, data_dir, train):
     """CIFAR-10/100 via torchvision, downloaded into data_dir once; offline, fail in seconds."""
     import torchvision
     cls = getattr(torchvision.datasets, CIFAR[name])
-    old_timeout = socket.getdefaulttimeout()
     try:
         ds = cls(data_dir, train=train, download=False)
     except RuntimeError:                                       # not there yet: download it
+        old_timeout = socket.getdefaulttimeout()
         try:
             socket.setdefaulttimeout(20)                       # a dead network fails, never hangs
             ds = cls(data_dir, train=train, download=True)
         except Exception as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise UsageError(
-                f"could not download {name} ({cls.filename} from {cls.url}): {reason}. Offline: fetch that file "
-                f"elsewhere and put it, or its extracted folder {cls.base_folder}/, in --data-dir "
-                f"({os.path.join(data_dir, cls.filename)})") from None
+            raise UsageError(f"could not download {name} ({cls.filename} from {cls.url}): {reason}. Offline: fetch "
+                             f"that file elsewhere and put it, or its extracted folder {cls.base_folder}/, in "
+                             f"--data-dir ({os.path.join(data_dir, cls.filename)})") from None
         finally:
             socket.setdefaulttimeout(old_timeout)
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()   # (N, 3, 32, 32) uint8
@@ -668,29 +602,24 @@ def load_cifar(name, data_dir, train):
 IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
 
 def to_rgb(im):
-    """A PIL image as 8-bit RGB by its real range (convert("RGB") clips: 16-bit would turn white, float
-    black): 16-bit grey (I;16*, and I, PIL's 32-bit mode, read as 16-bit) / 257, float (F) in [0, 1]
-    * 255, other values refused (ValueError); transparent pixels over white; EXIF rotation applied."""
-    im = ImageOps.exif_transpose(im)
-    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+    """A PIL image as 8-bit RGB by its real range (convert("RGB") clips: 16-bit would turn white, float black)."""
+    im = ImageOps.exif_transpose(im)                           # EXIF rotation applied
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):    # 16-bit grey (I, PIL's 32-bit, read as 16) or float
         a, top = np.asarray(im, dtype=np.float64), 1.0 if im.mode == "F" else 65535.0
-        if not (a.min() >= 0 and a.max() <= top):             # NaN fails too
+        if not (a.min() >= 0 and a.max() <= top):             # other values refused; NaN fails too
             raise ValueError(f"mode {im.mode} with values in [{a.min():g}, {a.max():g}], not [0, {top:g}]")
         return Image.fromarray(np.round(a * (255 / top)).astype(np.uint8)).convert("RGB")
-    if {"A", "a"} & set(im.getbands()) or "transparency" in im.info:
+    if {"A", "a"} & set(im.getbands()) or "transparency" in im.info:  # transparent pixels over white
         im = im.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB")
     return im.convert("RGB")
 
 class SkipUnreadable(torch.utils.data.Dataset):
-    """An image folder whose broken files (real folders hold some) are skipped when drawn, each named
-    once in a warning, the next image taking its place: deterministic, so a resumed run draws the same
-    images, and nothing is decoded up front (ImageNet's 1.28M files would cost an hour every start)."""
+    """A folder's images; a broken one is named once and the next drawn instead (checking all first: hours)."""
 
     def __init__(self, root, samples, classes, transform):
         self.root, self.samples, self.classes, self.transform = root, samples, classes, transform
-        # in shared memory: DataLoader workers (new ones every epoch) all see which files were named
-        self.warned = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
+        self.warned = torch.zeros(len(samples), dtype=torch.bool).share_memory_()  # seen by every loader worker
 
     def __len__(self):
         return len(self.samples)
@@ -708,14 +637,11 @@ class SkipUnreadable(torch.utils.data.Dataset):
         raise UsageError(f"no image in {self.root} can be read")
 
 def load_folder(root, img_size):
-    """Any class-per-folder tree (root/<class>/.../<image>), resized and centre-cropped to img_size. Hidden
-    files and folders (.name) are left out. Linked folders are followed; a folder or file met twice
-    (a loop such as class/up -> ..) counts once, and one met in two classes is refused."""
+    """A class-per-folder tree (root/<class>/.../<image>), resized and centre-cropped; links followed, loops once."""
     from torchvision import transforms as T
     if not os.path.isdir(root):
         raise UsageError(f"image folder {root!r} does not exist (give it with --data-dir)")
     owner, samples = {os.path.realpath(root): None}, []   # the class of each folder and file met, by real path
-
     def first_time(real, path, k):                            # real: the path with every link resolved
         n = len(owner)
         if owner.setdefault(real, k) not in (k, None):
@@ -736,9 +662,7 @@ def load_folder(root, img_size):
             while stack:
                 d = stack.pop()
                 if first_time(real_d := os.path.realpath(d), d, k):
-                    for e in os.scandir(d):
-                        if e.name.startswith("."):
-                            continue
+                    for e in (e for e in os.scandir(d) if not e.name.startswith(".")):  # hidden: left out
                         if e.is_dir():
                             stack.append(e.path)
                         elif not (e.is_file() and e.name.lower().endswith(IMG_EXT)):  # FIFOs, devices too
@@ -758,9 +682,7 @@ def load_folder(root, img_size):
     return SkipUnreadable(root, samples, classes, resize)
 
 def load_data(cfg):
-    """(train, heldout, num_classes). heldout: CIFAR's test split; shapes: a fresh draw; folder: a
-    fixed 5% of the images set aside (none when the folder is tiny). It feeds D's held-out accuracy
-    and, for CIFAR and shapes, FID's reference statistics (the paper: CIFAR-10's 10k test images)."""
+    """(train, heldout, num_classes); heldout: CIFAR's test split, a fresh shapes draw, or 5% of a folder (>= 200)."""
     if cfg.dataset != "shapes" and os.path.exists(cfg.data_dir) and not os.path.isdir(cfg.data_dir):
         raise UsageError(f"--data-dir {cfg.data_dir} is a file, not a folder")
     if cfg.dataset in CIFAR:
@@ -777,15 +699,13 @@ def load_data(cfg):
         train = TensorImages(*make_shapes(cfg.shapes_size, cfg.img_size, seed=0), classes)
         return train, TensorImages(*make_shapes(max(cfg.fid_images, 1024), cfg.img_size, seed=1), classes), len(classes)
     data = load_folder(cfg.data_dir, cfg.img_size)
-    n_hold = len(data) // 20 if len(data) >= 200 else 0
-    # train in a fixed random order, not class by class: FID's reference is its first --fid-images
+    n_hold = len(data) // 20 if len(data) >= 200 else 0    # shuffled below: FID's reference is the first images
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1234)).tolist()
     Subset = torch.utils.data.Subset
     return Subset(data, order[n_hold:]), Subset(data, order[:n_hold]) if n_hold else None, len(data.classes)
 
 def can_write(folder):
-    """Whether a file can be created in folder (made if missing): tried, since os.access says yes to root
-    on a read-only mount."""
+    """Can a file be created in folder (made if missing)? Tried: os.access says yes to root on a read-only mount."""
     try:
         os.makedirs(folder, exist_ok=True)
         os.close(os.open(probe := os.path.join(folder, f".write-test-{os.getpid()}"), os.O_CREAT | os.O_WRONLY))
@@ -795,17 +715,14 @@ def can_write(folder):
         return False
 
 class Batches:
-    """Endless real batches in [-1, 1], flipped at random when `flip` (the authors' only augmentation:
-    on for CIFAR-10, off for Tiny ImageNet). A DistributedSampler gives each torchrun rank its share;
-    (epoch, batch) is what a checkpoint saves, so a resumed run sees the very same batches."""
+    """Endless real batches in [-1, 1]; its state (epoch, batch) is saved, so a resumed run sees the same batches."""
 
     def __init__(self, dataset, local_batch, rank, world, seed, device, num_workers=0, flip=True):
         if len(dataset) < local_batch * world:
             raise UsageError(f"the data set has {len(dataset)} images, fewer than one batch of {local_batch * world}")
-        self.dataset, self.batch, self.device, self.num_workers = dataset, local_batch, device, num_workers
-        self.flip = flip
-        self.sampler = torch.utils.data.DistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.dataset, self.batch, self.device = dataset, local_batch, device
+        self.num_workers, self.flip = num_workers, flip
+        self.sampler = torch.utils.data.DistributedSampler(dataset, world, rank, seed=seed, drop_last=True)  # per rank
         self.epoch, self.pos, self._it = 0, 0, None
         if isinstance(dataset, TensorImages):                  # in memory: keep it on the device
             self.images, self.labels = dataset.images.to(device), dataset.labels.to(device)
@@ -821,9 +738,7 @@ class Batches:
         idx = list(self.sampler)[self.pos * self.batch:]
         n = len(idx) // self.batch
         if isinstance(self.dataset, TensorImages):             # in memory: index, no collation
-            idx = torch.tensor(idx, device=self.device)
-            for b in range(n):
-                ids = idx[b * self.batch:(b + 1) * self.batch]
+            for ids in torch.tensor(idx[:n * self.batch], device=self.device).split(self.batch):
                 yield self.images[ids], self.labels[ids]
         else:
             yield from torch.utils.data.DataLoader(
@@ -831,20 +746,14 @@ class Batches:
                 num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
 
     def __next__(self):
-        while True:
-            if self._it is None:
-                self._it = self._batches()
-            try:
-                images, labels = next(self._it)
-                break
-            except StopIteration:
-                self.epoch, self.pos, self._it = self.epoch + 1, 0, None
+        self._it = self._it or self._batches()
+        while (batch := next(self._it, None)) is None:         # the epoch is over: the next one
+            self.epoch, self.pos, self._it = self.epoch + 1, 0, self._batches()
         self.pos += 1
-        x = to_signed(images.to(self.device, non_blocking=True))   # (B, 3, H, W)
-        if self.flip:
-            flip = torch.rand(x.shape[0], device=self.device) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        return x, labels.to(self.device, non_blocking=True)
+        x = to_signed(batch[0].to(self.device, non_blocking=True))   # (B, 3, H, W)
+        if self.flip:                                          # the authors' only augmentation (off: Tiny ImageNet)
+            x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=self.device) < 0.5, x.flip(3), x)
+        return x, batch[1].to(self.device, non_blocking=True)
 
 def fixed_sample(dataset, n, seed):
     """A fixed random subset as uint8 (n, 3, H, W) images and (n,) labels (D's accuracy checks)."""
@@ -854,10 +763,8 @@ def fixed_sample(dataset, n, seed):
     items = [dataset[i] for i in order.tolist()]
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
-
 # --------------------------------------------------------------------------------------------
-# Distributed training (torchrun): the process group, DDP wrappers, the 2C all-gather, ranks agreeing
-# to stop, every rank's RNG state. All that changes under torchrun; one process skips all of it.
+# Distributed training (torchrun): process group, DDP, the 2C all-gather, stopping together, RNG states
 # --------------------------------------------------------------------------------------------
 
 def is_main_process():
@@ -865,8 +772,7 @@ def is_main_process():
 
 def pick_device(choice, index=0, tf32=True):
     """--device auto|cuda|cpu; on a GPU, TF32 as --tf32 says and cuDNN autotuning."""
-    use_cuda = torch.cuda.is_available() if choice == "auto" else choice == "cuda"
-    if not use_cuda:
+    if not (torch.cuda.is_available() if choice == "auto" else choice == "cuda"):
         return torch.device("cpu")
     torch.cuda.set_device(index)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
@@ -879,26 +785,37 @@ def setup_device(cfg):
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")), cfg.tf32)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
-        # torch.distributed.nn's all_gather is the public differentiable collective; recent torch
-        # versions flag it as deprecated in favour of a private one, which we do not use.
+        # torch.distributed.nn's all_gather, the public differentiable one, is flagged in favour of a private one
         warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated")
     return device, rank, world
 
+def setup_training(trainer, cfg, device, world):
+    """The Trainer's engineering: the device, Adam, fp16's GradScaler, autocast, DDP and torch.compile."""
+    t = trainer
+    if cfg.sync_bn and world > 1:                              # G_ema stays plain: evaluated alone
+        t.G = nn.SyncBatchNorm.convert_sync_batchnorm(t.G)     # G's BN statistics over the global batch
+    t.G, t.D, t.G_ema = t.G.to(device), t.D.to(device), t.G_ema.to(device)
+    adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+    adam["fused" if device.type == "cuda" else "foreach"] = True  # one kernel per step on GPU
+    t.opt_G = torch.optim.Adam(t.G.parameters(), lr=cfg.lr_g, **adam)
+    t.opt_D = torch.optim.Adam(t.D.parameters(), lr=cfg.lr_d, **adam)
+    t.scaler_G, t.scaler_D = (torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16") for _ in "GD")
+    t.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    # The G step calls D without DDP: D gets no gradient there, and DDP would wait for it at the next step.
+    t.G_train, t.D_train, t.D_frozen = ddp(t.G, world), ddp(t.D, world), t.D
+    if cfg.compile:
+        t.G_train, t.D_train, t.D_frozen = map(torch.compile, (t.G_train, t.D_train, t.D))
+    t.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked without host syncs
+
 def ddp(module, world):
     """DistributedDataParallel around a module that trains (G, D); the module itself in one process."""
-    if world == 1:
-        return module
     device = next(module.parameters()).device
-    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return module if world == 1 else \
+        nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 def gather_global_batch(embed, proxy, labels):
-    """Under DDP, all-gather so the 2C loss sees the global batch; a no-op in a single process.
-
-    torch.distributed.nn's all_gather is differentiable: every rank computes the same loss on the
-    global batch, and its backward sums each rank's gradient for the local slice over ranks. DDP then
-    averages parameter gradients over ranks, which turns that sum back into exactly the gradient of
-    the single-process loss on the whole batch (tested in test_contragan.py).
-    """
+    """Under DDP, all-gather so the 2C loss sees the global batch. Each rank's backward sums the gradient of its
+    slice over ranks; DDP's average turns that back into the single-process gradient on the whole batch (tested)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return embed, proxy, labels
     from torch.distributed.nn.functional import all_gather
@@ -913,17 +830,12 @@ def any_rank(flag, device, world):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
-def wait_for_rank0(world):
-    if world > 1:
-        dist.barrier()
-
 def rng_states(device, world):
     """Every rank's RNG state (rank 0 saves them all), so that a resumed run draws the same numbers."""
     state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-    if world == 1:
-        return [state]
-    states = [None] * world
-    dist.all_gather_object(states, state)
+    states = [state] * world
+    if world > 1:
+        dist.all_gather_object(states, state)
     return states
 
 def set_rng_state(state, device):
@@ -931,23 +843,18 @@ def set_rng_state(state, device):
     if device.type == "cuda" and state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
-
 # --------------------------------------------------------------------------------------------
 # Evaluation: sample grid, FID of the EMA generator (fid.py), Figure 3's diagnostics
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def generate(G, labels, z_dim, batch_size, generator=None):
-    """Images in [-1, 1] for labels, in batches with BatchNorm batch statistics (train mode): the
-    authors' evaluation of the EMA generator. G's buffers (BN running statistics, SN's u, v), which train
-    mode updates, are restored: the EMA averages them, and evaluating must not change training."""
+    """Images in [-1, 1] for labels, in train mode (BatchNorm batch statistics: the authors' evaluation of G_ema)."""
     G.train()
     buffers = [b.clone() for b in G.buffers()]
-    out = []
-    for y in labels.split(batch_size):
-        z = torch.randn(len(y), z_dim, device=y.device, generator=generator)
-        out.append(G(z, y).float())
-    torch._foreach_copy_(list(G.buffers()), buffers)
+    out = [G(torch.randn(len(y), z_dim, device=y.device, generator=generator), y).float()
+           for y in labels.split(batch_size)]
+    torch._foreach_copy_(list(G.buffers()), buffers)           # restored: the EMA averages them too
     return torch.cat(out)
 
 def save_grid(G, path, num_classes, z_dim, device, batch_size, seed):
@@ -955,29 +862,32 @@ def save_grid(G, path, num_classes, z_dim, device, batch_size, seed):
     import torchvision
     cols = 10 if num_classes <= 20 else 5
     gen = torch.Generator(device=device).manual_seed(seed)
-    labels = balanced_labels(num_classes * cols, num_classes, device)
-    images = generate(G, labels, z_dim, batch_size, gen)
+    images = generate(G, balanced_labels(num_classes * cols, num_classes, device), z_dim, batch_size, gen)
     torchvision.utils.save_image(images * 0.5 + 0.5, path, nrow=cols, padding=1)
 
 @torch.no_grad()
 def d_judge(D, images, labels, device, batch_size=256):
-    """D on images (N, 3, H, W), uint8 or in [-1, 1], with labels (N,): the fraction it calls real
-    (logit > 0: the paper's Figure 3 overfitting probe) and the class it sees in each, (N,)."""
+    """D on images (N, 3, H, W), uint8 or in [-1, 1]: the share it calls real (Figure 3), the class it sees in each."""
     D.eval()                                                   # no power iteration: state untouched
     hits, judged = 0, []
     for x, y in zip(images.split(batch_size), labels.split(batch_size)):
         x = to_signed(x.to(device)) if x.dtype == torch.uint8 else x.to(device)
         out = D(x, y.to(device))
         hits += int((out["adv"] > 0).sum())
-        judged.append(D.class_scores(out["h"]).argmax(1).cpu())
+        judged.append(d_class_scores(D, out["h"]).argmax(1).cpu())
     D.train()
     return hits / max(len(labels), 1), torch.cat(judged)
 
+def d_class_scores(D, h):
+    """D's class judgement (B, K) of its features h: cosine to each proxy (2C, D2D-CE), <embed(y), h> for each y
+    (proj: arg-max_y D(x, y), whose adversarial term is the same for all y), the class logits (ACGAN)."""
+    if D.loss in ("2c", "d2dce"):
+        return F.normalize(D.embed_head(h), dim=1) @ F.normalize(D.proxy.weight, dim=1).t()
+    return h @ D.class_embed.weight.t() if D.loss == "proj" else D.class_head(h)
+
 def confusion(asked, judged, num_classes):
-    """K x (K + 1) counts of asked (rows) vs judged (columns) classes, the last column "none" (judged -1:
-    the colour reader saw no class; D always names one), the share judged as asked, and the share after
-    the best one-to-one relabelling of the K classes (Hungarian algorithm); none is a miss in both. Low
-    raw but high relabelled: G draws consistent classes under the wrong labels; both low: G ignores the label."""
+    """K x (K + 1) counts of asked (rows) vs judged classes, the last "none" (-1), the share judged as asked, and that
+    share after the best relabelling (Hungarian). Only the second high: G draws classes under the wrong labels."""
     from scipy.optimize import linear_sum_assignment
     asked, judged = asked.cpu(), judged.cpu()
     counts = torch.zeros(num_classes, num_classes + 1, dtype=torch.long)
@@ -987,12 +897,8 @@ def confusion(asked, judged, num_classes):
     return counts, counts.diag().sum().item() / n, counts[rows, cols].sum().item() / n
 
 def d_diagnostics(D, G_ema, acc_train, acc_held, num_classes, cfg, device):
-    """Figure 3's overfitting probe (D calling training vs held-out reals real) and class confusion: D's
-    class judgement (`class_scores`) of held-out reals and of acc_images // K fakes per asked label, in
-    mixed batches; on shapes also the colour reader's, and the share it reads as none. Matrices (K x
-    (K + 1), see `confusion`) are kept for K <= 100."""
-    rec = {}
-    rec["d_acc_train"], _ = d_judge(D, *acc_train, device)
+    """Figure 3's overfitting probe and class confusion: D's (shapes: the colours') classes of reals and fakes."""
+    rec = {"d_acc_train": d_judge(D, *acc_train, device)[0]}
     if acc_held is not None:
         rec["d_acc_heldout"], judged = d_judge(D, *acc_held, device)
         rec["d_acc_gap"] = rec["d_acc_train"] - rec["d_acc_heldout"]
@@ -1005,28 +911,24 @@ def d_diagnostics(D, G_ema, acc_train, acc_held, num_classes, cfg, device):
     if cfg.dataset == "shapes":                                # the class read off the colour
         readers["colour"] = shapes_class_of(fake)
     for name, judged in readers.items():
-        counts, raw, relabelled = confusion(y, judged, num_classes)
         key = "class_consistency" + ("_d" if name == "d" else "")
-        rec[key], rec[key + "_relabelled"] = raw, relabelled
+        counts, rec[key], rec[key + "_relabelled"] = confusion(y, judged, num_classes)
         rec["confusion_" + name] = counts.tolist() if num_classes <= 100 else None
         if name == "colour":
             rec["class_none"] = counts[:, -1].sum().item() / len(y)
     return rec
 
 def spectral_norms(model):
-    """{layer: sigma}: each weight's largest singular value before normalisation, i.e. the power
-    iteration's estimate u^T W v that the layer divides by (the paper's Figure 3 right)."""
+    """{layer: sigma}: u^T W v, each weight's largest singular value, what SN divides it by (Figure 3 right)."""
     sigmas = {}
     for name, module in model.named_modules():
         if parametrize.is_parametrized(module, "weight"):
-            sn_ = module.parametrizations.weight[0]
-            w = module.parametrizations.weight.original.detach().flatten(1).float()
-            sigmas[name] = float(sn_.u @ w @ sn_.v)
+            p = module.parametrizations.weight                 # p[0]: its SpectralNorm
+            sigmas[name] = float(p[0].u @ p.original.detach().flatten(1).float() @ p[0].v)
     return sigmas
 
 def detect_collapse(history, gap_threshold, patience):
-    """The collapse the paper's Section 4.5 describes: D's train/held-out accuracy gap past a
-    threshold, or FID rising `patience` evaluations in a row. Returns a reason or None."""
+    """Section 4.5's collapse, or None: D's train - held-out accuracy past a threshold, or FID up `patience` times."""
     last = history[-1]
     if last.get("d_acc_gap") is not None and last["d_acc_gap"] > gap_threshold:
         return f"D overfits: train/held-out accuracy gap {last['d_acc_gap']:.2f} > {gap_threshold}"
@@ -1036,32 +938,28 @@ def detect_collapse(history, gap_threshold, patience):
     return None
 
 class FIDEvaluator:
-    """FID of G_ema in the paper's protocol, through fid.py: Inception-V3 with the TF FID weights,
-    2048-d pool features, 299x299 bilinear; fakes with uniform labels, BatchNorm batch statistics,
-    batches of eval_batch (64); reference = CIFAR's 10k test images (shapes: a held-out draw; folder:
-    its training images). Under DDP every rank embeds its share; fid.py all-reduces the float64 sums."""
+    """FID of G_ema as the paper measured it (`description`); under DDP each rank embeds a share, fid.py sums."""
 
     def __init__(self, cfg, reference, split, num_classes, device, rank, world):
         self.cfg, self.num_classes, self.device, self.rank, self.world = cfg, num_classes, device, rank, world
         if cfg.intra_fid and cfg.fid_images // world < 2 * num_classes:  # before minutes of reference statistics
             raise UsageError(f"--intra-fid needs --fid-images of at least {2 * num_classes * world}: "
-                                   f"2 fakes per class per rank, for a covariance")
+                             f"2 fakes per class per rank, for a covariance")
         random_weights = cfg.fid_weights == "random"
         try:
             self.inception = fid.load_inception(weights=None if random_weights else cfg.fid_weights,
                                                 device=device, random_init=random_weights)
         except fid.FIDError as err:                            # name this script's flags, not fid.py's
             raise UsageError(str(err).replace("--weights PATH", "--fid-weights PATH (or --fid-images 0 "
-                                                    "to train without FID)")) from None
+                                              "to train without FID)")) from None
         n_ref = min(cfg.fid_images, len(reference))
-        # weights and resize as fid.py names them: a local file that is not the published one says so
-        self.protocol = {"dataset": cfg.dataset, "split": split, "num_images": n_ref,
-                         "img_size": cfg.img_size, **fid.inception_protocol(self.inception)}
+        self.protocol = {"dataset": cfg.dataset, "split": split, "num_images": n_ref, "img_size": cfg.img_size,
+                         **fid.inception_protocol(self.inception)}  # weights and resize, as fid.py names them
         source = f"{n_ref} of the {len(reference)} folder training images (a fixed random subset; there is " \
             "no held-out reference)" if cfg.dataset == "folder" else f"{n_ref} {cfg.dataset} {split} images"
-        self.description = (f"FID protocol: {cfg.fid_images} fakes of G_ema (BatchNorm batch statistics, "
-                            f"batch {cfg.eval_batch}) vs {source}; "
-                            f"Inception-V3 {self.protocol['weights']}; {self.protocol['resize']}")
+        self.description = (f"FID protocol: {cfg.fid_images} fakes of G_ema (BatchNorm batch statistics, batch "
+                            f"{cfg.eval_batch}) vs {source}; Inception-V3 {self.protocol['weights']}; "
+                            f"{self.protocol['resize']}")
         stem = os.path.join(cfg.data_dir if cfg.dataset != "folder" else cfg.run_dir,
                             f"fid_{cfg.dataset}_{split}_{n_ref}_{'random' if random_weights else 'tf'}")
         names = [stem + ".npz"] + [f"{stem}_class{k}.npz" for k in range(num_classes) if cfg.intra_fid]
@@ -1076,55 +974,46 @@ class FIDEvaluator:
             if counts.min() < 2:
                 k, classes = int(counts.argmin()), getattr(reference, "classes", None) or reference.dataset.classes
                 raise UsageError(f"--intra-fid needs 2 reference images per class, for a covariance: class "
-                                       f"{classes[k]!r} has {counts[k]} of the {n_ref} (of {len(reference)} in all)")
+                                 f"{classes[k]!r} has {counts[k]} of the {n_ref} (of {len(reference)} in all)")
         self.ref = self._reference(subset, stem + ".npz", self.protocol)
-        self.class_ref = None
-        if cfg.intra_fid:                                      # per-class reference statistics
-            self.class_ref = [self._reference(
-                torch.utils.data.Subset(subset, (labels == k).nonzero().flatten().tolist()),
-                f"{stem}_class{k}.npz", {**self.protocol, "class": k}) for k in range(num_classes)]
+        self.class_ref = [self._reference(torch.utils.data.Subset(subset, (labels == k).nonzero().flatten().tolist()),
+                                          f"{stem}_class{k}.npz", {**self.protocol, "class": k})
+                          for k in range(num_classes)] if cfg.intra_fid else None   # per-class statistics
 
     def _reference(self, dataset, path, protocol):
         if self.rank == 0:                                     # computes and caches; the others read the cache
             fid.reference_stats(self.inception, dataset, path, protocol, num_images=len(dataset),
                                 batch_size=self.cfg.eval_batch, device=self.device)
-        wait_for_rank0(self.world)
-        mu, sigma, _ = fid.load_stats(path, expect=protocol)
-        return mu, sigma
+        if self.world > 1:
+            dist.barrier()
+        return fid.load_stats(path, expect=protocol)[:2]       # mu, sigma
 
     def __call__(self, G):
-        """{'fid', ['is_mean', 'is_std'], ['intra_fid', 'intra_fid_per_class']} on every rank. Intra-class FID
-        routes the same fakes by label (then balanced): one-class batches lose the class in G's BatchNorm."""
+        """{'fid', ['intra_fid', 'intra_fid_per_class']} on every rank (IS: fid.py on tools/sample.py's images)."""
         cfg, K, n = self.cfg, self.num_classes, self.cfg.fid_images // self.world
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 + self.rank)  # own share per rank
         class_stats = [fid.RunningStats() for _ in range(K)] if self.class_ref else None
         labels = uniform_labels(n, K, self.device, gen) if class_stats is None else \
-            balanced_labels(n, K, self.device, gen)
+            balanced_labels(n, K, self.device, gen)            # intra-FID: the same fakes, by label, in mixed batches
         batches = iter(labels.split(cfg.eval_batch))
-
         def sample(batch):                                     # fid.py asks in the same eval_batch chunks
             y = next(batches)
             x = generate(G, y, cfg.z_dim, cfg.eval_batch, gen)
             return x if class_stats is None else (x, y)
-
-        stats, inception_score = fid.features_from_sampler(self.inception, sample, n, cfg.eval_batch, self.device,
-                                                           cfg.inception_score, class_stats=class_stats)
+        stats, _ = fid.features_from_sampler(self.inception, sample, n, cfg.eval_batch, self.device,
+                                             class_stats=class_stats)
         out = {"fid": fid.frechet_distance(stats.all_reduce().mu, stats.sigma, *self.ref)}
-        if inception_score is not None:                        # under DDP: rank 0's share only
-            out["is_mean"], out["is_std"] = inception_score
         if class_stats is not None:
             per_class = [fid.frechet_distance(s.all_reduce().mu, s.sigma, *ref)
                          for s, ref in zip(class_stats, self.class_ref)]
             out["intra_fid"], out["intra_fid_per_class"] = sum(per_class) / K, per_class
         return out
 
-
 # --------------------------------------------------------------------------------------------
 # The run: the loop, logging, evaluation, checkpoints and resume, Ctrl-C and NaN handling
 # --------------------------------------------------------------------------------------------
 
-# Ctrl-C, SIGTERM (SLURM, Kubernetes, `timeout`) and SIGHUP (a closed terminal) all stop a run the same way:
-# at once in start-up (nothing to save yet), and in the loop after the step, saved (Run.request_stop).
+# Ctrl-C, SIGTERM (SLURM, `timeout`) and SIGHUP stop a run: at once in start-up, saved in the loop (Run.request_stop).
 STOP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
 
 def interrupt(signum, frame):
@@ -1161,8 +1050,7 @@ def train(cfg, explicit):
         release()
 
 class Run:
-    """One training run once its folder is owned. Its state besides the models (step, best FID, history)
-    lives here, in one place; nothing is written into the folder before the loop starts."""
+    """A run once its folder is owned: its state beside the models. Nothing is written into the folder before loop()."""
 
     def __init__(self, cfg, checkpoint, ckpt_path, device, rank, world):
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
@@ -1183,13 +1071,10 @@ class Run:
         self.log(f"config: {json.dumps(vars(cfg), sort_keys=True)}")
         self.log(f"G {n_g:,} params | D {n_d:,} params | {cfg.loss} | {device}"
                  f"{f' x {world} ranks' if world > 1 else ''} | global batch {cfg.batch_size} | run {cfg.run_dir}")
-        self.evaluator = None
-        if cfg.fid_images > 0 and fid is None:
-            self.log("FID is not available (fid.py is missing): evaluation writes the sample grid only")
-        elif cfg.fid_images > 0:
-            ref_set, split = (heldout, "test") if cfg.dataset in CIFAR else \
-                (heldout, "heldout") if cfg.dataset == "shapes" else (train_set, "train")
-            self.evaluator = FIDEvaluator(cfg, ref_set, split, self.num_classes, device, rank, world)
+        split = "test" if cfg.dataset in CIFAR else "heldout" if cfg.dataset == "shapes" else "train"  # FID reference
+        self.evaluator = FIDEvaluator(cfg, train_set if split == "train" else heldout, split, self.num_classes, device,
+                                      rank, world) if cfg.fid_images > 0 else None
+        if self.evaluator is not None:
             self.log(self.evaluator.description)
         self.acc_train = fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
         self.acc_held = fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3) if heldout else None
@@ -1215,8 +1100,7 @@ class Run:
         self.log(f"resumed {path} at step {self.step}" + (f" ({', '.join(changed)})" if changed else ""))
 
     def loop(self):
-        """Iterate, log, evaluate and save, stop: at --steps (0), or at Ctrl-C, SIGTERM or SIGHUP, saved
-        (128 + the signal's number: 130, 143, 129)."""
+        """Train to --steps (returns 0) or to Ctrl-C, SIGTERM, SIGHUP: saved, returns 128 + signal (130, 143, 129)."""
         cfg, self.stop_signal = self.cfg, 0
         previous = {s: signal.signal(s, self.request_stop) for s in STOP_SIGNALS}
         try:
@@ -1229,10 +1113,8 @@ class Run:
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     t_eval = time.time()
                     self.evaluate_and_save()
-                    self.eval_s = time.time() - t_eval
-                    self.t_last, self.step_last = time.time(), self.step  # s/step: training only
-                # all ranks stop at the same step: they agree every 10 steps (one host sync), well within the
-                # 30 s that torchrun and SLURM give a signalled process before SIGKILL
+                    self.t_last, self.step_last, self.eval_s = time.time(), self.step, time.time() - t_eval
+                # all ranks stop at one step: agreed every 10 steps, well within the 30 s before torchrun's SIGKILL
                 stopping = self.stop_signal > 0 if self.world == 1 else \
                     self.step % min(cfg.log_every, 10) == 0 and any_rank(self.stop_signal > 0, self.device, self.world)
                 if stopping and self.step < cfg.steps:
@@ -1267,7 +1149,7 @@ class Run:
     def log_progress(self, logs):
         self.check_finite()
         cfg, now = self.cfg, time.time()
-        per_step = (now - self.t_last) / max(self.step - self.step_last, 1)
+        per_step = (now - self.t_last) / max(self.step - self.step_last, 1)  # training only: evaluations restart it
         r = {"step": self.step, **{k: round(float(v), 5) for k, v in logs.items()},
              "img_per_s": round(cfg.d_steps * cfg.batch_size / per_step, 1),
              "s_per_step": round(per_step, 4), "time": round(now, 1)}
@@ -1284,8 +1166,7 @@ class Run:
                 f.write(json.dumps(record) + "\n")
 
     def evaluate_and_save(self):
-        """FID (every rank embeds a share), then on rank 0 the grid, Figure 3's diagnostics, the
-        console line and metrics.jsonl; last.pt (and best.pt when FID improved) from every rank's state."""
+        """FID, then on rank 0 the grid, Figure 3's diagnostics, the console and metrics.jsonl; last.pt, best.pt."""
         cfg, t = self.cfg, self.trainer
         self.check_finite(t.state_dict())                      # before FID and the grid see NaN weights
         record, improved = {"step": self.step, "eval": True}, False
@@ -1317,7 +1198,6 @@ class Run:
         held = self.acc_held is not None
         parts = [f"eval step {self.step}",
                  "fid" in r and f"FID {r['fid']:.3f} (best {self.best_fid:.3f} @ {self.best_step})",
-                 "is_mean" in r and f"IS {r['is_mean']:.2f}+-{r['is_std']:.2f}",
                  "intra_fid" in r and f"intra-FID {r['intra_fid']:.3f}",
                  f"D acc train {r['d_acc_train']:.3f}" + (f" held-out {r['d_acc_heldout']:.3f}" if held else ""),
                  f"max sigma(W_D) {r['d_sigma_max']:.2f}",
@@ -1328,9 +1208,7 @@ class Run:
         return " | ".join(p for p in parts if p)
 
     def check_finite(self, state=None):
-        """Stop on a non-finite loss, or on a non-finite state about to be saved or evaluated: a huge
-        learning rate turns weights into inf/NaN while the losses are still finite. One max-abs
-        reduction over every float tensor of G, D, G_ema and both Adam moments."""
+        """Stop on a non-finite loss, or state to be saved or evaluated (a huge lr blows weights up before losses)."""
         flag = self.trainer.nonfinite
         if state is not None:
             tensors = [t for k in ("G", "D", "G_ema") for t in state[k].values() if t.is_floating_point()]
@@ -1343,8 +1221,8 @@ class Run:
                 f"be far off already (see samples/): resume it with lower --lr-g / --lr-d" + \
                 (f", or branch from {best} with --resume {best} --run-dir NEW" if os.path.exists(best) else "") \
                 if os.path.exists(last) else "no checkpoint was written: start again with lower --lr-g / --lr-d"
-            raise UsageError(f"non-finite loss or weights at or before step {self.step}: run stopped "
-                                   f"without saving it; {kept}")
+            raise UsageError(f"non-finite loss or weights at or before step {self.step}: run stopped without saving "
+                             f"it; {kept}")
 
     def save(self, best=False):
         """last.pt (and best.pt): every rank checks its state and gives its RNG state; rank 0 writes."""
@@ -1362,18 +1240,15 @@ class Run:
 # Run folders: checkpoint files, the folder lock, resuming, metrics.jsonl
 # --------------------------------------------------------------------------------------------
 
-# Flags that may differ when a run is resumed (the learning rates too: the way on after a blow-up);
-# every other flag must match the checkpoint.
-RUN_FLAGS = {"steps", "log_every", "eval_every", "fid_images", "fid_weights", "eval_batch", "intra_fid",
-             "inception_score", "device", "num_workers", "compile", "resume", "run_dir", "data_dir",
-             "collapse_gap", "collapse_patience", "acc_images", "preset", "lr_g", "lr_d"}
+# Flags that may differ from the checkpoint when a run is resumed (the learning rates: the way on after a blow-up)
+RUN_FLAGS = {"steps", "log_every", "eval_every", "fid_images", "fid_weights", "eval_batch", "intra_fid", "device",
+             "num_workers", "compile", "resume", "run_dir", "data_dir", "collapse_gap", "collapse_patience",
+             "acc_images", "preset", "lr_g", "lr_d"}
 
 SEAL = b"contragan-sha256:"  # then the sha256 of torch.save's bytes before it; torch.load ignores this tail
 
 def save_checkpoint(path, state):
-    """Atomic: write a temporary file (torch.save's bytes, then SEAL and their sha256), flush it to disk,
-    rename it over the old one. config.json next to it is written only here, so it always describes a
-    saved run. A failed write (a full disk) removes the temporary file and says what is intact."""
+    """Atomic (a temporary file: torch.save's bytes, SEAL, their sha256; fsync, rename), then config.json."""
     tmp, digest, saved = path + ".tmp", hashlib.sha256(), False
     try:
         with open(tmp, "wb") as f:
@@ -1384,7 +1259,8 @@ def save_checkpoint(path, state):
         os.replace(tmp, path)
         saved = True
         with open(tmp, "w") as f:
-            json.dump({**state["config"], "num_classes": state["num_classes"], "world_size": len(state["rng"])}, f, indent=2)
+            json.dump({**state["config"], "num_classes": state["num_classes"], "world_size": len(state["rng"])}, f,
+                      indent=2)
         os.replace(tmp, os.path.join(os.path.dirname(path), "config.json"))
     except OSError as err:
         if os.path.exists(tmp):
@@ -1394,10 +1270,8 @@ def save_checkpoint(path, state):
         raise UsageError(f"cannot save {path}: {err.strerror or err}; {kept}") from None
 
 def load_checkpoint(path):
-    """(checkpoint, path): a run folder's last.pt or a file, its sha256 checked when it has one (a
-    checkpoint written before checksums has none and is read as it is)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "last.pt")
+    """(checkpoint, path): a run folder's last.pt or a file, its sha256 checked (older checkpoints have none)."""
+    path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path!r}")
     try:
@@ -1416,59 +1290,49 @@ def load_checkpoint(path):
                          f"({type(err).__name__})") from None
     if not (isinstance(checkpoint, dict) and {"G", "D", "G_ema", "config", "step"} <= checkpoint.keys()):
         raise UsageError(f"{path} is a torch file but not a contragan.py checkpoint (no G, D, G_ema, config, step)")
-    missing = sorted({"opt_G", "opt_D", "num_classes", "data", "rng", "best_fid", "best_step"} - checkpoint.keys())
-    if missing or not isinstance(checkpoint["config"], dict):
-        raise UsageError(f"{path} is not a checkpoint of this contragan.py version (no {', '.join(missing) or 'config'})")
+    lack = sorted({"opt_G", "opt_D", "num_classes", "data", "rng", "best_fid", "best_step"} - checkpoint.keys())
+    if lack or not isinstance(checkpoint["config"], dict):
+        raise UsageError(f"{path} is not a checkpoint of this contragan.py version (no {', '.join(lack) or 'config'})")
     return checkpoint, path
 
 def claim_run_dir(run_dir, resume_path=None):
-    """One run owns its folder. Refused: a folder that holds another run (unless it is the one resumed),
-    an earlier checkpoint (best.pt) resumed in its folder, whose last.pt and metrics.jsonl it would
-    roll back, and a folder that a live process holds (run.lock, created exclusively, holds its pid; the
-    lock of a process that is gone, e.g. killed with -9, is taken over). Returns release(), which removes
-    the lock and the folders this start created if they are still empty: a failed start leaves nothing."""
+    """One run owns its folder: run.lock, flock'ed for the run's life (the kernel drops it when the process ends,
+    even by kill -9), holds its pid. release() removes it and the folders made here if empty: nothing is left."""
+    import fcntl                                               # POSIX only (Linux, macOS)
     here = resume_path is not None and os.path.realpath(run_dir) == os.path.realpath(os.path.dirname(resume_path))
     if here and os.path.basename(resume_path) != "last.pt" and os.path.exists(os.path.join(run_dir, "last.pt")):
         raise UsageError(f"resuming {resume_path} in its own folder would overwrite {run_dir}/last.pt and cut "
                          f"metrics.jsonl: branch from it with --run-dir NEW, or continue with --resume {run_dir}")
     if not here and any(os.path.exists(os.path.join(run_dir, f)) for f in ("last.pt", "config.json")):
-        raise UsageError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another --run-dir")
+        raise UsageError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or choose another "
+                         f"--run-dir")
     lock, created = os.path.join(run_dir, "run.lock"), not os.path.isdir(run_dir)
     try:
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-        while True:
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                break
-            except FileExistsError:
-                with open(lock) as f:
-                    pid = f.read().strip() or str(os.getpid())  # empty: its owner is writing its pid
-                try:
-                    os.kill(int(pid), 0)                       # signal 0 only asks whether it exists
-                except ProcessLookupError:                     # gone (killed with -9): take the lock over
-                    os.remove(lock)
-                    continue
-                except PermissionError:                        # alive, another user's
-                    pass
-                raise UsageError(f"{run_dir} is in use by another run (process {pid}; its lock is {lock})")
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 20).decode(errors="replace").strip() or "?"   # "?": it is writing its pid now
+            os.close(fd)
+            raise UsageError(f"{run_dir} is in use by another run (process {pid}; its lock is {lock})") from None
+        except OSError:                                        # no flock on this file system (Lustre -o noflock)
+            print(f"note: {lock} is not locked (this file system has no flock): one run at a time is up to you")
+        os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
     except OSError as err:
         raise UsageError(f"cannot write to run folder {run_dir}: {err.strerror or err}") from None
-
     def release():
         os.remove(lock)
+        os.close(fd)
         for folder in [os.path.join(run_dir, "samples")] + [run_dir] * created:
-            try:
+            with contextlib.suppress(OSError):
                 os.rmdir(folder)                               # only if empty
-            except OSError:
-                pass
     return release
 
 def merge_resume_config(cfg, explicit, checkpoint, path):
-    """The checkpoint's configuration, with the run flags (RUN_FLAGS) of this command on top. A model
-    or training flag given now that differs from the checkpoint is refused: it is another run."""
-    saved = checkpoint["config"]
+    """The checkpoint's flags, with this command's RUN_FLAGS on top; a different model or training flag is refused."""
+    saved = {k: v for k, v in checkpoint["config"].items() if k != "inception_score"}  # retired: IS is fid.py's
     for key in sorted(saved.keys() - vars(cfg).keys()):       # a flag this version would silently drop
         raise UsageError(f"checkpoint {path} is from a newer contragan.py: it has --{key.replace('_', '-')}, "
                          f"which this one does not know")
@@ -1486,12 +1350,11 @@ def evaluations_left(step, steps, eval_every):
     return steps // eval_every - (step - 1) // eval_every + (steps % eval_every > 0)
 
 def format_duration(seconds):
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    s = int(max(seconds, 0))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 def cut_metrics(path, step):
-    """metrics.jsonl cut back to the checkpoint's step (all of it on a fresh start): a crash before the
-    first checkpoint leaves lines that a rerun would otherwise repeat. A torn last line goes too."""
+    """metrics.jsonl cut to the checkpoint's step (all of it on a fresh start) and torn lines: a rerun repeats none."""
     if os.path.exists(path):
         with open(path) as f:
             kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
@@ -1499,18 +1362,15 @@ def cut_metrics(path, step):
             f.writelines(kept)
         os.replace(path + ".tmp", path)
 
-
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
-
 
 class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message):                                  # one line, not usage + error
         self.exit(2, f"error: {message} (see --help)\n")
 
-# Each numeric flag's range, as one table: (flags, test, what the value must be). NaN fails every
-# test, so "nan" and "inf" are refused along with the negative and zero values that make no sense.
+# Each numeric flag's range: (flags, test, what the value must be). NaN fails every test, so "nan" is refused too.
 FLAG_RANGES = [
     ("steps log_every eval_every d_steps batch_size eval_batch g_width d_width z_dim shared_dim embed_dim "
      "shapes_size acc_images collapse_patience", lambda v: v >= 1, "at least 1"),
@@ -1520,6 +1380,7 @@ FLAG_RANGES = [
     ("temperature lr_g lr_d adam_eps", lambda v: 0 < v < float("inf"), "> 0 and finite"),
     ("beta1 beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("margin", lambda v: 0 < v <= 1, "in (0, 1]"),             # m_n = 1 - m_p must lie in [0, 1)
 ]
 
 def check_ranges(cfg, table=FLAG_RANGES):
@@ -1527,8 +1388,6 @@ def check_ranges(cfg, table=FLAG_RANGES):
         for name in names.split():
             if not ok(getattr(cfg, name)):
                 raise UsageError(f"--{name.replace('_', '-')} must be {what} (got {getattr(cfg, name)})")
-
-
 
 # A small, fast configuration for a CPU: offline on the built-in shapes, class-conditional in minutes.
 PRESETS = {"cpu-demo": dict(dataset="shapes", g_width=16, d_width=16, batch_size=32, d_steps=2, steps=1500,
@@ -1539,16 +1398,15 @@ def build_parser(suppress=False):
     """suppress=True gives a parser that returns only the flags given on the command line."""
     p = OneLineErrorParser(
         description="ContraGAN (Kang & Park, NeurIPS 2020) in one file. Defaults: the authors' CIFAR-10 setting.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS if suppress else None)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS if suppress else None)
     def add(flag, default=None, **kw):                         # suppress: no defaults, only the flags given
         p.add_argument(flag, **({} if suppress else {"default": default}), **kw)
     add("--preset", choices=sorted(PRESETS), help="a named set of defaults (flags given still win): " +
         "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
-    add("--dataset", "cifar10", choices=["cifar10", "cifar100", "folder", "shapes"],
-        help="folder: an ImageFolder tree at --data-dir; shapes: built in, no download")
-    add("--data-dir", "data", help="where CIFAR is downloaded to / read from, or the image folder")
-    add("--loss", "2c", choices=["2c", "d2dce", "proj", "ac"], help="ContraGAN (2C), ReACGAN's D2D-CE, ProjGAN or "
-        "ACGAN, each with the authors' loss arrangement on this BigGAN backbone")
+    add("--dataset", "cifar10", choices=["cifar10", "cifar100", "folder", "shapes"], help="shapes: built in, offline")
+    add("--data-dir", "data", help="where CIFAR is downloaded to / read from, or the image folder (<class>/<image>)")
+    add("--loss", "2c", choices=["2c", "d2dce", "proj", "ac"], help="ContraGAN (2C), ReACGAN's D2D-CE, ProjGAN, ACGAN")
     add("--img-size", 32, type=int, help="32, 64 or 128 (the architecture's sizes)")
     add("--shapes-size", 10000, type=int, help="number of training images of --dataset shapes")
     add("--g-width", 96, type=int, help="G channels = 4 x width (authors: 96)")
@@ -1558,10 +1416,9 @@ def build_parser(suppress=False):
     add("--embed-dim", 512, type=int, help="2C embedding size (authors' CIFAR-10: 512)")
     add("--temperature", 1.0, type=float, help="2C / D2D-CE temperature t (authors: 1.0 for 2C, 0.5 for D2D-CE)")
     add("--margin", 0.98, type=float, help="D2D-CE's positive margin m_p; m_n = 1 - m_p (authors: 0.98)")
-    add("--data-positives", True, action=argparse.BooleanOptionalAction, help="same-class samples in "
-        "2C's numerator (the paper); --no-data-positives: the proxy alone, the authors' remedy for class confusion")
-    add("--cond-lambda", 1.0, type=float, help="lambda, weight of the 2C / D2D-CE / ACGAN term (authors: 1.0 for "
-        "2C and ACGAN, 0.5 for D2D-CE)")
+    add("--data-positives", True, action=argparse.BooleanOptionalAction, help="same-class samples in 2C's "
+        "numerator (the paper); --no-data-positives: the proxy alone, the authors' remedy for class confusion")
+    add("--cond-lambda", 1.0, type=float, help="lambda, the class term's weight (authors: 1.0; 0.5 for D2D-CE)")
     add("--batch-size", 64, type=int, help="GLOBAL batch: split over torchrun's ranks (authors: 64)")
     add("--lr-g", 2e-4, type=float, help="Adam lr of G (authors: 2e-4)")
     add("--lr-d", 2e-4, type=float, help="Adam lr of D (authors: 2e-4)")
@@ -1570,8 +1427,7 @@ def build_parser(suppress=False):
     add("--adam-eps", 1e-6, type=float, help="Adam eps (authors: 1e-6)")
     add("--d-steps", 5, type=int, help="D steps per G step (authors: 5)")
     add("--steps", 100000, type=int, help="G steps (authors: 100,000)")
-    add("--flip", True, action=argparse.BooleanOptionalAction,
-        help="random horizontal flips of real images (authors: on for CIFAR-10, off for Tiny ImageNet)")
+    add("--flip", True, action=argparse.BooleanOptionalAction, help="random flips (authors: off for Tiny ImageNet)")
     add("--ema-decay", 0.9999, type=float, help="EMA decay of G_ema (authors: 0.9999)")
     add("--ema-start", 1000, type=int, help="G step where the EMA starts; a copy of G before (authors: 1000)")
     add("--seed", 0, type=int)
@@ -1583,9 +1439,8 @@ def build_parser(suppress=False):
     add("--fid-weights", help="local pt_inception-2015-12-05-6726825d.pth (default: torch hub cache, "
         "downloaded once); 'random' = random weights, a smoke test only")
     add("--eval-batch", 64, type=int, help="G_ema batch at evaluation; BN uses its statistics (authors: 64)")
-    add("--inception-score", False, action="store_true", help="also Inception Score (10 splits)")
     add("--intra-fid", False, action="store_true", help="also FID per class and their mean")
-    add("--acc-images", 1000, type=int, help="real train and held-out images for D's accuracy; as many fakes for confusion")
+    add("--acc-images", 1000, type=int, help="reals for D's train/held-out accuracy; as many fakes for confusion")
     add("--collapse-gap", 0.3, type=float, help="warn of collapse when D's train - held-out accuracy exceeds this")
     add("--collapse-patience", 3, type=int, help="warn of collapse when FID rises this many evaluations in a row")
     add("--device", "auto", choices=["auto", "cuda", "cpu"])
@@ -1596,20 +1451,15 @@ def build_parser(suppress=False):
     add("--sync-bn", False, action="store_true", help="under torchrun: G's BatchNorm over the global batch")
     return p
 
-
 def validate(cfg):
     """Bad input: one clear line (main prints it), before anything is built or written."""
-    check_ranges(cfg)                                    # every numeric flag: FLAG_RANGES
+    check_ranges(cfg)                                          # every numeric flag: FLAG_RANGES
     if cfg.img_size not in G_ARCH:
         raise UsageError(f"--img-size {cfg.img_size} is not supported: the architecture has 32, 64 and 128")
-    try:
-        Generator.z_chunk(cfg.img_size, cfg.z_dim)
-    except ValueError as err:
-        raise UsageError(str(err).replace("z_dim", "--z-dim")) from None
+    if cfg.z_dim % (n := len(G_ARCH[cfg.img_size]["ch"])):     # Generator's chunks of z
+        raise UsageError(f"--z-dim {cfg.z_dim} must split into {n} equal chunks at {cfg.img_size}x{cfg.img_size}")
     if cfg.loss in ("2c", "d2dce") and cfg.batch_size < 2:
         raise UsageError(f"--loss {cfg.loss} needs --batch-size of at least 2: it contrasts samples within a batch")
-    if not 0 < cfg.margin <= 1:                                # m_n = 1 - m_p must lie in [0, 1)
-        raise UsageError(f"--margin must be in (0, 1] (got {cfg.margin})")
     if not cfg.data_positives and cfg.loss != "2c":
         raise UsageError(f"--no-data-positives changes the 2C loss: it needs --loss 2c (got --loss {cfg.loss})")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -1621,8 +1471,7 @@ def validate(cfg):
         raise UsageError("--device cuda asked for, but torch sees no CUDA GPU")
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
+    parser = build_parser()                                    # argv None: sys.argv[1:]
     cfg = parser.parse_args(argv)
     explicit = vars(build_parser(suppress=True).parse_args(argv))
     if cfg.preset:                                             # preset defaults, then the given flags
@@ -1630,17 +1479,13 @@ def main(argv=None):
         cfg = parser.parse_args(argv)
     previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}  # the loop's own: Run.request_stop
     try:
-        if cfg.resume is None:                                 # a resumed run: once merged with its checkpoint
-            validate(cfg)
-        return train(cfg, explicit)
+        return train(cfg, explicit)                            # checks cfg (a resumed run's: merged) first
     except KeyboardInterrupt as err:                           # a signal in start-up, or a second one: no traceback
         signum = err.args[0] if err.args and isinstance(err.args[0], int) else signal.SIGINT
-        print("interrupted" + (f" by {signal.Signals(signum).name}" if signum != signal.SIGINT else ""), file=sys.stderr)
+        print(f"interrupted{'' if signum == signal.SIGINT else ' by ' + signal.Signals(signum).name}", file=sys.stderr)
         return 128 + signum
-    except Exception as err:
-        if not isinstance(err, (UsageError, fid.FIDError if fid else UsageError)):
-            raise
-        if is_main_process():                            # under torchrun: said once, by rank 0
+    except (UsageError, fid.FIDError) as err:
+        if is_main_process():                                  # under torchrun: said once, by rank 0
             print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

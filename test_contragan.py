@@ -1,6 +1,7 @@
 """Tests of contragan.py and of the tools that use it (tools/sample.py, tools/plot_runs.py): CPU only,
 deterministic, no downloads (the built-in shapes data and random weights). Run: python -m pytest -q"""
 import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 
 import contragan as cg
+from test_fid import one_line  # main(args) as the command line runs it: its status and one stderr line
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
 import plot_runs  # noqa: E402  tools/plot_runs.py: Figure 3 from run folders
@@ -39,12 +41,18 @@ CASES = [  # (batch m, number of classes, labels rule, temperature)
     (8, 1, "same", 0.1), (16, 4, "random", 2.0), (33, 10, "random", 0.3), (12, 12, "distinct", 0.07)]
 
 
+def labels_by_rule(rule, m, K, gen):
+    """m labels: random over K classes, all the same class, or all distinct."""
+    if rule == "random":
+        return torch.randint(0, K, (m,), generator=gen)
+    return torch.zeros(m, dtype=torch.long) if rule == "same" else torch.randperm(m, generator=gen)
+
+
 @pytest.mark.parametrize("data_positives", [True, False])
 @pytest.mark.parametrize("m,K,rule,t", CASES)
 def test_2c_equals_literal_loop_and_gradients(m, K, rule, t, data_positives):
     gen = torch.Generator().manual_seed(m * 100 + K)
-    labels = {"random": torch.randint(0, K, (m,), generator=gen), "same": torch.zeros(m, dtype=torch.long),
-              "distinct": torch.randperm(m, generator=gen)}[rule]
+    labels = labels_by_rule(rule, m, K, gen)
     embed = torch.randn(m, 7, dtype=torch.float64, generator=gen, requires_grad=True)
     class_table = torch.randn(K if rule != "distinct" else m, 7, dtype=torch.float64, generator=gen, requires_grad=True)
     fast = cg.conditional_contrastive_loss(embed, class_table[labels], labels, temperature=t,
@@ -104,8 +112,7 @@ D2DCE_CASES = [  # (batch m, number of classes, labels rule, temperature, margin
 @pytest.mark.parametrize("m,K,rule,t,m_p", D2DCE_CASES)
 def test_d2dce_equals_the_authors_code_as_a_loop(m, K, rule, t, m_p):
     gen = torch.Generator().manual_seed(m * 100 + K)
-    labels = {"random": torch.randint(0, K, (m,), generator=gen), "same": torch.zeros(m, dtype=torch.long),
-              "distinct": torch.randperm(m, generator=gen)}[rule]
+    labels = labels_by_rule(rule, m, K, gen)
     embed = torch.randn(m, 7, dtype=torch.float64, generator=gen, requires_grad=True)
     table = torch.randn(max(K, m), 7, dtype=torch.float64, generator=gen, requires_grad=True)
     fast = cg.data_to_data_cross_entropy_loss(embed, table[labels], labels, temperature=t, margin=m_p)
@@ -489,13 +496,12 @@ def test_fid_during_training_with_random_weights(tmp_path, monkeypatch, capsys):
     run, calls, real_generate = tmp_path / "run", [], cg.generate
     monkeypatch.setattr(cg, "generate", lambda G, y, *a: calls.append(y.cpu()) or real_generate(G, y, *a))
     r = run_main(capsys, *TINY, "--steps", "2", "--eval-every", "2", "--fid-images", "16", "--fid-weights", "random",
-                 "--eval-batch", "8", "--intra-fid", "--inception-score", "--data-dir", tmp_path, "--run-dir", run)
+                 "--eval-batch", "8", "--intra-fid", "--data-dir", tmp_path, "--run-dir", run)
     assert r.returncode == 0, r.stderr
     record = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x][-1]
     assert math.isfinite(record["fid"]) and record["fid"] >= 0
     assert len(record["intra_fid_per_class"]) == 4 and record["intra_fid"] == pytest.approx(
         sum(record["intra_fid_per_class"]) / 4)
-    assert 1.0 <= record["is_mean"] <= 1008
     # Intra-class FID routes FID's own fakes by label, in mixed batches with balanced labels (in a batch of one
     # class, G's BatchNorm batch statistics would remove the class). The evaluator draws first.
     assert [len(y) for y in calls[:2]] == [8, 8] and all(len(y.unique()) > 1 for y in calls)
@@ -965,9 +971,13 @@ def test_crash_before_first_checkpoint_then_rerun_repeats_no_step(tmp_path, monk
 def test_one_run_owns_its_folder(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "run.lock").write_text(str(os.getpid()))           # a live process holds it
-    r = run_main(capsys, *TINY, "--steps", "1", "--run-dir", run)
-    assert "in use by another run" in one_line_error(r) and not (run / "metrics.jsonl").exists()
+    with open(run / "run.lock", "w") as held:                  # a live process holds it: its flock, its pid
+        held.write(str(os.getpid()))
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        r = run_main(capsys, *TINY, "--steps", "1", "--run-dir", run)
+    assert f"in use by another run (process {os.getpid()}" in one_line_error(r)
+    assert not (run / "metrics.jsonl").exists()
     dead = subprocess.Popen([sys.executable, "-c", ""])
     dead.wait()
     (run / "run.lock").write_text(str(dead.pid))              # its process is gone (kill -9): taken over
@@ -1214,19 +1224,6 @@ def test_plot_writes_png(tmp_path):
 def test_plot_to_an_unwritable_folder_is_one_error_line(tmp_path):
     r = subprocess.run([*PLOT, "x", "--out", "/nonexistent/folder/f.png"], capture_output=True, text=True, timeout=300)
     assert "cannot write --out" in one_line_error(r)
-
-
-def one_line(capsys, main, args, code=2):
-    """main(args) as the command line runs it: the exit status and its single stderr line."""
-    try:
-        status = main([str(a) for a in args])
-    except SystemExit as exit:
-        status = exit.code
-    except KeyboardInterrupt:                                  # escaped: a traceback (and pytest would stop)
-        status = "KeyboardInterrupt"
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert status == code and len(lines) == 1, (args, status, lines)
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
