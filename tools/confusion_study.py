@@ -128,7 +128,7 @@ def mean_std(values):
     return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
-def report():
+def report(per_seed=True):
     keys = ["class_consistency", "class_consistency_relabelled", "class_none", "class_consistency_d",
             "class_consistency_d_relabelled", "d_class_acc_heldout"]
     lines = ["| setting | seeds | colour: raw | colour: relabelled | colour: none | D: raw | D: relabelled | "
@@ -137,7 +137,8 @@ def report():
         finals = [r for r in (recorded(name, s) for s in seeds) if r]
         cells = [mean_std([r[k] for r in finals]) for k in keys]
         lines.append(f"| {name} | {len(finals)} of {len(seeds)} | " + " | ".join(cells) + " |")
-        lines += [f"|  seed {r['seed']} | | " + " | ".join(f"{r[k]:.2f}" for k in keys) + " |" for r in finals]
+        if per_seed:
+            lines += [f"|  seed {r['seed']} | | " + " | ".join(f"{r[k]:.2f}" for k in keys) + " |" for r in finals]
     return "\n".join(lines)
 
 
@@ -169,7 +170,8 @@ def main():
     p.add_argument("--root", default="runs/study")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--report", action="store_true", help="only print the table (and record finished runs)")
-    p.add_argument("--readme", help="also put the table into this file, between its study-table markers")
+    p.add_argument("--readme", help="also put the table (means only) and the grids into this file, between "
+                   "its study-table markers")
     p.add_argument("--matrices", action="store_true", help="also print every recorded run's colour matrix")
     args = p.parse_args()
     for name, (_, seeds) in SETTINGS.items():               # runs finished but not yet recorded
@@ -183,8 +185,7 @@ def main():
         with ThreadPoolExecutor(args.jobs) as pool:
             for path in pool.map(lambda t: train(args.root, t[1], t[2], t[0]), todo):
                 print(f"done {path}", flush=True)
-    table = report() + "\n\n" + grids()
-    print(table)
+    print(report() + "\n\n" + grids())
     if args.matrices:
         print("\n" + matrices())
     if args.readme:
@@ -193,7 +194,7 @@ def main():
         start = text.index("\n", text.index("<!-- study-table:")) + 1
         end = text.index("<!-- /study-table -->")
         with open(args.readme, "w") as f:
-            f.write(text[:start] + table + "\n" + text[end:])
+            f.write(text[:start] + report(per_seed=False) + "\n\n" + grids() + "\n" + text[end:])  # seeds: --report
 
 
 if __name__ == "__main__":
