@@ -149,7 +149,7 @@ def grids():
     for s in range(max(len(seeds) for _, seeds in SETTINGS.values())):
         rows.append(f"| {s} | " + " | ".join(f"![{n}, seed {s}](docs/confusion-study/{slug(n)}-s{s}.png)"
                                               if recorded(n, s) else "-" for n in names) + " |")
-    return "Final grids (rows: circle/red, square/green, triangle/blue, cross/yellow; '-': not run yet):\n\n" + \
+    return "Final grids (rows: circle/red, square/green, triangle/blue, cross/yellow; '-': no run recorded):\n\n" + \
         "\n".join(rows)
 
 
