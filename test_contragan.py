@@ -16,6 +16,7 @@ import types
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import contragan as cg
@@ -24,7 +25,6 @@ from test_fid import one_line  # main(args) as the command line runs it: its sta
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
 import plot_runs  # noqa: E402  tools/plot_runs.py: Figure 3 from run folders
 import sample  # noqa: E402  tools/sample.py: images from a checkpoint
-from literal_losses import literal_2c, literal_d2dce  # noqa: E402  tools/literal_losses.py: the equations, term by term
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "contragan.py")
@@ -35,6 +35,26 @@ TINY = ["--dataset", "shapes", "--shapes-size", "256", "--g-width", "8", "--d-wi
 
 
 # ---------------------------------------------------------------- the 2C loss against the equation
+
+# The losses written literally, one sample and one term at a time: the oracles of the parity tests
+# below (float64, values and gradients), also timed by tools/bench.py. Slow on purpose.
+
+def literal_2c(embed, proxy, labels, t=1.0, data_positives=True):
+    """The 2C loss straight from the paper's equation (ContraGAN, Section 3). data_positives=False: the
+    authors' pos_collected_numerator=False, the proxy alone in the numerator."""
+    l = [x / x.norm() for x in embed]
+    e = [x / x.norm() for x in proxy]
+    m = len(l)
+    losses = []
+    for i in range(m):
+        data_to_class = torch.exp(l[i] @ e[i] / t)
+        positives = sum((torch.exp(l[i] @ l[k] / t) for k in range(m) if k != i and labels[k] == labels[i]),
+                        torch.zeros((), dtype=embed.dtype))
+        everyone = sum((torch.exp(l[i] @ l[k] / t) for k in range(m) if k != i), torch.zeros((), dtype=embed.dtype))
+        numerator = data_to_class + positives if data_positives else data_to_class
+        losses.append(-torch.log(numerator / (data_to_class + everyone)))
+    return sum(losses) / m
+
 
 CASES = [  # (batch m, number of classes, labels rule, temperature)
     (2, 2, "random", 1.0), (2, 1, "same", 1.0), (5, 3, "random", 0.5), (8, 8, "distinct", 1.0),
@@ -102,6 +122,23 @@ def test_2c_low_precision_does_not_overflow():
 
 
 # ---------------------------------------------------------------- the D2D-CE loss against the authors' code
+
+def literal_d2dce(embed, proxy, labels, t=0.5, m_p=0.98):
+    """D2D-CE as the authors' code computes it (PyTorch-StudioGAN src/utils/losses.py,
+    Data2DataCrossEntropyLoss.forward, commit 947b35e), one anchor i at a time: s_ij = (cos(l_i, l_j) + m_p
+    - 1) / t for j != i; M_i = max_j s_ij (detached); negatives y_j != y_i, each exp(relu(s_ij) - M_i);
+    a_i = relu((m_p - cos(l_i, e_i)) / t); loss_i = a_i + log(exp(-a_i) + sum of negatives)."""
+    m = len(embed)
+    losses = []
+    for i in range(m):
+        s = {j: (F.cosine_similarity(embed[i], embed[j], dim=0) + m_p - 1) / t for j in range(m) if j != i}
+        M = max(s.values()).detach()
+        negatives = sum((torch.exp(torch.relu(s[j]) - M) for j in s if labels[j] != labels[i]),
+                        torch.zeros((), dtype=embed.dtype))
+        a = torch.relu((m_p - F.cosine_similarity(embed[i], proxy[i], dim=0)) / t)
+        losses.append(a + torch.log(torch.exp(-a) + negatives))
+    return sum(losses) / m
+
 
 D2DCE_CASES = [  # (batch m, number of classes, labels rule, temperature, margin)
     (2, 2, "distinct", 0.5, 0.98), (2, 1, "same", 0.5, 0.98), (6, 1, "same", 1.0, 0.98),

@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import contragan as cg  # noqa: E402
-from literal_losses import literal_2c  # noqa: E402  the tests' oracle, straight from the equation: timed here
+from test_contragan import literal_2c  # noqa: E402  the tests' oracle, beside its parity test: timed here
 
 # ---------------------------------------------------------------------------------------------
 # Timing, memory and the machine

@@ -12,7 +12,7 @@ matrix (rows: asked; columns: judged, then none) for reading with its sample gri
 
     python tools/confusion_study.py              # runs what is missing (2 at a time, 1 thread each)
     python tools/confusion_study.py --report     # only the table, from the runs recorded
-    python tools/confusion_study.py --report --readme README.md   # and into the README's table
+    python tools/confusion_study.py --report --page docs/confusion-study.md   # and into the study's page
     python tools/confusion_study.py --report --matrices           # and every recorded run's matrix
 
 The numbers are computed here from a finished run's last.pt (runs/study/<setting>/s<seed>) by
@@ -142,12 +142,14 @@ def report(per_seed=True):
     return "\n".join(lines)
 
 
-def grids():
-    """The recorded runs' final sample grids as a markdown table: a column per setting, a row per seed."""
+def grids(page_dir=os.path.join(HERE, "..")):
+    """The recorded runs' final sample grids as a markdown table: a column per setting, a row per seed; the
+    image links relative to page_dir, the folder of the page that shows them."""
+    images = os.path.relpath(RESULTS, page_dir).replace(os.sep, "/")
     names = list(SETTINGS)
     rows = ["| seed | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for s in range(max(len(seeds) for _, seeds in SETTINGS.values())):
-        rows.append(f"| {s} | " + " | ".join(f"![{n}, seed {s}](docs/confusion-study/{slug(n)}-s{s}.png)"
+        rows.append(f"| {s} | " + " | ".join(f"![{n}, seed {s}]({images}/{slug(n)}-s{s}.png)"
                                               if recorded(n, s) else "-" for n in names) + " |")
     return "Final grids (rows: circle/red, square/green, triangle/blue, cross/yellow; '-': no run recorded):\n\n" + \
         "\n".join(rows)
@@ -170,8 +172,8 @@ def main():
     p.add_argument("--root", default="runs/study")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--report", action="store_true", help="only print the table (and record finished runs)")
-    p.add_argument("--readme", help="also put the table (means only) and the grids into this file, between "
-                   "its study-table markers")
+    p.add_argument("--page", help="also put the table (means only) and the grids into this markdown file, "
+                   "between its study-table markers (docs/confusion-study.md)")
     p.add_argument("--matrices", action="store_true", help="also print every recorded run's colour matrix")
     args = p.parse_args()
     for name, (_, seeds) in SETTINGS.items():               # runs finished but not yet recorded
@@ -188,13 +190,14 @@ def main():
     print(report() + "\n\n" + grids())
     if args.matrices:
         print("\n" + matrices())
-    if args.readme:
-        with open(args.readme) as f:
+    if args.page:
+        with open(args.page) as f:
             text = f.read()
         start = text.index("\n", text.index("<!-- study-table:")) + 1
         end = text.index("<!-- /study-table -->")
-        with open(args.readme, "w") as f:
-            f.write(text[:start] + report(per_seed=False) + "\n\n" + grids() + "\n" + text[end:])  # seeds: --report
+        with open(args.page, "w") as f:
+            f.write(text[:start] + report(per_seed=False) + "\n\n" +
+                    grids(os.path.dirname(os.path.abspath(args.page))) + "\n" + text[end:])  # seeds: --report
 
 
 if __name__ == "__main__":
