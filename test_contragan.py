@@ -719,6 +719,68 @@ def test_2c_on_two_ranks_equals_one_process(tmp_path):
         torch.testing.assert_close(got["proxy_grad"] / 2, proxy.grad[local])
 
 
+def _two_rank_draws(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    trainer = cg.Trainer(cg.build_parser().parse_args(TINY), num_classes=4, device=torch.device("cpu"), world=world)
+    z, y = trainer.sample_latents(4)                           # what the next D or G step feeds G on this rank
+    flips = torch.rand(4)                                      # what Batches draws for its flips
+    torch.save({"z": z, "y": y, "flips": flips, "G": trainer.G.state_dict()}, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_every_rank_draws_its_own_noise_labels_and_flips_from_equal_weights(tmp_path):
+    """Under torchrun the global batch holds batch-size distinct fakes (not batch / world, each world times),
+    from the same initial weights on every rank (DDP broadcasts rank 0's)."""
+    torch.multiprocessing.spawn(_two_rank_draws, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"{rank}.pt") for rank in range(2))
+    assert not torch.equal(r0["z"], r1["z"]) and not torch.equal(r0["flips"], r1["flips"])
+    assert len(torch.cat([r0["z"], r1["z"]]).unique(dim=0)) == 8
+    for k, v in r0["G"].items():
+        assert torch.equal(v, r1["G"][k]), k
+
+
+def _two_rank_runs(rank, world, port, runs, out_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    for i, argv in enumerate(runs):                            # a fresh rendezvous for each command
+        os.environ["MASTER_PORT"] = str(port + i)
+        assert cg.main(argv) == 0
+
+
+def test_two_rank_fid_and_resume_equal_their_one_process_and_uninterrupted_runs(tmp_path):
+    """2 gloo ranks: exactly --fid-images fakes, in the batches one process draws (10 = 4 + 4 + 2), the same
+    FID as one process on the same weights; a resumed 2-rank run ends where the uninterrupted one does."""
+    flags = [*TINY, "--eval-every", "2", "--fid-images", "10", "--eval-batch", "4", "--fid-weights", "random"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    # Each run its own FID cache: computing the reference statistics draws from the global RNG (DataLoader's seed)
+    runs = [[*flags, "--steps", "4", "--run-dir", str(straight), "--data-dir", str(tmp_path / "a")],
+            [*flags, "--steps", "2", "--run-dir", str(split), "--data-dir", str(tmp_path / "b")],
+            ["--resume", str(split), "--steps", "4"]]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_two_rank_runs, args=(2, port, runs, str(tmp_path)), nprocs=2)
+    a, wa = weights_of(straight / "last.pt")
+    b, wb = weights_of(split / "last.pt")
+    assert a["step"] == b["step"] == 4 and len(a["rng"]) == 2
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    fids = [json.loads(x)["fid"] for x in (straight / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    # The one-process FID of the final G_ema, on the same weights, through the same evaluator:
+    cfg = cg.build_parser().parse_args([*flags, "--run-dir", str(tmp_path / "one"), "--data-dir", str(tmp_path / "a")])
+    G = cg.Generator(32, 8, 80, 128, 4)
+    G.load_state_dict(a["G_ema"])
+    evaluator = cg.FIDEvaluator(cfg, cg.load_data(cfg)[1], "heldout", 4, torch.device("cpu"), 0, 1)
+    sizes, real_generate = [], cg.generate
+    cg.generate = lambda G, y, *rest: sizes.append(len(y)) or real_generate(G, y, *rest)
+    try:
+        one = evaluator(G)["fid"]
+    finally:
+        cg.generate = real_generate
+    assert sizes == [4, 4, 2] and one == pytest.approx(fids[-1], rel=1e-6)
+
+
 def test_torchrun_two_processes_train_and_resume(tmp_path):
     run = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT]
