@@ -685,6 +685,36 @@ def test_bf16_step_is_finite_and_close_to_fp32():
         assert abs(losses["bf16"][k] - v) < 0.05 * abs(v) + 0.05, (k, v, losses["bf16"][k])
 
 
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loss", [cg.conditional_contrastive_loss, cg.data_to_data_cross_entropy_loss])
+def test_contrastive_losses_are_fp32_inside_autocast(loss, amp):
+    """Inside the step's autocast, 2C and D2D-CE equal their fp32 values and gradients to float32 rounding (CPU
+    autocast recasts matmuls as CUDA's does), for fp32 inputs and for the bf16/fp16 embeddings D gives there."""
+    gen = torch.Generator().manual_seed(0)
+    embed, proxy = torch.randn(64, 32, generator=gen), torch.randn(64, 32, generator=gen)
+    labels = torch.randint(0, 4, (64,), generator=gen)
+    for dtype in (torch.float32, amp):
+        e, p = embed.to(dtype), proxy.to(dtype)
+        values, grads = [], []
+        for autocast in (False, True):
+            x, y = e.clone().requires_grad_(), p.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=amp, enabled=autocast):
+                value = loss(x, y, labels, 0.5)
+            values.append(value)
+            grads.append(torch.autograd.grad(value, (x, y)))
+        assert values[1].dtype == torch.float32
+        torch.testing.assert_close(values[1], values[0], rtol=1e-6, atol=1e-6)
+        for g_autocast, g_fp32 in zip(grads[1], grads[0]):
+            torch.testing.assert_close(g_autocast.float(), g_fp32.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_self_attention_keeps_a_bf16_activation_bf16():
+    attn = cg.SelfAttention(16)
+    torch.nn.init.constant_(attn.scale, 0.5)                   # a trained, non-zero scale; (1,): the authors' shape
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attn(torch.randn(2, 16, 8, 8).bfloat16()).dtype == torch.bfloat16
+
+
 # ---------------------------------------------------------------- DDP on the CPU (gloo, 2 processes)
 
 def _two_rank_2c(rank, world, init_file, out_dir):
@@ -1061,6 +1091,31 @@ def test_compile_says_it_is_compiling(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch, "compile", lambda module: module)   # the message, not minutes of compiling
     r = run_main(capsys, *TINY, "--compile", "--steps", "1", "--run-dir", tmp_path / "run")
     assert r.returncode == 0 and "compile G and D" in r.stdout
+
+
+def test_compile_without_a_c_compiler_is_one_line_before_start_up(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))                  # no cc, gcc, clang, c++, g++, clang++ on it
+    monkeypatch.setattr(cg, "load_data", lambda cfg: pytest.fail("started up"))
+    r = run_main(capsys, *TINY, "--compile", "--steps", "1", "--run-dir", tmp_path / "run")
+    assert "--compile needs a C compiler on PATH" in one_line_error(r) and not (tmp_path / "run").exists()
+
+
+def test_resume_sets_adam_fused_or_foreach_for_this_device(tmp_path):
+    """A checkpoint keeps its device's Adam flags (a GPU run's fused=True); resumed on another device, the optimisers
+    take this one's (CPU: foreach), as a fresh run there would. A CUDA resume of a CPU run is the same code path."""
+    run = tmp_path / "run"
+    assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
+    state = torch.load(run / "last.pt", weights_only=False)
+    for opt in ("opt_G", "opt_D"):
+        for group in state[opt]["param_groups"]:
+            group.update(fused=True, foreach=False)            # as saved on a GPU
+    cg.save_checkpoint(str(run / "last.pt"), state)
+    cfg = cg.build_parser().parse_args(["--resume", str(run)])
+    checkpoint, path = cg.load_checkpoint(str(run))
+    cfg = cg.merge_resume_config(cfg, {"resume": str(run)}, checkpoint, path)
+    resumed = cg.Run(cfg, checkpoint, path, torch.device("cpu"), 0, 1)
+    for opt in (resumed.trainer.opt_G, resumed.trainer.opt_D):
+        assert all(g["foreach"] is True and g["fused"] is False for g in opt.param_groups)
 
 
 def test_ctrl_c_during_start_up_exits_130_quietly(tmp_path, monkeypatch, capsys):
