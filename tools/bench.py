@@ -365,8 +365,8 @@ def host_lines(device, ops, host_s, flops, seconds, width, tiny=(4, 8)):
     if flops is not None:
         math_s = flops / (0.4 * H100_BF16_DENSE)
         lines.append(f"| one H100 at 40% of bf16 peak, width {width}: the math | {ms(math_s)} per iteration, "
-                     f"{ms(math_s / ops)} per op: " + ("host-bound in eager mode if the host needs more per op "
-                     "than that (a kernel launch alone takes ~5 us)" if math_s / ops < 10e-6 else "device-bound") + " |")
+                     f"{ms(math_s / ops)} per op: host-bound wherever the host takes longer than that to "
+                     f"dispatch and launch one op (the floor above: {ms(host_s / ops)} per op on this host) |")
     lines.append(f"\nOps counted with a TorchDispatchMode over one iteration (5 D + 1 G step + EMA), the same at any "
                  f"width. Host floor: the best of 3 iterations at width {tiny[0]}, batch {tiny[1]}" +
                  (", where the GPU's math is negligible." if device.type == "cuda" else

@@ -15,11 +15,11 @@ def test_reference_formulations_and_tiny_report(tmp_path):
     torch.testing.assert_close(bench.literal_2c(embed, proxy, labels, 0.5), ours)
 
     out = tmp_path / "perf.md"
-    bench.main(["--quick", "--threads", "1", "--sections", "2c,train,host,eval", "--width", "4", "--small-width", "4",
-                "--out", str(out)])
+    bench.main(["--quick", "--threads", "1", "--sections", "2c,train,host,eval", "--width", "4",
+                "--small-width", "4", "--out", str(out)])
     report = out.read_text()
-    for heading in ("# ContraGAN benchmarks", "## 2C loss", "## One training iteration", "## Host", "## Evaluation during",
-                    "## Goals"):
+    for heading in ("# ContraGAN benchmarks", "## 2C loss", "## One training iteration", "## Host",
+                    "## Evaluation during", "## Goals"):
         assert heading in report
     assert "| 64 |" in report and "width 4, bf16" in report and "+ evaluations" in report
     assert "ops dispatched per iteration" in report and "-bound here" in report
