@@ -792,8 +792,7 @@ def setup_device(cfg):
         raise UsageError(f"--compile needs a C compiler on PATH ({', '.join(compilers)}), and none is there")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
-        # torch.distributed.nn's all_gather, the public differentiable one, is flagged in favour of a private one
-        warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated")
+        warnings.filterwarnings("ignore", message=".*nn.functional.all_gather is deprecated")  # public, differentiable
     return device, rank, world
 
 def setup_training(t, cfg, device, world):
@@ -806,11 +805,9 @@ def setup_training(t, cfg, device, world):
                                          **t.adam_flags) for m, lr in ((t.G, cfg.lr_g), (t.D, cfg.lr_d)))
     t.scaler_G, t.scaler_D = (torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16") for _ in "GD")
     t.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    # DDP around the modules that train; the G step calls D without it: D gets no gradient there, and DDP would
-    # wait for it at the next step. device_ids=None: each module and its inputs are on this rank's one device.
-    ddp = nn.parallel.DistributedDataParallel if world > 1 else (lambda module: module)
-    t.G_train, t.D_train, t.D_frozen = map(torch.compile if cfg.compile else (lambda module: module),
-                                           (ddp(t.G), ddp(t.D), t.D))
+    # The G step calls D without DDP: D gets no gradient there, and DDP would wait for it at the next step.
+    ddp = nn.parallel.DistributedDataParallel if world > 1 else (lambda m: m)  # device_ids None: one device a rank
+    t.G_train, t.D_train, t.D_frozen = (torch.compile(m) if cfg.compile else m for m in (ddp(t.G), ddp(t.D), t.D))
     t.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked without host syncs
 
 def gather_global_batch(embed, proxy, labels):
@@ -987,8 +984,7 @@ class FIDEvaluator:
         return fid.load_stats(path, expect=protocol)[:2]       # mu, sigma
 
     def __call__(self, G):
-        """{'fid', ['intra_fid', 'intra_fid_per_class']} on every rank (IS: fid.py on tools/sample.py's images) of
-        the --fid-images fakes one process draws, in its --eval-batch batches: rank r embeds r, r + world, ..."""
+        """{'fid', ['intra_fid', 'intra_fid_per_class']} of one process's fakes; rank r: batches r, r + world, ..."""
         cfg, K = self.cfg, self.num_classes
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)  # one stream, walked by every rank
         class_stats = [fid.RunningStats() for _ in range(K)] if self.class_ref else None
