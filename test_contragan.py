@@ -749,9 +749,14 @@ def test_2c_on_two_ranks_equals_one_process(tmp_path):
         torch.testing.assert_close(got["proxy_grad"] / 2, proxy.grad[local])
 
 
-def _two_rank_draws(rank, world, init_file, out_dir):
+def _two_rank_runs(rank, world, port, runs, out_dir):
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    for i, argv in enumerate(runs):                            # a fresh rendezvous for each command
+        os.environ["MASTER_PORT"] = str(port + i)
+        assert cg.main(argv) == 0
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port + len(runs)}", rank=rank, world_size=world)
     trainer = cg.Trainer(cg.build_parser().parse_args(TINY), num_classes=4, device=torch.device("cpu"), world=world)
     z, y = trainer.sample_latents(4)                           # what the next D or G step feeds G on this rank
     flips = torch.rand(4)                                      # what Batches draws for its flips
@@ -759,28 +764,11 @@ def _two_rank_draws(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
-def test_every_rank_draws_its_own_noise_labels_and_flips_from_equal_weights(tmp_path):
-    """Under torchrun the global batch holds batch-size distinct fakes (not batch / world, each world times),
-    from the same initial weights on every rank (DDP broadcasts rank 0's)."""
-    torch.multiprocessing.spawn(_two_rank_draws, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    r0, r1 = (torch.load(tmp_path / f"{rank}.pt") for rank in range(2))
-    assert not torch.equal(r0["z"], r1["z"]) and not torch.equal(r0["flips"], r1["flips"])
-    assert len(torch.cat([r0["z"], r1["z"]]).unique(dim=0)) == 8
-    for k, v in r0["G"].items():
-        assert torch.equal(v, r1["G"][k]), k
-
-
-def _two_rank_runs(rank, world, port, runs, out_dir):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
-    torch.set_num_threads(1)
-    for i, argv in enumerate(runs):                            # a fresh rendezvous for each command
-        os.environ["MASTER_PORT"] = str(port + i)
-        assert cg.main(argv) == 0
-
-
-def test_two_rank_fid_and_resume_equal_their_one_process_and_uninterrupted_runs(tmp_path):
-    """2 gloo ranks: exactly --fid-images fakes, in the batches one process draws (10 = 4 + 4 + 2), the same
-    FID as one process on the same weights; a resumed 2-rank run ends where the uninterrupted one does."""
+def test_two_ranks_run_the_algorithm_of_one_process(tmp_path):
+    """2 gloo ranks. Every rank draws its own z, labels and flips from the same initial weights (DDP broadcasts rank
+    0's): the global batch holds batch-size distinct fakes, not batch / world, each world times. FID: exactly
+    --fid-images fakes, in the batches one process draws (10 = 4 + 4 + 2), the FID of one process on the same
+    weights. A resumed 2-rank run ends where the uninterrupted one does."""
     flags = [*TINY, "--eval-every", "2", "--fid-images", "10", "--eval-batch", "4", "--fid-weights", "random"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     # Each run its own FID cache: computing the reference statistics draws from the global RNG (DataLoader's seed)
@@ -809,6 +797,11 @@ def test_two_rank_fid_and_resume_equal_their_one_process_and_uninterrupted_runs(
     finally:
         cg.generate = real_generate
     assert sizes == [4, 4, 2] and one == pytest.approx(fids[-1], rel=1e-6)
+    r0, r1 = (torch.load(tmp_path / f"{rank}.pt") for rank in range(2))
+    assert not torch.equal(r0["z"], r1["z"]) and not torch.equal(r0["flips"], r1["flips"])
+    assert len(torch.cat([r0["z"], r1["z"]]).unique(dim=0)) == 8
+    for k, v in r0["G"].items():
+        assert torch.equal(v, r1["G"][k]), k
 
 
 def test_torchrun_two_processes_train_and_resume(tmp_path):
