@@ -36,7 +36,7 @@ say "# gpu_check $(date -u '+%Y-%m-%d %H:%M UTC')"
 say "- card: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none)"
 say "- $("$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)')"
 say "- data: --dataset shapes at 32x32, the paper's CIFAR-10 model (width 96, batch 64, 5 D steps); FID weights:" \
-    "${weights:-TF-ported (real)}"
+    "${weights:-TF-ported (real)}${EXTRA:+; EXTRA: $EXTRA}"
 
 train() {  # name, timeout in s, flags...
     local name=$1 limit=$2; shift 2
