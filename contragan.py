@@ -76,21 +76,22 @@ def conditional_contrastive_loss(embed, proxy, labels, temperature=1.0, data_pos
     fp16 for t < 0.09). Their code at commit 21594bd returned -log(t * ratio) (added in 41e99a9,
     2020-11-10; gone by 5c62666, 2021-07-28): a constant -log(t) off, the same gradients.
     """
-    dtype = torch.promote_types(embed.dtype, torch.float32)    # fp16/bf16 in -> fp32 math
-    lx = F.normalize(embed.to(dtype), dim=1)                   # (m, D)  l(x_i)
-    ey = F.normalize(proxy.to(dtype), dim=1)                   # (m, D)  e(y_i)
-    m = lx.shape[0]
-    # Every exponent of the ratio in one row per sample i: column 0 is l_i.e_i / t, column 1 + k is l_i.l_k / t.
-    exponents = torch.cat([(lx * ey).sum(dim=1, keepdim=True), lx @ lx.t()], dim=1) / temperature  # (m, 1 + m)
-    is_self = torch.eye(m, dtype=torch.bool, device=lx.device)  # (m, m)  k == i: in neither sum
-    proxy_term = torch.ones(m, 1, dtype=torch.bool, device=lx.device)  # (m, 1)  in both sums
-    in_denominator = torch.cat([proxy_term, ~is_self], dim=1)  # (m, 1 + m)  proxy, every k != i
-    same_class = (labels[:, None] == labels[None, :]) & data_positives  # (m, m)  y_k == y_i
-    in_numerator = in_denominator & torch.cat([proxy_term, same_class], dim=1)  # (m, 1 + m)  and y_k == y_i
-    # loss_i = -log(numerator_i / denominator_i) = log sum_{denominator} exp(.) - log sum_{numerator} exp(.)
-    log_denominator = torch.logsumexp(exponents.masked_fill(~in_denominator, float("-inf")), dim=1)  # (m,)
-    log_numerator = torch.logsumexp(exponents.masked_fill(~in_numerator, float("-inf")), dim=1)      # (m,)
-    return (log_denominator - log_numerator).mean()
+    with torch.autocast(embed.device.type, enabled=False):     # fp32 math, also inside a step's autocast
+        dtype = torch.promote_types(embed.dtype, torch.float32)    # fp16/bf16 in -> fp32 math
+        lx = F.normalize(embed.to(dtype), dim=1)                   # (m, D)  l(x_i)
+        ey = F.normalize(proxy.to(dtype), dim=1)                   # (m, D)  e(y_i)
+        m = lx.shape[0]
+        # Every exponent of the ratio in one row per sample i: column 0 is l_i.e_i / t, column 1 + k is l_i.l_k / t.
+        exponents = torch.cat([(lx * ey).sum(dim=1, keepdim=True), lx @ lx.t()], dim=1) / temperature  # (m, 1 + m)
+        is_self = torch.eye(m, dtype=torch.bool, device=lx.device)  # (m, m)  k == i: in neither sum
+        proxy_term = torch.ones(m, 1, dtype=torch.bool, device=lx.device)  # (m, 1)  in both sums
+        in_denominator = torch.cat([proxy_term, ~is_self], dim=1)  # (m, 1 + m)  proxy, every k != i
+        same_class = (labels[:, None] == labels[None, :]) & data_positives  # (m, m)  y_k == y_i
+        in_numerator = in_denominator & torch.cat([proxy_term, same_class], dim=1)  # (m, 1 + m)  and y_k == y_i
+        # loss_i = -log(numerator_i / denominator_i) = log sum_{denominator} exp(.) - log sum_{numerator} exp(.)
+        log_denominator = torch.logsumexp(exponents.masked_fill(~in_denominator, float("-inf")), dim=1)  # (m,)
+        log_numerator = torch.logsumexp(exponents.masked_fill(~in_numerator, float("-inf")), dim=1)      # (m,)
+        return (log_denominator - log_numerator).mean()
 
 def data_to_data_cross_entropy_loss(embed, proxy, labels, temperature=0.5, margin=0.98):
     """D2D-CE, the authors' own remedy for 2C's class confusion (ReACGAN: Kang, Shim, Cho, Park, "Rebooting
@@ -110,20 +111,21 @@ def data_to_data_cross_entropy_loss(embed, proxy, labels, temperature=0.5, margi
     commit 947b35e), which produced their numbers and differs from the equation in one place, marked
     below. Their exp() and sum is written as a log-sum-exp here: the same value, no overflow at small t.
     """
-    dtype = torch.promote_types(embed.dtype, torch.float32)    # fp16/bf16 in -> fp32 math
-    lx = F.normalize(embed.to(dtype), dim=1)                   # (m, D)  l_i
-    ey = F.normalize(proxy.to(dtype), dim=1)                   # (m, D)  e_i = e(y_i)
-    data_sim = (lx @ lx.t() + margin - 1.0) / temperature      # (m, m)  (l_i . l_j - m_n) / t
-    is_self = torch.eye(lx.shape[0], dtype=torch.bool, device=lx.device)
-    # Their code, not the equation: every negative is scaled by exp(-M_i), M_i = max_{j != i} of the
-    # similarity before the [.]_+ (detached; meant for stability), while the positive is not: the value
-    # and the gradients differ from the equation unless M_i = 0.
-    row_max = data_sim.masked_fill(is_self, float("-inf")).amax(dim=1, keepdim=True).detach()  # (m, 1)
-    negative = labels[:, None] != labels[None, :]              # (m, m)  y_j != y_i (so j != i)
-    neg_logits = (F.relu(data_sim) - row_max).masked_fill(~negative, float("-inf"))  # (m, m)
-    pos_attraction = F.relu((margin - (lx * ey).sum(dim=1)) / temperature)  # (m,)  -[l_i.e_i - m_p]_- / t
-    log_denominator = torch.logsumexp(torch.cat([-pos_attraction[:, None], neg_logits], dim=1), dim=1)  # (m,)
-    return (pos_attraction + log_denominator).mean()           # -log(exp(-a_i) / denominator_i)
+    with torch.autocast(embed.device.type, enabled=False):     # fp32 math, also inside a step's autocast
+        dtype = torch.promote_types(embed.dtype, torch.float32)    # fp16/bf16 in -> fp32 math
+        lx = F.normalize(embed.to(dtype), dim=1)                   # (m, D)  l_i
+        ey = F.normalize(proxy.to(dtype), dim=1)                   # (m, D)  e_i = e(y_i)
+        data_sim = (lx @ lx.t() + margin - 1.0) / temperature      # (m, m)  (l_i . l_j - m_n) / t
+        is_self = torch.eye(lx.shape[0], dtype=torch.bool, device=lx.device)
+        # Their code, not the equation: every negative is scaled by exp(-M_i), M_i = max_{j != i} of the
+        # similarity before the [.]_+ (detached; meant for stability), while the positive is not: the value
+        # and the gradients differ from the equation unless M_i = 0.
+        row_max = data_sim.masked_fill(is_self, float("-inf")).amax(dim=1, keepdim=True).detach()  # (m, 1)
+        negative = labels[:, None] != labels[None, :]              # (m, m)  y_j != y_i (so j != i)
+        neg_logits = (F.relu(data_sim) - row_max).masked_fill(~negative, float("-inf"))  # (m, m)
+        pos_attraction = F.relu((margin - (lx * ey).sum(dim=1)) / temperature)  # (m,)  -[l_i.e_i - m_p]_- / t
+        log_denominator = torch.logsumexp(torch.cat([-pos_attraction[:, None], neg_logits], dim=1), dim=1)  # (m,)
+        return (pos_attraction + log_denominator).mean()           # -log(exp(-a_i) / denominator_i)
 
 def projection_logit(adv_logit, feature, class_embed):
     """Projection discriminator (Miyato & Koyama 2018, ProjGAN): D(x, y) = psi(phi(x)) + <embed(y), phi(x)>.
@@ -156,6 +158,8 @@ class Trainer:
         self.G, self.D = build_models(cfg, num_classes)
         self.G_ema = copy.deepcopy(self.G).requires_grad_(False)  # the EMA of G: the generator evaluated
         setup_training(self, cfg, device, world)               # below the banner: Adam, AMP, DDP, G_train, ...
+        if world > 1:  # then each rank its own z, labels, flips (authors: seed + global rank, src/loader.py, 947b35e)
+            torch.manual_seed(cfg.seed + dist.get_rank())
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -436,7 +440,7 @@ class SelfAttention(nn.Module):
         g = F.max_pool2d(self.g(x), 2).flatten(2)              # (B, C/2, HW/4)
         attn = torch.softmax(theta.transpose(1, 2) @ phi, -1)  # (B, HW, HW/4)
         o = (g @ attn.transpose(1, 2)).view(B, C // 2, H, W)   # (B, C/2, H, W)
-        return x + self.scale * self.out(o)
+        return x + self.scale[0] * self.out(o)                 # 0-d: a bf16 output stays bf16
 
 def upsample2x(x):
     """Nearest x2 as a view + copy: F.interpolate(mode="nearest") took 6x longer on a CPU (tools/bench.py)."""
@@ -444,9 +448,8 @@ def upsample2x(x):
     return x[:, :, :, None, :, None].expand(B, C, H, 2, W, 2).reshape(B, C, 2 * H, 2 * W)
 
 class SpectralNorm(nn.Module):
-    """W / sigma(W) with sigma estimated by one power iteration per training forward (Miyato et al. 2018), as
-    torch.nn.utils.spectral_norm does, but always in fp32 outside autocast so a bf16/fp16 run keeps an exact
-    normaliser. u and v are buffers (the authors' parameter counts exclude them)."""
+    """W / sigma(W), sigma from one power iteration per training forward (Miyato et al. 2018) as torch.nn.utils.
+    spectral_norm does, in fp32 outside autocast (exact under bf16/fp16); u, v: buffers (not in the authors' counts)."""
 
     def __init__(self, weight, eps=1e-6):
         super().__init__()
@@ -456,13 +459,13 @@ class SpectralNorm(nn.Module):
 
     def forward(self, weight):
         with torch.autocast(weight.device.type, enabled=False):
-            w = weight.flatten(1).float()                      # (out, in*kh*kw)
-            if self.training:
-                with torch.no_grad():                          # one power iteration per forward
-                    self.v.copy_(F.normalize(w.t() @ self.u, dim=0, eps=self.eps))
-                    self.u.copy_(F.normalize(w @ self.v, dim=0, eps=self.eps))
-            # clones: a second forward before backward must not see these buffers change in place
-            sigma = self.u.clone() @ w @ self.v.clone()        # the largest singular value of W
+            w, u, v = weight.flatten(1).float(), self.u, self.v   # (out, in*kh*kw), (out,), (in*kh*kw,)
+            if self.training:                                  # one power iteration per forward, into new tensors:
+                with torch.no_grad():                          # a second forward before backward keeps this u, v
+                    v = F.normalize(w.t() @ u, dim=0, eps=self.eps)
+                    u = F.normalize(w @ v, dim=0, eps=self.eps)
+                    self.u.copy_(u), self.v.copy_(v)           # the next forward starts from them
+            sigma = torch.dot(u, w @ v)                        # u^T W v, the largest singular value of W
             return (weight.float() / sigma).to(weight.dtype)
 
 def orthogonal_init(module):
@@ -783,45 +786,37 @@ def setup_device(cfg):
     """(device, rank, world) from torchrun's environment; joins the process group when world > 1."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")), cfg.tf32)
+    from shutil import which                                   # --compile: Triton (GPU) builds a C stub, Inductor
+    compilers = ("cc", "gcc", "clang") if device.type == "cuda" else ("c++", "g++", "clang++")  # (CPU) C++ kernels
+    if cfg.compile and not any(map(which, compilers)):
+        raise UsageError(f"--compile needs a C compiler on PATH ({', '.join(compilers)}), and none is there")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
-        # torch.distributed.nn's all_gather, the public differentiable one, is flagged in favour of a private one
-        warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated")
+        warnings.filterwarnings("ignore", message=".*nn.functional.all_gather is deprecated")  # public, differentiable
     return device, rank, world
 
-def setup_training(trainer, cfg, device, world):
-    """The Trainer's engineering: the device, Adam, fp16's GradScaler, autocast, DDP and torch.compile."""
-    t = trainer
+def setup_training(t, cfg, device, world):
+    """The Trainer's (t) engineering: the device, Adam, fp16's GradScaler, autocast, DDP and torch.compile."""
     if cfg.sync_bn and world > 1:                              # G_ema stays plain: evaluated alone
         t.G = nn.SyncBatchNorm.convert_sync_batchnorm(t.G)     # G's BN statistics over the global batch
     t.G, t.D, t.G_ema = t.G.to(device), t.D.to(device), t.G_ema.to(device)
-    adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
-    adam["fused" if device.type == "cuda" else "foreach"] = True  # one kernel per step on GPU
-    t.opt_G = torch.optim.Adam(t.G.parameters(), lr=cfg.lr_g, **adam)
-    t.opt_D = torch.optim.Adam(t.D.parameters(), lr=cfg.lr_d, **adam)
+    t.adam_flags = dict(fused=device.type == "cuda", foreach=device.type != "cuda")  # one kernel per step on GPU
+    t.opt_G, t.opt_D = (torch.optim.Adam(m.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                         **t.adam_flags) for m, lr in ((t.G, cfg.lr_g), (t.D, cfg.lr_d)))
     t.scaler_G, t.scaler_D = (torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16") for _ in "GD")
     t.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     # The G step calls D without DDP: D gets no gradient there, and DDP would wait for it at the next step.
-    t.G_train, t.D_train, t.D_frozen = ddp(t.G, world), ddp(t.D, world), t.D
-    if cfg.compile:
-        t.G_train, t.D_train, t.D_frozen = map(torch.compile, (t.G_train, t.D_train, t.D))
+    ddp = nn.parallel.DistributedDataParallel if world > 1 else (lambda m: m)  # device_ids None: one device a rank
+    t.G_train, t.D_train, t.D_frozen = (torch.compile(m) if cfg.compile else m for m in (ddp(t.G), ddp(t.D), t.D))
     t.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked without host syncs
-
-def ddp(module, world):
-    """DistributedDataParallel around a module that trains (G, D); the module itself in one process."""
-    device = next(module.parameters()).device
-    return module if world == 1 else \
-        nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 def gather_global_batch(embed, proxy, labels):
     """Under DDP, all-gather so the 2C loss sees the global batch. Each rank's backward sums the gradient of its
     slice over ranks; DDP's average turns that back into the single-process gradient on the whole batch (tested)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return embed, proxy, labels
-    from torch.distributed.nn.functional import all_gather
-    all_labels = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
-    dist.all_gather(all_labels, labels)                        # labels need no gradient
-    return torch.cat(all_gather(embed)), torch.cat(all_gather(proxy)), torch.cat(all_labels)
+    from torch.distributed.nn.functional import all_gather   # differentiable (the labels pass through untouched)
+    return tuple(torch.cat(all_gather(x)) for x in (embed, proxy, labels))
 
 def any_rank(flag, device, world):
     """True on every rank when flag (a bool or a 0-d tensor) is true on any: all ranks stop together."""
@@ -989,19 +984,24 @@ class FIDEvaluator:
         return fid.load_stats(path, expect=protocol)[:2]       # mu, sigma
 
     def __call__(self, G):
-        """{'fid', ['intra_fid', 'intra_fid_per_class']} on every rank (IS: fid.py on tools/sample.py's images)."""
-        cfg, K, n = self.cfg, self.num_classes, self.cfg.fid_images // self.world
-        gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 + self.rank)  # own share per rank
+        """{'fid', ['intra_fid', 'intra_fid_per_class']} of one process's fakes; rank r: batches r, r + world, ..."""
+        cfg, K = self.cfg, self.num_classes
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)  # one stream, walked by every rank
         class_stats = [fid.RunningStats() for _ in range(K)] if self.class_ref else None
-        labels = uniform_labels(n, K, self.device, gen) if class_stats is None else \
-            balanced_labels(n, K, self.device, gen)            # intra-FID: the same fakes, by label, in mixed batches
-        batches = iter(labels.split(cfg.eval_batch))
-        def sample(batch):                                     # fid.py asks in the same eval_batch chunks
-            y = next(batches)
-            x = generate(G, y, cfg.z_dim, cfg.eval_batch, gen)
-            return x if class_stats is None else (x, y)
-        stats, _ = fid.features_from_sampler(self.inception, sample, n, cfg.eval_batch, self.device,
-                                             class_stats=class_stats)
+        labels = (uniform_labels if class_stats is None else balanced_labels)(cfg.fid_images, K, self.device, gen)
+        batches = labels.split(cfg.eval_batch)                 # intra-FID: the same fakes, by label, in mixed batches
+        todo = iter(range(len(batches)))
+        def sample(n):                                         # fid.py asks in the same eval_batch chunks
+            for j in todo:
+                if j % self.world == self.rank:
+                    x = generate(G, batches[j], cfg.z_dim, cfg.eval_batch, gen)  # draws z as the line below
+                    return x if class_stats is None else (x, batches[j])
+                torch.randn(len(batches[j]), cfg.z_dim, device=self.device, generator=gen)  # other ranks' z: dropped
+        n = sum(map(len, batches[self.rank::self.world]))
+        stats = fid.features_from_sampler(self.inception, sample, n, cfg.eval_batch, self.device,
+                                          class_stats=class_stats)[0] if n else fid.RunningStats()
+        for s in [stats] + (class_stats or []):                # a rank with no image (of a class) adds 0 to the sums
+            s.update(torch.zeros(0, fid.FEATURE_DIM, device=self.device))
         out = {"fid": fid.frechet_distance(stats.all_reduce().mu, stats.sigma, *self.ref)}
         if class_stats is not None:
             per_class = [fid.frechet_distance(s.all_reduce().mu, s.sigma, *ref)
@@ -1093,8 +1093,8 @@ class Run:
         self.batches.load_state_dict(checkpoint["data"])
         set_rng_state(checkpoint["rng"][self.rank if self.rank < len(checkpoint["rng"]) else 0], self.device)
         for opt, key in ((self.trainer.opt_G, "lr_g"), (self.trainer.opt_D, "lr_d")):
-            for group in opt.param_groups:                     # the loaded state holds the checkpoint's rate
-                group["lr"] = getattr(self.cfg, key)
+            for group in opt.param_groups:                     # the loaded state holds the checkpoint's rate and
+                group.update(lr=getattr(self.cfg, key), **self.trainer.adam_flags)  # its device's fused/foreach
         changed = [f"--{k.replace('_', '-')} {checkpoint['config'][k]} -> {getattr(self.cfg, k)}"
                    for k in ("lr_g", "lr_d") if checkpoint["config"][k] != getattr(self.cfg, k)]
         self.log(f"resumed {path} at step {self.step}" + (f" ({', '.join(changed)})" if changed else ""))

@@ -722,6 +722,36 @@ def test_bf16_step_is_finite_and_close_to_fp32():
         assert abs(losses["bf16"][k] - v) < 0.05 * abs(v) + 0.05, (k, v, losses["bf16"][k])
 
 
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loss", [cg.conditional_contrastive_loss, cg.data_to_data_cross_entropy_loss])
+def test_contrastive_losses_are_fp32_inside_autocast(loss, amp):
+    """Inside the step's autocast, 2C and D2D-CE equal their fp32 values and gradients to float32 rounding (CPU
+    autocast recasts matmuls as CUDA's does), for fp32 inputs and for the bf16/fp16 embeddings D gives there."""
+    gen = torch.Generator().manual_seed(0)
+    embed, proxy = torch.randn(64, 32, generator=gen), torch.randn(64, 32, generator=gen)
+    labels = torch.randint(0, 4, (64,), generator=gen)
+    for dtype in (torch.float32, amp):
+        e, p = embed.to(dtype), proxy.to(dtype)
+        values, grads = [], []
+        for autocast in (False, True):
+            x, y = e.clone().requires_grad_(), p.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=amp, enabled=autocast):
+                value = loss(x, y, labels, 0.5)
+            values.append(value)
+            grads.append(torch.autograd.grad(value, (x, y)))
+        assert values[1].dtype == torch.float32
+        torch.testing.assert_close(values[1], values[0], rtol=1e-6, atol=1e-6)
+        for g_autocast, g_fp32 in zip(grads[1], grads[0]):
+            torch.testing.assert_close(g_autocast.float(), g_fp32.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_self_attention_keeps_a_bf16_activation_bf16():
+    attn = cg.SelfAttention(16)
+    torch.nn.init.constant_(attn.scale, 0.5)                   # a trained, non-zero scale; (1,): the authors' shape
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attn(torch.randn(2, 16, 8, 8).bfloat16()).dtype == torch.bfloat16
+
+
 # ---------------------------------------------------------------- DDP on the CPU (gloo, 2 processes)
 
 def _two_rank_2c(rank, world, init_file, out_dir):
@@ -754,6 +784,61 @@ def test_2c_on_two_ranks_equals_one_process(tmp_path):
         local = slice(rank * 6, rank * 6 + 6)
         torch.testing.assert_close(got["embed_grad"] / 2, embed.grad[local])
         torch.testing.assert_close(got["proxy_grad"] / 2, proxy.grad[local])
+
+
+def _two_rank_runs(rank, world, port, runs, out_dir):
+    import torch.distributed as dist
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    for i, argv in enumerate(runs):                            # a fresh rendezvous for each command
+        os.environ["MASTER_PORT"] = str(port + i)
+        assert cg.main(argv) == 0
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port + len(runs)}", rank=rank, world_size=world)
+    trainer = cg.Trainer(cg.build_parser().parse_args(TINY), num_classes=4, device=torch.device("cpu"), world=world)
+    z, y = trainer.sample_latents(4)                           # what the next D or G step feeds G on this rank
+    flips = torch.rand(4)                                      # what Batches draws for its flips
+    torch.save({"z": z, "y": y, "flips": flips, "G": trainer.G.state_dict()}, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_run_the_algorithm_of_one_process(tmp_path):
+    """2 gloo ranks. Every rank draws its own z, labels and flips from the same initial weights (DDP broadcasts rank
+    0's): the global batch holds batch-size distinct fakes, not batch / world, each world times. FID: exactly
+    --fid-images fakes, in the batches one process draws (10 = 4 + 4 + 2), the FID of one process on the same
+    weights. A resumed 2-rank run ends where the uninterrupted one does."""
+    flags = [*TINY, "--eval-every", "2", "--fid-images", "10", "--eval-batch", "4", "--fid-weights", "random"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    # Each run its own FID cache: computing the reference statistics draws from the global RNG (DataLoader's seed)
+    runs = [[*flags, "--steps", "4", "--run-dir", str(straight), "--data-dir", str(tmp_path / "a")],
+            [*flags, "--steps", "2", "--run-dir", str(split), "--data-dir", str(tmp_path / "b")],
+            ["--resume", str(split), "--steps", "4"]]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_two_rank_runs, args=(2, port, runs, str(tmp_path)), nprocs=2)
+    a, wa = weights_of(straight / "last.pt")
+    b, wb = weights_of(split / "last.pt")
+    assert a["step"] == b["step"] == 4 and len(a["rng"]) == 2
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    fids = [json.loads(x)["fid"] for x in (straight / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    # The one-process FID of the final G_ema, on the same weights, through the same evaluator:
+    cfg = cg.build_parser().parse_args([*flags, "--run-dir", str(tmp_path / "one"), "--data-dir", str(tmp_path / "a")])
+    G = cg.Generator(32, 8, 80, 128, 4)
+    G.load_state_dict(a["G_ema"])
+    evaluator = cg.FIDEvaluator(cfg, cg.load_data(cfg)[1], "heldout", 4, torch.device("cpu"), 0, 1)
+    sizes, real_generate = [], cg.generate
+    cg.generate = lambda G, y, *rest: sizes.append(len(y)) or real_generate(G, y, *rest)
+    try:
+        one = evaluator(G)["fid"]
+    finally:
+        cg.generate = real_generate
+    assert sizes == [4, 4, 2] and one == pytest.approx(fids[-1], rel=1e-6)
+    r0, r1 = (torch.load(tmp_path / f"{rank}.pt") for rank in range(2))
+    assert not torch.equal(r0["z"], r1["z"]) and not torch.equal(r0["flips"], r1["flips"])
+    assert len(torch.cat([r0["z"], r1["z"]]).unique(dim=0)) == 8
+    for k, v in r0["G"].items():
+        assert torch.equal(v, r1["G"][k]), k
 
 
 def test_torchrun_two_processes_train_and_resume(tmp_path):
@@ -1036,6 +1121,31 @@ def test_compile_says_it_is_compiling(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch, "compile", lambda module: module)   # the message, not minutes of compiling
     r = run_main(capsys, *TINY, "--compile", "--steps", "1", "--run-dir", tmp_path / "run")
     assert r.returncode == 0 and "compile G and D" in r.stdout
+
+
+def test_compile_without_a_c_compiler_is_one_line_before_start_up(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))                  # no cc, gcc, clang, c++, g++, clang++ on it
+    monkeypatch.setattr(cg, "load_data", lambda cfg: pytest.fail("started up"))
+    r = run_main(capsys, *TINY, "--compile", "--steps", "1", "--run-dir", tmp_path / "run")
+    assert "--compile needs a C compiler on PATH" in one_line_error(r) and not (tmp_path / "run").exists()
+
+
+def test_resume_sets_adam_fused_or_foreach_for_this_device(tmp_path):
+    """A checkpoint keeps its device's Adam flags (a GPU run's fused=True); resumed on another device, the optimisers
+    take this one's (CPU: foreach), as a fresh run there would. A CUDA resume of a CPU run is the same code path."""
+    run = tmp_path / "run"
+    assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
+    state = torch.load(run / "last.pt", weights_only=False)
+    for opt in ("opt_G", "opt_D"):
+        for group in state[opt]["param_groups"]:
+            group.update(fused=True, foreach=False)            # as saved on a GPU
+    cg.save_checkpoint(str(run / "last.pt"), state)
+    cfg = cg.build_parser().parse_args(["--resume", str(run)])
+    checkpoint, path = cg.load_checkpoint(str(run))
+    cfg = cg.merge_resume_config(cfg, {"resume": str(run)}, checkpoint, path)
+    resumed = cg.Run(cfg, checkpoint, path, torch.device("cpu"), 0, 1)
+    for opt in (resumed.trainer.opt_G, resumed.trainer.opt_D):
+        assert all(g["foreach"] is True and g["fused"] is False for g in opt.param_groups)
 
 
 def test_ctrl_c_during_start_up_exits_130_quietly(tmp_path, monkeypatch, capsys):

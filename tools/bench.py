@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.autograd import DeviceType
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -307,12 +309,69 @@ def profile_steps(trainer, batches, device):
         trainer.d_step(*next(batches))
         trainer.g_step()
         sync(device)
+    return profile_shares(prof.key_averages(), device)
+
+
+def profile_shares(rows, device):
+    """(conv share, [(share, op)] largest first) of the self time in profiler rows (key_averages()). On CUDA an
+    op's row holds the device time of the kernels it launched, and each kernel also has a row of its own (device
+    type CUDA) with that same time: only the op rows are summed, so no time counts twice."""
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    per_op = {e.key: getattr(e, key) for e in prof.key_averages()}
-    total = sum(per_op.values())
+    per_op = {e.key: getattr(e, key) for e in rows
+              if e.device_type == DeviceType.CPU and not getattr(e, "is_user_annotation", False)}
+    total = sum(per_op.values()) or 1
     conv = sum(v for k, v in per_op.items() if is_conv(k)) / total
     others = sorted(((v / total, k) for k, v in per_op.items() if not is_conv(k)), reverse=True)
     return conv, others
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ops dispatched (views left out: they launch no kernel). Each costs the host a dispatch and, on a
+    GPU, at least one kernel launch. Under an active dispatch mode torch.compile runs eagerly: eager counts only."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def bench_host(device, batch=8, width=4, rounds=3):
+    """Ops dispatched per iteration (5 D + 1 G step + EMA; the count does not depend on the width) and the host's
+    time per iteration at a width where the math is negligible: the floor under any width's s / iteration."""
+    trainer, batches = build_trainer(device, batch, width)
+    trainer.iteration(batches, 0)                              # warm-up
+    with OpCounter() as counter:
+        trainer.iteration(batches, 0)
+    host_s = min(time_iteration(trainer, batches, device) for _ in range(rounds))
+    return counter.ops, host_s
+
+
+H100_BF16_DENSE = 989e12                                       # FLOP/s, NVIDIA's H100 SXM datasheet
+
+
+def host_lines(device, ops, host_s, flops, seconds, width, tiny=(4, 8)):
+    """The op count, the host floor, and which bound applies: here (measured) and on one H100 (projected)."""
+    lines = ["| quantity | value |", "|---|---|",
+             f"| ops dispatched per iteration (eager; views left out) | {ops:,} |",
+             f"| s / iteration at width {tiny[0]}, batch {tiny[1]} (host floor) | {host_s:.3g} ({ms(host_s / ops)} "
+             f"per op) |"]
+    if seconds is not None:
+        bound = "host" if host_s > 0.5 * seconds else "device"
+        lines.append(f"| s / iteration at width {width} on this device | {seconds:.3g}: {bound}-bound here "
+                     f"(floor / it = {host_s / seconds:.0%}) |")
+    if flops is not None:
+        math_s = flops / (0.4 * H100_BF16_DENSE)
+        lines.append(f"| one H100 at 40% of bf16 peak, width {width}: the math | {ms(math_s)} per iteration, "
+                     f"{ms(math_s / ops)} per op: host-bound wherever the host takes longer than that to "
+                     f"dispatch and launch one op (the floor above: {ms(host_s / ops)} per op on this host) |")
+    lines.append(f"\nOps counted with a TorchDispatchMode over one iteration (5 D + 1 G step + EMA), the same at any "
+                 f"width. Host floor: the best of 3 iterations at width {tiny[0]}, batch {tiny[1]}" +
+                 (", where the GPU's math is negligible." if device.type == "cuda" else
+                  "; on a CPU it still holds that width's math, so it is an upper bound on the host's share."))
+    return lines
 
 
 def build_trainer(device, batch, width, amp="none", compile=False):
@@ -367,7 +426,8 @@ def interleaved_best(device, batch, configs, rounds):
 
 
 def bench_train(device, batch, width, small_width, small_rounds, peak_fp32, peak_bf16, options):
-    configs = [(f"width {width} (default), fp32", width, {}), (f"width {small_width}, fp32", small_width, {})]
+    configs = [(f"width {width} (default), fp32", width, {})]
+    configs += [(f"width {small_width}, fp32", small_width, {})] * (small_width != width)
     configs += [(f"width {small_width}, {name}", small_width, kw) for name, kw in options]
     lines = ["| configuration | s / iteration | vs fp32 | real images/s | GFLOP / iteration | GFLOP/s | "
              "utilisation | of bf16 matmul rate | peak memory (MB) | 100k iterations | warm-up (s) |",
@@ -379,7 +439,7 @@ def bench_train(device, batch, width, small_width, small_rounds, peak_fp32, peak
         results[name] = train_config(device, batch, w, count_flops=eager_fp32, profile=eager_fp32, **kw)
     if small_rounds:
         print(f"  train: width {small_width}, {small_rounds} interleaved rounds ...", flush=True)
-        small = configs[1:]
+        small = [c for c in configs if c[1] == small_width]
         for (name, _, _), s in zip(small, interleaved_best(device, batch, small, small_rounds)):
             results[name]["seconds"] = min(results[name]["seconds"], s)
     for name, w, kw in configs:
@@ -404,7 +464,7 @@ def bench_train(device, batch, width, small_width, small_rounds, peak_fp32, peak
                  "(TF32 on a GPU, as training runs); the next column against the bf16 rate. "
                  f"Memory: {reset_peak_memory(device)}, each configuration alone. The authors' CIFAR-10 run: "
                  "13 h 24 min for 100k iterations on one TITAN RTX, fp32.")
-    for name, w, kw in configs[:2]:
+    for name, w, kw in [c for c in configs if not c[2]]:
         r = results[name]
         top = ", ".join(f"{op} {share:.1%}" for share, op in r["others"][:5])
         lines.append(f"\nProfile, {name} (torch.profiler, self time of one D step + one G step): convolutions "
@@ -491,7 +551,7 @@ def bench_eval(device, width, n_images, fid_images=10000, eval_every=2000, steps
 # Main
 # ---------------------------------------------------------------------------------------------
 
-SECTIONS = ("2c", "ddp", "train", "fid", "eval")
+SECTIONS = ("2c", "ddp", "train", "host", "fid", "eval")
 
 
 def main(argv=None):
@@ -507,7 +567,10 @@ def main(argv=None):
                    "these and the first iteration; default 3, 0 with --quick)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 gives steadier "
                    "numbers on a machine shared with other jobs")
-    p.add_argument("--out", help="also write the report to this markdown file")
+    p.add_argument("--out", help="also write the report to this markdown file, each section as it is measured "
+                   "(checked before anything runs)")
+    p.add_argument("--append", action="store_true", help="add to --out instead of replacing it")
+    p.add_argument("--compile-bf16", action="store_true", help="also time bf16 + torch.compile")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     sections = args.sections.split(",")
@@ -518,20 +581,31 @@ def main(argv=None):
         args.small_rounds = 0 if args.quick else 3
     if args.threads:
         torch.set_num_threads(args.threads)
+    out = None
+    if args.out:                                               # before minutes of measuring, not after
+        try:
+            out = open(args.out, "a" if args.append else "w")
+        except OSError as err:
+            sys.exit(f"error: cannot write --out {args.out}: {err.strerror or err}")
     device = cg.setup_device(cg.build_parser().parse_args(["--device", args.device]))[0]  # TF32 as training
     start = time.perf_counter()
     report = [f"# ContraGAN benchmarks\n\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine(device)}, "
               f"torch {torch.__version__}: `{' '.join(['python tools/bench.py'] + argv)}`"]
 
-    def emit(lines):
+    def emit(lines):                                           # a run cut short keeps the sections measured so far
         text = "\n".join(lines)
         print(text + "\n", flush=True)
         report.append(text)
+        if out:
+            out.write(text + "\n\n")
+            out.flush()
 
     if device.type == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5 * os.cpu_count():
         report[0] += ("\n\n**The machine was busy when this run started: other jobs inflate these timings, "
                       "the more so the smaller the operations. Rerun on a quiet machine.**")
     print(report[0] + "\n")
+    if out:
+        out.write(report[0] + "\n\n")
     budget_s = 0.3 if args.quick else 2.0                      # seconds per timed function
     # --quick: 512^2 on a CPU, where a bf16 2048^2 multiply without bf16 hardware takes ~25 s per call
     mm_n = 512 if args.quick and device.type == "cpu" else 8192 if device.type == "cuda" else 2048
@@ -553,6 +627,8 @@ def main(argv=None):
         options = [("bf16", dict(amp="bf16"))]  # --channels-last measured 1.03x-1.10x on the CPU: not worth a flag
         if not args.quick:
             options.append(("torch.compile", dict(compile=True)))
+        if args.compile_bf16:
+            options.append(("bf16 + torch.compile", dict(amp="bf16", compile=True)))
         lines, results, flops = bench_train(device, args.batch_size, args.width, args.small_width,
                                             args.small_rounds, peak[torch.float32], peak[torch.bfloat16], options)
         emit([f"## One training iteration (CIFAR-10 architecture, batch {args.batch_size})\n"] + lines)
@@ -560,6 +636,10 @@ def main(argv=None):
         goals.append(f"Training at width {args.width}: {flops[args.width] / r['seconds'] / peak[torch.float32]:.0%} "
                      f"of the fp32 matmul rate (goal >= 50%); largest op outside the convolutions: "
                      f"{r['others'][0][1]} {r['others'][0][0]:.1%} of the step (goal <= 10%).")
+    if "host" in sections:
+        emit(["## Host: ops dispatched and the host's time per iteration\n"] +
+             host_lines(device, *bench_host(device), flops.get(args.width) if "train" in sections else None,
+                        r["seconds"] if "train" in sections else None, args.width))
     if "fid" in sections:
         batch = 200 if device.type == "cuda" else 4 if args.quick else 32
         emit(["## FID\n"] + bench_fid(device, batch, 256 if args.quick else 2048))
@@ -578,9 +658,8 @@ def main(argv=None):
     emit(["## Goals (measured, not asserted)\n"] + [f"- {g}" for g in goals] +
          [f"\nWhole benchmark: {duration(time.perf_counter() - start)}" +
           (f"; load average {os.getloadavg()[0]:.1f} at the end." if hasattr(os, "getloadavg") else ".")])
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n\n".join(report) + "\n")
+    if out:
+        out.close()
 
 
 if __name__ == "__main__":

@@ -1,34 +1,76 @@
 #!/usr/bin/env bash
-# The one-shot GPU check, for a machine with one CUDA GPU (planned at about 5-8 minutes on one H100):
-# the CUDA training path for real (TF32, then bf16 + torch.compile, a resume, FID during training),
-# then tools/bench.py on the GPU, which fills the README's "-" GPU cells and the 100k-step projection.
+# The one-shot GPU check, sized for the lent GPU machine (one command of at most 10 minutes; at most 8 files of
+# at most 16 MiB come back, 2 folders deep): about 6 minutes on one H100/H200 (an estimate), 9 min 10 s at most
+# (each part has its own timeout). It writes 3 files into OUT_DIR
+# (default $OUT): report.md, train.log, bench.log. Each result is appended to report.md as soon as it is measured,
+# so a run cut at its limit still returns what it measured. Run folders and checkpoints stay in $RUNS (/tmp).
 #
-#   bash tools/gpu_check.sh OUT_DIR
+#   bash tools/gpu_check.sh [OUT_DIR]
 #
-# Everything lands in OUT_DIR: gpu.txt, run logs, the run folders, perf-gpu.md. Offline by design:
-# the built-in shapes data and random Inception weights (FID values are then not comparable, their
-# cost is). A dry run of the script on a CPU, small and fast:
-#   DEVICE=cpu STEPS=4 FID_IMAGES=16 EXTRA="--g-width 8 --d-width 8 --batch-size 16" BENCH="--quick" bash tools/gpu_check.sh /tmp/x
-set -euo pipefail
-out=${1:?usage: bash tools/gpu_check.sh OUT_DIR}
+# What it measures: the card; the CUDA training loop for real at the paper's model size (width 96, batch 64, TF32)
+# on the built-in shapes data at 32x32 (CIFAR-10 is not on that machine: same model, same cost per iteration), with
+# one FID evaluation of 10,000 fakes (random Inception weights unless the real ones are in the torch hub cache:
+# the values are then not comparable, their cost is) and a resume; bf16 + --compile through the CLI; then
+# tools/bench.py: s / iteration at width 96 in TF32 and bf16, with and without torch.compile, peak memory, ops
+# and the host floor. The projected 100k-iteration run with 50 evaluations is computed from the first run.
+# A dry run on a CPU, small and fast:
+#   DEVICE=cpu STEPS=4 FID_IMAGES=16 COMPILE= EXTRA="--g-width 8 --d-width 8 --batch-size 16" BENCH="--quick" \
+#     bash tools/gpu_check.sh /tmp/x
+set -uo pipefail
+out=${1:-${OUT:?usage: bash tools/gpu_check.sh OUT_DIR}}
 device=${DEVICE:-cuda}
-steps=${STEPS:-300}
-fid_images=${FID_IMAGES:-1000}
+steps=${STEPS:-200}
+fid_images=${FID_IMAGES:-10000}
+runs=${RUNS:-/tmp/gpu_check_runs}
+compile=${COMPILE---compile}                                         # COMPILE= : none (minutes on a CPU)
 read -r -a extra <<< "${EXTRA:-}"
-read -r -a bench <<< "${BENCH:-}"
-mkdir -p "$out"
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
-  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } | tee "$out/gpu.txt"
+read -r -a bench <<< "${BENCH:---compile-bf16 --small-width 96 --small-rounds 0}"  # 0: no second compile
+py=${PYTHON:-$(command -v python3 || command -v python)}         # the lent machine: python3
+report=$out/report.md
+mkdir -p "$out" && rm -rf "$runs" && mkdir -p "$runs" || exit 2
+say() { echo "$*" | tee -a "$report"; }
+weights=random
+[ -f "${TORCH_HOME:-$HOME/.cache/torch}/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth" ] && weights=""
 
-train() {  # name, flags...
-    local name=$1; shift
-    python contragan.py --dataset shapes --device "$device" --fid-weights random --fid-images "$fid_images" \
-        --log-every $((steps / 4 > 0 ? steps / 4 : 1)) --eval-every $((steps / 2 > 0 ? steps / 2 : 1)) "${extra[@]}" "$@" \
-        --run-dir "$out/$name" 2>&1 | tee -a "$out/$name.log"
+say "# gpu_check $(date -u '+%Y-%m-%d %H:%M UTC')"
+say "- card: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none)"
+say "- $("$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)')"
+say "- data: --dataset shapes at 32x32, the paper's CIFAR-10 model (width 96, batch 64, 5 D steps); FID weights:" \
+    "${weights:-TF-ported (real)}${EXTRA:+; EXTRA: $EXTRA}"
+
+train() {  # name, timeout in s, flags...
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    timeout "$limit" "$py" contragan.py --dataset shapes --device "$device" --fid-images "$fid_images" \
+        ${weights:+--fid-weights "$weights"} --log-every $((steps / 4 > 0 ? steps / 4 : 1)) "${extra[@]}" "$@" \
+        --run-dir "$runs/$name" >> "$out/train.log" 2>&1
+    local status=$?
+    say "- run $name ($*): exit $status, $((SECONDS - t0)) s; $(grep -E '^(step|eval|error|resumed)' "$out/train.log" |
+        tail -n 1 | cut -c1-300)"
 }
-train run-fp32 --steps "$steps"                                  # TF32 on (the default on a GPU)
-train run-fp32 --resume "$out/run-fp32" --steps $((steps + steps / 2))   # continue from last.pt
-train run-bf16-compile --steps "$steps" --amp bf16 --compile
-train run-proj --steps "$steps" --loss proj
-python tools/bench.py --device "$device" --out "$out/perf-gpu.md" "${bench[@]}" 2>&1 | tee "$out/bench.log"
-echo "gpu_check: done, $(date -u)" | tee -a "$out/gpu.txt"
+train fp32 120 --steps "$steps" --eval-every "$steps"                # TF32 on (the default on a GPU)
+train fp32 90 --resume "$runs/fp32" --steps $((steps + steps / 4))   # continue from last.pt
+"$py" - "$runs/fp32/metrics.jsonl" <<'EOF' | tee -a "$report"
+import json, sys
+try:
+    rows = [json.loads(line) for line in open(sys.argv[1])]
+except OSError:
+    sys.exit(print("- projection: no metrics.jsonl"))
+per_step = [r["s_per_step"] for r in rows if "s_per_step" in r][1:]   # the first interval holds the warm-up
+fid_s = [r["fid_seconds"] for r in rows if "fid_seconds" in r]
+if per_step and fid_s:
+    s, e = min(per_step), fid_s[0]
+    print(f"- projected 100k-iteration CIFAR-10-size run (contragan.py, fp32/TF32, shapes 32x32): {s:.4f} s / "
+          f"iteration x 100,000 = {s * 1e5 / 3600:.2f} h, + 50 evaluations x {e:.1f} s (one FID) = "
+          f"{50 * e / 3600:.2f} h; total {(s * 1e5 + 50 * e) / 3600:.2f} h (grid, D diagnostics not included)")
+else:
+    print(f"- projection: not enough rows (s_per_step {per_step}, fid_seconds {fid_s})")
+EOF
+train bf16-compile 120 --steps $((steps / 2 > 0 ? steps / 2 : 1)) --eval-every 100000 --amp bf16 $compile \
+    --fid-images 0
+rm -rf "$runs"                                                       # checkpoints of ~180 MB: never in OUT_DIR
+say ""
+timeout 220 "$py" tools/bench.py --device "$device" --sections train,host,eval --out "$report" --append \
+    "${bench[@]}" > "$out/bench.log" 2>&1
+say "- tools/bench.py: exit $?"
+say "gpu_check: done $(date -u '+%H:%M:%S UTC'), ${SECONDS} s"
