@@ -737,13 +737,14 @@ class Batches:
         self.sampler.set_epoch(self.epoch)
         idx = list(self.sampler)[self.pos * self.batch:]
         n = len(idx) // self.batch
-        if isinstance(self.dataset, TensorImages):             # in memory: index, no collation
-            for ids in torch.tensor(idx[:n * self.batch], device=self.device).split(self.batch):
+        if isinstance(self.dataset, TensorImages):             # in memory: index; (0, B) at an epoch's end
+            for ids in torch.tensor(idx[:n * self.batch], dtype=torch.long, device=self.device).view(n, self.batch):
                 yield self.images[ids], self.labels[ids]
-        else:
+        else:                                                  # its own generator: the global RNG draws z, y, flips
             yield from torch.utils.data.DataLoader(
                 torch.utils.data.Subset(self.dataset, idx[:n * self.batch]), batch_size=self.batch,
-                num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+                num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+                generator=torch.Generator().manual_seed(self.sampler.seed + self.epoch))
 
     def __next__(self):
         self._it = self._it or self._batches()
@@ -1375,7 +1376,7 @@ FLAG_RANGES = [
     ("steps log_every eval_every d_steps batch_size eval_batch g_width d_width z_dim shared_dim embed_dim "
      "shapes_size acc_images collapse_patience", lambda v: v >= 1, "at least 1"),
     ("num_workers ema_start", lambda v: v >= 0, "at least 0"),
-    ("seed", lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"),      # torch's seeds are 64-bit
+    ("seed", lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),      # torch's CPU mt19937 keeps a seed's low 32 bits
     ("cond_lambda collapse_gap", lambda v: 0 <= v < float("inf"), ">= 0 and finite"),
     ("temperature lr_g lr_d adam_eps", lambda v: 0 < v < float("inf"), "> 0 and finite"),
     ("beta1 beta2", lambda v: 0 <= v < 1, "in [0, 1)"),

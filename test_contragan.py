@@ -491,6 +491,44 @@ def test_resume_continues_exactly(tmp_path, loss):
     assert [s for s in steps if s] == sorted(steps) and steps.count(3) == 2  # log line + eval at 3, no repeats
 
 
+def test_resume_of_a_checkpoint_at_the_end_of_an_epoch(tmp_path):
+    # 64 images in batches of 8, one D step a step: step 8 ends epoch 0 exactly; the checkpoint there resumes
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    args = [*TINY, "--shapes-size", "64", "--batch-size", "8", "--d-steps", "1", "--eval-every", "4"]
+    assert cg.main([*args, "--steps", "8", "--run-dir", str(run)]) == 0
+    assert torch.load(run / "last.pt", weights_only=False)["data"] == {"epoch": 0, "pos": 8}
+    assert cg.main(["--resume", str(run), "--steps", "10"]) == 0
+    assert cg.main([*args, "--steps", "10", "--run-dir", str(straight)]) == 0
+    (_, wa), (_, wb) = weights_of(run / "last.pt"), weights_of(straight / "last.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_folder_run_resumes_bit_for_bit(tmp_path, workers):
+    # 24 images, batches of 8, 2 D steps a step: the resume at step 2 starts mid-epoch, a DataLoader the
+    # uninterrupted run never makes; it must take no number from the RNG that draws z, y and the flips
+    data = write_folder(tmp_path / "data", 24, classes=2)
+    args = [*TINY, "--dataset", "folder", "--data-dir", str(data), "--num-workers", str(workers),
+            "--acc-images", "8", "--eval-every", "100"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert cg.main([*args, "--steps", "4", "--run-dir", str(straight)]) == 0
+    assert cg.main([*args, "--steps", "1", "--run-dir", str(split)]) == 0
+    assert cg.main(["--resume", str(split), "--steps", "4"]) == 0
+    (_, wa), (_, wb) = weights_of(straight / "last.pt"), weights_of(split / "last.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_seeds_beyond_what_torch_keeps_are_refused(tmp_path, capsys):
+    # torch's CPU generator (mt19937) keeps the low 32 bits of a seed: 2**32 would train seed 0's run
+    assert torch.equal(torch.randn(3, generator=torch.Generator().manual_seed(2 ** 32)),
+                       torch.randn(3, generator=torch.Generator().manual_seed(0)))
+    for seed in (2 ** 32, 2 ** 40):
+        r = run_main(capsys, *TINY, "--steps", "1", "--seed", seed, "--run-dir", tmp_path / "r")
+        assert "--seed must be in [0, 2**32)" in one_line_error(r) and not (tmp_path / "r").exists()
+        r = run_main(capsys, tmp_path / "x", "--seed", seed, "--out-dir", tmp_path / "f", main=sample.main)
+        assert "--seed must be in [0, 2**32)" in one_line_error(r) and not (tmp_path / "f").exists()
+    assert cg.main([*TINY, "--steps", "1", "--seed", str(2 ** 32 - 1), "--run-dir", str(tmp_path / "top")]) == 0
+
 def test_fid_during_training_with_random_weights(tmp_path, monkeypatch, capsys):
     pytest.importorskip("fid")
     run, calls, real_generate = tmp_path / "run", [], cg.generate
@@ -1147,7 +1185,7 @@ def test_a_blow_up_names_what_is_true_and_the_way_on(tmp_path, capsys):
     (["--lr-d", "0"], "--lr-d must be > 0 and finite"),
     (["--adam-eps", "0"], "--adam-eps must be > 0 and finite"),  # 0/0 at step 1: "non-finite", no flag named
     (["--collapse-gap", "nan"], "--collapse-gap must be >= 0 and finite"),  # NaN: never warns
-    (["--seed", str(2 ** 64)], "--seed must be in [0, 2**63)"),  # torch's own error is a traceback
+    (["--seed", str(2 ** 64)], "--seed must be in [0, 2**32)"),  # torch's own error is a traceback
 ])
 def test_flags_refused_up_front(args, expected, tmp_path, capsys):
     r = run_main(capsys, *TINY, "--steps", "1", "--run-dir", tmp_path / "r", *args)
@@ -1236,7 +1274,7 @@ def trained_run(tmp_path_factory):
 def test_sample_refuses_absurd_counts_bad_seeds_and_files_up_front(trained_run, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     for args, expected in [(["--num-images", 10 ** 12], "GB for its PNGs, but"),
-                           (["--seed", 2 ** 64], "--seed must be in [0, 2^64)"),
+                           (["--seed", 2 ** 64], "--seed must be in [0, 2**32)"),
                            (["--out-dir", tmp_path / "file"], "is a file, not a folder")]:
         line = one_line(capsys, sample.main, [trained_run, "--out-dir", tmp_path / "fakes", *args])
         assert line.startswith("error: ") and expected in line, line
