@@ -28,12 +28,11 @@ from datetime import timedelta
 
 if __name__ == "__main__":  # Ctrl-C in the seconds of `import torch`: one line, not a traceback (main() resets it)
     signal.signal(signal.SIGINT, lambda *_: sys.exit(print("interrupted", file=sys.stderr) or 130))
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.nn.utils import parametrize
 
 import fid  # fid.py, next to this file: FID as the paper measured it (Inception-V3, TF weights)
@@ -601,19 +600,6 @@ def load_cifar(name, data_dir, train):
 # GIF, animated WebP and multi-page TIFF: the first frame. Other types (.heic, .avif, ...) are left out, said once.
 IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
 
-def to_rgb(im):
-    """A PIL image as 8-bit RGB by its real range (convert("RGB") clips: 16-bit would turn white, float black)."""
-    im = ImageOps.exif_transpose(im)                           # EXIF rotation applied
-    if im.mode in ("I", "F") or im.mode.startswith("I;16"):    # 16-bit grey (I, PIL's 32-bit, read as 16) or float
-        a, top = np.asarray(im, dtype=np.float64), 1.0 if im.mode == "F" else 65535.0
-        if not (a.min() >= 0 and a.max() <= top):             # other values refused; NaN fails too
-            raise ValueError(f"mode {im.mode} with values in [{a.min():g}, {a.max():g}], not [0, {top:g}]")
-        return Image.fromarray(np.round(a * (255 / top)).astype(np.uint8)).convert("RGB")
-    if {"A", "a"} & set(im.getbands()) or "transparency" in im.info:  # transparent pixels over white
-        im = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB")
-    return im.convert("RGB")
-
 class SkipUnreadable(torch.utils.data.Dataset):
     """A folder's images; a broken one is named once and the next drawn instead (checking all first: hours)."""
 
@@ -628,7 +614,7 @@ class SkipUnreadable(torch.utils.data.Dataset):
         for j in (k % len(self) for k in range(i, i + len(self))):
             try:
                 with Image.open(self.samples[j][0]) as im:
-                    return self.transform(to_rgb(im)), self.samples[j][1]
+                    return self.transform(fid.to_rgb(im)), self.samples[j][1]
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises
                 if not self.warned[j]:
                     self.warned[j] = True

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from scipy import linalg
 from scipy.linalg import lapack
 from scipy.special import xlogy
@@ -553,6 +553,21 @@ def describe_protocol(protocol):
 # Images in a folder, for the command line
 
 
+def to_rgb(im):
+    """A PIL image as 8-bit RGB by its real range (convert("RGB") clips: 16-bit would turn white, float black).
+    The one reader of images for FID and for training (contragan.py), so that both see the same pixels."""
+    im = ImageOps.exif_transpose(im)  # EXIF rotation applied
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # 16-bit grey (I, PIL's 32-bit, read as 16) or float
+        a, top = np.asarray(im, dtype=np.float64), 1.0 if im.mode == "F" else 65535.0
+        if not (a.min() >= 0 and a.max() <= top):  # other values refused; NaN fails too
+            raise ValueError(f"mode {im.mode} with values in [{a.min():g}, {a.max():g}], not [0, {top:g}]")
+        return Image.fromarray(np.round(a * (255 / top)).astype(np.uint8)).convert("RGB")
+    if {"A", "a"} & set(im.getbands()) or "transparency" in im.info:  # transparent pixels over white
+        im = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB")
+    return im.convert("RGB")
+
+
 class ImageFolderFlat(torch.utils.data.Dataset):
     """The images directly in a folder (pytorch-fid's extensions, any case; sorted; no subfolders,
     as in pytorch-fid), as uint8 (3, H, W) RGB tensors. All must share one size, as pytorch-fid also
@@ -574,6 +589,7 @@ class ImageFolderFlat(torch.utils.data.Dataset):
             if size != first_size:
                 raise FIDError(f"{file} is {size[0]}x{size[1]} but {self.files[0].name} is "
                                f"{first_size[0]}x{first_size[1]}: all images must share one size")
+        self.size = first_size[::-1]  # (H, W)
 
     def __len__(self):
         return len(self.files)
@@ -581,9 +597,13 @@ class ImageFolderFlat(torch.utils.data.Dataset):
     def __getitem__(self, index):
         try:  # the data (a truncated file) fails only here; FID over fewer files is another number: refuse
             with Image.open(self.files[index]) as image:
-                return pil_to_tensor(image.convert("RGB"))  # (3, H, W) uint8
+                x = pil_to_tensor(to_rgb(image))  # (3, H, W) uint8, read as contragan.py reads it
         except Exception as e:
             raise FIDError(f"{self.files[index]}: not a readable image ({_one_line(e)})") from None
+        if x.shape[1:] != self.size:  # an EXIF rotation turns a 32x64 header into a 64x32 image
+            raise FIDError(f"{self.files[index]} is {x.shape[2]}x{x.shape[1]} as read (EXIF rotation applied), but "
+                           f"{self.files[0].name} is {self.size[1]}x{self.size[0]}: all images must share one size")
+        return x
 
 
 # -----------------------------------------------------------------------------

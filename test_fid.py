@@ -418,3 +418,30 @@ def test_fid_cli_names_a_truncated_image(tmp_path, capsys, workers):
     (cut / "001.png").write_bytes(data[:len(data) // 2])       # the header reads; the pixels do not
     line = one_line(capsys, fid.main, [cut, ok, "--random-weights", "--num-workers", workers])
     assert line == f"error: {cut / '001.png'}: not a readable image (image file is truncated)", line
+
+
+def test_fid_cli_reads_16_bit_and_exif_images_by_their_range_as_training_does(tmp_path, capsys):
+    # 40000 of 65535 is 156 of 255 (convert("RGB") would clip it to white): the two folders are the same images
+    wide, narrow = tmp_path / "wide", tmp_path / "narrow"
+    for folder in (wide, narrow):
+        folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        level = rng.integers(0, 65536, (16, 16), dtype=np.uint16)
+        Image.fromarray(level).save(wide / f"{i}.png")
+        Image.fromarray(np.round(level / 257.0).astype(np.uint8)).convert("RGB").save(narrow / f"{i}.png")
+    x = fid.ImageFolderFlat(wide)[0]
+    assert x.dtype == torch.uint8 and x.float().mean() < 200   # white would be 255 everywhere
+    assert torch.equal(x, fid.ImageFolderFlat(narrow)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 3 images: singular covariances
+        fid.main([str(wide), str(narrow), "--random-weights", "--batch-size", "3", "--num-workers", "0"])
+    assert float(capsys.readouterr().out.split("FID: ")[1].split()[0]) < 1e-3
+    rotated = tmp_path / "rotated"                               # EXIF 6: a 16x8 header, shown 8x16
+    rotated.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for i in range(3):
+        Image.new("RGB", (16, 8)).save(rotated / f"{i}.png", **{"exif": exif} if i == 1 else {})
+    line = one_line(capsys, fid.main, [rotated, narrow, "--random-weights", "--num-workers", "0"])
+    assert "1.png is 8x16 as read (EXIF rotation applied), but 0.png is 16x8" in line, line
