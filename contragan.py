@@ -1016,6 +1016,10 @@ def train(cfg, explicit):
         cfg.run_dir = run_dir
     validate(cfg)
     cfg.run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.dataset}-{cfg.loss}-s{cfg.seed}")
+    run, data = os.path.realpath(cfg.run_dir), os.path.realpath(cfg.data_dir)
+    if cfg.dataset == "folder" and os.path.commonpath([run, data]) in (run, data):
+        raise UsageError(f"--run-dir {cfg.run_dir} and the image folder --data-dir {cfg.data_dir} overlap: the "
+                         f"run's sample grids would be read as training images; give folders apart")
     if checkpoint is not None and checkpoint["step"] >= cfg.steps:
         if is_main_process():
             print(f"nothing trained: {ckpt_path} is at step {checkpoint['step']} and --steps is {cfg.steps} "
@@ -1076,9 +1080,23 @@ class Run:
         except (RuntimeError, KeyError, ValueError) as err:
             raise UsageError(f"checkpoint {path} does not fit this model ({str(err).splitlines()[0]})") from None
         self.step, self.best_fid, self.best_step = checkpoint["step"], checkpoint["best_fid"], checkpoint["best_step"]
-        self.history = checkpoint.get("history", [])
-        self.batches.load_state_dict(checkpoint["data"])
-        set_rng_state(checkpoint["rng"][self.rank if self.rank < len(checkpoint["rng"]) else 0], self.device)
+        self.history, was = checkpoint.get("history", []), checkpoint["config"]
+        changed = [f"--{k.replace('_', '-')} {was.get(k)} -> {getattr(self.cfg, k)}" for k in FID_PROTOCOL_FLAGS
+                   if was.get(k) != getattr(self.cfg, k)]
+        if changed and self.cfg.fid_images and (self.best_fid is not None or was.get("fid_images")):
+            self.best_fid = self.best_step = None              # FIDs of two protocols are not compared
+            self.history = [{**h, "fid": None} for h in self.history]
+            self.log(f"note: the FID protocol changed ({', '.join(changed)}): best.pt and the FID-rise collapse "
+                     f"check start afresh at this resume; earlier FIDs in metrics.jsonl are of the old protocol")
+        self.batches.load_state_dict(checkpoint["data"])       # global batches: the same order for any world size
+        if len(checkpoint["rng"]) == self.world:
+            set_rng_state(checkpoint["rng"][self.rank], self.device)
+        else:                                                  # a new number of ranks: a new stream for each
+            torch.manual_seed(int(hashlib.sha256(f"{self.cfg.seed} {self.step} {self.rank}".encode()).hexdigest(), 16)
+                              % 2 ** 32)
+            self.log(f"note: resumed with {self.world} ranks a checkpoint of {len(checkpoint['rng'])}: the data "
+                     f"continues in the same global order; each rank draws a new random stream, from --seed, the "
+                     f"step and its rank (a continuation, not the bit-for-bit run of {len(checkpoint['rng'])})")
         for opt, key in ((self.trainer.opt_G, "lr_g"), (self.trainer.opt_D, "lr_d")):
             for group in opt.param_groups:                     # the loaded state holds the checkpoint's rate
                 group["lr"] = getattr(self.cfg, key)
@@ -1231,6 +1249,8 @@ class Run:
 RUN_FLAGS = {"steps", "log_every", "eval_every", "fid_images", "fid_weights", "eval_batch", "intra_fid", "device",
              "num_workers", "compile", "resume", "run_dir", "data_dir", "collapse_gap", "collapse_patience",
              "acc_images", "preset", "lr_g", "lr_d"}
+
+FID_PROTOCOL_FLAGS = ("fid_images", "fid_weights", "eval_batch")  # RUN_FLAGS that change what an FID measures
 
 SEAL = b"contragan-sha256:"  # then the sha256 of torch.save's bytes before it; torch.load ignores this tail
 

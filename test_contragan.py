@@ -529,6 +529,45 @@ def test_seeds_beyond_what_torch_keeps_are_refused(tmp_path, capsys):
         assert "--seed must be in [0, 2**32)" in one_line_error(r) and not (tmp_path / "f").exists()
     assert cg.main([*TINY, "--steps", "1", "--seed", str(2 ** 32 - 1), "--run-dir", str(tmp_path / "top")]) == 0
 
+def test_run_folder_and_image_folder_apart(tmp_path, capsys):
+    data = write_folder(tmp_path / "data", 16, classes=2)
+    for run in (data / "c0" / "run", data, tmp_path):          # inside the data, the data itself, around it
+        r = run_main(capsys, *TINY, "--dataset", "folder", "--data-dir", data, "--steps", "1", "--run-dir", run)
+        assert "overlap: the run's sample grids would be read as training images" in one_line_error(r)
+    assert not (data / "c0" / "run").exists() and not (tmp_path / "last.pt").exists()
+    run = tmp_path / "run"                                     # a resume that moves the folder in: refused too
+    assert cg.main([*TINY, "--dataset", "folder", "--data-dir", str(data), "--steps", "1", "--run-dir", str(run)]) == 0
+    r = run_main(capsys, "--resume", run, "--run-dir", data / "c1" / "run", "--steps", "2")
+    assert "overlap" in one_line_error(r)
+
+
+def test_fid_protocol_change_on_resume_restarts_best_and_says_so(tmp_path, capsys, monkeypatch):
+    scores = iter([5.0, 4.0, 9.0, 8.0])                        # stubbed FIDs: what is tested is their bookkeeping
+    monkeypatch.setattr(cg.FIDEvaluator, "__call__", lambda self, G: {"fid": next(scores)})
+    run, fid_args = tmp_path / "run", ["--fid-weights", "random", "--eval-batch", "8", "--data-dir", tmp_path]
+    r = run_main(capsys, *TINY, *fid_args, "--fid-images", "8", "--steps", "2", "--eval-every", "1", "--run-dir", run)
+    assert r.returncode == 0 and "best 4.000 @ 2" in r.stdout
+    r = run_main(capsys, "--resume", run, "--fid-images", "16", "--steps", "4")
+    assert r.returncode == 0 and "note: the FID protocol changed (--fid-images 8 -> 16)" in r.stdout
+    assert "FID 9.000 (best 9.000 @ 3)" in r.stdout and "FID 8.000 (best 8.000 @ 4)" in r.stdout
+    best = torch.load(run / "best.pt", weights_only=False)
+    assert best["step"] == 4 and best["best_fid"] == 8.0
+    assert [h["fid"] for h in best["history"]] == [None, None, 9.0, 8.0]
+
+
+def test_a_new_world_size_continues_the_same_global_batches():
+    data = cg.TensorImages(*cg.make_shapes(70, 8, seed=0), ["a", "b", "c", "d"])
+    one = cg.Batches(data, 8, 0, 1, seed=3, device=torch.device("cpu"), flip=False)
+    two = [cg.Batches(data, 4, r, 2, seed=3, device=torch.device("cpu"), flip=False) for r in range(2)]
+    for b in (one, *two):
+        b.load_state_dict({"epoch": 1, "pos": 5})             # mid-epoch: 8 batches an epoch either way
+    for _ in range(6):                                         # past the epoch's end
+        x1, y1 = next(one)
+        x2, y2 = zip(*(next(b) for b in two))
+        key = lambda x, y: sorted(zip(y.tolist(), x.flatten(1).sum(1).tolist()))
+        assert key(x1, y1) == key(torch.cat(x2), torch.cat(y2))
+    assert one.state_dict() == two[0].state_dict() == two[1].state_dict() == {"epoch": 2, "pos": 3}
+
 def test_fid_during_training_with_random_weights(tmp_path, monkeypatch, capsys):
     pytest.importorskip("fid")
     run, calls, real_generate = tmp_path / "run", [], cg.generate
@@ -770,6 +809,15 @@ def test_torchrun_two_processes_train_and_resume(tmp_path):
                        timeout=300, cwd=HERE)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed" in r.stdout and torch.load(run / "last.pt", weights_only=False)["step"] == 3
+    # Another number of ranks: the same global batches (test_a_new_world_size_...), a new stream for each rank
+    # (1 -> 2 must not give both ranks rank 0's state)
+    assert cg.main(["--resume", str(run), "--steps", "4"]) == 0
+    assert len(torch.load(run / "last.pt", weights_only=False)["rng"]) == 1
+    r = subprocess.run([*torchrun, "--resume", str(run), "--steps", "5"], capture_output=True, text=True,
+                       timeout=300, cwd=HERE)
+    assert r.returncode == 0 and "note: resumed with 2 ranks a checkpoint of 1" in r.stdout, r.stderr[-3000:]
+    rng = torch.load(run / "last.pt", weights_only=False)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["cpu"], rng[1]["cpu"])
 
 
 # ---------------------------------------------------------------- image folders as they come
