@@ -914,6 +914,8 @@ def spectral_norms(model):
             sigmas[name] = float(p[0].u @ p.original.detach().flatten(1).float() @ p[0].v)
     return sigmas
 
+GAP_IMAGES = 50  # the fewest images a side for D's train/held-out gap to be told from noise (Run.__init__)
+
 def detect_collapse(history, gap_threshold, patience):
     """Section 4.5's collapse, or None: D's train - held-out accuracy past a threshold, or FID up `patience` times."""
     last = history[-1]
@@ -1069,6 +1071,12 @@ class Run:
             self.log(self.evaluator.description)
         self.acc_train = fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
         self.acc_held = fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3) if heldout else None
+        # The gap of two accuracies over n images each has a standard deviation up to sqrt(0.5 / n): 0.1 at n = 50
+        n_gap = min(len(self.acc_train[1]), len(self.acc_held[1])) if heldout else GAP_IMAGES
+        self.gap_threshold = cfg.collapse_gap if n_gap >= GAP_IMAGES else float("inf")
+        if n_gap < GAP_IMAGES:
+            self.log(f"note: the train/held-out gap test of collapse is off: it needs {GAP_IMAGES} images a side "
+                     f"(--acc-images {cfg.acc_images} and the held-out set give {n_gap})")
         if rank == 0:                                          # lines past the checkpoint would be repeated
             cut_metrics(self.metrics_path, self.step)
         if cfg.compile:
@@ -1106,7 +1114,7 @@ class Run:
 
     def loop(self):
         """Train to --steps (returns 0) or to Ctrl-C, SIGTERM, SIGHUP: saved, returns 128 + signal (130, 143, 129)."""
-        cfg, self.stop_signal = self.cfg, 0
+        cfg, self.stop_signal, self.pid = self.cfg, 0, os.getpid()
         previous = {s: signal.signal(s, self.request_stop) for s in STOP_SIGNALS}
         try:
             self.t_last, self.step_last, self.eval_s = time.time(), self.step, 0.0
@@ -1144,6 +1152,8 @@ class Run:
             sys.stdout = open(os.devnull, "w")
 
     def request_stop(self, signum, frame):
+        if os.getpid() != self.pid:                            # a DataLoader worker (Ctrl-C hits the process group)
+            return
         if self.stop_signal and time.time() > self.stop_time + 2:  # again (not SLURM's copy): leave, unsaved
             raise KeyboardInterrupt(signum)
         if not self.stop_signal:
@@ -1187,7 +1197,7 @@ class Run:
             sigmas = spectral_norms(t.D)
             record["d_sigma_max"], record["d_sigma"] = max(sigmas.values()), sigmas
             self.history.append({k: record.get(k) for k in ("step", "fid", "d_acc_gap")})
-            record["collapse"] = detect_collapse(self.history, cfg.collapse_gap, cfg.collapse_patience)
+            record["collapse"] = detect_collapse(self.history, self.gap_threshold, cfg.collapse_patience)
             improved = record.get("fid") is not None and (self.best_fid is None or record["fid"] < self.best_fid)
             if improved:
                 self.best_fid, self.best_step = record["fid"], self.step
@@ -1360,11 +1370,18 @@ def format_duration(seconds):
     s = int(max(seconds, 0))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
+def metrics_step(line):                                       # None: a torn (interrupted), blank or edited line
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        return int(json.loads(line)["step"]) if line.endswith("\n") else None
+
 def cut_metrics(path, step):
-    """metrics.jsonl cut to the checkpoint's step (all of it on a fresh start) and torn lines: a rerun repeats none."""
+    """metrics.jsonl cut to the checkpoint's step (all of it on a fresh start): a rerun repeats none."""
     if os.path.exists(path):
         with open(path) as f:
-            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
+            steps = [(line, metrics_step(line)) for line in f]
+        kept = [line for line, s in steps if s is not None and s <= step]
+        if n := sum(s is None for _, s in steps):
+            print(f"note: {n} unreadable lines of {path} dropped (torn by an interrupted write, blank or edited)")
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(path + ".tmp", path)
@@ -1375,7 +1392,7 @@ def cut_metrics(path, step):
 
 class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message):                                  # one line, not usage + error
-        self.exit(2, f"error: {message} (see --help)\n")
+        self.exit(2, f"error: {message} (see --help)\n" if is_main_process() else None)  # torchrun: rank 0 says it
 
 # Each numeric flag's range: (flags, test, what the value must be). NaN fails every test, so "nan" is refused too.
 FLAG_RANGES = [

@@ -568,6 +568,34 @@ def test_a_new_world_size_continues_the_same_global_batches():
         assert key(x1, y1) == key(torch.cat(x2), torch.cat(y2))
     assert one.state_dict() == two[0].state_dict() == two[1].state_dict() == {"epoch": 2, "pos": 3}
 
+def test_torn_blank_or_edited_metrics_lines_are_dropped_on_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cg.main([*TINY, "--steps", "3", "--eval-every", "100", "--run-dir", str(run)]) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text(lines[0] + lines[1][:20] + "\n" + "\n" + lines[2] + '[1]\n' + lines[3][:9])
+    r = run_main(capsys, "--resume", run, "--steps", "4")
+    assert r.returncode == 0, r.stderr
+    assert "note: 4 unreadable lines" in r.stdout and "Traceback" not in r.stderr
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 3, 4, 4]                               # step 2's torn line is gone, not repeated
+
+
+def test_unknown_flag_under_torchrun_is_said_by_rank_0_only(capsys, monkeypatch):
+    for rank, said in (("1", ""), ("0", "error: unrecognized arguments: --bogus (see --help)")):
+        monkeypatch.setenv("RANK", rank)
+        r = run_main(capsys, "--bogus")
+        assert r.returncode == 2 and r.stderr.strip() == said
+
+
+def test_collapse_gap_needs_enough_images_a_side(tmp_path, capsys, monkeypatch):
+    real = cg.d_diagnostics                                    # a gap far past --collapse-gap, every evaluation
+    monkeypatch.setattr(cg, "d_diagnostics", lambda *a: {**real(*a), "d_acc_gap": 1.0})
+    r = run_main(capsys, *TINY, "--acc-images", "1", "--steps", "1", "--run-dir", tmp_path / "one")
+    assert r.returncode == 0 and "collapse suspected" not in r.stdout
+    assert "gap test of collapse is off: it needs 50 images a side (--acc-images 1" in r.stdout
+    r = run_main(capsys, *TINY, "--acc-images", "50", "--steps", "1", "--run-dir", tmp_path / "fifty")
+    assert "collapse suspected at step 1: D overfits" in r.stdout and "gap test" not in r.stdout
+
 def test_fid_during_training_with_random_weights(tmp_path, monkeypatch, capsys):
     pytest.importorskip("fid")
     run, calls, real_generate = tmp_path / "run", [], cg.generate
@@ -721,16 +749,19 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
 
 
 def test_ctrl_c_saves_and_exits(tmp_path):
-    run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, SCRIPT, *TINY, "--steps", "100000", "--eval-every", "100000",
-                             "--run-dir", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    # Ctrl-C signals the terminal's process group: the run and its DataLoader workers; the stop is said once
+    run, data = tmp_path / "run", write_folder(tmp_path / "data", 24, classes=2)
+    proc = subprocess.Popen([sys.executable, SCRIPT, *TINY, "--dataset", "folder", "--data-dir", str(data),
+                             "--num-workers", "2", "--steps", "100000", "--eval-every", "100000", "--run-dir",
+                             str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                            start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "interrupted at step" in out
+    assert "interrupted at step" in out and out.count("SIGINT: finishing this step") == 1, out
     state = torch.load(run / "last.pt", weights_only=False)
     assert state["step"] >= 1
     assert cg.main(["--resume", str(run), "--steps", str(state["step"] + 1)]) == 0
