@@ -28,6 +28,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -53,6 +54,7 @@ WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub convention: the file name carrie
 INCEPTION_SIZE = 299
 RESIZE = "299x299 bilinear"  # F.interpolate(..., mode="bilinear", align_corners=False)
 FEATURE_DIM = 2048
+STATS_BYTES = 8 * (FEATURE_DIM + FEATURE_DIM ** 2) + 4096  # an .npz of float64 mu and sigma, and the protocol
 DOWNLOAD_TIMEOUT_S = 10  # offline machines should fail in seconds, not hang
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
 
@@ -463,10 +465,15 @@ def save_stats(path, stats_or_mu_sigma, protocol):
         mu, sigma = stats_or_mu_sigma
     path = os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:  # a file object, so numpy does not append another ".npz"
-        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-                 protocol=np.array(json.dumps(_normalised(protocol), sort_keys=True)))
-    os.replace(tmp, path)  # a crash leaves either the old file or the new one, never half a file
+    try:
+        with open(tmp, "wb") as f:  # a file object, so numpy does not append another ".npz"
+            np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+                     protocol=np.array(json.dumps(_normalised(protocol), sort_keys=True)))
+        os.replace(tmp, path)  # a crash leaves either the old file or the new one, never half a file
+    except OSError as e:  # a full disk: no half file left to fill it further
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise FIDError(f"cannot write {path} ({e.strerror or _one_line(e)}); nothing written") from None
 
 
 def load_stats(path, expect=None):
@@ -494,6 +501,8 @@ def load_stats(path, expect=None):
     if not isinstance(protocol, dict):
         raise FIDError(f"{path}: its 'protocol' is not a JSON object as save_stats writes")
     mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise FIDError(f"{path}: its mu or sigma holds NaN or inf (statistics of a broken run?)")
     if expect is not None:
         expect = _normalised(expect)
         if not protocol:
@@ -635,8 +644,12 @@ def _check_writable(path, make_folder=False):
             os.makedirs(os.path.dirname(os.path.abspath(path)))  # (a file in its place: "Not a directory" below)
         open(probe, "xb").close()
         os.remove(probe)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
     except OSError as e:
         raise FIDError(f"cannot write {path} ({e.strerror or _one_line(e)})") from None
+    if free < STATS_BYTES:  # an empty file fits on a full disk; the statistics do not
+        raise FIDError(f"cannot write {path}: {free / 2 ** 20:.1f} MiB free there, its statistics need "
+                       f"{STATS_BYTES / 2 ** 20:.0f} MiB")
 
 
 def _check_path(path):

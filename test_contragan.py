@@ -990,6 +990,23 @@ def test_fid_cache_in_unwritable_data_dir_goes_to_run_folder(tmp_path, capsys):
     assert "cached in the run folder (cannot write to" in r.stdout
 
 
+def test_fid_cache_on_a_full_data_disk_names_the_data_folder_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    data, stats = tmp_path / "data", tmp_path / "data" / "fid_shapes_heldout_8_random.npz"
+    args = [*TINY, "--steps", "1", "--fid-images", "8", "--fid-weights", "random", "--eval-batch", "8",
+            "--data-dir", data, "--run-dir", tmp_path / "r"]
+    with monkeypatch.context() as patch:                      # full before the statistics: refused before them
+        patch.setattr(cg.fid.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=2 ** 20))
+        patch.setattr(cg.fid, "features_from_dataset", lambda *a, **k: pytest.fail("features computed"))
+        assert f"cannot write {stats}: 1.0 MiB free there" in one_line_error(run_main(capsys, *args))
+    def disk_fills(file, **arrays):                            # full while they are written
+        file.write(b"PK" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(cg.fid.np, "savez", disk_fills)
+    r = run_main(capsys, *args)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
+        f"error: cannot write {stats} (No space left on device); nothing written"
+    assert os.listdir(data) == [] and not (tmp_path / "r").exists()
+
 def test_broken_image_named_once_across_workers_and_epochs(tmp_path, capfd):
     data = write_folder(tmp_path / "data", 15, classes=2)
     good = next((data / "c1").iterdir()).read_bytes()
