@@ -583,6 +583,10 @@ def load_cifar(name, data_dir, train):
     try:
         ds = cls(data_dir, train=train, download=False)
     except RuntimeError:                                       # not there yet: download it
+        tar = os.path.join(data_dir, cls.filename)             # torchvision would download over a bad copy
+        if os.path.isfile(tar) and not torchvision.datasets.utils.check_integrity(tar, cls.tgz_md5):
+            raise UsageError(f"{tar} is corrupt (its md5 is not {cls.tgz_md5}: a cut download?): delete it to "
+                             f"download it again, or put a good copy there") from None
         old_timeout = socket.getdefaulttimeout()
         try:
             socket.setdefaulttimeout(20)                       # a dead network fails, never hangs
@@ -591,7 +595,7 @@ def load_cifar(name, data_dir, train):
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise UsageError(f"could not download {name} ({cls.filename} from {cls.url}): {reason}. Offline: fetch "
                              f"that file elsewhere and put it, or its extracted folder {cls.base_folder}/, in "
-                             f"--data-dir ({os.path.join(data_dir, cls.filename)})") from None
+                             f"--data-dir ({tar})") from None
         finally:
             socket.setdefaulttimeout(old_timeout)
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()   # (N, 3, 32, 32) uint8
@@ -613,9 +617,12 @@ class SkipUnreadable(torch.utils.data.Dataset):
     def __getitem__(self, i):
         for j in (k % len(self) for k in range(i, i + len(self))):
             try:
-                with Image.open(self.samples[j][0]) as im:
-                    return self.transform(fid.to_rgb(im)), self.samples[j][1]
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises
+                with warnings.catch_warnings():                # past PIL's pixel limit: skipped, named once
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    with Image.open(self.samples[j][0]) as im:
+                        return self.transform(fid.to_rgb(im)), self.samples[j][1]
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning
+                    ) as err:                                  # what PIL raises
                 if not self.warned[j]:
                     self.warned[j] = True
                     print(f"warning: skipped unreadable image {self.samples[j][0]} ({type(err).__name__}: "
@@ -1033,12 +1040,18 @@ def train(cfg, explicit):
     if cfg.sync_bn and world == 1:
         print("note: --sync-bn changes nothing in one process: G's BatchNorm already sees the whole batch")
     release = claim_run_dir(cfg.run_dir, ckpt_path) if rank == 0 else (lambda: None)
+    last, run = os.path.join(cfg.run_dir, "last.pt"), None
     try:
-        return Run(cfg, checkpoint, ckpt_path, device, rank, world).loop()
-    except OSError as err:                                     # a full disk, a folder removed: what is kept
-        last = os.path.join(cfg.run_dir, "last.pt")
-        raise UsageError(f"{err.strerror or err}: {err.filename or cfg.run_dir}; " +
-                               (f"{last} is intact" if os.path.exists(last) else "no checkpoint was written")) from None
+        return (run := Run(cfg, checkpoint, ckpt_path, device, rank, world)).loop()
+    except (OSError, RuntimeError) as err:                     # a full disk, a folder removed; out of memory
+        kept = f"{last} is intact" if os.path.exists(last) else "no checkpoint was written"
+        if isinstance(err, OSError):
+            raise UsageError(f"{err.strerror or err}: {err.filename or cfg.run_dir}; {kept}") from None
+        if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
+            raise
+        too_large = f"--batch-size {cfg.batch_size}, --eval-batch {cfg.eval_batch}, " * (run is not None)
+        raise UsageError(f"out of memory on {device}: {too_large}--g-width {cfg.g_width} or --d-width "
+                         f"{cfg.d_width} is too large for its memory; {kept}") from None
     finally:
         release()
 

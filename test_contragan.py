@@ -700,6 +700,13 @@ def test_cifar_offline_fails_fast_with_instructions(tmp_path, monkeypatch, capsy
     assert "cifar-10-python.tar.gz" in err and "https://" in err and "--data-dir" in err
 
 
+def test_corrupt_local_cifar_archive_is_named_corrupt(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: pytest.fail("a download was tried"))
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b" + b"cut" * 100)
+    r = run_main(capsys, "--dataset", "cifar10", "--data-dir", tmp_path, "--run-dir", tmp_path / "r")
+    assert f"{tmp_path / 'cifar-10-python.tar.gz'} is corrupt (its md5 is not" in one_line_error(r)
+
+
 def test_unwritable_run_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -938,10 +945,14 @@ def test_hidden_and_non_image_files_are_left_out(tmp_path, capsys):
 def test_huge_image_is_skipped_and_named(tmp_path, capsys, monkeypatch):
     data = write_folder(tmp_path / "data", 4, classes=2)
     Image.new("RGB", (64, 64)).save(data / "c0" / "huge.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1700)      # 4096 pixels: over twice the limit
+    Image.new("RGB", (48, 48)).save(data / "c1" / "large.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1700)      # 4096 pixels: over twice the limit; 2304: over it
     ds = cg.load_folder(str(data), 32)
-    assert [ds[j][0].shape for j in range(len(ds))] == [(3, 32, 32)] * 5
-    assert "huge.png (DecompressionBombError" in capsys.readouterr().err
+    for _ in range(2):                                         # named once, not at every draw
+        assert [ds[j][0].shape for j in range(len(ds))] == [(3, 32, 32)] * 6
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "huge.png (DecompressionBombError" in err[0], err
+    assert "large.png (DecompressionBombWarning: Image size (2304 pixels) exceeds limit" in err[1]
 
 
 def test_small_folder_fid_reference_is_a_random_subset(tmp_path, capsys, monkeypatch):
@@ -974,6 +985,17 @@ def test_data_dir_that_is_a_file(dataset, tmp_path, capsys):
     r = run_main(capsys, *TINY, "--dataset", dataset, "--data-dir", tmp_path / "images.zip", "--steps", "1",
                  "--run-dir", tmp_path / "r")
     assert "is a file, not a folder" in one_line_error(r)
+
+
+def test_out_of_memory_names_the_settings(tmp_path, capsys, monkeypatch):
+    r = run_main(capsys, *TINY, "--g-width", 10 ** 9, "--steps", "1", "--run-dir", tmp_path / "r")   # G: 5 TB
+    assert "error: out of memory on cpu: --g-width 1000000000 or --d-width 8 is too large for its memory; no " \
+        "checkpoint was written" == one_line_error(r) and not (tmp_path / "r").exists()
+    def oom(self, batches, step):                              # what CUDA raises mid-run
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(cg.Trainer, "iteration", oom)
+    r = run_main(capsys, *TINY, "--steps", "1", "--run-dir", tmp_path / "r")
+    assert "out of memory on cpu: --batch-size 8, --eval-batch 16, --g-width 8 or --d-width 8 is too" in one_line_error(r)
 
 
 def test_shapes_beyond_memory_is_refused(tmp_path, capsys):
