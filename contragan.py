@@ -1090,6 +1090,8 @@ class Run:
         if n_gap < GAP_IMAGES:
             self.log(f"note: the train/held-out gap test of collapse is off: it needs {GAP_IMAGES} images a side "
                      f"(--acc-images {cfg.acc_images} and the held-out set give {n_gap})")
+        if checkpoint is not None:                             # last: a reference computed above draws from it
+            self.restore_rng(checkpoint["rng"])
         if rank == 0:                                          # lines past the checkpoint would be repeated
             cut_metrics(self.metrics_path, self.step)
         if cfg.compile:
@@ -1110,20 +1112,21 @@ class Run:
             self.log(f"note: the FID protocol changed ({', '.join(changed)}): best.pt and the FID-rise collapse "
                      f"check start afresh at this resume; earlier FIDs in metrics.jsonl are of the old protocol")
         self.batches.load_state_dict(checkpoint["data"])       # global batches: the same order for any world size
-        if len(checkpoint["rng"]) == self.world:
-            set_rng_state(checkpoint["rng"][self.rank], self.device)
-        else:                                                  # a new number of ranks: a new stream for each
-            torch.manual_seed(int(hashlib.sha256(f"{self.cfg.seed} {self.step} {self.rank}".encode()).hexdigest(), 16)
-                              % 2 ** 32)
-            self.log(f"note: resumed with {self.world} ranks a checkpoint of {len(checkpoint['rng'])}: the data "
-                     f"continues in the same global order; each rank draws a new random stream, from --seed, the "
-                     f"step and its rank (a continuation, not the bit-for-bit run of {len(checkpoint['rng'])})")
         for opt, key in ((self.trainer.opt_G, "lr_g"), (self.trainer.opt_D, "lr_d")):
             for group in opt.param_groups:                     # the loaded state holds the checkpoint's rate
                 group["lr"] = getattr(self.cfg, key)
         changed = [f"--{k.replace('_', '-')} {checkpoint['config'][k]} -> {getattr(self.cfg, k)}"
                    for k in ("lr_g", "lr_d") if checkpoint["config"][k] != getattr(self.cfg, k)]
         self.log(f"resumed {path} at step {self.step}" + (f" ({', '.join(changed)})" if changed else ""))
+
+    def restore_rng(self, states):
+        if len(states) == self.world:
+            return set_rng_state(states[self.rank], self.device)
+        seed = hashlib.sha256(f"{self.cfg.seed} {self.step} {self.rank}".encode()).hexdigest()[:8]
+        torch.manual_seed(int(seed, 16))                       # a new number of ranks: a new stream for each
+        self.log(f"note: resumed with {self.world} ranks a checkpoint of {len(states)}: the same global batches "
+                 f"follow; each rank draws a new random stream, from --seed, the step and its rank (not bit for bit "
+                 f"what {len(states)} would draw)")
 
     def loop(self):
         """Train to --steps (returns 0) or to Ctrl-C, SIGTERM, SIGHUP: saved, returns 128 + signal (130, 143, 129)."""

@@ -503,16 +503,19 @@ def test_resume_of_a_checkpoint_at_the_end_of_an_epoch(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_folder_run_resumes_bit_for_bit(tmp_path, workers):
+@pytest.mark.parametrize("workers,fid_images", [(0, 0), (2, 0), (0, 2)])
+def test_folder_run_resumes_bit_for_bit(tmp_path, workers, fid_images):
     # 24 images, batches of 8, 2 D steps a step: the resume at step 2 starts mid-epoch, a DataLoader the
-    # uninterrupted run never makes; it must take no number from the RNG that draws z, y and the flips
+    # uninterrupted run never makes; it must take no number from the RNG that draws z, y and the flips.
+    # fid_images: the resume computes FID's reference again (its cache deleted), a DataLoader of its own.
     data = write_folder(tmp_path / "data", 24, classes=2)
     args = [*TINY, "--dataset", "folder", "--data-dir", str(data), "--num-workers", str(workers),
-            "--acc-images", "8", "--eval-every", "100"]
+            "--acc-images", "8", "--eval-every", "100", "--fid-images", str(fid_images), "--fid-weights", "random"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert cg.main([*args, "--steps", "4", "--run-dir", str(straight)]) == 0
     assert cg.main([*args, "--steps", "1", "--run-dir", str(split)]) == 0
+    for cache in split.glob("fid_*.npz"):
+        cache.unlink()
     assert cg.main(["--resume", str(split), "--steps", "4"]) == 0
     (_, wa), (_, wb) = weights_of(straight / "last.pt"), weights_of(split / "last.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
