@@ -592,8 +592,8 @@ def load_cifar(name, data_dir, train):
             socket.setdefaulttimeout(20)                       # a dead network fails, never hangs
             ds = cls(data_dir, train=train, download=True)
         except Exception as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise UsageError(f"could not download {name} ({cls.filename} from {cls.url}): {reason}. Offline: fetch "
+            raise UsageError(f"could not download {name} ({cls.filename} from {cls.url}): "
+                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}. Offline: fetch "
                              f"that file elsewhere and put it, or its extracted folder {cls.base_folder}/, in "
                              f"--data-dir ({tar})") from None
         finally:
@@ -617,12 +617,8 @@ class SkipUnreadable(torch.utils.data.Dataset):
     def __getitem__(self, i):
         for j in (k % len(self) for k in range(i, i + len(self))):
             try:
-                with warnings.catch_warnings():                # past PIL's pixel limit: skipped, named once
-                    warnings.simplefilter("error", Image.DecompressionBombWarning)
-                    with Image.open(self.samples[j][0]) as im:
-                        return self.transform(fid.to_rgb(im)), self.samples[j][1]
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning
-                    ) as err:                                  # what PIL raises
+                return self.transform(fid.read_image(self.samples[j][0])), self.samples[j][1]   # fid.py's reader
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, RuntimeWarning) as err:  # PIL's
                 if not self.warned[j]:
                     self.warned[j] = True
                     print(f"warning: skipped unreadable image {self.samples[j][0]} ({type(err).__name__}: "
@@ -697,16 +693,6 @@ def load_data(cfg):
     Subset = torch.utils.data.Subset
     return Subset(data, order[n_hold:]), Subset(data, order[:n_hold]) if n_hold else None, len(data.classes)
 
-def can_write(folder):
-    """Can a file be created in folder (made if missing)? Tried: os.access says yes to root on a read-only mount."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        os.close(os.open(probe := os.path.join(folder, f".write-test-{os.getpid()}"), os.O_CREAT | os.O_WRONLY))
-        os.remove(probe)
-        return True
-    except OSError:
-        return False
-
 class Batches:
     """Endless real batches in [-1, 1]; its state (epoch, batch) is saved, so a resumed run sees the same batches."""
 
@@ -734,9 +720,8 @@ class Batches:
             for ids in torch.tensor(idx[:n * self.batch], dtype=torch.long, device=self.device).view(n, self.batch):
                 yield self.images[ids], self.labels[ids]
         else:                                                  # its own generator: the global RNG draws z, y, flips
-            yield from torch.utils.data.DataLoader(
-                torch.utils.data.Subset(self.dataset, idx[:n * self.batch]), batch_size=self.batch,
-                num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+            yield from torch.utils.data.DataLoader(torch.utils.data.Subset(self.dataset, idx[:n * self.batch]),
+                self.batch, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
                 generator=torch.Generator().manual_seed(self.sampler.seed + self.epoch))
 
     def __next__(self):
@@ -751,10 +736,8 @@ class Batches:
 
 def fixed_sample(dataset, n, seed):
     """A fixed random subset as uint8 (n, 3, H, W) images and (n,) labels (D's accuracy checks)."""
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
-    if isinstance(dataset, TensorImages):
-        return dataset.images[order], dataset.labels[order]
-    items = [dataset[i] for i in order.tolist()]
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    items = [dataset[i] for i in order]                        # in memory too: n reads, at start-up only
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 # --------------------------------------------------------------------------------------------
@@ -921,8 +904,6 @@ def spectral_norms(model):
             sigmas[name] = float(p[0].u @ p.original.detach().flatten(1).float() @ p[0].v)
     return sigmas
 
-GAP_IMAGES = 50  # the fewest images a side for D's train/held-out gap to be told from noise (Run.__init__)
-
 def detect_collapse(history, gap_threshold, patience):
     """Section 4.5's collapse, or None: D's train - held-out accuracy past a threshold, or FID up `patience` times."""
     last = history[-1]
@@ -959,7 +940,7 @@ class FIDEvaluator:
         stem = os.path.join(cfg.data_dir if cfg.dataset != "folder" else cfg.run_dir,
                             f"fid_{cfg.dataset}_{split}_{n_ref}_{'random' if random_weights else 'tf'}")
         names = [stem + ".npz"] + [f"{stem}_class{k}.npz" for k in range(num_classes) if cfg.intra_fid]
-        if cfg.dataset != "folder" and not all(map(os.path.exists, names)) and not can_write(cfg.data_dir):
+        if cfg.dataset != "folder" and not all(map(os.path.exists, names)) and not fid.can_write(cfg.data_dir):
             stem = os.path.join(cfg.run_dir, os.path.basename(stem))   # e.g. a read-only shared data set
             self.description += f"; reference statistics cached in the run folder (cannot write to {cfg.data_dir})"
         subset = torch.utils.data.Subset(reference, range(n_ref))
@@ -1044,14 +1025,13 @@ def train(cfg, explicit):
     try:
         return (run := Run(cfg, checkpoint, ckpt_path, device, rank, world)).loop()
     except (OSError, RuntimeError) as err:                     # a full disk, a folder removed; out of memory
-        kept = f"{last} is intact" if os.path.exists(last) else "no checkpoint was written"
-        if isinstance(err, OSError):
-            raise UsageError(f"{err.strerror or err}: {err.filename or cfg.run_dir}; {kept}") from None
-        if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
+        if not isinstance(err, (OSError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(err):
             raise
-        too_large = f"--batch-size {cfg.batch_size}, --eval-batch {cfg.eval_batch}, " * (run is not None)
-        raise UsageError(f"out of memory on {device}: {too_large}--g-width {cfg.g_width} or --d-width "
-                         f"{cfg.d_width} is too large for its memory; {kept}") from None
+        sizes = f"--batch-size {cfg.batch_size}, --eval-batch {cfg.eval_batch}, " * (run is not None)  # past setup
+        raise UsageError((f"{err.strerror or err}: {err.filename or cfg.run_dir}" if isinstance(err, OSError) else
+                          f"out of memory on {device}: {sizes}--g-width {cfg.g_width} or --d-width {cfg.d_width} is "
+                          f"too large for its memory") + (f"; {last} is intact" if os.path.exists(last) else
+                                                          "; no checkpoint was written")) from None
     finally:
         release()
 
@@ -1084,14 +1064,16 @@ class Run:
             self.log(self.evaluator.description)
         self.acc_train = fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
         self.acc_held = fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3) if heldout else None
-        # The gap of two accuracies over n images each has a standard deviation up to sqrt(0.5 / n): 0.1 at n = 50
-        n_gap = min(len(self.acc_train[1]), len(self.acc_held[1])) if heldout else GAP_IMAGES
-        self.gap_threshold = cfg.collapse_gap if n_gap >= GAP_IMAGES else float("inf")
-        if n_gap < GAP_IMAGES:
-            self.log(f"note: the train/held-out gap test of collapse is off: it needs {GAP_IMAGES} images a side "
-                     f"(--acc-images {cfg.acc_images} and the held-out set give {n_gap})")
-        if checkpoint is not None:                             # last: a reference computed above draws from it
-            self.restore_rng(checkpoint["rng"])
+        n_gap = min(len(self.acc_train[1]), len(self.acc_held[1])) if heldout else 50  # gap sd <= sqrt(0.5 / n)
+        self.gap_threshold = cfg.collapse_gap if n_gap >= 50 else self.log(       # 0.1 at 50 images a side
+            f"note: the train/held-out gap test of collapse is off: it needs 50 images a side (--acc-images "
+            f"{cfg.acc_images} and the held-out set give {n_gap})") or float("inf")
+        if checkpoint is not None and len(checkpoint["rng"]) == world:  # last: a reference made above draws from it
+            set_rng_state(checkpoint["rng"][rank], device)
+        elif checkpoint is not None:                           # a new number of ranks: a new stream for each
+            torch.manual_seed(int(hashlib.sha256(f"{cfg.seed} {self.step} {rank}".encode()).hexdigest()[:8], 16))
+            self.log(f"note: resumed with {world} ranks a checkpoint of {len(checkpoint['rng'])}: the same global "
+                     f"batches follow, each rank with a new random stream from --seed, the step and its rank")
         if rank == 0:                                          # lines past the checkpoint would be repeated
             cut_metrics(self.metrics_path, self.step)
         if cfg.compile:
@@ -1104,11 +1086,10 @@ class Run:
             raise UsageError(f"checkpoint {path} does not fit this model ({str(err).splitlines()[0]})") from None
         self.step, self.best_fid, self.best_step = checkpoint["step"], checkpoint["best_fid"], checkpoint["best_step"]
         self.history, was = checkpoint.get("history", []), checkpoint["config"]
-        changed = [f"--{k.replace('_', '-')} {was.get(k)} -> {getattr(self.cfg, k)}" for k in FID_PROTOCOL_FLAGS
-                   if was.get(k) != getattr(self.cfg, k)]
-        if changed and self.cfg.fid_images and (self.best_fid is not None or was.get("fid_images")):
-            self.best_fid = self.best_step = None              # FIDs of two protocols are not compared
-            self.history = [{**h, "fid": None} for h in self.history]
+        changed = [f"--{k.replace('_', '-')} {was.get(k)} -> {getattr(self.cfg, k)}"   # what an FID measures
+                   for k in ("fid_images", "fid_weights", "eval_batch") if was.get(k) != getattr(self.cfg, k)]
+        if changed and self.cfg.fid_images and was.get("fid_images"):  # FIDs of two protocols are not compared
+            self.best_fid, self.best_step, self.history = None, None, [{**h, "fid": None} for h in self.history]
             self.log(f"note: the FID protocol changed ({', '.join(changed)}): best.pt and the FID-rise collapse "
                      f"check start afresh at this resume; earlier FIDs in metrics.jsonl are of the old protocol")
         self.batches.load_state_dict(checkpoint["data"])       # global batches: the same order for any world size
@@ -1118,15 +1099,6 @@ class Run:
         changed = [f"--{k.replace('_', '-')} {checkpoint['config'][k]} -> {getattr(self.cfg, k)}"
                    for k in ("lr_g", "lr_d") if checkpoint["config"][k] != getattr(self.cfg, k)]
         self.log(f"resumed {path} at step {self.step}" + (f" ({', '.join(changed)})" if changed else ""))
-
-    def restore_rng(self, states):
-        if len(states) == self.world:
-            return set_rng_state(states[self.rank], self.device)
-        seed = hashlib.sha256(f"{self.cfg.seed} {self.step} {self.rank}".encode()).hexdigest()[:8]
-        torch.manual_seed(int(seed, 16))                       # a new number of ranks: a new stream for each
-        self.log(f"note: resumed with {self.world} ranks a checkpoint of {len(states)}: the same global batches "
-                 f"follow; each rank draws a new random stream, from --seed, the step and its rank (not bit for bit "
-                 f"what {len(states)} would draw)")
 
     def loop(self):
         """Train to --steps (returns 0) or to Ctrl-C, SIGTERM, SIGHUP: saved, returns 128 + signal (130, 143, 129)."""
@@ -1276,8 +1248,6 @@ RUN_FLAGS = {"steps", "log_every", "eval_every", "fid_images", "fid_weights", "e
              "num_workers", "compile", "resume", "run_dir", "data_dir", "collapse_gap", "collapse_patience",
              "acc_images", "preset", "lr_g", "lr_d"}
 
-FID_PROTOCOL_FLAGS = ("fid_images", "fid_weights", "eval_batch")  # RUN_FLAGS that change what an FID measures
-
 SEAL = b"contragan-sha256:"  # then the sha256 of torch.save's bytes before it; torch.load ignores this tail
 
 def save_checkpoint(path, state):
@@ -1397,7 +1367,7 @@ def cut_metrics(path, step):
             steps = [(line, metrics_step(line)) for line in f]
         kept = [line for line, s in steps if s is not None and s <= step]
         if n := sum(s is None for _, s in steps):
-            print(f"note: {n} unreadable lines of {path} dropped (torn by an interrupted write, blank or edited)")
+            print(f"note: {n} unreadable lines of {path} dropped (torn, blank or edited)")
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(path + ".tmp", path)

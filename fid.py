@@ -577,6 +577,15 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
+def read_image(path):
+    """The image file at path as 8-bit RGB (to_rgb). One past PIL's pixel limit (Image.MAX_IMAGE_PIXELS) fails with
+    DecompressionBombWarning or -Error, where PIL would decode it in full and warn at every read."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            return to_rgb(image)
+
+
 class ImageFolderFlat(torch.utils.data.Dataset):
     """The images directly in a folder (pytorch-fid's extensions, any case; sorted; no subfolders,
     as in pytorch-fid), as uint8 (3, H, W) RGB tensors. All must share one size, as pytorch-fid also
@@ -605,8 +614,7 @@ class ImageFolderFlat(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         try:  # the data (a truncated file) fails only here; FID over fewer files is another number: refuse
-            with Image.open(self.files[index]) as image:
-                x = pil_to_tensor(to_rgb(image))  # (3, H, W) uint8, read as contragan.py reads it
+            x = pil_to_tensor(read_image(self.files[index]))  # (3, H, W) uint8, read as contragan.py reads it
         except Exception as e:
             raise FIDError(f"{self.files[index]}: not a readable image ({_one_line(e)})") from None
         if x.shape[1:] != self.size:  # an EXIF rotation turns a 32x64 header into a 64x32 image
@@ -650,6 +658,18 @@ def _check_writable(path, make_folder=False):
     if free < STATS_BYTES:  # an empty file fits on a full disk; the statistics do not
         raise FIDError(f"cannot write {path}: {free / 2 ** 20:.1f} MiB free there, its statistics need "
                        f"{STATS_BYTES / 2 ** 20:.0f} MiB")
+
+
+def can_write(folder):
+    """Can a file be created in folder (made if missing)? Tried: os.access says yes to root on a read-only mount.
+    contragan.py asks it where to cache reference statistics."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(probe := os.path.join(folder, f".write-test-{os.getpid()}"), "xb").close()
+        os.remove(probe)
+        return True
+    except OSError:
+        return False
 
 
 def _check_path(path):
