@@ -506,17 +506,12 @@ def balanced_labels(n, num_classes, device, generator=None):
     y = torch.arange(n, device=device) * num_classes // n
     return y if generator is None else y[torch.randperm(n, device=device, generator=generator)]
 
-class TensorImages(torch.utils.data.Dataset):
+class TensorImages(torch.utils.data.TensorDataset):
     """A data set held in memory as uint8 (N, 3, H, W) images and int64 (N,) labels."""
 
     def __init__(self, images, labels, classes):
+        super().__init__(images, labels)
         self.images, self.labels, self.classes = images, labels, classes
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i], int(self.labels[i])
 
 SHAPES = [("circle", (230, 70, 60)), ("square", (70, 200, 90)), ("triangle", (80, 120, 240)), ("cross", (235, 210, 70))]
 
@@ -736,8 +731,7 @@ class Batches:
 
 def fixed_sample(dataset, n, seed):
     """A fixed random subset as uint8 (n, 3, H, W) images and (n,) labels (D's accuracy checks)."""
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-    items = [dataset[i] for i in order]                        # in memory too: n reads, at start-up only
+    items = [dataset[i] for i in torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]]
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 # --------------------------------------------------------------------------------------------
@@ -906,9 +900,8 @@ def spectral_norms(model):
 
 def detect_collapse(history, gap_threshold, patience):
     """Section 4.5's collapse, or None: D's train - held-out accuracy past a threshold, or FID up `patience` times."""
-    last = history[-1]
-    if last.get("d_acc_gap") is not None and last["d_acc_gap"] > gap_threshold:
-        return f"D overfits: train/held-out accuracy gap {last['d_acc_gap']:.2f} > {gap_threshold}"
+    if (gap := history[-1].get("d_acc_gap")) is not None and gap > gap_threshold:
+        return f"D overfits: train/held-out accuracy gap {gap:.2f} > {gap_threshold}"
     fids = [h["fid"] for h in history if h.get("fid") is not None][-(patience + 1):]
     if len(fids) == patience + 1 and all(b > a for a, b in zip(fids, fids[1:])):
         return f"FID rose {patience} evaluations in a row ({' -> '.join(f'{f:.2f}' for f in fids)})"
@@ -1006,8 +999,8 @@ def train(cfg, explicit):
         cfg.run_dir = run_dir
     validate(cfg)
     cfg.run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.dataset}-{cfg.loss}-s{cfg.seed}")
-    run, data = os.path.realpath(cfg.run_dir), os.path.realpath(cfg.data_dir)
-    if cfg.dataset == "folder" and os.path.commonpath([run, data]) in (run, data):
+    at = [os.path.realpath(cfg.run_dir), os.path.realpath(cfg.data_dir)]  # either inside the other
+    if cfg.dataset == "folder" and os.path.commonpath(at) in at:
         raise UsageError(f"--run-dir {cfg.run_dir} and the image folder --data-dir {cfg.data_dir} overlap: the "
                          f"run's sample grids would be read as training images; give folders apart")
     if checkpoint is not None and checkpoint["step"] >= cfg.steps:
@@ -1021,17 +1014,16 @@ def train(cfg, explicit):
     if cfg.sync_bn and world == 1:
         print("note: --sync-bn changes nothing in one process: G's BatchNorm already sees the whole batch")
     release = claim_run_dir(cfg.run_dir, ckpt_path) if rank == 0 else (lambda: None)
-    last, run = os.path.join(cfg.run_dir, "last.pt"), None
     try:
-        return (run := Run(cfg, checkpoint, ckpt_path, device, rank, world)).loop()
+        return Run(cfg, checkpoint, ckpt_path, device, rank, world).loop()
     except (OSError, RuntimeError) as err:                     # a full disk, a folder removed; out of memory
         if not isinstance(err, (OSError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(err):
             raise
-        sizes = f"--batch-size {cfg.batch_size}, --eval-batch {cfg.eval_batch}, " * (run is not None)  # past setup
+        last = os.path.join(cfg.run_dir, "last.pt")
         raise UsageError((f"{err.strerror or err}: {err.filename or cfg.run_dir}" if isinstance(err, OSError) else
-                          f"out of memory on {device}: {sizes}--g-width {cfg.g_width} or --d-width {cfg.d_width} is "
-                          f"too large for its memory") + (f"; {last} is intact" if os.path.exists(last) else
-                                                          "; no checkpoint was written")) from None
+                          f"out of memory on {device}: --batch-size {cfg.batch_size}, --eval-batch {cfg.eval_batch}, "
+                          f"--g-width {cfg.g_width} or --d-width {cfg.d_width} is too large for its memory") +
+                         (f"; {last} is intact" if os.path.exists(last) else "; no checkpoint was written")) from None
     finally:
         release()
 
@@ -1066,8 +1058,7 @@ class Run:
         self.acc_held = fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3) if heldout else None
         n_gap = min(len(self.acc_train[1]), len(self.acc_held[1])) if heldout else 50  # gap sd <= sqrt(0.5 / n)
         self.gap_threshold = cfg.collapse_gap if n_gap >= 50 else self.log(       # 0.1 at 50 images a side
-            f"note: the train/held-out gap test of collapse is off: it needs 50 images a side (--acc-images "
-            f"{cfg.acc_images} and the held-out set give {n_gap})") or float("inf")
+            f"note: D's train/held-out gap test is off: {n_gap} < 50 images a side (--acc-images)") or float("inf")
         if checkpoint is not None and len(checkpoint["rng"]) == world:  # last: a reference made above draws from it
             set_rng_state(checkpoint["rng"][rank], device)
         elif checkpoint is not None:                           # a new number of ranks: a new stream for each
@@ -1481,8 +1472,7 @@ def validate(cfg):
         raise UsageError("--device cuda asked for, but torch sees no CUDA GPU")
 
 def main(argv=None):
-    parser = build_parser()                                    # argv None: sys.argv[1:]
-    cfg = parser.parse_args(argv)
+    cfg = (parser := build_parser()).parse_args(argv)          # argv None: sys.argv[1:]
     explicit = vars(build_parser(suppress=True).parse_args(argv))
     if cfg.preset:                                             # preset defaults, then the given flags
         parser.set_defaults(**PRESETS[cfg.preset])

@@ -595,7 +595,7 @@ def test_collapse_gap_needs_enough_images_a_side(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cg, "d_diagnostics", lambda *a: {**real(*a), "d_acc_gap": 1.0})
     r = run_main(capsys, *TINY, "--acc-images", "1", "--steps", "1", "--run-dir", tmp_path / "one")
     assert r.returncode == 0 and "collapse suspected" not in r.stdout
-    assert "gap test of collapse is off: it needs 50 images a side (--acc-images 1" in r.stdout
+    assert "note: D's train/held-out gap test is off: 1 < 50 images a side (--acc-images)" in r.stdout
     r = run_main(capsys, *TINY, "--acc-images", "50", "--steps", "1", "--run-dir", tmp_path / "fifty")
     assert "collapse suspected at step 1: D overfits" in r.stdout and "gap test" not in r.stdout
 
