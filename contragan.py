@@ -1005,8 +1005,7 @@ def train(cfg, explicit):
                          f"run's sample grids would be read as training images; give folders apart")
     if checkpoint is not None and checkpoint["step"] >= cfg.steps:
         if is_main_process():
-            print(f"nothing trained: {ckpt_path} is at step {checkpoint['step']} and --steps is {cfg.steps} "
-                  f"(give a larger --steps to continue it)")
+            print(f"nothing trained: {ckpt_path} is at step {checkpoint['step']}, --steps {cfg.steps} (give more)")
         return 0
     device, rank, world = setup_device(cfg)
     if cfg.sync_bn and world > 1 and device.type != "cuda":
@@ -1074,7 +1073,8 @@ class Run:
         try:
             self.trainer.load_state_dict(checkpoint)
         except (RuntimeError, KeyError, ValueError) as err:
-            raise UsageError(f"checkpoint {path} does not fit this model ({str(err).splitlines()[0]})") from None
+            raise UsageError(f"checkpoint {path} does not fit this model: it has {checkpoint['num_classes']} classes, "
+                             f"the data {self.num_classes} ({str(err).splitlines()[0].rstrip(':')})") from None
         self.step, self.best_fid, self.best_step = checkpoint["step"], checkpoint["best_fid"], checkpoint["best_step"]
         self.history, was = checkpoint.get("history", []), checkpoint["config"]
         changed = [f"--{k.replace('_', '-')} {was.get(k)} -> {getattr(self.cfg, k)}"   # what an FID measures

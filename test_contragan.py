@@ -542,6 +542,9 @@ def test_run_folder_and_image_folder_apart(tmp_path, capsys):
     assert cg.main([*TINY, "--dataset", "folder", "--data-dir", str(data), "--steps", "1", "--run-dir", str(run)]) == 0
     r = run_main(capsys, "--resume", run, "--run-dir", data / "c1" / "run", "--steps", "2")
     assert "overlap" in one_line_error(r)
+    other = write_folder(tmp_path / "other", 24, classes=3)   # a data set of other classes: said, not torch's text
+    r = run_main(capsys, "--resume", run, "--data-dir", other, "--steps", "2")
+    assert "does not fit this model: it has 2 classes, the data 3 (Error(s) in loading state_dict" in one_line_error(r)
 
 
 def test_fid_protocol_change_on_resume_restarts_best_and_says_so(tmp_path, capsys, monkeypatch):
