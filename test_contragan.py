@@ -995,8 +995,8 @@ def test_data_dir_that_is_a_file(dataset, tmp_path, capsys):
 
 def test_out_of_memory_names_the_settings(tmp_path, capsys, monkeypatch):
     r = run_main(capsys, *TINY, "--g-width", 10 ** 9, "--steps", "1", "--run-dir", tmp_path / "r")   # G: 5 TB
-    assert "error: out of memory on cpu: --g-width 1000000000 or --d-width 8 is too large for its memory; no " \
-        "checkpoint was written" == one_line_error(r) and not (tmp_path / "r").exists()
+    assert "error: out of memory on cpu: --batch-size 8, --eval-batch 16, --g-width 1000000000 or --d-width 8 is " \
+        "too large for its memory; no checkpoint was written" == one_line_error(r) and not (tmp_path / "r").exists()
     def oom(self, batches, step):                              # what CUDA raises mid-run
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     monkeypatch.setattr(cg.Trainer, "iteration", oom)
