@@ -1120,6 +1120,7 @@ class Run:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            self.batches._it = None                            # its DataLoader workers end now, not at a later gc
         self.log(f"done: best FID {self.best_fid:.3f} at step {self.best_step} ({cfg.run_dir}/best.pt)"
                  if self.best_fid is not None else f"done: {cfg.run_dir}/last.pt")
         return 0
@@ -1463,8 +1464,7 @@ def validate(cfg):
         raise UsageError(f"--loss {cfg.loss} needs --batch-size of at least 2: it contrasts samples within a batch")
     if not cfg.data_positives and cfg.loss != "2c":
         raise UsageError(f"--no-data-positives changes the 2C loss: it needs --loss 2c (got --loss {cfg.loss})")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.batch_size % world:
+    if cfg.batch_size % (world := int(os.environ.get("WORLD_SIZE", "1"))):
         raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {world} ranks")
     if cfg.fid_images and cfg.fid_images < 2 * world:
         raise UsageError("--fid-images must be 0 (off) or at least 2 per rank")

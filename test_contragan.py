@@ -5,6 +5,7 @@ import fcntl
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import signal
 import socket
@@ -517,6 +518,7 @@ def test_folder_run_resumes_bit_for_bit(tmp_path, workers, fid_images):
     for cache in split.glob("fid_*.npz"):
         cache.unlink()
     assert cg.main(["--resume", str(split), "--steps", "4"]) == 0
+    assert not multiprocessing.active_children()              # the workers end with the run (a gc would wait 10 s)
     (_, wa), (_, wb) = weights_of(straight / "last.pt"), weights_of(split / "last.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
