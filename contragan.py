@@ -28,12 +28,11 @@ from datetime import timedelta
 
 if __name__ == "__main__":  # Ctrl-C in the seconds of `import torch`: one line, not a traceback (main() resets it)
     signal.signal(signal.SIGINT, lambda *_: sys.exit(print("interrupted", file=sys.stderr) or 130))
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.nn.utils import parametrize
 
 import fid  # fid.py, next to this file: FID as the paper measured it (Inception-V3, TF weights)
@@ -510,17 +509,12 @@ def balanced_labels(n, num_classes, device, generator=None):
     y = torch.arange(n, device=device) * num_classes // n
     return y if generator is None else y[torch.randperm(n, device=device, generator=generator)]
 
-class TensorImages(torch.utils.data.Dataset):
+class TensorImages(torch.utils.data.TensorDataset):
     """A data set held in memory as uint8 (N, 3, H, W) images and int64 (N,) labels."""
 
     def __init__(self, images, labels, classes):
+        super().__init__(images, labels)
         self.images, self.labels, self.classes = images, labels, classes
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i], int(self.labels[i])
 
 SHAPES = [("circle", (230, 70, 60)), ("square", (70, 200, 90)), ("triangle", (80, 120, 240)), ("cross", (235, 210, 70))]
 
@@ -587,15 +581,19 @@ def load_cifar(name, data_dir, train):
     try:
         ds = cls(data_dir, train=train, download=False)
     except RuntimeError:                                       # not there yet: download it
+        tar = os.path.join(data_dir, cls.filename)             # torchvision would download over a bad copy
+        if os.path.isfile(tar) and not torchvision.datasets.utils.check_integrity(tar, cls.tgz_md5):
+            raise UsageError(f"{tar} is corrupt (its md5 is not {cls.tgz_md5}: a cut download?): delete it to "
+                             f"download it again, or put a good copy there") from None
         old_timeout = socket.getdefaulttimeout()
         try:
             socket.setdefaulttimeout(20)                       # a dead network fails, never hangs
             ds = cls(data_dir, train=train, download=True)
         except Exception as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise UsageError(f"could not download {name} ({cls.filename} from {cls.url}): {reason}. Offline: fetch "
+            raise UsageError(f"could not download {name} ({cls.filename} from {cls.url}): "
+                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}. Offline: fetch "
                              f"that file elsewhere and put it, or its extracted folder {cls.base_folder}/, in "
-                             f"--data-dir ({os.path.join(data_dir, cls.filename)})") from None
+                             f"--data-dir ({tar})") from None
         finally:
             socket.setdefaulttimeout(old_timeout)
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()   # (N, 3, 32, 32) uint8
@@ -603,19 +601,6 @@ def load_cifar(name, data_dir, train):
 
 # GIF, animated WebP and multi-page TIFF: the first frame. Other types (.heic, .avif, ...) are left out, said once.
 IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
-
-def to_rgb(im):
-    """A PIL image as 8-bit RGB by its real range (convert("RGB") clips: 16-bit would turn white, float black)."""
-    im = ImageOps.exif_transpose(im)                           # EXIF rotation applied
-    if im.mode in ("I", "F") or im.mode.startswith("I;16"):    # 16-bit grey (I, PIL's 32-bit, read as 16) or float
-        a, top = np.asarray(im, dtype=np.float64), 1.0 if im.mode == "F" else 65535.0
-        if not (a.min() >= 0 and a.max() <= top):             # other values refused; NaN fails too
-            raise ValueError(f"mode {im.mode} with values in [{a.min():g}, {a.max():g}], not [0, {top:g}]")
-        return Image.fromarray(np.round(a * (255 / top)).astype(np.uint8)).convert("RGB")
-    if {"A", "a"} & set(im.getbands()) or "transparency" in im.info:  # transparent pixels over white
-        im = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB")
-    return im.convert("RGB")
 
 class SkipUnreadable(torch.utils.data.Dataset):
     """A folder's images; a broken one is named once and the next drawn instead (checking all first: hours)."""
@@ -630,9 +615,8 @@ class SkipUnreadable(torch.utils.data.Dataset):
     def __getitem__(self, i):
         for j in (k % len(self) for k in range(i, i + len(self))):
             try:
-                with Image.open(self.samples[j][0]) as im:
-                    return self.transform(to_rgb(im)), self.samples[j][1]
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises
+                return self.transform(fid.read_image(self.samples[j][0])), self.samples[j][1]   # fid.py's reader
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, RuntimeWarning) as err:  # PIL's
                 if not self.warned[j]:
                     self.warned[j] = True
                     print(f"warning: skipped unreadable image {self.samples[j][0]} ({type(err).__name__}: "
@@ -707,16 +691,6 @@ def load_data(cfg):
     Subset = torch.utils.data.Subset
     return Subset(data, order[n_hold:]), Subset(data, order[:n_hold]) if n_hold else None, len(data.classes)
 
-def can_write(folder):
-    """Can a file be created in folder (made if missing)? Tried: os.access says yes to root on a read-only mount."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        os.close(os.open(probe := os.path.join(folder, f".write-test-{os.getpid()}"), os.O_CREAT | os.O_WRONLY))
-        os.remove(probe)
-        return True
-    except OSError:
-        return False
-
 class Batches:
     """Endless real batches in [-1, 1]; its state (epoch, batch) is saved, so a resumed run sees the same batches."""
 
@@ -740,13 +714,13 @@ class Batches:
         self.sampler.set_epoch(self.epoch)
         idx = list(self.sampler)[self.pos * self.batch:]
         n = len(idx) // self.batch
-        if isinstance(self.dataset, TensorImages):             # in memory: index, no collation
-            for ids in torch.tensor(idx[:n * self.batch], device=self.device).split(self.batch):
+        if isinstance(self.dataset, TensorImages):             # in memory: index; (0, B) at an epoch's end
+            for ids in torch.tensor(idx[:n * self.batch], dtype=torch.long, device=self.device).view(n, self.batch):
                 yield self.images[ids], self.labels[ids]
-        else:
-            yield from torch.utils.data.DataLoader(
-                torch.utils.data.Subset(self.dataset, idx[:n * self.batch]), batch_size=self.batch,
-                num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        else:                                                  # its own generator: the global RNG draws z, y, flips
+            yield from torch.utils.data.DataLoader(torch.utils.data.Subset(self.dataset, idx[:n * self.batch]),
+                self.batch, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+                generator=torch.Generator().manual_seed(self.sampler.seed + self.epoch))
 
     def __next__(self):
         self._it = self._it or self._batches()
@@ -760,10 +734,7 @@ class Batches:
 
 def fixed_sample(dataset, n, seed):
     """A fixed random subset as uint8 (n, 3, H, W) images and (n,) labels (D's accuracy checks)."""
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
-    if isinstance(dataset, TensorImages):
-        return dataset.images[order], dataset.labels[order]
-    items = [dataset[i] for i in order.tolist()]
+    items = [dataset[i] for i in torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]]
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 # --------------------------------------------------------------------------------------------
@@ -924,9 +895,8 @@ def spectral_norms(model):
 
 def detect_collapse(history, gap_threshold, patience):
     """Section 4.5's collapse, or None: D's train - held-out accuracy past a threshold, or FID up `patience` times."""
-    last = history[-1]
-    if last.get("d_acc_gap") is not None and last["d_acc_gap"] > gap_threshold:
-        return f"D overfits: train/held-out accuracy gap {last['d_acc_gap']:.2f} > {gap_threshold}"
+    if (gap := history[-1].get("d_acc_gap")) is not None and gap > gap_threshold:
+        return f"D overfits: train/held-out accuracy gap {gap:.2f} > {gap_threshold}"
     fids = [h["fid"] for h in history if h.get("fid") is not None][-(patience + 1):]
     if len(fids) == patience + 1 and all(b > a for a, b in zip(fids, fids[1:])):
         return f"FID rose {patience} evaluations in a row ({' -> '.join(f'{f:.2f}' for f in fids)})"
@@ -958,7 +928,7 @@ class FIDEvaluator:
         stem = os.path.join(cfg.data_dir if cfg.dataset != "folder" else cfg.run_dir,
                             f"fid_{cfg.dataset}_{split}_{n_ref}_{'random' if random_weights else 'tf'}")
         names = [stem + ".npz"] + [f"{stem}_class{k}.npz" for k in range(num_classes) if cfg.intra_fid]
-        if cfg.dataset != "folder" and not all(map(os.path.exists, names)) and not can_write(cfg.data_dir):
+        if cfg.dataset != "folder" and not all(map(os.path.exists, names)) and not fid.can_write(cfg.data_dir):
             stem = os.path.join(cfg.run_dir, os.path.basename(stem))   # e.g. a read-only shared data set
             self.description += f"; reference statistics cached in the run folder (cannot write to {cfg.data_dir})"
         subset = torch.utils.data.Subset(reference, range(n_ref))
@@ -1029,10 +999,13 @@ def train(cfg, explicit):
         cfg.run_dir = run_dir
     validate(cfg)
     cfg.run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.dataset}-{cfg.loss}-s{cfg.seed}")
+    at = [os.path.realpath(cfg.run_dir), os.path.realpath(cfg.data_dir)]  # either inside the other
+    if cfg.dataset == "folder" and os.path.commonpath(at) in at:
+        raise UsageError(f"--run-dir {cfg.run_dir} and the image folder --data-dir {cfg.data_dir} overlap: the "
+                         f"run's sample grids would be read as training images; give folders apart")
     if checkpoint is not None and checkpoint["step"] >= cfg.steps:
         if is_main_process():
-            print(f"nothing trained: {ckpt_path} is at step {checkpoint['step']} and --steps is {cfg.steps} "
-                  f"(give a larger --steps to continue it)")
+            print(f"nothing trained: {ckpt_path} is at step {checkpoint['step']}, --steps {cfg.steps} (give more)")
         return 0
     device, rank, world = setup_device(cfg)
     if cfg.sync_bn and world > 1 and device.type != "cuda":
@@ -1042,10 +1015,14 @@ def train(cfg, explicit):
     release = claim_run_dir(cfg.run_dir, ckpt_path) if rank == 0 else (lambda: None)
     try:
         return Run(cfg, checkpoint, ckpt_path, device, rank, world).loop()
-    except OSError as err:                                     # a full disk, a folder removed: what is kept
+    except (OSError, RuntimeError) as err:                     # a full disk, a folder removed; out of memory
+        if not isinstance(err, (OSError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(err):
+            raise
         last = os.path.join(cfg.run_dir, "last.pt")
-        raise UsageError(f"{err.strerror or err}: {err.filename or cfg.run_dir}; " +
-                               (f"{last} is intact" if os.path.exists(last) else "no checkpoint was written")) from None
+        raise UsageError((f"{err.strerror or err}: {err.filename or cfg.run_dir}" if isinstance(err, OSError) else
+                          f"out of memory on {device}: --batch-size {cfg.batch_size}, --eval-batch {cfg.eval_batch}, "
+                          f"--g-width {cfg.g_width} or --d-width {cfg.d_width} is too large for its memory") +
+                         (f"; {last} is intact" if os.path.exists(last) else "; no checkpoint was written")) from None
     finally:
         release()
 
@@ -1078,6 +1055,15 @@ class Run:
             self.log(self.evaluator.description)
         self.acc_train = fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
         self.acc_held = fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3) if heldout else None
+        n_gap = min(len(self.acc_train[1]), len(self.acc_held[1])) if heldout else 50  # gap sd <= sqrt(0.5 / n)
+        self.gap_threshold = cfg.collapse_gap if n_gap >= 50 else self.log(       # 0.1 at 50 images a side
+            f"note: D's train/held-out gap test is off: {n_gap} < 50 images a side (--acc-images)") or float("inf")
+        if checkpoint is not None and len(checkpoint["rng"]) == world:  # last: a reference made above draws from it
+            set_rng_state(checkpoint["rng"][rank], device)
+        elif checkpoint is not None:                           # a new number of ranks: a new stream for each
+            torch.manual_seed(int(hashlib.sha256(f"{cfg.seed} {self.step} {rank}".encode()).hexdigest()[:8], 16))
+            self.log(f"note: resumed with {world} ranks a checkpoint of {len(checkpoint['rng'])}: the same global "
+                     f"batches follow, each rank with a new random stream from --seed, the step and its rank")
         if rank == 0:                                          # lines past the checkpoint would be repeated
             cut_metrics(self.metrics_path, self.step)
         if cfg.compile:
@@ -1087,11 +1073,17 @@ class Run:
         try:
             self.trainer.load_state_dict(checkpoint)
         except (RuntimeError, KeyError, ValueError) as err:
-            raise UsageError(f"checkpoint {path} does not fit this model ({str(err).splitlines()[0]})") from None
+            raise UsageError(f"checkpoint {path} does not fit this model: it has {checkpoint['num_classes']} classes, "
+                             f"the data {self.num_classes} ({str(err).splitlines()[0].rstrip(':')})") from None
         self.step, self.best_fid, self.best_step = checkpoint["step"], checkpoint["best_fid"], checkpoint["best_step"]
-        self.history = checkpoint.get("history", [])
-        self.batches.load_state_dict(checkpoint["data"])
-        set_rng_state(checkpoint["rng"][self.rank if self.rank < len(checkpoint["rng"]) else 0], self.device)
+        self.history, was = checkpoint.get("history", []), checkpoint["config"]
+        changed = [f"--{k.replace('_', '-')} {was.get(k)} -> {getattr(self.cfg, k)}"   # what an FID measures
+                   for k in ("fid_images", "fid_weights", "eval_batch") if was.get(k) != getattr(self.cfg, k)]
+        if changed and self.cfg.fid_images and was.get("fid_images"):  # FIDs of two protocols are not compared
+            self.best_fid, self.best_step, self.history = None, None, [{**h, "fid": None} for h in self.history]
+            self.log(f"note: the FID protocol changed ({', '.join(changed)}): best.pt and the FID-rise collapse "
+                     f"check start afresh at this resume; earlier FIDs in metrics.jsonl are of the old protocol")
+        self.batches.load_state_dict(checkpoint["data"])       # global batches: the same order for any world size
         for opt, key in ((self.trainer.opt_G, "lr_g"), (self.trainer.opt_D, "lr_d")):
             for group in opt.param_groups:                     # the loaded state holds the checkpoint's rate and
                 group.update(lr=getattr(self.cfg, key), **self.trainer.adam_flags)  # its device's fused/foreach
@@ -1101,7 +1093,7 @@ class Run:
 
     def loop(self):
         """Train to --steps (returns 0) or to Ctrl-C, SIGTERM, SIGHUP: saved, returns 128 + signal (130, 143, 129)."""
-        cfg, self.stop_signal = self.cfg, 0
+        cfg, self.stop_signal, self.pid = self.cfg, 0, os.getpid()
         previous = {s: signal.signal(s, self.request_stop) for s in STOP_SIGNALS}
         try:
             self.t_last, self.step_last, self.eval_s = time.time(), self.step, 0.0
@@ -1128,6 +1120,7 @@ class Run:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            self.batches._it = None                            # its DataLoader workers end now, not at a later gc
         self.log(f"done: best FID {self.best_fid:.3f} at step {self.best_step} ({cfg.run_dir}/best.pt)"
                  if self.best_fid is not None else f"done: {cfg.run_dir}/last.pt")
         return 0
@@ -1139,6 +1132,8 @@ class Run:
             sys.stdout = open(os.devnull, "w")
 
     def request_stop(self, signum, frame):
+        if os.getpid() != self.pid:                            # a DataLoader worker (Ctrl-C hits the process group)
+            return
         if self.stop_signal and time.time() > self.stop_time + 2:  # again (not SLURM's copy): leave, unsaved
             raise KeyboardInterrupt(signum)
         if not self.stop_signal:
@@ -1182,7 +1177,7 @@ class Run:
             sigmas = spectral_norms(t.D)
             record["d_sigma_max"], record["d_sigma"] = max(sigmas.values()), sigmas
             self.history.append({k: record.get(k) for k in ("step", "fid", "d_acc_gap")})
-            record["collapse"] = detect_collapse(self.history, cfg.collapse_gap, cfg.collapse_patience)
+            record["collapse"] = detect_collapse(self.history, self.gap_threshold, cfg.collapse_patience)
             improved = record.get("fid") is not None and (self.best_fid is None or record["fid"] < self.best_fid)
             if improved:
                 self.best_fid, self.best_step = record["fid"], self.step
@@ -1353,11 +1348,18 @@ def format_duration(seconds):
     s = int(max(seconds, 0))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
+def metrics_step(line):                                       # None: a torn (interrupted), blank or edited line
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        return int(json.loads(line)["step"]) if line.endswith("\n") else None
+
 def cut_metrics(path, step):
-    """metrics.jsonl cut to the checkpoint's step (all of it on a fresh start) and torn lines: a rerun repeats none."""
+    """metrics.jsonl cut to the checkpoint's step (all of it on a fresh start): a rerun repeats none."""
     if os.path.exists(path):
         with open(path) as f:
-            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= step]
+            steps = [(line, metrics_step(line)) for line in f]
+        kept = [line for line, s in steps if s is not None and s <= step]
+        if n := sum(s is None for _, s in steps):
+            print(f"note: {n} unreadable lines of {path} dropped (torn, blank or edited)")
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(path + ".tmp", path)
@@ -1368,14 +1370,14 @@ def cut_metrics(path, step):
 
 class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message):                                  # one line, not usage + error
-        self.exit(2, f"error: {message} (see --help)\n")
+        self.exit(2, f"error: {message} (see --help)\n" if is_main_process() else None)  # torchrun: rank 0 says it
 
 # Each numeric flag's range: (flags, test, what the value must be). NaN fails every test, so "nan" is refused too.
 FLAG_RANGES = [
     ("steps log_every eval_every d_steps batch_size eval_batch g_width d_width z_dim shared_dim embed_dim "
      "shapes_size acc_images collapse_patience", lambda v: v >= 1, "at least 1"),
     ("num_workers ema_start", lambda v: v >= 0, "at least 0"),
-    ("seed", lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"),      # torch's seeds are 64-bit
+    ("seed", lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),      # torch's CPU mt19937 keeps a seed's low 32 bits
     ("cond_lambda collapse_gap", lambda v: 0 <= v < float("inf"), ">= 0 and finite"),
     ("temperature lr_g lr_d adam_eps", lambda v: 0 < v < float("inf"), "> 0 and finite"),
     ("beta1 beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -1462,8 +1464,7 @@ def validate(cfg):
         raise UsageError(f"--loss {cfg.loss} needs --batch-size of at least 2: it contrasts samples within a batch")
     if not cfg.data_positives and cfg.loss != "2c":
         raise UsageError(f"--no-data-positives changes the 2C loss: it needs --loss 2c (got --loss {cfg.loss})")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.batch_size % world:
+    if cfg.batch_size % (world := int(os.environ.get("WORLD_SIZE", "1"))):
         raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {world} ranks")
     if cfg.fid_images and cfg.fid_images < 2 * world:
         raise UsageError("--fid-images must be 0 (off) or at least 2 per rank")
@@ -1471,8 +1472,7 @@ def validate(cfg):
         raise UsageError("--device cuda asked for, but torch sees no CUDA GPU")
 
 def main(argv=None):
-    parser = build_parser()                                    # argv None: sys.argv[1:]
-    cfg = parser.parse_args(argv)
+    cfg = (parser := build_parser()).parse_args(argv)          # argv None: sys.argv[1:]
     explicit = vars(build_parser(suppress=True).parse_args(argv))
     if cfg.preset:                                             # preset defaults, then the given flags
         parser.set_defaults(**PRESETS[cfg.preset])

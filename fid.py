@@ -28,6 +28,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -39,7 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from scipy import linalg
 from scipy.linalg import lapack
 from scipy.special import xlogy
@@ -53,6 +54,7 @@ WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub convention: the file name carrie
 INCEPTION_SIZE = 299
 RESIZE = "299x299 bilinear"  # F.interpolate(..., mode="bilinear", align_corners=False)
 FEATURE_DIM = 2048
+STATS_BYTES = 8 * (FEATURE_DIM + FEATURE_DIM ** 2) + 4096  # an .npz of float64 mu and sigma, and the protocol
 DOWNLOAD_TIMEOUT_S = 10  # offline machines should fail in seconds, not hang
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
 
@@ -463,10 +465,15 @@ def save_stats(path, stats_or_mu_sigma, protocol):
         mu, sigma = stats_or_mu_sigma
     path = os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:  # a file object, so numpy does not append another ".npz"
-        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-                 protocol=np.array(json.dumps(_normalised(protocol), sort_keys=True)))
-    os.replace(tmp, path)  # a crash leaves either the old file or the new one, never half a file
+    try:
+        with open(tmp, "wb") as f:  # a file object, so numpy does not append another ".npz"
+            np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+                     protocol=np.array(json.dumps(_normalised(protocol), sort_keys=True)))
+        os.replace(tmp, path)  # a crash leaves either the old file or the new one, never half a file
+    except OSError as e:  # a full disk: no half file left to fill it further
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise FIDError(f"cannot write {path} ({e.strerror or _one_line(e)}); nothing written") from None
 
 
 def load_stats(path, expect=None):
@@ -494,6 +501,8 @@ def load_stats(path, expect=None):
     if not isinstance(protocol, dict):
         raise FIDError(f"{path}: its 'protocol' is not a JSON object as save_stats writes")
     mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise FIDError(f"{path}: its mu or sigma holds NaN or inf (statistics of a broken run?)")
     if expect is not None:
         expect = _normalised(expect)
         if not protocol:
@@ -553,6 +562,30 @@ def describe_protocol(protocol):
 # Images in a folder, for the command line
 
 
+def to_rgb(im):
+    """A PIL image as 8-bit RGB by its real range (convert("RGB") clips: 16-bit would turn white, float black).
+    The one reader of images for FID and for training (contragan.py), so that both see the same pixels."""
+    im = ImageOps.exif_transpose(im)  # EXIF rotation applied
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # 16-bit grey (I, PIL's 32-bit, read as 16) or float
+        a, top = np.asarray(im, dtype=np.float64), 1.0 if im.mode == "F" else 65535.0
+        if not (a.min() >= 0 and a.max() <= top):  # other values refused; NaN fails too
+            raise ValueError(f"mode {im.mode} with values in [{a.min():g}, {a.max():g}], not [0, {top:g}]")
+        return Image.fromarray(np.round(a * (255 / top)).astype(np.uint8)).convert("RGB")
+    if {"A", "a"} & set(im.getbands()) or "transparency" in im.info:  # transparent pixels over white
+        im = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB")
+    return im.convert("RGB")
+
+
+def read_image(path):
+    """The image file at path as 8-bit RGB (to_rgb). One past PIL's pixel limit (Image.MAX_IMAGE_PIXELS) fails with
+    DecompressionBombWarning or -Error, where PIL would decode it in full and warn at every read."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            return to_rgb(image)
+
+
 class ImageFolderFlat(torch.utils.data.Dataset):
     """The images directly in a folder (pytorch-fid's extensions, any case; sorted; no subfolders,
     as in pytorch-fid), as uint8 (3, H, W) RGB tensors. All must share one size, as pytorch-fid also
@@ -574,16 +607,20 @@ class ImageFolderFlat(torch.utils.data.Dataset):
             if size != first_size:
                 raise FIDError(f"{file} is {size[0]}x{size[1]} but {self.files[0].name} is "
                                f"{first_size[0]}x{first_size[1]}: all images must share one size")
+        self.size = first_size[::-1]  # (H, W)
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, index):
         try:  # the data (a truncated file) fails only here; FID over fewer files is another number: refuse
-            with Image.open(self.files[index]) as image:
-                return pil_to_tensor(image.convert("RGB"))  # (3, H, W) uint8
+            x = pil_to_tensor(read_image(self.files[index]))  # (3, H, W) uint8, read as contragan.py reads it
         except Exception as e:
             raise FIDError(f"{self.files[index]}: not a readable image ({_one_line(e)})") from None
+        if x.shape[1:] != self.size:  # an EXIF rotation turns a 32x64 header into a 64x32 image
+            raise FIDError(f"{self.files[index]} is {x.shape[2]}x{x.shape[1]} as read (EXIF rotation applied), but "
+                           f"{self.files[0].name} is {self.size[1]}x{self.size[0]}: all images must share one size")
+        return x
 
 
 # -----------------------------------------------------------------------------
@@ -615,8 +652,24 @@ def _check_writable(path, make_folder=False):
             os.makedirs(os.path.dirname(os.path.abspath(path)))  # (a file in its place: "Not a directory" below)
         open(probe, "xb").close()
         os.remove(probe)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
     except OSError as e:
         raise FIDError(f"cannot write {path} ({e.strerror or _one_line(e)})") from None
+    if free < STATS_BYTES:  # an empty file fits on a full disk; the statistics do not
+        raise FIDError(f"cannot write {path}: {free / 2 ** 20:.1f} MiB free there, its statistics need "
+                       f"{STATS_BYTES / 2 ** 20:.0f} MiB")
+
+
+def can_write(folder):
+    """Can a file be created in folder (made if missing)? Tried: os.access says yes to root on a read-only mount.
+    contragan.py asks it where to cache reference statistics."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(probe := os.path.join(folder, f".write-test-{os.getpid()}"), "xb").close()
+        os.remove(probe)
+        return True
+    except OSError:
+        return False
 
 
 def _check_path(path):

@@ -5,6 +5,7 @@ import fcntl
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import signal
 import socket
@@ -528,6 +529,118 @@ def test_resume_continues_exactly(tmp_path, loss):
     assert [s for s in steps if s] == sorted(steps) and steps.count(3) == 2  # log line + eval at 3, no repeats
 
 
+def test_resume_of_a_checkpoint_at_the_end_of_an_epoch(tmp_path):
+    # 64 images in batches of 8, one D step a step: step 8 ends epoch 0 exactly; the checkpoint there resumes
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    args = [*TINY, "--shapes-size", "64", "--batch-size", "8", "--d-steps", "1", "--eval-every", "4"]
+    assert cg.main([*args, "--steps", "8", "--run-dir", str(run)]) == 0
+    assert torch.load(run / "last.pt", weights_only=False)["data"] == {"epoch": 0, "pos": 8}
+    assert cg.main(["--resume", str(run), "--steps", "10"]) == 0
+    assert cg.main([*args, "--steps", "10", "--run-dir", str(straight)]) == 0
+    (_, wa), (_, wb) = weights_of(run / "last.pt"), weights_of(straight / "last.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("workers,fid_images", [(0, 0), (2, 0), (0, 2)])
+def test_folder_run_resumes_bit_for_bit(tmp_path, workers, fid_images):
+    # 24 images, batches of 8, 2 D steps a step: the resume at step 2 starts mid-epoch, a DataLoader the
+    # uninterrupted run never makes; it must take no number from the RNG that draws z, y and the flips.
+    # fid_images: the resume computes FID's reference again (its cache deleted), a DataLoader of its own.
+    data = write_folder(tmp_path / "data", 24, classes=2)
+    args = [*TINY, "--dataset", "folder", "--data-dir", str(data), "--num-workers", str(workers),
+            "--acc-images", "8", "--eval-every", "100", "--fid-images", str(fid_images), "--fid-weights", "random"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert cg.main([*args, "--steps", "4", "--run-dir", str(straight)]) == 0
+    assert cg.main([*args, "--steps", "1", "--run-dir", str(split)]) == 0
+    for cache in split.glob("fid_*.npz"):
+        cache.unlink()
+    assert cg.main(["--resume", str(split), "--steps", "4"]) == 0
+    assert not multiprocessing.active_children()              # the workers end with the run (a gc would wait 10 s)
+    (_, wa), (_, wb) = weights_of(straight / "last.pt"), weights_of(split / "last.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_seeds_beyond_what_torch_keeps_are_refused(tmp_path, capsys):
+    # torch's CPU generator (mt19937) keeps the low 32 bits of a seed: 2**32 would train seed 0's run
+    assert torch.equal(torch.randn(3, generator=torch.Generator().manual_seed(2 ** 32)),
+                       torch.randn(3, generator=torch.Generator().manual_seed(0)))
+    for seed in (2 ** 32, 2 ** 40):
+        r = run_main(capsys, *TINY, "--steps", "1", "--seed", seed, "--run-dir", tmp_path / "r")
+        assert "--seed must be in [0, 2**32)" in one_line_error(r) and not (tmp_path / "r").exists()
+        r = run_main(capsys, tmp_path / "x", "--seed", seed, "--out-dir", tmp_path / "f", main=sample.main)
+        assert "--seed must be in [0, 2**32)" in one_line_error(r) and not (tmp_path / "f").exists()
+    assert cg.main([*TINY, "--steps", "1", "--seed", str(2 ** 32 - 1), "--run-dir", str(tmp_path / "top")]) == 0
+
+def test_run_folder_and_image_folder_apart(tmp_path, capsys):
+    data = write_folder(tmp_path / "data", 16, classes=2)
+    for run in (data / "c0" / "run", data, tmp_path):          # inside the data, the data itself, around it
+        r = run_main(capsys, *TINY, "--dataset", "folder", "--data-dir", data, "--steps", "1", "--run-dir", run)
+        assert "overlap: the run's sample grids would be read as training images" in one_line_error(r)
+    assert not (data / "c0" / "run").exists() and not (tmp_path / "last.pt").exists()
+    run = tmp_path / "run"                                     # a resume that moves the folder in: refused too
+    assert cg.main([*TINY, "--dataset", "folder", "--data-dir", str(data), "--steps", "1", "--run-dir", str(run)]) == 0
+    r = run_main(capsys, "--resume", run, "--run-dir", data / "c1" / "run", "--steps", "2")
+    assert "overlap" in one_line_error(r)
+    other = write_folder(tmp_path / "other", 24, classes=3)   # a data set of other classes: said, not torch's text
+    r = run_main(capsys, "--resume", run, "--data-dir", other, "--steps", "2")
+    assert "does not fit this model: it has 2 classes, the data 3 (Error(s) in loading state_dict" in one_line_error(r)
+
+
+def test_fid_protocol_change_on_resume_restarts_best_and_says_so(tmp_path, capsys, monkeypatch):
+    scores = iter([5.0, 4.0, 9.0, 8.0])                        # stubbed FIDs: what is tested is their bookkeeping
+    monkeypatch.setattr(cg.FIDEvaluator, "__call__", lambda self, G: {"fid": next(scores)})
+    run, fid_args = tmp_path / "run", ["--fid-weights", "random", "--eval-batch", "8", "--data-dir", tmp_path]
+    r = run_main(capsys, *TINY, *fid_args, "--fid-images", "8", "--steps", "2", "--eval-every", "1", "--run-dir", run)
+    assert r.returncode == 0 and "best 4.000 @ 2" in r.stdout
+    r = run_main(capsys, "--resume", run, "--fid-images", "16", "--steps", "4")
+    assert r.returncode == 0 and "note: the FID protocol changed (--fid-images 8 -> 16)" in r.stdout
+    assert "FID 9.000 (best 9.000 @ 3)" in r.stdout and "FID 8.000 (best 8.000 @ 4)" in r.stdout
+    best = torch.load(run / "best.pt", weights_only=False)
+    assert best["step"] == 4 and best["best_fid"] == 8.0
+    assert [h["fid"] for h in best["history"]] == [None, None, 9.0, 8.0]
+
+
+def test_a_new_world_size_continues_the_same_global_batches():
+    data = cg.TensorImages(*cg.make_shapes(70, 8, seed=0), ["a", "b", "c", "d"])
+    one = cg.Batches(data, 8, 0, 1, seed=3, device=torch.device("cpu"), flip=False)
+    two = [cg.Batches(data, 4, r, 2, seed=3, device=torch.device("cpu"), flip=False) for r in range(2)]
+    for b in (one, *two):
+        b.load_state_dict({"epoch": 1, "pos": 5})             # mid-epoch: 8 batches an epoch either way
+    for _ in range(6):                                         # past the epoch's end
+        x1, y1 = next(one)
+        x2, y2 = zip(*(next(b) for b in two))
+        key = lambda x, y: sorted(zip(y.tolist(), x.flatten(1).sum(1).tolist()))
+        assert key(x1, y1) == key(torch.cat(x2), torch.cat(y2))
+    assert one.state_dict() == two[0].state_dict() == two[1].state_dict() == {"epoch": 2, "pos": 3}
+
+def test_torn_blank_or_edited_metrics_lines_are_dropped_on_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cg.main([*TINY, "--steps", "3", "--eval-every", "100", "--run-dir", str(run)]) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text(lines[0] + lines[1][:20] + "\n" + "\n" + lines[2] + '[1]\n' + lines[3][:9])
+    r = run_main(capsys, "--resume", run, "--steps", "4")
+    assert r.returncode == 0, r.stderr
+    assert "note: 4 unreadable lines" in r.stdout and "Traceback" not in r.stderr
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 3, 4, 4]                               # step 2's torn line is gone, not repeated
+
+
+def test_unknown_flag_under_torchrun_is_said_by_rank_0_only(capsys, monkeypatch):
+    for rank, said in (("1", ""), ("0", "error: unrecognized arguments: --bogus (see --help)")):
+        monkeypatch.setenv("RANK", rank)
+        r = run_main(capsys, "--bogus")
+        assert r.returncode == 2 and r.stderr.strip() == said
+
+
+def test_collapse_gap_needs_enough_images_a_side(tmp_path, capsys, monkeypatch):
+    real = cg.d_diagnostics                                    # a gap far past --collapse-gap, every evaluation
+    monkeypatch.setattr(cg, "d_diagnostics", lambda *a: {**real(*a), "d_acc_gap": 1.0})
+    r = run_main(capsys, *TINY, "--acc-images", "1", "--steps", "1", "--run-dir", tmp_path / "one")
+    assert r.returncode == 0 and "collapse suspected" not in r.stdout
+    assert "note: D's train/held-out gap test is off: 1 < 50 images a side (--acc-images)" in r.stdout
+    r = run_main(capsys, *TINY, "--acc-images", "50", "--steps", "1", "--run-dir", tmp_path / "fifty")
+    assert "collapse suspected at step 1: D overfits" in r.stdout and "gap test" not in r.stdout
+
 def test_fid_during_training_with_random_weights(tmp_path, monkeypatch, capsys):
     pytest.importorskip("fid")
     run, calls, real_generate = tmp_path / "run", [], cg.generate
@@ -632,6 +745,13 @@ def test_cifar_offline_fails_fast_with_instructions(tmp_path, monkeypatch, capsy
     assert "cifar-10-python.tar.gz" in err and "https://" in err and "--data-dir" in err
 
 
+def test_corrupt_local_cifar_archive_is_named_corrupt(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: pytest.fail("a download was tried"))
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b" + b"cut" * 100)
+    r = run_main(capsys, "--dataset", "cifar10", "--data-dir", tmp_path, "--run-dir", tmp_path / "r")
+    assert f"{tmp_path / 'cifar-10-python.tar.gz'} is corrupt (its md5 is not" in one_line_error(r)
+
+
 def test_unwritable_run_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -681,16 +801,19 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
 
 
 def test_ctrl_c_saves_and_exits(tmp_path):
-    run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, SCRIPT, *TINY, "--steps", "100000", "--eval-every", "100000",
-                             "--run-dir", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    # Ctrl-C signals the terminal's process group: the run and its DataLoader workers; the stop is said once
+    run, data = tmp_path / "run", write_folder(tmp_path / "data", 24, classes=2)
+    proc = subprocess.Popen([sys.executable, SCRIPT, *TINY, "--dataset", "folder", "--data-dir", str(data),
+                             "--num-workers", "2", "--steps", "100000", "--eval-every", "100000", "--run-dir",
+                             str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                            start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "interrupted at step" in out
+    assert "interrupted at step" in out and out.count("SIGINT: finishing this step") == 1, out
     state = torch.load(run / "last.pt", weights_only=False)
     assert state["step"] >= 1
     assert cg.main(["--resume", str(run), "--steps", str(state["step"] + 1)]) == 0
@@ -854,6 +977,15 @@ def test_torchrun_two_processes_train_and_resume(tmp_path):
                        timeout=300, cwd=HERE)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed" in r.stdout and torch.load(run / "last.pt", weights_only=False)["step"] == 3
+    # Another number of ranks: the same global batches (test_a_new_world_size_...), a new stream for each rank
+    # (1 -> 2 must not give both ranks rank 0's state)
+    assert cg.main(["--resume", str(run), "--steps", "4"]) == 0
+    assert len(torch.load(run / "last.pt", weights_only=False)["rng"]) == 1
+    r = subprocess.run([*torchrun, "--resume", str(run), "--steps", "5"], capture_output=True, text=True,
+                       timeout=300, cwd=HERE)
+    assert r.returncode == 0 and "note: resumed with 2 ranks a checkpoint of 1" in r.stdout, r.stderr[-3000:]
+    rng = torch.load(run / "last.pt", weights_only=False)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["cpu"], rng[1]["cpu"])
 
 
 # ---------------------------------------------------------------- image folders as they come
@@ -943,10 +1075,14 @@ def test_hidden_and_non_image_files_are_left_out(tmp_path, capsys):
 def test_huge_image_is_skipped_and_named(tmp_path, capsys, monkeypatch):
     data = write_folder(tmp_path / "data", 4, classes=2)
     Image.new("RGB", (64, 64)).save(data / "c0" / "huge.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1700)      # 4096 pixels: over twice the limit
+    Image.new("RGB", (48, 48)).save(data / "c1" / "large.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1700)      # 4096 pixels: over twice the limit; 2304: over it
     ds = cg.load_folder(str(data), 32)
-    assert [ds[j][0].shape for j in range(len(ds))] == [(3, 32, 32)] * 5
-    assert "huge.png (DecompressionBombError" in capsys.readouterr().err
+    for _ in range(2):                                         # named once, not at every draw
+        assert [ds[j][0].shape for j in range(len(ds))] == [(3, 32, 32)] * 6
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "huge.png (DecompressionBombError" in err[0], err
+    assert "large.png (DecompressionBombWarning: Image size (2304 pixels) exceeds limit" in err[1]
 
 
 def test_small_folder_fid_reference_is_a_random_subset(tmp_path, capsys, monkeypatch):
@@ -981,6 +1117,17 @@ def test_data_dir_that_is_a_file(dataset, tmp_path, capsys):
     assert "is a file, not a folder" in one_line_error(r)
 
 
+def test_out_of_memory_names_the_settings(tmp_path, capsys, monkeypatch):
+    r = run_main(capsys, *TINY, "--g-width", 10 ** 9, "--steps", "1", "--run-dir", tmp_path / "r")   # G: 5 TB
+    assert "error: out of memory on cpu: --batch-size 8, --eval-batch 16, --g-width 1000000000 or --d-width 8 is " \
+        "too large for its memory; no checkpoint was written" == one_line_error(r) and not (tmp_path / "r").exists()
+    def oom(self, batches, step):                              # what CUDA raises mid-run
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(cg.Trainer, "iteration", oom)
+    r = run_main(capsys, *TINY, "--steps", "1", "--run-dir", tmp_path / "r")
+    assert "out of memory on cpu: --batch-size 8, --eval-batch 16, --g-width 8 or --d-width 8 is too" in one_line_error(r)
+
+
 def test_shapes_beyond_memory_is_refused(tmp_path, capsys):
     r = run_main(capsys, *TINY, "--shapes-size", "10000000", "--steps", "1", "--run-dir", tmp_path / "r")
     assert "GB of memory, more than this machine has" in one_line_error(r)    # not a crash at the allocation
@@ -994,6 +1141,23 @@ def test_fid_cache_in_unwritable_data_dir_goes_to_run_folder(tmp_path, capsys):
     assert (tmp_path / "r" / "fid_shapes_heldout_8_random.npz").is_file()
     assert "cached in the run folder (cannot write to" in r.stdout
 
+
+def test_fid_cache_on_a_full_data_disk_names_the_data_folder_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    data, stats = tmp_path / "data", tmp_path / "data" / "fid_shapes_heldout_8_random.npz"
+    args = [*TINY, "--steps", "1", "--fid-images", "8", "--fid-weights", "random", "--eval-batch", "8",
+            "--data-dir", data, "--run-dir", tmp_path / "r"]
+    with monkeypatch.context() as patch:                      # full before the statistics: refused before them
+        patch.setattr(cg.fid.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=2 ** 20))
+        patch.setattr(cg.fid, "features_from_dataset", lambda *a, **k: pytest.fail("features computed"))
+        assert f"cannot write {stats}: 1.0 MiB free there" in one_line_error(run_main(capsys, *args))
+    def disk_fills(file, **arrays):                            # full while they are written
+        file.write(b"PK" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(cg.fid.np, "savez", disk_fills)
+    r = run_main(capsys, *args)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
+        f"error: cannot write {stats} (No space left on device); nothing written"
+    assert os.listdir(data) == [] and not (tmp_path / "r").exists()
 
 def test_broken_image_named_once_across_workers_and_epochs(tmp_path, capfd):
     data = write_folder(tmp_path / "data", 15, classes=2)
@@ -1294,7 +1458,7 @@ def test_a_blow_up_names_what_is_true_and_the_way_on(tmp_path, capsys):
     (["--lr-d", "0"], "--lr-d must be > 0 and finite"),
     (["--adam-eps", "0"], "--adam-eps must be > 0 and finite"),  # 0/0 at step 1: "non-finite", no flag named
     (["--collapse-gap", "nan"], "--collapse-gap must be >= 0 and finite"),  # NaN: never warns
-    (["--seed", str(2 ** 64)], "--seed must be in [0, 2**63)"),  # torch's own error is a traceback
+    (["--seed", str(2 ** 64)], "--seed must be in [0, 2**32)"),  # torch's own error is a traceback
 ])
 def test_flags_refused_up_front(args, expected, tmp_path, capsys):
     r = run_main(capsys, *TINY, "--steps", "1", "--run-dir", tmp_path / "r", *args)
@@ -1383,7 +1547,7 @@ def trained_run(tmp_path_factory):
 def test_sample_refuses_absurd_counts_bad_seeds_and_files_up_front(trained_run, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     for args, expected in [(["--num-images", 10 ** 12], "GB for its PNGs, but"),
-                           (["--seed", 2 ** 64], "--seed must be in [0, 2^64)"),
+                           (["--seed", 2 ** 64], "--seed must be in [0, 2**32)"),
                            (["--out-dir", tmp_path / "file"], "is a file, not a folder")]:
         line = one_line(capsys, sample.main, [trained_run, "--out-dir", tmp_path / "fakes", *args])
         assert line.startswith("error: ") and expected in line, line

@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q test_fid.py
 """
+import errno
 import os
 import re
 import types
@@ -418,3 +419,55 @@ def test_fid_cli_names_a_truncated_image(tmp_path, capsys, workers):
     (cut / "001.png").write_bytes(data[:len(data) // 2])       # the header reads; the pixels do not
     line = one_line(capsys, fid.main, [cut, ok, "--random-weights", "--num-workers", workers])
     assert line == f"error: {cut / '001.png'}: not a readable image (image file is truncated)", line
+
+
+def test_fid_cli_reads_16_bit_and_exif_images_by_their_range_as_training_does(tmp_path, capsys):
+    # 40000 of 65535 is 156 of 255 (convert("RGB") would clip it to white): the two folders are the same images
+    wide, narrow = tmp_path / "wide", tmp_path / "narrow"
+    for folder in (wide, narrow):
+        folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        level = rng.integers(0, 65536, (16, 16), dtype=np.uint16)
+        Image.fromarray(level).save(wide / f"{i}.png")
+        Image.fromarray(np.round(level / 257.0).astype(np.uint8)).convert("RGB").save(narrow / f"{i}.png")
+    x = fid.ImageFolderFlat(wide)[0]
+    assert x.dtype == torch.uint8 and x.float().mean() < 200   # white would be 255 everywhere
+    assert torch.equal(x, fid.ImageFolderFlat(narrow)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 3 images: singular covariances
+        fid.main([str(wide), str(narrow), "--random-weights", "--batch-size", "3", "--num-workers", "0"])
+    assert float(capsys.readouterr().out.split("FID: ")[1].split()[0]) < 1e-3
+    rotated = tmp_path / "rotated"                               # EXIF 6: a 16x8 header, shown 8x16
+    rotated.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for i in range(3):
+        Image.new("RGB", (16, 8)).save(rotated / f"{i}.png", **{"exif": exif} if i == 1 else {})
+    line = one_line(capsys, fid.main, [rotated, narrow, "--random-weights", "--num-workers", "0"])
+    assert "1.png is 8x16 as read (EXIF rotation applied), but 0.png is 16x8" in line, line
+
+
+def test_full_disk_and_nan_statistics_are_one_line_before_the_features(tmp_path, capsys, monkeypatch):
+    ok = write_images(tmp_path / "ok", 3)
+    np.savez(tmp_path / "nan.npz", mu=np.full(2048, np.nan), sigma=np.eye(2048))
+    random = ["--random-weights", "--num-workers", "0"]
+    with monkeypatch.context() as patch:
+        patch.setattr(fid, "features_from_dataset", no_work)   # found before A's features are computed
+        line = one_line(capsys, fid.main, [ok, tmp_path / "nan.npz", *random])
+        assert line == f"error: {tmp_path / 'nan.npz'}: its mu or sigma holds NaN or inf (statistics of a broken run?)"
+        patch.setattr(fid.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=2 ** 20))  # 1 MiB left
+        line = one_line(capsys, fid.main, ["--save-stats", ok, tmp_path / "a.npz", *random])
+        assert line == f"error: cannot write {tmp_path / 'a.npz'}: 1.0 MiB free there, its statistics need 32 MiB"
+    def disk_fills(file, **arrays):                            # the disk fills while the file is written
+        file.write(b"PK" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(fid.np, "savez", disk_fills)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 3 images: singular covariance
+        with pytest.raises(SystemExit) as exit:
+            fid.main([str(ok), str(tmp_path / "a.npz"), "--save-stats", "--batch-size", "3", *random])
+    lines = capsys.readouterr().err.strip().splitlines()         # the progress line, then the error
+    assert exit.value.code == 2 and "images |" in lines[0] and len(lines) == 2, lines
+    assert lines[1] == f"error: cannot write {tmp_path / 'a.npz'} (No space left on device); nothing written"
+    assert sorted(os.listdir(tmp_path)) == ["nan.npz", "ok"]   # no .tmp left to fill the disk further

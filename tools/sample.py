@@ -82,12 +82,12 @@ def main(argv=None):
     p.add_argument("--num-images", type=int, default=10000)
     p.add_argument("--out-dir", default="fakes")
     p.add_argument("--batch-size", type=int, help="G_ema's batch (default: the run's --eval-batch, as its FID)")
-    p.add_argument("--seed", type=int, default=0, help="0 <= SEED < 2^64")
+    p.add_argument("--seed", type=int, default=0, help="0 <= SEED < 2**32")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     args = p.parse_args(argv)
     try:
         cg.check_ranges(args, [("num_images batch_size", lambda v: v is None or v >= 1, "at least 1"),
-                                  ("seed", lambda v: 0 <= v < 2 ** 64, "in [0, 2^64)")])   # torch's seed range
+                                  ("seed", lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)")])   # as contragan.py
         if args.device == "cuda" and not torch.cuda.is_available():
             raise cg.UsageError("--device cuda asked for, but torch sees no CUDA GPU")
         return generate_from_checkpoint(args.checkpoint, args.num_images, args.out_dir, args.batch_size,
