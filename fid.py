@@ -348,7 +348,9 @@ def features_from_dataset(model, dataset, num_images, batch_size, device, num_wo
         raise FIDError(f"asked for {total} images but the data set has {len(dataset)}")
     subset = torch.utils.data.Subset(dataset, range(total))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         pin_memory=torch.device(device).type == "cuda")
+                                         pin_memory=torch.device(device).type == "cuda",
+                                         generator=torch.Generator())  # not the caller's RNG: a training run draws
+                                                                       # the same numbers whether stats are cached
     model.eval()
     stats, done = RunningStats(keep_probs=compute_is), 0
     with torch.no_grad(), _fp32_convolutions():

@@ -541,6 +541,17 @@ def test_resume_of_a_checkpoint_at_the_end_of_an_epoch(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_fresh_run_trains_the_same_with_or_without_cached_fid_statistics(tmp_path):
+    # Computing FID's reference at start-up iterates a DataLoader; it must not move the RNG that draws z, y, flips
+    args = [*TINY, "--steps", "2", "--eval-every", "100", "--fid-images", "8", "--fid-weights", "random",
+            "--data-dir", str(tmp_path / "data")]
+    assert cg.main([*args, "--run-dir", str(tmp_path / "computed")]) == 0  # writes the reference statistics
+    assert list((tmp_path / "data").glob("fid_*.npz"))
+    assert cg.main([*args, "--run-dir", str(tmp_path / "cached")]) == 0    # reads them
+    (_, wa), (_, wb) = weights_of(tmp_path / "computed" / "last.pt"), weights_of(tmp_path / "cached" / "last.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 @pytest.mark.parametrize("workers,fid_images", [(0, 0), (2, 0), (0, 2)])
 def test_folder_run_resumes_bit_for_bit(tmp_path, workers, fid_images):
     # 24 images, batches of 8, 2 D steps a step: the resume at step 2 starts mid-epoch, a DataLoader the
