@@ -83,7 +83,8 @@ def augment(x, flip, shift, gen, blur=True):
         return x
     a = torch.rand(B, 1, 1, 1, device=x.device, generator=gen)  # blurs and noise, as in G's fakes
     x = x + a * (F.avg_pool2d(x, 3, 1, 1, count_include_pad=False) - x)
-    return x + 0.1 * torch.rand(B, 1, 1, 1, device=x.device, generator=gen) * torch.randn(x.shape, device=x.device, generator=gen)
+    sigma = 0.1 * torch.rand(B, 1, 1, 1, device=x.device, generator=gen)
+    return x + sigma * torch.randn(x.shape, device=x.device, generator=gen)
 
 
 def train_judge(train, K, flip, width, steps, batch_size, lr, device, seed=0, log=print):
