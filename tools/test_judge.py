@@ -127,6 +127,16 @@ def test_a_blank_lands_in_some_class_with_low_confidence(tiny):
     assert J.score(judge, info, torch.arange(400) % 4, reals)["low_confidence"] <= 0.1
 
 
+def test_it_reads_the_cue_it_learned(tiny):
+    # On shapes colour alone separates the classes: a red square is "circle" to the judge, none to the reader.
+    judge, _ = fid.load_judge(tiny["judge"])
+    images, labels = cg.make_shapes(400, 32, seed=5)
+    squares = images[labels == 1].float()
+    red = torch.where(squares.amax(1, keepdim=True) > 120, torch.tensor([230.0, 70, 60])[:, None, None], squares)
+    x = red / 127.5 - 1
+    assert (cg.shapes_class_of(x) == -1).all() and (judge.classify(x)[0] == 0).float().mean() >= 0.95
+
+
 def test_contragan_logs_the_judges_reading(tiny, tmp_path):
     run = tmp_path / "run"
     r = subprocess.run([sys.executable, os.path.join(HERE, "..", "contragan.py"), *TINY, "--steps", "2",
