@@ -868,9 +868,9 @@ def d_judge(D, images, labels, device, batch_size=256):
     D.eval()                                                   # no power iteration: state untouched
     outs = [D(to_signed(x.to(device)) if x.dtype == torch.uint8 else x.to(device), y.to(device))
             for x, y in zip(images.split(batch_size), labels.split(batch_size))]
+    judged = torch.cat([d_class_scores(D, o["h"]).argmax(1).cpu() for o in outs])  # eval mode too: SN heads
     D.train()
-    return (sum(int((o["adv"] > 0).sum()) for o in outs) / max(len(labels), 1),
-            torch.cat([d_class_scores(D, o["h"]).argmax(1).cpu() for o in outs]))
+    return sum(int((o["adv"] > 0).sum()) for o in outs) / max(len(labels), 1), judged
 
 def d_class_scores(D, h):
     """D's class judgement (B, K) of its features h: cosine to each proxy (2C, D2D-CE), <embed(y), h> for each y
@@ -890,8 +890,7 @@ def confusion(asked, judged, num_classes):
     return counts, counts.diag().sum().item() / n, counts[rows, cols].sum().item() / n
 
 def d_diagnostics(D, G_ema, acc_train, acc_held, num_classes, cfg, device):
-    """Figure 3's overfitting probe and class confusion: the classes of reals and fakes read by D, by the colours
-    (shapes), by a judge apart from D (--judge: tools/judge.py's classifier of the data set's real images)."""
+    """Figure 3's overfitting probe and class confusion: classes read by D, the colours (shapes), --judge's CNN."""
     rec = {"d_acc_train": d_judge(D, *acc_train, device)[0]}
     if acc_held is not None:
         rec["d_acc_heldout"], judged = d_judge(D, *acc_held, device)
