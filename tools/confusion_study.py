@@ -1,4 +1,4 @@
-"""Class-confusion study on the built-in shapes data, at the CPU demo's budget.
+"""Class-confusion study at the CPU demo's budget: on the built-in shapes data, and on real digits (--study digits).
 
 Does G draw the class it is asked for? Every setting below is trained with `--preset cpu-demo` (1,500 G
 steps, width 16, batch 32) for a few seeds; the final G_ema's fakes (acc_images // 4 per class) are
@@ -22,9 +22,10 @@ matrix (rows: asked; columns: judged, then none) for reading with its sample gri
 CNN trained on the training images; its accuracy on the held-out images is given beside its numbers), which also
 reads 256 fakes at every evaluation (`--judge`, in metrics.jsonl). Its results and grids: docs/confusion-study/digits/.
 
-The numbers are computed here from a finished run's last.pt (runs/study/<setting>/s<seed>) by
+The numbers are computed here from a finished run's last.pt (runs/study[-digits]/<setting>/s<seed>) by
 contragan.d_diagnostics, the function training evaluates with, appended to
-docs/confusion-study/results.jsonl, and its last sample grid is copied beside it: both are committed,
+docs/confusion-study[/digits]/results.jsonl (a torn last line, from an interrupted append, is left out and
+cut), and its last sample grid is copied beside it: both are committed,
 so a later checkout (runs/ empty) skips the runs already recorded. Every call first records the runs
 that have finished; an interrupted run (its last.pt still there) is resumed. Two single-thread runs at
 once, not one 2-thread run: on 2 cores two 2-thread runs slow each other 10x.
