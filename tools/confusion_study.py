@@ -215,9 +215,10 @@ def report(per_seed=True):
     return "\n".join(lines)
 
 
-def grids():
-    """The recorded runs' final sample grids as a markdown table: a column per setting, a row per seed."""
-    names, folder = list(SETTINGS), os.path.relpath(STUDY["results"], os.path.join(HERE, ".."))
+def grids(page=os.path.join(HERE, "..", "README.md")):
+    """The recorded runs' final sample grids as a markdown table: a column per setting, a row per seed; the
+    images' paths relative to the page they are shown in."""
+    names, folder = list(SETTINGS), os.path.relpath(RESULTS, os.path.dirname(os.path.abspath(page)))
     rows = ["| seed | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for s in range(max(len(seeds) for _, seeds in SETTINGS.values())):
         rows.append(f"| {s} | " + " | ".join(f"![{n}, seed {s}]({folder}/{slug(n)}-s{s}.png)"
@@ -300,7 +301,7 @@ def main(argv=None):
             text = f.read()
         start = text.index("\n", text.index(begin)) + 1
         with open(args.readme, "w") as f:                      # seeds: --report
-            f.write(text[:start] + report(per_seed=False) + "\n\n" + grids() + "\n" + text[text.index(end):])
+            f.write(text[:start] + report(per_seed=False) + "\n\n" + grids(args.readme) + "\n" + text[text.index(end):])
     return 0
 
 

@@ -58,3 +58,16 @@ def test_jobs_0_and_missing_digits_are_one_line(tmp_path, capsys):
     line = one_line(capsys, cs.main, ["--study", "digits", "--data-dir", tmp_path / "none", "--root",
                                               tmp_path / "runs"])
     assert "tools/export_digits.py" in line and not (tmp_path / "runs").exists()
+
+
+def test_the_table_and_grids_go_between_the_markers_with_paths_from_the_page(tmp_path, capsys):
+    results, page = tmp_path / "results", tmp_path / "sub" / "P.md"
+    results.mkdir()
+    page.parent.mkdir()
+    (results / "results.jsonl").write_text(json.dumps(first_record()) + "\n")
+    page.write_text("intro\n<!-- study-table: here -->\nold table\n<!-- /study-table -->\nend\n")
+    assert cs.main(["--report", "--results", str(results), "--readme", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("intro\n<!-- study-table: here -->\n| setting |")
+    assert text.endswith("<!-- /study-table -->\nend\n")
+    assert "old table" not in text and "| 2c (paper) | 1 of 3 |" in text and "](../results/2c-paper-s0.png)" in text
