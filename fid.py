@@ -20,6 +20,9 @@ Differences from pytorch-fid, none of which changes the number (measured by tool
 - the Frechet distance uses a pivoted Cholesky factor and a symmetric eigenvalue solver, >10x faster;
 - on GPUs, convolutions run in full fp32, not TF32 (the TF original is fp32).
 
+At the end, another instrument: Judge and load_judge, a small CNN classifier of a data set's real images that
+contragan.py --judge reads fakes' classes with (tools/judge.py trains it; docs/judge.md).
+
 Command line (pytorch-fid's convention):
     python fid.py A B                          # A, B: image folders or .npz statistics files
     python fid.py --save-stats FOLDER OUT.npz  # OUT.npz holds mu, sigma and the protocol
