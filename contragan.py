@@ -543,11 +543,8 @@ def make_shapes(n, img_size=32, seed=0):
 
 def shapes_class_of(images):
     """Which class each shapes image (float (B, 3, H, W) in [-1, 1]) shows, or -1 for none: the commonest palette
-    colour (within 80, 4 sigma of the jitter) if its pixels are >= 1% of the image and fit the class's `forms` row:
-    fill (of their bounding box), below (centroid under the box centre, in box heights), roundness (count / area of
-    the centroid's disc that reaches the farthest pixel; tilt leaves it). Ideal: fill pi/4, 1, 1/2, 5/9; below 0, 0,
-    1/6, 0; roundness 1, 2/pi, 0.41, 2/pi. Real images: fill 0.67-0.90, 1, 0.48-0.63, 0.47-0.64; below 0.12-0.17
-    (triangle), others within 0.045; roundness 0.80-0.96 (circle), others 0.40-0.74; `forms` adds room for fakes."""
+    colour (within 80, 4 sigma of the jitter) if its pixels are >= 1% of the image and fit that class's `forms` row
+    (fill of their bounding box, centroid below the box centre, roundness; the measured ranges: docs/judge.md)."""
     forms = torch.tensor([[0.65, 0.93, -0.1, 0.1, 9],     # circle (fill lo, hi; below lo, hi; roundness hi)
                           [0.75, 1.00, -0.1, 0.1, 0.78],  # square
                           [0.40, 0.70, 0.05, 0.3, 0.78],  # triangle
@@ -835,14 +832,11 @@ def save_grid(G, path, num_classes, z_dim, device, batch_size, seed):
 def d_judge(D, images, labels, device, batch_size=256):
     """D on images (N, 3, H, W), uint8 or in [-1, 1]: the share it calls real (Figure 3), the class it sees in each."""
     D.eval()                                                   # no power iteration: state untouched
-    hits, judged = 0, []
-    for x, y in zip(images.split(batch_size), labels.split(batch_size)):
-        x = to_signed(x.to(device)) if x.dtype == torch.uint8 else x.to(device)
-        out = D(x, y.to(device))
-        hits += int((out["adv"] > 0).sum())
-        judged.append(d_class_scores(D, out["h"]).argmax(1).cpu())
+    outs = [D(to_signed(x.to(device)) if x.dtype == torch.uint8 else x.to(device), y.to(device))
+            for x, y in zip(images.split(batch_size), labels.split(batch_size))]
+    judged = torch.cat([d_class_scores(D, o["h"]).argmax(1).cpu() for o in outs])  # eval mode too: SN heads
     D.train()
-    return hits / max(len(labels), 1), torch.cat(judged)
+    return sum(int((o["adv"] > 0).sum()) for o in outs) / max(len(labels), 1), judged
 
 def d_class_scores(D, h):
     """D's class judgement (B, K) of its features h: cosine to each proxy (2C, D2D-CE), <embed(y), h> for each y
@@ -855,15 +849,14 @@ def confusion(asked, judged, num_classes):
     """K x (K + 1) counts of asked (rows) vs judged classes, the last "none" (-1), the share judged as asked, and that
     share after the best relabelling (Hungarian). Only the second high: G draws classes under the wrong labels."""
     from scipy.optimize import linear_sum_assignment
-    asked, judged = asked.cpu(), judged.cpu()
-    counts = torch.zeros(num_classes, num_classes + 1, dtype=torch.long)
-    counts.index_put_((asked, torch.where(judged < 0, num_classes, judged)), torch.ones_like(asked), accumulate=True)
-    rows, cols = linear_sum_assignment(counts[:, :num_classes].numpy(), maximize=True)
+    K, judged = num_classes, torch.where(judged < 0, num_classes, judged).cpu()   # none (-1): column K
+    counts = torch.bincount(asked.cpu() * (K + 1) + judged, minlength=K * (K + 1)).view(K, K + 1)
+    rows, cols = linear_sum_assignment(counts[:, :K].numpy(), maximize=True)
     n = max(len(asked), 1)
     return counts, counts.diag().sum().item() / n, counts[rows, cols].sum().item() / n
 
 def d_diagnostics(D, G_ema, acc_train, acc_held, num_classes, cfg, device):
-    """Figure 3's overfitting probe and class confusion: D's (shapes: the colours') classes of reals and fakes."""
+    """Figure 3's overfitting probe and class confusion: classes read by D, the colours (shapes), --judge's CNN."""
     rec = {"d_acc_train": d_judge(D, *acc_train, device)[0]}
     if acc_held is not None:
         rec["d_acc_heldout"], judged = d_judge(D, *acc_held, device)
@@ -876,12 +869,16 @@ def d_diagnostics(D, G_ema, acc_train, acc_held, num_classes, cfg, device):
     readers = {"d": d_judge(D, fake, y, device)[1]}
     if cfg.dataset == "shapes":                                # the class read off the colour
         readers["colour"] = shapes_class_of(fake)
+    if getattr(cfg, "judge", None):                            # checkpoints from before --judge have none
+        judge, info = fid.load_judge(cfg.judge, device, expect=dict(dataset=cfg.dataset, num_classes=num_classes,
+                                                                    img_size=cfg.img_size))
+        readers["judge"], confidence = judge.classify(fake)
+        rec.update(judge_heldout_accuracy=info["heldout_accuracy"], judge_confidence=confidence.mean().item())
     for name, judged in readers.items():
-        key = "class_consistency" + ("_d" if name == "d" else "")
+        key = "class_consistency" + ("" if name == "colour" else "_" + name)
         counts, rec[key], rec[key + "_relabelled"] = confusion(y, judged, num_classes)
         rec["confusion_" + name] = counts.tolist() if num_classes <= 100 else None
-        if name == "colour":
-            rec["class_none"] = counts[:, -1].sum().item() / len(y)
+        rec.update({"class_none": counts[:, -1].sum().item() / len(y)} if name == "colour" else {})
     return rec
 
 def spectral_norms(model):
@@ -1197,9 +1194,10 @@ class Run:
                  f"D acc train {r['d_acc_train']:.3f}" + (f" held-out {r['d_acc_heldout']:.3f}" if held else ""),
                  f"max sigma(W_D) {r['d_sigma_max']:.2f}",
                  held and f"D class acc held-out {r['d_class_acc_heldout']:.3f}"]
-        parts += [f"class consistency ({reader}) {r[k]:.3f}, relabelled {r[k + '_relabelled']:.3f}"
-                  + (f", none {r['class_none']:.3f}" if reader == "colour" else "")
-                  for k, reader in (("class_consistency_d", "D"), ("class_consistency", "colour")) if k in r]
+        readers = (("_d", "D", ""), ("", "colour", f", none {r.get('class_none', 0):.3f}"),
+                   ("_judge", f"judge, {r.get('judge_heldout_accuracy', 0):.3f} on held-out reals", ""))
+        parts += [f"class consistency ({name}) {r[k]:.3f}, relabelled {r[k + '_relabelled']:.3f}{extra}"
+                  for suffix, name, extra in readers if (k := "class_consistency" + suffix) in r]
         return " | ".join(p for p in parts if p)
 
     def check_finite(self, state=None):
@@ -1238,7 +1236,7 @@ class Run:
 # Flags that may differ from the checkpoint when a run is resumed (the learning rates: the way on after a blow-up)
 RUN_FLAGS = {"steps", "log_every", "eval_every", "fid_images", "fid_weights", "eval_batch", "intra_fid", "device",
              "num_workers", "compile", "resume", "run_dir", "data_dir", "collapse_gap", "collapse_patience",
-             "acc_images", "preset", "lr_g", "lr_d"}
+             "acc_images", "preset", "lr_g", "lr_d", "judge"}
 
 SEAL = b"contragan-sha256:"  # then the sha256 of torch.save's bytes before it; torch.load ignores this tail
 
@@ -1443,6 +1441,7 @@ def build_parser(suppress=False):
     add("--eval-batch", 64, type=int, help="G_ema batch at evaluation; BN uses its statistics (authors: 64)")
     add("--intra-fid", False, action="store_true", help="also FID per class and their mean")
     add("--acc-images", 1000, type=int, help="reals for D's train/held-out accuracy; as many fakes for confusion")
+    add("--judge", type=fid.judge_file, help="a judge file (tools/judge.py) that reads the fakes' classes too")
     add("--collapse-gap", 0.3, type=float, help="warn of collapse when D's train - held-out accuracy exceeds this")
     add("--collapse-patience", 3, type=int, help="warn of collapse when FID rises this many evaluations in a row")
     add("--device", "auto", choices=["auto", "cuda", "cpu"])

@@ -20,6 +20,9 @@ Differences from pytorch-fid, none of which changes the number (measured by tool
 - the Frechet distance uses a pivoted Cholesky factor and a symmetric eigenvalue solver, >10x faster;
 - on GPUs, convolutions run in full fp32, not TF32 (the TF original is fp32).
 
+At the end, another instrument: Judge and load_judge, a small CNN classifier of a data set's real images that
+contragan.py --judge reads fakes' classes with (tools/judge.py trains it; docs/judge.md).
+
 Command line (pytorch-fid's convention):
     python fid.py A B                          # A, B: image folders or .npz statistics files
     python fid.py --save-stats FOLDER OUT.npz  # OUT.npz holds mu, sigma and the protocol
@@ -787,6 +790,73 @@ def run(args):
     for name, score in (("A", is1), ("B", is2)):
         if score is not None:
             print(f"IS({name}): {score[0]:.4f} +- {score[1]:.4f} (10 splits)")
+
+
+# -----------------------------------------------------------------------------
+# A class judge apart from D: a small CNN trained on a data set's real images (tools/judge.py trains and saves
+# it; contragan.py --judge reads G_ema's fakes with it at every evaluation)
+# -----------------------------------------------------------------------------
+
+JUDGE_FORMAT = "contragan-judge-1"
+
+
+class Judge(nn.Module):
+    """Images in [-1, 1] (B, 3, H, W), H, W >= 16 -> (B, K) class logits: four blocks of 3x3 conv, BatchNorm, ReLU
+    and 2x2 max-pool (width, 2, 4, 8 x width channels), global average pooling, one linear layer."""
+
+    def __init__(self, num_classes, width=16):
+        super().__init__()
+        layers, c_in = [], 3
+        for c in (width, 2 * width, 4 * width, 8 * width):
+            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
+            c_in = c
+        self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+    @torch.no_grad()
+    def classify(self, images, batch_size=256):
+        """(classes, confidences): each image's (uint8, or float in [-1, 1]) arg-max class and its softmax share."""
+        self.eval()                                            # BatchNorm's running statistics: no batch effect
+        device = next(self.parameters()).device
+        probs = torch.cat([self(x.to(device).float() / 127.5 - 1 if x.dtype == torch.uint8 else x.to(device).float())
+                           .float().softmax(1).cpu() for x in images.split(batch_size)])
+        confidence, classes = probs.max(1)
+        return classes, confidence
+
+
+def load_judge(path, device="cpu", expect=None):
+    """(judge, info) from a file tools/judge.py saved: the network's weights loaded strictly (every one, no other);
+    info: its data set, image size, classes, and its accuracy on held-out real images. expect: {key: value} that
+    its num_classes and data ({dataset, img_size, ...}) must hold, else a one-line error."""
+    try:
+        info = torch.load(path, map_location="cpu", weights_only=True)   # tensors and plain values only
+    except FileNotFoundError:
+        raise FIDError(f"no judge file at {path!r} (tools/judge.py trains and saves one)") from None
+    except Exception as err:
+        raise FIDError(f"{path} is not a judge file: unreadable ({_one_line(err)})") from None
+    if not isinstance(info, dict) or info.get("format") != JUDGE_FORMAT:
+        raise FIDError(f"{path} is not a judge file of this version ({JUDGE_FORMAT}; tools/judge.py writes them)")
+    have = {"num_classes": info["num_classes"], **info["data"]}
+    wrong = {key: have.get(key) for key, value in (expect or {}).items() if have.get(key) != value}
+    if wrong:
+        raise FIDError(f"judge {path} reads other data: its {wrong}, not {({k: expect[k] for k in wrong})}")
+    judge = Judge(info["num_classes"], info["width"])
+    try:
+        judge.load_state_dict(info.pop("state_dict"), strict=True)
+    except RuntimeError as err:
+        raise FIDError(f"judge file {path} does not fit its own network ({_one_line(err)[:200]})") from None
+    return judge.to(device).eval(), info
+
+
+def judge_file(path):
+    """--judge's argparse type: the path, once it loads as a judge file (else argparse's one-line error)."""
+    try:
+        load_judge(path)
+    except FIDError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return path
 
 
 if __name__ == "__main__":

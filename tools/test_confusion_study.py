@@ -1,0 +1,73 @@
+"""tools/confusion_study.py on bad input: a torn results line, a --readme without its markers, --jobs 0. No runs."""
+import json
+import os
+
+import pytest
+
+import confusion_study as cs
+from test_fid import one_line  # main(args) as the command line runs it: its status and one stderr line
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True)
+def default_study():
+    yield
+    cs.use("shapes")                                           # main() chose another study or records folder
+
+
+def first_record():
+    with open(os.path.join(HERE, "..", "docs", "confusion-study", "results.jsonl")) as f:
+        return json.loads(f.readline())                        # 2c (paper), seed 0
+
+
+def test_a_torn_results_line_is_left_out_and_cut_before_the_next_record(tmp_path, capsys, monkeypatch):
+    results = tmp_path / "results"
+    results.mkdir()
+    good = first_record()
+    (results / "results.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(good)[:40])   # an append cut short
+    assert cs.main(["--report", "--results", str(results), "--root", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr()
+    assert "| 2c (paper) | 1 of 3 |" in out.out and "last line" in out.err and "torn" in out.err
+    # the next record starts on its own line: the torn tail is cut, every line parses
+    monkeypatch.setattr(cs, "final_diagnostics", lambda path: {"step": 1500, **{k: v for k, v in good.items()
+                                                                              if k not in ("setting", "seed")}})
+    monkeypatch.setattr(cs, "judge_reading", lambda path: None)
+    run = tmp_path / "runs" / "proj" / "s0"
+    (run / "samples").mkdir(parents=True)
+    (run / "samples" / "step0001500.png").write_bytes(b"png")
+    cs.record("proj", 0, str(run))
+    lines = (results / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["setting"] for line in lines] == ["2c (paper)", "proj"]
+    assert (results / "proj-s0.png").read_bytes() == b"png"
+
+
+def test_a_readme_missing_or_without_markers_is_one_line(tmp_path, capsys):
+    line = one_line(capsys, cs.main, ["--report", "--readme", tmp_path / "nope.md"])
+    assert line.startswith("error: --readme") and "no such file" in line
+    (tmp_path / "R.md").write_text("# a readme\n<!-- study-table: x -->\n")
+    line = one_line(capsys, cs.main, ["--report", "--readme", tmp_path / "R.md"])
+    assert "<!-- /study-table -->" in line
+    line = one_line(capsys, cs.main, ["--report", "--study", "digits", "--readme", tmp_path / "R.md"])
+    assert "study-table-digits" in line        # the digits table has markers of its own
+
+
+def test_jobs_0_and_missing_digits_are_one_line(tmp_path, capsys):
+    line = one_line(capsys, cs.main, ["--jobs", "0", "--root", tmp_path / "runs"])
+    assert "--jobs must be at least 1" in line and not (tmp_path / "runs").exists()
+    line = one_line(capsys, cs.main, ["--study", "digits", "--data-dir", tmp_path / "none", "--root",
+                                              tmp_path / "runs"])
+    assert "tools/export_digits.py" in line and not (tmp_path / "runs").exists()
+
+
+def test_the_table_and_grids_go_between_the_markers_with_paths_from_the_page(tmp_path, capsys):
+    results, page = tmp_path / "results", tmp_path / "sub" / "P.md"
+    results.mkdir()
+    page.parent.mkdir()
+    (results / "results.jsonl").write_text(json.dumps(first_record()) + "\n")
+    page.write_text("intro\n<!-- study-table: here -->\nold table\n<!-- /study-table -->\nend\n")
+    assert cs.main(["--report", "--results", str(results), "--readme", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("intro\n<!-- study-table: here -->\n| setting |")
+    assert text.endswith("<!-- /study-table -->\nend\n")
+    assert "old table" not in text and "| 2c (paper) | 1 of 3 |" in text and "](../results/2c-paper-s0.png)" in text
