@@ -1,4 +1,4 @@
-"""tools/confusion_study.py on bad input: a torn results line, a --readme without its markers, --jobs 0. No runs."""
+"""tools/confusion_study.py on bad input: a torn results line, a --page without its markers, --jobs 0. No runs."""
 import json
 import os
 
@@ -42,13 +42,13 @@ def test_a_torn_results_line_is_left_out_and_cut_before_the_next_record(tmp_path
     assert (results / "proj-s0.png").read_bytes() == b"png"
 
 
-def test_a_readme_missing_or_without_markers_is_one_line(tmp_path, capsys):
-    line = one_line(capsys, cs.main, ["--report", "--readme", tmp_path / "nope.md"])
-    assert line.startswith("error: --readme") and "no such file" in line
+def test_a_page_missing_or_without_markers_is_one_line(tmp_path, capsys):
+    line = one_line(capsys, cs.main, ["--report", "--page", tmp_path / "nope.md"])
+    assert line.startswith("error: --page") and "no such file" in line
     (tmp_path / "R.md").write_text("# a readme\n<!-- study-table: x -->\n")
-    line = one_line(capsys, cs.main, ["--report", "--readme", tmp_path / "R.md"])
+    line = one_line(capsys, cs.main, ["--report", "--page", tmp_path / "R.md"])
     assert "<!-- /study-table -->" in line
-    line = one_line(capsys, cs.main, ["--report", "--study", "digits", "--readme", tmp_path / "R.md"])
+    line = one_line(capsys, cs.main, ["--report", "--study", "digits", "--page", tmp_path / "R.md"])
     assert "study-table-digits" in line        # the digits table has markers of its own
 
 
@@ -66,7 +66,7 @@ def test_the_table_and_grids_go_between_the_markers_with_paths_from_the_page(tmp
     page.parent.mkdir()
     (results / "results.jsonl").write_text(json.dumps(first_record()) + "\n")
     page.write_text("intro\n<!-- study-table: here -->\nold table\n<!-- /study-table -->\nend\n")
-    assert cs.main(["--report", "--results", str(results), "--readme", str(page)]) == 0
+    assert cs.main(["--report", "--results", str(results), "--page", str(page)]) == 0
     text = page.read_text()
     assert text.startswith("intro\n<!-- study-table: here -->\n| setting |")
     assert text.endswith("<!-- /study-table -->\nend\n")
