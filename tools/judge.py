@@ -169,14 +169,12 @@ def fakes_from_checkpoint(checkpoint, num_images, seed=0, device="cpu"):
 
 def fakes_from_folder(folder):
     """(labels, uint8 images) of a folder's <index>_class<label>.png files (tools/sample.py's names)."""
-    from PIL import Image
     names = sorted(n for n in os.listdir(folder) if re.fullmatch(r"\d+_class\d+\.png", n))
     if not names:
         raise cg.UsageError(f"{folder} holds no <index>_class<label>.png images (tools/sample.py writes them)")
     images = []
-    for name in names:
-        with Image.open(os.path.join(folder, name)) as im:
-            images.append(torch.from_numpy(np.array(cg.to_rgb(im))).permute(2, 0, 1))
+    for name in names:                                         # read as training and fid.py read images
+        images.append(torch.from_numpy(np.array(cg.fid.read_image(os.path.join(folder, name)))).permute(2, 0, 1))
     if len({im.shape for im in images}) > 1:
         raise cg.UsageError(f"the images in {folder} differ in size")
     return torch.tensor([int(n.split("_class")[1][:-4]) for n in names]), torch.stack(images)
