@@ -149,14 +149,24 @@ class Trainer:
     D step (authors' code): hinge(D(x), D(G(z))) + lambda * cond, cond = 2C on REAL embeddings (ContraGAN) or
     cross-entropy on real and fake logits (ACGAN); ProjGAN's condition is in D's logit. G step: -mean D(G(z, y)) +
     lambda * cond on the fakes, with D frozen (its heads and proxies are not updated by G). Under torchrun (world > 1)
-    the batches are each rank's share; see `ddp`."""
+    the batches are each rank's share."""
 
     def __init__(self, cfg, num_classes, device, world=1):
         self.cfg, self.num_classes, self.device, self.world = cfg, num_classes, device, world
         torch.manual_seed(cfg.seed)                            # same initial weights on every rank
-        self.G, self.D = build_models(cfg, num_classes)
-        self.G_ema = copy.deepcopy(self.G).requires_grad_(False)  # the EMA of G: the generator evaluated
-        setup_training(self, cfg, device, world)               # below the banner: Adam, AMP, DDP, G_train, ...
+        G, D = build_models(cfg, num_classes)
+        self.G_ema = copy.deepcopy(G).requires_grad_(False).to(device)  # the EMA of G: the generator evaluated
+        # G, D: the modules, trained, saved, averaged into G_ema. What the steps call (`wrap_for_training`, below the
+        # banner; each compiled under --compile): G_train, D_train: G and D in DDP (world > 1: gradients averaged over
+        # ranks); D_frozen: the plain D, for the G step, where D gets no gradient (DDP would wait for one).
+        self.G, self.D, self.G_train, self.D_train, self.D_frozen = wrap_for_training(G, D, cfg, device, world)
+        self.adam_flags = dict(fused=device.type == "cuda", foreach=device.type != "cuda")  # one kernel a step on GPU
+        self.opt_G, self.opt_D = (torch.optim.Adam(m.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2),
+                                                   eps=cfg.adam_eps, **self.adam_flags)
+                                  for m, lr in ((self.G, cfg.lr_g), (self.D, cfg.lr_d)))
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)  # --amp: autocast's dtype
+        self.scaler_G, self.scaler_D = (torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16") for _ in "GD")
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss seen: no host syncs
         if world > 1:  # then each rank its own z, labels, flips (authors: seed + global rank, src/loader.py, 947b35e)
             torch.manual_seed(cfg.seed + dist.get_rank())
 
@@ -763,20 +773,13 @@ def setup_device(cfg):
         warnings.filterwarnings("ignore", message=".*nn.functional.all_gather is deprecated")  # public, differentiable
     return device, rank, world
 
-def setup_training(t, cfg, device, world):
-    """The Trainer's (t) engineering: the device, Adam, fp16's GradScaler, autocast, DDP and torch.compile."""
-    if cfg.sync_bn and world > 1:                              # G_ema stays plain: evaluated alone
-        t.G = nn.SyncBatchNorm.convert_sync_batchnorm(t.G)     # G's BN statistics over the global batch
-    t.G, t.D, t.G_ema = t.G.to(device), t.D.to(device), t.G_ema.to(device)
-    t.adam_flags = dict(fused=device.type == "cuda", foreach=device.type != "cuda")  # one kernel per step on GPU
-    t.opt_G, t.opt_D = (torch.optim.Adam(m.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                                         **t.adam_flags) for m, lr in ((t.G, cfg.lr_g), (t.D, cfg.lr_d)))
-    t.scaler_G, t.scaler_D = (torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16") for _ in "GD")
-    t.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    # The G step calls D without DDP: D gets no gradient there, and DDP would wait for it at the next step.
+def wrap_for_training(G, D, cfg, device, world):
+    """(G, D, G_train, D_train, D_frozen) for `Trainer`: G and D on the device, G's BatchNorm synced over ranks
+    (--sync-bn; G_ema stays plain: evaluated alone), DDP when world > 1, torch.compile under --compile."""
+    G = nn.SyncBatchNorm.convert_sync_batchnorm(G) if cfg.sync_bn and world > 1 else G
+    G, D = G.to(device), D.to(device)
     ddp = nn.parallel.DistributedDataParallel if world > 1 else (lambda m: m)  # device_ids None: one device a rank
-    t.G_train, t.D_train, t.D_frozen = (torch.compile(m) if cfg.compile else m for m in (ddp(t.G), ddp(t.D), t.D))
-    t.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked without host syncs
+    return (G, D, *(torch.compile(m) if cfg.compile else m for m in (ddp(G), ddp(D), D)))
 
 def gather_global_batch(embed, proxy, labels):
     """Under DDP, all-gather so the 2C loss sees the global batch. Each rank's backward sums the gradient of its
