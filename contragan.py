@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 import fid  # fid.py, next to this file: FID as the paper measured it (Inception-V3, TF weights)
 
 # --------------------------------------------------------------------------------------------
-# Section 3: the losses. Pure tensor functions (torch only; no config, device or globals). Copy freely.
+# Section 3: the losses (2C: Eq. 8). Pure tensor functions (torch only; no config, device or globals). Copy freely.
 # --------------------------------------------------------------------------------------------
 
 def d_hinge_loss(real_logit, fake_logit):
@@ -46,7 +46,7 @@ def g_hinge_loss(fake_logit):
     return -fake_logit.mean()
 
 def conditional_contrastive_loss(embed, proxy, labels, temperature=1.0, data_positives=True):
-    """The conditional contrastive (2C) loss of ContraGAN (paper Section 3, "conditional contrastive loss").
+    """The conditional contrastive (2C) loss of ContraGAN with temperature t: the paper's Eq. 8 (Section 3).
 
         loss_i = -log( [exp(l_i.e_i / t) + sum_{k != i, y_k = y_i} exp(l_i.l_k / t)]
                      / [exp(l_i.e_i / t) + sum_{k != i}            exp(l_i.l_k / t)] )
