@@ -144,8 +144,7 @@ class Trainer:
 
     D step (authors' code): hinge(D(x), D(G(z))) + lambda * cond, cond = 2C on REAL embeddings (ContraGAN) or
     cross-entropy on real and fake logits (ACGAN); ProjGAN's condition is in D's logit. G step: -mean D(G(z, y)) +
-    lambda * cond on the fakes, with D frozen (its heads and proxies are not updated by G). Under torchrun (world > 1)
-    the batches are each rank's share."""
+    lambda * cond on the fakes, with D frozen (its heads and proxies are not updated by G)."""
 
     def __init__(self, cfg, num_classes, device, world=1):
         self.cfg, self.num_classes, self.device, self.world = cfg, num_classes, device, world
@@ -156,9 +155,9 @@ class Trainer:
         # D_frozen: the plain D, for the G step, where D gets no gradient (DDP would wait for one); --compile: compiled.
         self.G, self.D, self.G_train, self.D_train, self.D_frozen = wrap_for_training(G, D, cfg, device, world)
         self.adam_flags = dict(fused=device.type == "cuda", foreach=device.type != "cuda")  # one kernel a step on GPU
-        self.opt_G, self.opt_D = (torch.optim.Adam(m.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2),
-                                                   eps=cfg.adam_eps, **self.adam_flags)
-                                  for m, lr in ((self.G, cfg.lr_g), (self.D, cfg.lr_d)))
+        adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, **self.adam_flags)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, **adam)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, **adam)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)  # --amp: autocast's dtype
         self.scaler_G, self.scaler_D = (torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16") for _ in "GD")
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss seen: no host syncs
@@ -199,6 +198,7 @@ class Trainer:
         self.nonfinite |= ~torch.isfinite(loss.detach())
 
     def d_step(self, real, real_y):
+        """One D step on real images (B, 3, H, W) in [-1, 1] of classes real_y (B,): this rank's share of the batch."""
         B = real.shape[0]
         z, fake_y = self.sample_latents(B)
         with torch.no_grad(), self.autocast():
@@ -217,6 +217,7 @@ class Trainer:
         return {"d_loss": loss.detach(), "d_adv": adv.detach(), "d_cond": cond.detach()}
 
     def g_step(self):
+        """One G step on fresh z, y (this rank's share of the batch) through the frozen D."""
         z, y = self.sample_latents(self.cfg.batch_size // self.world)
         self.D.requires_grad_(False)                           # D frozen in the G step
         with self.autocast():
