@@ -314,10 +314,10 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """D(x, y) with one of three heads on the sum-pooled feature h = sum_{H,W} relu(trunk(x)):
 
-      loss="2c"   -> {"adv": (B,), "embed": (B, embed_dim), "proxy": (B, embed_dim)}  ContraGAN
-      loss="d2dce" -> the same outputs as "2c", for the D2D-CE loss                 ReACGAN
-      loss="proj" -> {"adv": (B,)}  the projection term already added                ProjGAN
-      loss="ac"   -> {"adv": (B,), "class_logits": (B, K)}                             ACGAN
+      loss="2c"    -> {"adv": (B,), "embed": (B, embed_dim), "proxy": (B, embed_dim)}   ContraGAN
+      loss="d2dce" -> the same outputs as "2c", for the D2D-CE loss                     ReACGAN
+      loss="proj"  -> {"adv": (B,)}, the projection term already added                  ProjGAN
+      loss="ac"    -> {"adv": (B,), "class_logits": (B, K)}                              ACGAN
 
     ContraGAN's D has no projection term: 2C replaces it. Every output also holds "h" (B, C), the pooled
     feature, which no loss uses: evaluation reads D's class judgement off it (`d_class_scores`).
