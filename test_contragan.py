@@ -681,9 +681,9 @@ def test_fid_during_training_with_random_weights(tmp_path, monkeypatch, capsys):
     assert len(record["intra_fid_per_class"]) == 4 and record["intra_fid"] == pytest.approx(
         sum(record["intra_fid_per_class"]) / 4)
     # Intra-class FID routes FID's own fakes by label, in mixed batches with balanced labels (in a batch of one
-    # class, G's BatchNorm batch statistics would remove the class). The evaluator draws first.
-    assert [len(y) for y in calls[:2]] == [8, 8] and all(len(y.unique()) > 1 for y in calls)
-    assert torch.bincount(torch.cat(calls[:2]), minlength=4).tolist() == [4, 4, 4, 4]
+    # class, G's BatchNorm batch statistics would remove the class). The grids of steps 0 and 1 (4 x 10) draw first.
+    assert [len(y) for y in calls[:4]] == [40, 40, 8, 8] and all(len(y.unique()) > 1 for y in calls)
+    assert torch.bincount(torch.cat(calls[2:4]), minlength=4).tolist() == [4, 4, 4, 4]
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".npz"))[0] == "fid_shapes_heldout_16_random.npz"
     assert "FID protocol" in r.stdout and "RANDOM weights" in r.stdout
     assert (run / "best.pt").is_file()
