@@ -7,10 +7,6 @@ Read it top to bottom next to the paper: Section 3 (the losses; the 2C loss is t
 (`Trainer`) -> the appendix's networks. Below one banner, what runs it: data -> torchrun -> evaluation (FID,
 Figure 3, class confusion) -> the run and its folder -> the command line. Where the paper and the authors' code
 differ, this file follows the code and says so at that line. It imports fid.py and nothing else of its project.
-
-  python contragan.py --dataset cifar10 --loss 2c          # the paper's CIFAR-10 ContraGAN run
-  python contragan.py --dataset shapes --preset cpu-demo   # offline, minutes on a laptop CPU
-  torchrun --nproc_per_node=4 contragan.py --dataset cifar10 --loss 2c   # DDP, global batch
 """
 import argparse
 import contextlib
@@ -38,7 +34,7 @@ from torch.nn.utils import parametrize
 import fid  # fid.py, next to this file: FID as the paper measured it (Inception-V3, TF weights)
 
 # --------------------------------------------------------------------------------------------
-# Section 3: the losses. Pure tensor functions (torch only; no config, device or globals). Copy freely.
+# Section 3: the losses (2C: Eq. 8). Pure tensor functions (torch only; no config, device or globals). Copy freely.
 # --------------------------------------------------------------------------------------------
 
 def d_hinge_loss(real_logit, fake_logit):
@@ -50,7 +46,7 @@ def g_hinge_loss(fake_logit):
     return -fake_logit.mean()
 
 def conditional_contrastive_loss(embed, proxy, labels, temperature=1.0, data_positives=True):
-    """The conditional contrastive (2C) loss of ContraGAN (paper Section 3, "conditional contrastive loss").
+    """The conditional contrastive (2C) loss of ContraGAN with temperature t: the paper's Eq. 8 (Section 3).
 
         loss_i = -log( [exp(l_i.e_i / t) + sum_{k != i, y_k = y_i} exp(l_i.l_k / t)]
                      / [exp(l_i.e_i / t) + sum_{k != i}            exp(l_i.l_k / t)] )
@@ -148,15 +144,23 @@ class Trainer:
 
     D step (authors' code): hinge(D(x), D(G(z))) + lambda * cond, cond = 2C on REAL embeddings (ContraGAN) or
     cross-entropy on real and fake logits (ACGAN); ProjGAN's condition is in D's logit. G step: -mean D(G(z, y)) +
-    lambda * cond on the fakes, with D frozen (its heads and proxies are not updated by G). Under torchrun (world > 1)
-    the batches are each rank's share; see `ddp`."""
+    lambda * cond on the fakes, with D frozen (its heads and proxies are not updated by G)."""
 
     def __init__(self, cfg, num_classes, device, world=1):
         self.cfg, self.num_classes, self.device, self.world = cfg, num_classes, device, world
         torch.manual_seed(cfg.seed)                            # same initial weights on every rank
-        self.G, self.D = build_models(cfg, num_classes)
-        self.G_ema = copy.deepcopy(self.G).requires_grad_(False)  # the EMA of G: the generator evaluated
-        setup_training(self, cfg, device, world)               # below the banner: Adam, AMP, DDP, G_train, ...
+        G, D = build_models(cfg, num_classes)
+        self.G_ema = copy.deepcopy(G).requires_grad_(False).to(device)  # the EMA of G: the generator evaluated
+        # G, D: trained, saved, averaged into G_ema. The steps call G_train, D_train: G and D in DDP (world > 1), and
+        # D_frozen: the plain D, for the G step, where D gets no gradient (DDP would wait for one); --compile: compiled.
+        self.G, self.D, self.G_train, self.D_train, self.D_frozen = wrap_for_training(G, D, cfg, device, world)
+        self.adam_flags = dict(fused=device.type == "cuda", foreach=device.type != "cuda")  # one kernel a step on GPU
+        adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, **self.adam_flags)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, **adam)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, **adam)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)  # --amp: autocast's dtype
+        self.scaler_G, self.scaler_D = (torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16") for _ in "GD")
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss seen: no host syncs
         if world > 1:  # then each rank its own z, labels, flips (authors: seed + global rank, src/loader.py, 947b35e)
             torch.manual_seed(cfg.seed + dist.get_rank())
 
@@ -194,6 +198,7 @@ class Trainer:
         self.nonfinite |= ~torch.isfinite(loss.detach())
 
     def d_step(self, real, real_y):
+        """One D step on real images (B, 3, H, W) in [-1, 1] of classes real_y (B,): this rank's share of the batch."""
         B = real.shape[0]
         z, fake_y = self.sample_latents(B)
         with torch.no_grad(), self.autocast():
@@ -212,6 +217,7 @@ class Trainer:
         return {"d_loss": loss.detach(), "d_adv": adv.detach(), "d_cond": cond.detach()}
 
     def g_step(self):
+        """One G step on fresh z, y (this rank's share of the batch) through the frozen D."""
         z, y = self.sample_latents(self.cfg.batch_size // self.world)
         self.D.requires_grad_(False)                           # D frozen in the G step
         with self.autocast():
@@ -308,10 +314,10 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """D(x, y) with one of three heads on the sum-pooled feature h = sum_{H,W} relu(trunk(x)):
 
-      loss="2c"   -> {"adv": (B,), "embed": (B, embed_dim), "proxy": (B, embed_dim)}  ContraGAN
-      loss="d2dce" -> the same outputs as "2c", for the D2D-CE loss                 ReACGAN
-      loss="proj" -> {"adv": (B,)}  the projection term already added                ProjGAN
-      loss="ac"   -> {"adv": (B,), "class_logits": (B, K)}                             ACGAN
+      loss="2c"    -> {"adv": (B,), "embed": (B, embed_dim), "proxy": (B, embed_dim)}   ContraGAN
+      loss="d2dce" -> the same outputs as "2c", for the D2D-CE loss                     ReACGAN
+      loss="proj"  -> {"adv": (B,)}, the projection term already added                  ProjGAN
+      loss="ac"    -> {"adv": (B,), "class_logits": (B, K)}                              ACGAN
 
     ContraGAN's D has no projection term: 2C replaces it. Every output also holds "h" (B, C), the pooled
     feature, which no loss uses: evaluation reads D's class judgement off it (`d_class_scores`).
@@ -494,9 +500,7 @@ def sn_linear(f_in, f_out, bias=True):
 class UsageError(Exception):
     """A problem with the user's input: main() prints 'error: <message>' and exits with status 2."""
 
-# --------------------------------------------------------------------------------------------
-# Data: CIFAR-10/100 (torchvision), any class-per-folder tree (ImageFolder), built-in shapes
-# --------------------------------------------------------------------------------------------
+# ---- Data: CIFAR-10/100 (torchvision), any class-per-folder tree (ImageFolder), built-in shapes --------------------
 
 def to_signed(images):  # uint8 in [0, 255] -> float in [-1, 1], the range of G's tanh (fid.py does the same)
     return images.float() / 127.5 - 1.0
@@ -731,12 +735,10 @@ class Batches:
 
 def fixed_sample(dataset, n, seed):
     """A fixed random subset as uint8 (n, 3, H, W) images and (n,) labels (D's accuracy checks)."""
-    items = [dataset[i] for i in torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]]
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    return tuple(torch.utils.data.default_collate([dataset[i] for i in order]))   # (images, labels)
 
-# --------------------------------------------------------------------------------------------
-# Distributed training (torchrun): process group, DDP, the 2C all-gather, stopping together, RNG states
-# --------------------------------------------------------------------------------------------
+# ---- Distributed training (torchrun): process group, DDP, the 2C all-gather, stopping together, RNG states ---------
 
 def is_main_process():
     return os.environ.get("RANK", "0") == "0"                 # only rank 0 prints, writes and errs
@@ -763,20 +765,11 @@ def setup_device(cfg):
         warnings.filterwarnings("ignore", message=".*nn.functional.all_gather is deprecated")  # public, differentiable
     return device, rank, world
 
-def setup_training(t, cfg, device, world):
-    """The Trainer's (t) engineering: the device, Adam, fp16's GradScaler, autocast, DDP and torch.compile."""
-    if cfg.sync_bn and world > 1:                              # G_ema stays plain: evaluated alone
-        t.G = nn.SyncBatchNorm.convert_sync_batchnorm(t.G)     # G's BN statistics over the global batch
-    t.G, t.D, t.G_ema = t.G.to(device), t.D.to(device), t.G_ema.to(device)
-    t.adam_flags = dict(fused=device.type == "cuda", foreach=device.type != "cuda")  # one kernel per step on GPU
-    t.opt_G, t.opt_D = (torch.optim.Adam(m.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                                         **t.adam_flags) for m, lr in ((t.G, cfg.lr_g), (t.D, cfg.lr_d)))
-    t.scaler_G, t.scaler_D = (torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16") for _ in "GD")
-    t.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    # The G step calls D without DDP: D gets no gradient there, and DDP would wait for it at the next step.
+def wrap_for_training(G, D, cfg, device, world):
+    """(G, D, G_train, D_train, D_frozen) for `Trainer`: on the device, --sync-bn (G), DDP (world > 1), --compile."""
+    G, D = (nn.SyncBatchNorm.convert_sync_batchnorm(G) if cfg.sync_bn and world > 1 else G).to(device), D.to(device)
     ddp = nn.parallel.DistributedDataParallel if world > 1 else (lambda m: m)  # device_ids None: one device a rank
-    t.G_train, t.D_train, t.D_frozen = (torch.compile(m) if cfg.compile else m for m in (ddp(t.G), ddp(t.D), t.D))
-    t.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked without host syncs
+    return (G, D, *(torch.compile(m) if cfg.compile else m for m in (ddp(G), ddp(D), D)))
 
 def gather_global_batch(embed, proxy, labels):
     """Under DDP, all-gather so the 2C loss sees the global batch. Each rank's backward sums the gradient of its
@@ -801,14 +794,7 @@ def rng_states(device, world):
         dist.all_gather_object(states, state)
     return states
 
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-# --------------------------------------------------------------------------------------------
-# Evaluation: sample grid, FID of the EMA generator (fid.py), Figure 3's diagnostics
-# --------------------------------------------------------------------------------------------
+# ---- Evaluation: sample grid, FID of the EMA generator (fid.py), Figure 3's diagnostics ----------------------------
 
 @torch.no_grad()
 def generate(G, labels, z_dim, batch_size, generator=None):
@@ -820,16 +806,25 @@ def generate(G, labels, z_dim, batch_size, generator=None):
     torch._foreach_copy_(list(G.buffers()), buffers)           # restored: the EMA averages them too
     return torch.cat(out)
 
-def save_grid(G, path, num_classes, z_dim, device, batch_size, seed):
-    """A PNG with one row per class (the same noise every evaluation, so rows are comparable)."""
+def save_grid(G, path, num_classes, z_dim, device, batch_size, seed, class_names=None):
+    """A PNG with one row per class, its name in a left margin if class_names are given. The noise comes from its own
+    generator, the same at every evaluation (rows comparable over training; training's RNG untouched)."""
     import torchvision
+    from PIL import ImageDraw, ImageOps
     cols = 10 if num_classes <= 20 else 5
     gen = torch.Generator(device=device).manual_seed(seed)
     images = generate(G, balanced_labels(num_classes * cols, num_classes, device), z_dim, batch_size, gen)
-    torchvision.utils.save_image(images * 0.5 + 0.5, path, nrow=cols, padding=1)
+    grid = torchvision.utils.make_grid(images * 0.5 + 0.5, nrow=cols, padding=1)   # save_image's rounding below
+    grid = Image.fromarray(grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy())
+    if class_names:                                            # PIL's default font: no font file needed
+        margin, row = int(max(map(ImageDraw.Draw(grid).textlength, class_names))) + 6, images.shape[2] + 1
+        grid = ImageOps.expand(grid, (margin, 0, 0, 0))        # a black margin on the left
+        for k, name in enumerate(class_names):
+            ImageDraw.Draw(grid).text((3, k * row + row // 2 - 5), name, fill=(255, 255, 255))
+    grid.save(path)
 
 @torch.no_grad()
-def d_judge(D, images, labels, device, batch_size=256):
+def d_real_share_and_classes(D, images, labels, device, batch_size=256):
     """D on images (N, 3, H, W), uint8 or in [-1, 1]: the share it calls real (Figure 3), the class it sees in each."""
     D.eval()                                                   # no power iteration: state untouched
     outs = [D(to_signed(x.to(device)) if x.dtype == torch.uint8 else x.to(device), y.to(device))
@@ -855,18 +850,19 @@ def confusion(asked, judged, num_classes):
     n = max(len(asked), 1)
     return counts, counts.diag().sum().item() / n, counts[rows, cols].sum().item() / n
 
-def d_diagnostics(D, G_ema, acc_train, acc_held, num_classes, cfg, device):
-    """Figure 3's overfitting probe and class confusion: classes read by D, the colours (shapes), --judge's CNN."""
-    rec = {"d_acc_train": d_judge(D, *acc_train, device)[0]}
-    if acc_held is not None:
-        rec["d_acc_heldout"], judged = d_judge(D, *acc_held, device)
+def d_diagnostics(D, G_ema, reals_train, reals_heldout, num_classes, cfg, device):
+    """Figure 3's overfitting probe on real (images, labels): training, held-out (or None); class confusion of G_ema's
+    fakes, their classes read by D, by their colours (shapes), by --judge's CNN."""
+    rec = {"d_acc_train": d_real_share_and_classes(D, *reals_train, device)[0]}
+    if reals_heldout is not None:
+        rec["d_acc_heldout"], judged = d_real_share_and_classes(D, *reals_heldout, device)
         rec["d_acc_gap"] = rec["d_acc_train"] - rec["d_acc_heldout"]
-        counts, rec["d_class_acc_heldout"], _ = confusion(acc_held[1], judged, num_classes)
+        counts, rec["d_class_acc_heldout"], _ = confusion(reals_heldout[1], judged, num_classes)
         rec["confusion_d_heldout"] = counts.tolist() if num_classes <= 100 else None
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 4)  # the same fakes every evaluation
     y = balanced_labels(max(cfg.acc_images // num_classes, 1) * num_classes, num_classes, device, gen)
     fake = generate(G_ema, y, cfg.z_dim, cfg.eval_batch, gen)
-    readers = {"d": d_judge(D, fake, y, device)[1]}
+    readers = {"d": d_real_share_and_classes(D, fake, y, device)[1]}
     if cfg.dataset == "shapes":                                # the class read off the colour
         readers["colour"] = shapes_class_of(fake)
     if getattr(cfg, "judge", None):                            # checkpoints from before --judge have none
@@ -883,12 +879,9 @@ def d_diagnostics(D, G_ema, acc_train, acc_held, num_classes, cfg, device):
 
 def spectral_norms(model):
     """{layer: sigma}: u^T W v, each weight's largest singular value, what SN divides it by (Figure 3 right)."""
-    sigmas = {}
-    for name, module in model.named_modules():
-        if parametrize.is_parametrized(module, "weight"):
-            p = module.parametrizations.weight                 # p[0]: its SpectralNorm
-            sigmas[name] = float(p[0].u @ p.original.detach().flatten(1).float() @ p[0].v)
-    return sigmas
+    weights = {name: m.parametrizations.weight for name, m in model.named_modules()
+               if parametrize.is_parametrized(m, "weight")}    # p[0]: its SpectralNorm, p.original: W
+    return {name: float(p[0].u @ p.original.detach().flatten(1).float() @ p[0].v) for name, p in weights.items()}
 
 def detect_collapse(history, gap_threshold, patience):
     """Section 4.5's collapse, or None: D's train - held-out accuracy past a threshold, or FID up `patience` times."""
@@ -976,9 +969,7 @@ class FIDEvaluator:
             out["intra_fid"], out["intra_fid_per_class"] = sum(per_class) / K, per_class
         return out
 
-# --------------------------------------------------------------------------------------------
-# The run: the loop, logging, evaluation, checkpoints and resume, Ctrl-C and NaN handling
-# --------------------------------------------------------------------------------------------
+# ---- The run: the loop, logging, evaluation, checkpoints and resume, Ctrl-C and NaN handling -----------------------
 
 # Ctrl-C, SIGTERM (SLURM, `timeout`) and SIGHUP stop a run: at once in start-up, saved in the loop (Run.request_stop).
 STOP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
@@ -986,7 +977,7 @@ STOP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP"
 def interrupt(signum, frame):
     raise KeyboardInterrupt(signum)
 
-def train(cfg, explicit):
+def start_run(cfg, explicit):
     """Resolve the configuration (a resumed run: the checkpoint's), own the run folder, run."""
     checkpoint = ckpt_path = None
     if cfg.resume is not None:                                 # --resume "" (an unset variable) too: no fresh run
@@ -1030,12 +1021,13 @@ class Run:
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         self.log = self.say if rank == 0 else (lambda *a, **k: None)
         train_set, heldout, self.num_classes = load_data(cfg)
+        self.class_names = getattr(train_set, "classes", None) or train_set.dataset.classes  # a folder's: a Subset
         if self.num_classes < 2 and cfg.loss in ("2c", "d2dce", "ac"):
             raise UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is "
-                                   f"exactly 0 every step (use --loss proj, or give more classes)")
+                             f"exactly 0 every step (use --loss proj, or give more classes)")
         self.trainer = Trainer(cfg, self.num_classes, device, world)
         self.batches = Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device,
-                                     cfg.num_workers, cfg.flip)
+                               cfg.num_workers, cfg.flip)
         self.step, self.best_fid, self.best_step, self.history = 0, None, None, []
         if checkpoint is not None:
             self.resume(checkpoint, ckpt_path)
@@ -1050,13 +1042,15 @@ class Run:
                                       rank, world) if cfg.fid_images > 0 else None
         if self.evaluator is not None:
             self.log(self.evaluator.description)
-        self.acc_train = fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
-        self.acc_held = fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3) if heldout else None
-        n_gap = min(len(self.acc_train[1]), len(self.acc_held[1])) if heldout else 50  # gap sd <= sqrt(0.5 / n)
+        self.reals_train = fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
+        self.reals_heldout = heldout and fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3)
+        n_gap = min(len(self.reals_train[1]), len(self.reals_heldout[1])) if heldout else 50  # gap sd <= sqrt(0.5 / n)
         self.gap_threshold = cfg.collapse_gap if n_gap >= 50 else self.log(       # 0.1 at 50 images a side
             f"note: D's train/held-out gap test is off: {n_gap} < 50 images a side (--acc-images)") or float("inf")
         if checkpoint is not None and len(checkpoint["rng"]) == world:  # last: a reference made above draws from it
-            set_rng_state(checkpoint["rng"][rank], device)
+            torch.set_rng_state((rng := checkpoint["rng"][rank])["cpu"])
+            if device.type == "cuda" and rng["cuda"] is not None:
+                torch.cuda.set_rng_state(rng["cuda"], device)
         elif checkpoint is not None:                           # a new number of ranks: a new stream for each
             torch.manual_seed(int(hashlib.sha256(f"{cfg.seed} {self.step} {rank}".encode()).hexdigest()[:8], 16))
             self.log(f"note: resumed with {world} ranks a checkpoint of {len(checkpoint['rng'])}: the same global "
@@ -1074,9 +1068,10 @@ class Run:
                              f"the data {self.num_classes} ({str(err).splitlines()[0].rstrip(':')})") from None
         self.step, self.best_fid, self.best_step = checkpoint["step"], checkpoint["best_fid"], checkpoint["best_step"]
         self.history, was = checkpoint.get("history", []), checkpoint["config"]
-        changed = [f"--{k.replace('_', '-')} {was.get(k)} -> {getattr(self.cfg, k)}"   # what an FID measures
-                   for k in ("fid_images", "fid_weights", "eval_batch") if was.get(k) != getattr(self.cfg, k)]
-        if changed and self.cfg.fid_images and was.get("fid_images"):  # FIDs of two protocols are not compared
+        changes = lambda keys: [f"--{k.replace('_', '-')} {was.get(k)} -> {getattr(self.cfg, k)}"  # noqa: E731
+                                for k in keys if was.get(k) != getattr(self.cfg, k)]
+        if (changed := changes(("fid_images", "fid_weights", "eval_batch"))) and self.cfg.fid_images and \
+                was.get("fid_images"):                         # FIDs of two protocols are not compared
             self.best_fid, self.best_step, self.history = None, None, [{**h, "fid": None} for h in self.history]
             self.log(f"note: the FID protocol changed ({', '.join(changed)}): best.pt and the FID-rise collapse "
                      f"check start afresh at this resume; earlier FIDs in metrics.jsonl are of the old protocol")
@@ -1084,8 +1079,7 @@ class Run:
         for opt, key in ((self.trainer.opt_G, "lr_g"), (self.trainer.opt_D, "lr_d")):
             for group in opt.param_groups:                     # the loaded state holds the checkpoint's rate and
                 group.update(lr=getattr(self.cfg, key), **self.trainer.adam_flags)  # its device's fused/foreach
-        changed = [f"--{k.replace('_', '-')} {checkpoint['config'][k]} -> {getattr(self.cfg, k)}"
-                   for k in ("lr_g", "lr_d") if checkpoint["config"][k] != getattr(self.cfg, k)]
+        changed = changes(("lr_g", "lr_d"))
         self.log(f"resumed {path} at step {self.step}" + (f" ({', '.join(changed)})" if changed else ""))
 
     def loop(self):
@@ -1093,12 +1087,16 @@ class Run:
         cfg, self.stop_signal, self.pid = self.cfg, 0, os.getpid()
         previous = {s: signal.signal(s, self.request_stop) for s in STOP_SIGNALS}
         try:
+            if self.step == 0:                                 # a first look, before any step: the initial G_ema
+                self.write_grid()
             self.t_last, self.step_last, self.eval_s = time.time(), self.step, 0.0
             while self.step < cfg.steps:
                 logs = self.trainer.iteration(self.batches, self.step)
                 self.step += 1
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     self.log_progress(logs)
+                if self.step == cfg.log_every < cfg.eval_every:  # an early look, before the first evaluation
+                    self.write_grid()
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     t_eval = time.time()
                     self.evaluate_and_save()
@@ -1157,37 +1155,46 @@ class Run:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def write_grid(self):                                      # rank 0: samples/step<step>.png, G_ema's grid
+        if self.rank == 0:
+            cfg, path = self.cfg, os.path.join(self.cfg.run_dir, "samples", f"step{self.step:07d}.png")
+            save_grid(self.trainer.G_ema, path, self.num_classes, cfg.z_dim, self.device, cfg.eval_batch, cfg.seed,
+                      self.class_names)
+
     def evaluate_and_save(self):
-        """FID, then on rank 0 the grid, Figure 3's diagnostics, the console and metrics.jsonl; last.pt, best.pt."""
-        cfg, t = self.cfg, self.trainer
-        self.check_finite(t.state_dict())                      # before FID and the grid see NaN weights
-        record, improved = {"step": self.step, "eval": True}, False
+        """FID (every rank), then on rank 0 the grid, Figure 3's diagnostics, `record_evaluation`; last.pt, best.pt."""
+        cfg, trainer = self.cfg, self.trainer
+        self.check_finite(trainer.state_dict())                # before FID and the grid see NaN weights
+        record = {"step": self.step, "eval": True}
         if self.evaluator is not None:
             t0 = time.time()
-            record.update(self.evaluator(t.G_ema))
+            record.update(self.evaluator(trainer.G_ema))
             record["fid_seconds"] = round(time.time() - t0, 1)
         if self.rank == 0:
-            save_grid(t.G_ema, os.path.join(cfg.run_dir, "samples", f"step{self.step:07d}.png"),
-                      self.num_classes, cfg.z_dim, self.device, cfg.eval_batch, cfg.seed)
-            record.update(d_diagnostics(t.D, t.G_ema, self.acc_train, self.acc_held, self.num_classes, cfg,
-                                        self.device))
-            sigmas = spectral_norms(t.D)
+            self.write_grid()
+            record.update(d_diagnostics(trainer.D, trainer.G_ema, self.reals_train, self.reals_heldout,
+                                        self.num_classes, cfg, self.device))
+            sigmas = spectral_norms(trainer.D)
             record["d_sigma_max"], record["d_sigma"] = max(sigmas.values()), sigmas
-            self.history.append({k: record.get(k) for k in ("step", "fid", "d_acc_gap")})
-            record["collapse"] = detect_collapse(self.history, self.gap_threshold, cfg.collapse_patience)
-            improved = record.get("fid") is not None and (self.best_fid is None or record["fid"] < self.best_fid)
-            if improved:
-                self.best_fid, self.best_step = record["fid"], self.step
-            self.log(self.eval_line(record))
-            if self.evaluator is not None:
-                self.log(self.evaluator.description)
-            if record["collapse"]:
-                self.log(f"WARNING collapse suspected at step {self.step}: {record['collapse']}")
-            self.write_metrics(record)
-        self.save(best=improved)
+        self.save(best=self.rank == 0 and self.record_evaluation(record))
+
+    def record_evaluation(self, record):
+        """History, the collapse check, the best FID, the console and metrics.jsonl (rank 0); True if FID improved."""
+        self.history.append({k: record.get(k) for k in ("step", "fid", "d_acc_gap")})
+        record["collapse"] = detect_collapse(self.history, self.gap_threshold, self.cfg.collapse_patience)
+        improved = record.get("fid") is not None and (self.best_fid is None or record["fid"] < self.best_fid)
+        if improved:
+            self.best_fid, self.best_step = record["fid"], self.step
+        self.log(self.eval_line(record))
+        if self.evaluator is not None:
+            self.log(self.evaluator.description)
+        if record["collapse"]:
+            self.log(f"WARNING collapse suspected at step {self.step}: {record['collapse']}")
+        self.write_metrics(record)
+        return improved
 
     def eval_line(self, r):
-        held = self.acc_held is not None
+        held = self.reals_heldout is not None
         parts = [f"eval step {self.step}",
                  "fid" in r and f"FID {r['fid']:.3f} (best {self.best_fid:.3f} @ {self.best_step})",
                  "intra_fid" in r and f"intra-FID {r['intra_fid']:.3f}",
@@ -1229,9 +1236,7 @@ class Run:
                 save_checkpoint(os.path.join(self.cfg.run_dir, name), state)
         self.saved_step = self.step
 
-# --------------------------------------------------------------------------------------------
-# Run folders: checkpoint files, the folder lock, resuming, metrics.jsonl
-# --------------------------------------------------------------------------------------------
+# ---- Run folders: checkpoint files, the folder lock, resuming, metrics.jsonl ---------------------------------------
 
 # Flags that may differ from the checkpoint when a run is resumed (the learning rates: the way on after a blow-up)
 RUN_FLAGS = {"steps", "log_every", "eval_every", "fid_images", "fid_weights", "eval_batch", "intra_fid", "device",
@@ -1362,9 +1367,7 @@ def cut_metrics(path, step):
             f.writelines(kept)
         os.replace(path + ".tmp", path)
 
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
+# ---- Command line --------------------------------------------------------------------------------------------------
 
 class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message):                                  # one line, not usage + error
@@ -1478,7 +1481,7 @@ def main(argv=None):
         cfg = parser.parse_args(argv)
     previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}  # the loop's own: Run.request_stop
     try:
-        return train(cfg, explicit)                            # checks cfg (a resumed run's: merged) first
+        return start_run(cfg, explicit)                        # checks cfg (a resumed run's: merged) first
     except KeyboardInterrupt as err:                           # a signal in start-up, or a second one: no traceback
         signum = err.args[0] if err.args and isinstance(err.args[0], int) else signal.SIGINT
         print(f"interrupted{'' if signum == signal.SIGINT else ' by ' + signal.Signals(signum).name}", file=sys.stderr)

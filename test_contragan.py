@@ -397,7 +397,7 @@ def test_confusion_fakes_are_drawn_in_mixed_batches(monkeypatch):
     batches = []
     monkeypatch.setattr(cg, "generate", lambda G, y, z_dim, batch_size, gen: batches.append(y.split(batch_size))
                         or torch.zeros(len(y), 3, 32, 32))
-    monkeypatch.setattr(cg, "d_judge", lambda D, x, y, device: (1.0, y))
+    monkeypatch.setattr(cg, "d_real_share_and_classes", lambda D, x, y, device: (1.0, y))
     cfg = cg.build_parser().parse_args(TINY + ["--acc-images", "64"])
     rec = cg.d_diagnostics(None, None, (None, None), None, 4, cfg, torch.device("cpu"))
     assert all(len(b.unique()) > 1 for b in batches[0]) and rec["class_consistency_d"] == 1.0
@@ -462,17 +462,32 @@ def test_d_diagnostics_records_the_none_share(monkeypatch):
     images[0] = -0.75                                          # a blank dark image
     monkeypatch.setattr(cg, "balanced_labels", lambda n, K, device, gen=None: labels)
     monkeypatch.setattr(cg, "generate", lambda G, y, z_dim, batch_size, gen: images)
-    monkeypatch.setattr(cg, "d_judge", lambda D, x, y, device: (1.0, y))
+    monkeypatch.setattr(cg, "d_real_share_and_classes", lambda D, x, y, device: (1.0, y))
     cfg = cg.build_parser().parse_args(["--dataset", "shapes", "--acc-images", "64"])
     rec = cg.d_diagnostics(None, None, (None, None), None, 4, cfg, torch.device("cpu"))
     colour = torch.tensor(rec["confusion_colour"])
     assert colour.shape == (4, 5) and colour[labels[0], 4] >= 1 and colour.sum() == 64
     assert rec["class_none"] == pytest.approx(colour[:, 4].sum().item() / 64) and rec["class_none"] > 0
     assert torch.tensor(rec["confusion_d"])[:, 4].sum() == 0 and rec["class_consistency_d"] == 1.0
-    run = types.SimpleNamespace(acc_held=None, step=3)
+    run = types.SimpleNamespace(reals_heldout=None, step=3)
     line = cg.Run.eval_line(run, {**rec, "d_sigma_max": 1.0})
     assert f"class consistency (colour) {rec['class_consistency']:.3f}, relabelled" in line
     assert f"none {rec['class_none']:.3f}" in line and line.count("none") == 1   # D never says none
+
+
+def test_grid_rows_are_labelled_and_the_training_rng_untouched(tmp_path):
+    G = cg.Generator(width=8, num_classes=4)
+    names = [name for name, _ in cg.SHAPES]
+    buffers, rng = [b.clone() for b in G.buffers()], torch.get_rng_state()
+    cg.save_grid(G, tmp_path / "bare.png", 4, 80, torch.device("cpu"), 64, seed=3)
+    cg.save_grid(G, tmp_path / "labelled.png", 4, 80, torch.device("cpu"), 64, seed=3, class_names=names)
+    bare, labelled = (torch.from_numpy(np.array(Image.open(tmp_path / f))) for f in ("bare.png", "labelled.png"))
+    margin = labelled.shape[1] - bare.shape[1]
+    assert bare.shape == (4 * 33 + 1, 10 * 33 + 1, 3) and labelled.shape[0] == bare.shape[0] and margin > 20
+    assert torch.equal(labelled[:, margin:], bare)             # the same grid, the same noise, beside its labels
+    for k in range(4):                                         # text in each row's stretch of the margin
+        assert labelled[33 * k + 1:33 * (k + 1), :margin].amax() > 200, names[k]
+    assert torch.equal(torch.get_rng_state(), rng) and all(map(torch.equal, G.buffers(), buffers))
 
 
 # ---------------------------------------------------------------- real runs of the CLI
@@ -486,8 +501,10 @@ def test_cli_tiny_run_writes_grid_metrics_checkpoint(tmp_path):
     r = run_cli(*TINY, "--steps", "4", "--eval-every", "2", "--run-dir", str(run))
     assert r.returncode == 0, r.stderr
     assert (run / "last.pt").is_file() and (run / "config.json").is_file()
-    grids = sorted(os.listdir(run / "samples"))
-    assert grids == ["step0000002.png", "step0000004.png"]
+    grids = sorted(os.listdir(run / "samples"))                # before any step, at the first --log-every, evals
+    assert grids == ["step0000000.png", "step0000001.png", "step0000002.png", "step0000004.png"]
+    with Image.open(run / "samples" / grids[0]) as grid:       # 10 columns of 32 + 1 pixels, 4 rows: one a class
+        assert grid.height == 4 * 33 + 1 and grid.width > 10 * 33 + 1   # and a label margin on the left
     assert (run / "samples" / grids[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if not x.get("eval")]
@@ -664,9 +681,9 @@ def test_fid_during_training_with_random_weights(tmp_path, monkeypatch, capsys):
     assert len(record["intra_fid_per_class"]) == 4 and record["intra_fid"] == pytest.approx(
         sum(record["intra_fid_per_class"]) / 4)
     # Intra-class FID routes FID's own fakes by label, in mixed batches with balanced labels (in a batch of one
-    # class, G's BatchNorm batch statistics would remove the class). The evaluator draws first.
-    assert [len(y) for y in calls[:2]] == [8, 8] and all(len(y.unique()) > 1 for y in calls)
-    assert torch.bincount(torch.cat(calls[:2]), minlength=4).tolist() == [4, 4, 4, 4]
+    # class, G's BatchNorm batch statistics would remove the class). The grids of steps 0 and 1 (4 x 10) draw first.
+    assert [len(y) for y in calls[:4]] == [40, 40, 8, 8] and all(len(y.unique()) > 1 for y in calls)
+    assert torch.bincount(torch.cat(calls[2:4]), minlength=4).tolist() == [4, 4, 4, 4]
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".npz"))[0] == "fid_shapes_heldout_16_random.npz"
     assert "FID protocol" in r.stdout and "RANDOM weights" in r.stdout
     assert (run / "best.pt").is_file()
