@@ -850,7 +850,7 @@ def confusion(asked, judged, num_classes):
     n = max(len(asked), 1)
     return counts, counts.diag().sum().item() / n, counts[rows, cols].sum().item() / n
 
-def d_diagnostics(D, G_ema, reals_train, reals_heldout, num_classes, cfg, device):
+def d_diagnostics(D, G_ema, reals_train, reals_heldout, num_classes, cfg, device, judge=None):
     """Figure 3's overfitting probe on real (images, labels): training, held-out (or None); class confusion of G_ema's
     fakes, their classes read by D, by their colours (shapes), by --judge's CNN."""
     rec = {"d_acc_train": d_real_share_and_classes(D, *reals_train, device)[0]}
@@ -865,11 +865,9 @@ def d_diagnostics(D, G_ema, reals_train, reals_heldout, num_classes, cfg, device
     readers = {"d": d_real_share_and_classes(D, fake, y, device)[1]}
     if cfg.dataset == "shapes":                                # the class read off the colour
         readers["colour"] = shapes_class_of(fake)
-    if getattr(cfg, "judge", None):                            # checkpoints from before --judge have none
-        judge, info = fid.load_judge(cfg.judge, device, expect=dict(dataset=cfg.dataset, num_classes=num_classes,
-                                                                    img_size=cfg.img_size))
-        readers["judge"], confidence = judge.classify(fake)
-        rec.update(judge_heldout_accuracy=info["heldout_accuracy"], judge_confidence=confidence.mean().item())
+    if judge is not None:                                      # --judge: (its CNN, its info), loaded once by Run
+        readers["judge"], confidence = judge[0].classify(fake)
+        rec.update(judge_heldout_accuracy=judge[1]["heldout_accuracy"], judge_confidence=confidence.mean().item())
     for name, judged in readers.items():
         key = "class_consistency" + ("" if name == "colour" else "_" + name)
         counts, rec[key], rec[key + "_relabelled"] = confusion(y, judged, num_classes)
@@ -1025,6 +1023,8 @@ class Run:
         if self.num_classes < 2 and cfg.loss in ("2c", "d2dce", "ac"):
             raise UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is "
                              f"exactly 0 every step (use --loss proj, or give more classes)")
+        self.judge = cfg.judge and fid.load_judge(cfg.judge, device, expect=dict(  # another data's: refused now
+            dataset=cfg.dataset, num_classes=self.num_classes, img_size=cfg.img_size))
         self.trainer = Trainer(cfg, self.num_classes, device, world)
         self.batches = Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device,
                                cfg.num_workers, cfg.flip)
@@ -1173,7 +1173,7 @@ class Run:
         if self.rank == 0:
             self.write_grid()
             record.update(d_diagnostics(trainer.D, trainer.G_ema, self.reals_train, self.reals_heldout,
-                                        self.num_classes, cfg, self.device))
+                                        self.num_classes, cfg, self.device, self.judge))
             sigmas = spectral_norms(trainer.D)
             record["d_sigma_max"], record["d_sigma"] = max(sigmas.values()), sigmas
         self.save(best=self.rank == 0 and self.record_evaluation(record))
@@ -1239,9 +1239,8 @@ class Run:
 # ---- Run folders: checkpoint files, the folder lock, resuming, metrics.jsonl ---------------------------------------
 
 # Flags that may differ from the checkpoint when a run is resumed (the learning rates: the way on after a blow-up)
-RUN_FLAGS = {"steps", "log_every", "eval_every", "fid_images", "fid_weights", "eval_batch", "intra_fid", "device",
-             "num_workers", "compile", "resume", "run_dir", "data_dir", "collapse_gap", "collapse_patience",
-             "acc_images", "preset", "lr_g", "lr_d", "judge"}
+RUN_FLAGS = set("steps log_every eval_every fid_images fid_weights eval_batch intra_fid device num_workers compile "
+                "resume run_dir data_dir collapse_gap collapse_patience acc_images preset lr_g lr_d judge".split())
 
 SEAL = b"contragan-sha256:"  # then the sha256 of torch.save's bytes before it; torch.load ignores this tail
 

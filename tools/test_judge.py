@@ -162,8 +162,9 @@ def test_contragan_refuses_a_bad_or_foreign_judge_in_one_line(tiny, tmp_path, ca
     torch.save(data, tmp_path / "foreign.pt")
     assert cg.main([*TINY, "--steps", "1", "--judge", str(tmp_path / "foreign.pt"), "--run-dir",
                     str(tmp_path / "b")]) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert err.count("\n") == 1 and "reads other data" in err and "cifar10" in err
+    assert "step 1/1" not in out and not (tmp_path / "b").exists()  # refused before the first step, nothing kept
     torch.save({"format": fid.JUDGE_FORMAT, **{k: v for k, v in data.items() if k != "format"},
                 "state_dict": {}}, tmp_path / "empty.pt")        # strict: every weight is needed
     with pytest.raises(fid.FIDError, match="does not fit its own network"):
