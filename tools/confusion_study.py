@@ -17,7 +17,8 @@ matrix (rows: asked; columns: judged, then none) for reading with its sample gri
     python tools/export_digits.py data/digits && python tools/confusion_study.py --study digits --jobs 1
 
 --study digits: the same question on real images, scikit-learn's 8x8 digits at 32x32 as an image folder
-(tools/export_digits.py), six settings, two seeds, with --num-workers 0. There is no colour reader: the fakes
+(tools/export_digits.py), six settings at two seeds, then at 3x the budget (4,500 G steps, one seed) the best
+contrastive setting and proj, and two settings searched on this data (one seed), with --num-workers 0. There is no colour reader: the fakes
 (1,000 of the final G_ema, as tools/sample.py draws them) are read by the data set's judge (tools/judge.py: a
 CNN trained on the training images; its accuracy on the held-out images is given beside its numbers), which also
 reads 256 fakes at every evaluation (`--judge`, in metrics.jsonl). Its results and grids: docs/confusion-study/digits/.
@@ -67,7 +68,13 @@ STUDIES = {  # per study: settings {name: (flags, seeds)}, the runs' folder, its
         "2c --no-data-positives t=0.5 lambda=1": ([*NO_DATA_POSITIVES, "--cond-lambda", "1"], [0, 1]),
         "d2dce t=0.5 m=0.98 lambda=1": ([*D2DCE, "--cond-lambda", "1"], [0, 1]),
         "ac": (["--loss", "ac"], [0, 1]),
-        "d2dce t=0.5 m=0.98 lambda=0.5": ([*D2DCE, "--cond-lambda", "0.5"], [0, 1])}},
+        "d2dce t=0.5 m=0.98 lambda=0.5": ([*D2DCE, "--cond-lambda", "0.5"], [0, 1]),
+        # 3x the budget, one seed: the best contrastive setting above and proj
+        "d2dce t=0.5 m=0.98 lambda=1, 4,500 steps": ([*D2DCE, "--cond-lambda", "1", "--steps", "4500"], [0]),
+        "proj, 4,500 steps": (["--loss", "proj", "--steps", "4500"], [0]),
+        # a search on this data, one seed: lambda 0.5 -> 1 doubled D2D-CE's consistency; does more go on?
+        "search: d2dce t=0.5 m=0.98 lambda=2": ([*D2DCE, "--cond-lambda", "2"], [0]),
+        "search: d2dce t=0.5 m=0.98 lambda=4": ([*D2DCE, "--cond-lambda", "4"], [0])}},
 }
 STUDY = STUDIES["shapes"]          # the study this process runs (main: --study)
 SETTINGS, RESULTS = STUDY["settings"], STUDY["results"]
@@ -149,17 +156,22 @@ def record(name, seed, path):
             f.truncate(data.rfind(b"\n") + 1)
     with open(results, "a") as f:
         f.write(json.dumps({"setting": name, "seed": seed, **final, **({"judge": reading} if reading else {})}) + "\n")
-    shutil.copy(os.path.join(path, "samples", f"step{STEPS:07d}.png"),
+    shutil.copy(os.path.join(path, "samples", f"step{final['step']:07d}.png"),
                 os.path.join(RESULTS, f"{slug(name)}-s{seed}.png"))
 
 
-def final_eval(path):
-    """The last evaluation record of a run that reached STEPS, or None."""
+def steps_of(flags):
+    """A setting's G steps: its --steps, else the cpu-demo preset's."""
+    return int(flags[flags.index("--steps") + 1]) if "--steps" in flags else STEPS
+
+
+def final_eval(path, steps=STEPS):
+    """The last evaluation record of a run that reached `steps`, or None."""
     metrics = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(metrics):
         return None
     evals = [r for r in read_jsonl(metrics) if r.get("eval")]
-    return evals[-1] if evals and evals[-1]["step"] >= STEPS else None
+    return evals[-1] if evals and evals[-1]["step"] >= steps else None
 
 
 def train(root, name, flags, seed):
@@ -167,7 +179,7 @@ def train(root, name, flags, seed):
     path = run_dir(root, name, seed)
     if recorded(name, seed):
         return path
-    if final_eval(path):
+    if final_eval(path, steps_of(flags)):
         record(name, seed, path)
         return path
     args = ["--resume", path] if os.path.isfile(os.path.join(path, "last.pt")) else \
@@ -282,9 +294,9 @@ def main(argv=None):
             p.error(str(err))
         print(f"judge {judge_path}: {info['heldout_accuracy']:.3f} on {info['heldout_images']} held-out digits")
         extra = ["--dataset", "folder", "--data-dir", data_dir, "--num-workers", "0", "--judge", judge_path]
-    for name, (_, seeds) in SETTINGS.items():               # runs finished but not yet recorded
+    for name, (flags, seeds) in SETTINGS.items():           # runs finished but not yet recorded
         for seed in seeds:
-            if not recorded(name, seed) and final_eval(run_dir(root, name, seed)):
+            if not recorded(name, seed) and final_eval(run_dir(root, name, seed), steps_of(flags)):
                 record(name, seed, run_dir(root, name, seed))
     if not args.report:
         # seed-major, so a study stopped early has every setting at its first seeds

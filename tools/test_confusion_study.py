@@ -71,3 +71,15 @@ def test_the_table_and_grids_go_between_the_markers_with_paths_from_the_page(tmp
     assert text.startswith("intro\n<!-- study-table: here -->\n| setting |")
     assert text.endswith("<!-- /study-table -->\nend\n")
     assert "old table" not in text and "| 2c (paper) | 1 of 3 |" in text and "](../results/2c-paper-s0.png)" in text
+
+
+def test_a_longer_setting_is_finished_only_at_its_own_steps(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"eval": True, "step": 1500}) + "\n")
+    flags = cs.STUDIES["digits"]["settings"]["proj, 4,500 steps"][0]
+    assert cs.steps_of(flags) == 4500 and cs.steps_of(["--loss", "proj"]) == cs.STEPS
+    assert cs.final_eval(str(run)) and not cs.final_eval(str(run), cs.steps_of(flags))   # 1,500 of 4,500: resume
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"eval": True, "step": 4500}) + "\n")
+    assert cs.final_eval(str(run), 4500)["step"] == 4500
