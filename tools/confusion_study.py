@@ -17,11 +17,12 @@ matrix (rows: asked; columns: judged, then none) for reading with its sample gri
     python tools/export_digits.py data/digits && python tools/confusion_study.py --study digits
 
 --study digits: the same question on real images, scikit-learn's 8x8 digits at 32x32 as an image folder
-(tools/export_digits.py), six settings at two seeds, then at 3x the budget (4,500 G steps, one seed) the best
-contrastive setting and proj, and two settings searched on this data (one seed), with --num-workers 0. There is no colour reader: the fakes
-(1,000 of the final G_ema, as tools/sample.py draws them) are read by the data set's judge (tools/judge.py: a
-CNN trained on the training images; its accuracy on the held-out images is given beside its numbers), which also
-reads 256 fakes at every evaluation (`--judge`, in metrics.jsonl). Its results and grids: docs/confusion-study/digits/.
+(tools/export_digits.py), with --num-workers 0: six settings at two seeds, then at 3x the budget (4,500 G
+steps, one seed) the best contrastive setting and proj, and two settings searched on this data (one seed).
+There is no colour reader: the fakes (1,000 of the final G_ema, as tools/sample.py draws them) are read by the
+data set's judge (tools/judge.py: a CNN trained on the training images; its accuracy on the held-out images is
+given beside its numbers), which also reads 256 fakes at every evaluation (`--judge`, in metrics.jsonl). Its
+results and grids: docs/confusion-study/digits/.
 
 The numbers are computed here from a finished run's last.pt (runs/study[-digits]/<setting>/s<seed>) by
 contragan.d_diagnostics, the function training evaluates with, appended to
