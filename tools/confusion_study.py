@@ -49,7 +49,7 @@ sys.path[:0] = [HERE, os.path.join(HERE, "..")]
 import contragan as cg  # noqa: E402
 import judge as J  # noqa: E402  tools/judge.py
 SCRIPT = os.path.join(HERE, "..", "contragan.py")
-STEPS = 1500  # the cpu-demo preset's
+STEPS = cg.PRESETS["cpu-demo"]["steps"]  # 1,500 G steps, unless a setting gives --steps
 DOCS = os.path.join(HERE, "..", "docs", "confusion-study")
 
 NO_DATA_POSITIVES = ["--loss", "2c", "--no-data-positives", "--temperature", "0.5"]
