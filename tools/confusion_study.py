@@ -16,6 +16,10 @@ matrix (rows: asked; columns: judged, then none) for reading with its sample gri
     python tools/confusion_study.py --report --matrices           # and every recorded run's matrix
     python tools/export_digits.py data/digits && python tools/confusion_study.py --study digits
 
+--study cr: consistency regularization (--cr-lambda 10, the authors' value) on the paper's 2C against 2C alone,
+two seeds each on shapes; besides the colour reader's numbers it keeps D's train - held-out accuracy gap at every
+evaluation (Section 4.5's overfitting signal), in docs/confusion-study/cr/ and docs/cr-study.md.
+
 --study digits: the same question on real images, scikit-learn's 8x8 digits at 32x32 as an image folder
 (tools/export_digits.py), with --num-workers 0: six settings at two seeds, then at 3x the budget (4,500 G
 steps, one seed) the best contrastive setting and proj, and two settings searched on this data (one seed).
@@ -78,6 +82,10 @@ STUDIES = {  # per study: settings {name: (flags, seeds)}, the runs' folder, its
         # a search on this data, one seed: lambda 0.5 -> 1 doubled D2D-CE's consistency; does more go on?
         "search: d2dce t=0.5 m=0.98 lambda=2": ([*D2DCE, "--cond-lambda", "2"], [0]),
         "search: d2dce t=0.5 m=0.98 lambda=4": ([*D2DCE, "--cond-lambda", "4"], [0])}},
+    # consistency regularization (the authors' cr_lambda 10.0) on the paper's 2C, shapes, two seeds each
+    "cr": {"root": "runs/study-cr", "results": os.path.join(DOCS, "cr"), "settings": {
+        "2c (paper)": (["--loss", "2c"], [0, 1]),
+        "2c --cr-lambda 10": (["--loss", "2c", "--cr-lambda", "10"], [0, 1])}},
 }
 STUDY = STUDIES["shapes"]          # the study this process runs (main: --study)
 SETTINGS, RESULTS = STUDY["settings"], STUDY["results"]
@@ -151,6 +159,10 @@ def record(name, seed, path):
     """Keep a finished run's final numbers and last grid in the study's results folder."""
     final = final_diagnostics(path)
     reading = judge_reading(path)
+    evals = [r for r in read_jsonl(os.path.join(path, "metrics.jsonl")) if r.get("eval")]
+    gaps = [[r["step"], r["d_acc_gap"]] for r in evals if r.get("d_acc_gap") is not None]
+    final["gap_over_training"] = gaps                          # D's train - held-out real accuracy (Figure 3)
+    final["d_acc_gap_max"] = max(g for _, g in gaps) if gaps else None
     os.makedirs(RESULTS, exist_ok=True)
     results = os.path.join(RESULTS, "results.jsonl")
     if os.path.isfile(results):                                # a torn last line is cut, not glued to this one
@@ -205,6 +217,8 @@ COLUMNS = {  # per study: (header, key in a record; "judge.x": its judge reading
     "shapes": [("colour: raw", "class_consistency"), ("colour: relabelled", "class_consistency_relabelled"),
                ("colour: none", "class_none"), ("D: raw", "class_consistency_d"),
                ("D: relabelled", "class_consistency_d_relabelled"), ("D on held-out reals", "d_class_acc_heldout")],
+    "cr": [("colour: raw", "class_consistency"), ("colour: relabelled", "class_consistency_relabelled"),
+           ("colour: none", "class_none"), ("D gap, final", "d_acc_gap"), ("D gap, max over training", "d_acc_gap_max")],
     "digits": [("judge: raw", "judge.consistency"), ("judge: relabelled", "judge.relabelled"),
                ("judge: low confidence", "judge.low_confidence"), ("judge on held-out reals",
                                                                    "judge.judge_heldout_accuracy"),
@@ -218,7 +232,7 @@ def value(r, key):
 
 
 def report(per_seed=True):
-    columns = COLUMNS["digits" if STUDY is STUDIES["digits"] else "shapes"]
+    columns = COLUMNS[next(name for name, study in STUDIES.items() if study is STUDY)]
     lines = ["| setting | seeds | " + " | ".join(h for h, _ in columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for name, (_, seeds) in SETTINGS.items():
         finals = [r for r in (recorded(name, s) for s in seeds) if r]
@@ -258,7 +272,7 @@ def matrices():
 
 
 def markers(study):
-    tag = "study-table" + ("-digits" if study == "digits" else "")
+    tag = "study-table" + ("" if study == "shapes" else "-" + study)
     return f"<!-- {tag}:", f"<!-- /{tag} -->"
 
 
@@ -272,7 +286,7 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
     p.add_argument("--report", action="store_true", help="only print the table (and record finished runs)")
     p.add_argument("--page", help="also put the table (means only) and the grids into this file, between "
-                   "its study-table markers (digits: study-table-digits)")
+                   "its study-table markers (digits: study-table-digits, cr: study-table-cr)")
     p.add_argument("--matrices", action="store_true", help="also print every recorded run's matrix")
     args = p.parse_args(argv)
     if args.jobs < 1:
