@@ -1,21 +1,87 @@
-"""The paper's Figure 3 from runs' metrics.jsonl (matplotlib; no torch needed).
+"""The paper's Figure 3 from runs' metrics.jsonl, and the mean +- std over seeds (matplotlib; no torch needed).
 
-    python tools/plot_runs.py runs/cifar10-proj-s0 runs/cifar10-2c-s0 --out figure3.png
+    python tools/plot_runs.py runs/tiny-proj-s0 runs/tiny-2c-s0 --out figure3.png
+    python tools/plot_runs.py --seeds runs/cifar10-2c-s0 runs/cifar10-2c-s1 runs/cifar10-2c-s2
 
 Panels: D's accuracy on training vs held-out real images, FID (and intra-class FID when measured), the
 largest singular value of D's weights, against G steps; plus class confusion: class consistency (raw
 and relabelled; on shapes the colour reader's none share) over steps, and the last run's final
-confusion matrix (its last column: none). Bad input: one `error:` line,
-status 2 (as contragan.py).
+confusion matrix (its last column: none); faint lines where contragan.py warned of a collapse. --seeds
+prints, instead of a figure, the mean +- std over the runs of their best FID and last class consistency
+(`seed_summary`).
+Bad input: one `error:` line, status 2 (as contragan.py).
 """
 import argparse
 import json
 import os
+import statistics
 import sys
+
+# Keys of config.json that may differ between runs of one setting (--seeds): where and how it ran, not what.
+NOT_THE_SETTING = {"seed", "run_dir", "resume", "data_dir", "device", "num_workers", "world_size", "compile"}
 
 
 class UsageError(Exception):
     pass
+
+
+def read_evals(run):
+    """The evaluation records of a run folder's metrics.jsonl, in order."""
+    path = os.path.join(run, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise UsageError(f"{run} has no metrics.jsonl")
+    try:
+        with open(path) as f:                                  # a torn last line (killed mid-write): skipped
+            evals = [r for r in map(json.loads, (x for x in f if x.endswith("\n"))) if r.get("eval")]
+    except (ValueError, AttributeError) as err:                # not JSON, or JSON but not a record
+        raise UsageError(f"{path}: not one JSON record per line ({err})") from None
+    if not evals:
+        raise UsageError(f"{run} has no evaluation yet")
+    if not all({"step", "d_acc_train", "d_sigma_max"} <= r.keys() for r in evals):
+        raise UsageError(f"{path}: evaluations without step, d_acc_train or d_sigma_max (not contragan.py's?)")
+    return evals
+
+
+def seed_summary(runs):
+    """{quantity: [value of each run]} for runs of one setting (seeds): the best FID of each run, and each class
+    consistency that every run's last evaluation holds (the judge's, the colour reader's, D's)."""
+    evals = [read_evals(run) for run in runs]
+    summary = {}
+    for run, records in zip(runs, evals):
+        if all(r.get("fid") is None for r in records):
+            raise UsageError(f"{run} has no FID in its metrics.jsonl (trained with --fid-images 0?)")
+    summary["best FID"] = [min(r["fid"] for r in records if r.get("fid") is not None) for records in evals]
+    for key, reader in (("class_consistency_judge", "judge"), ("class_consistency", "colour"),
+                        ("class_consistency_d", "D")):
+        if all(records[-1].get(key) is not None for records in evals):
+            summary[f"class consistency ({reader}), last evaluation"] = [records[-1][key] for records in evals]
+    return summary
+
+
+def differing_settings(runs):
+    """The config.json keys (what was trained) on which the runs differ; runs without config.json are skipped."""
+    configs = []
+    for run in runs:
+        path = os.path.join(run, "config.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                configs.append(json.load(f))
+    keys = {k for c in configs for k in c} - NOT_THE_SETTING
+    return sorted(k for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1)
+
+
+def print_seed_summary(runs):
+    """The paper's "mean +- std over 3 seeds": std is the sample standard deviation (n - 1 in the denominator);
+    the paper does not say which it used (over 3 runs the population one is sqrt(2/3) = 0.82 times this)."""
+    if len(runs) < 2:
+        raise UsageError("--seeds needs at least 2 runs of one setting")
+    if differing := differing_settings(runs):
+        print(f"note: these runs differ in {', '.join(differing)} (config.json): not one setting", file=sys.stderr)
+    for quantity, values in seed_summary(runs).items():
+        each = ", ".join(f"{v:.3f}" for v in values)
+        print(f"{quantity}: {statistics.mean(values):.3f} +- {statistics.stdev(values):.3f} "
+              f"(mean +- sample std over {len(values)} runs: {each})")
+    return 0
 
 
 def plot_runs(runs, out):
@@ -34,18 +100,7 @@ def plot_runs(runs, out):
     if fmt not in fig.canvas.get_supported_filetypes():        # before the runs are read, not after
         raise UsageError(f"--out {out}: matplotlib cannot write .{fmt} files (use .png, .pdf or .svg)")
     for run in runs:
-        path = os.path.join(run, "metrics.jsonl")
-        if not os.path.isfile(path):
-            raise UsageError(f"{run} has no metrics.jsonl")
-        try:
-            with open(path) as f:                              # a torn last line (killed mid-write): skipped
-                evals = [r for r in map(json.loads, (x for x in f if x.endswith("\n"))) if r.get("eval")]
-        except (ValueError, AttributeError) as err:            # not JSON, or JSON but not a record
-            raise UsageError(f"{path}: not one JSON record per line ({err})") from None
-        if not evals:
-            raise UsageError(f"{run} has no evaluation yet")
-        if not all({"step", "d_acc_train", "d_sigma_max"} <= r.keys() for r in evals):
-            raise UsageError(f"{path}: evaluations without step, d_acc_train or d_sigma_max (not contragan.py's?)")
+        evals = read_evals(run)
         name = os.path.basename(os.path.normpath(run))
         if [os.path.basename(os.path.normpath(r)) for r in runs].count(name) > 1:  # e.g. study/<setting>/s0
             name = os.path.join(os.path.basename(os.path.dirname(os.path.normpath(run))), name)
@@ -104,12 +159,16 @@ def check_writable(path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="The paper's Figure 3 for contragan.py runs.")
+    p = argparse.ArgumentParser(description="The paper's Figure 3 for contragan.py runs; --seeds: mean +- std.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (each with metrics.jsonl)")
     p.add_argument("--out", default="figure3.png", help="the figure to write (.png unless another extension)")
+    p.add_argument("--seeds", action="store_true", help="no figure: print the mean +- std over the runs (seeds "
+                   "of one setting) of their best FID and last class consistency, as the paper reports (3 seeds)")
     p.error = lambda message: p.exit(2, f"error: {message} (see --help)\n")  # one line, not usage too
     args = p.parse_args(argv)
     try:
+        if args.seeds:
+            return print_seed_summary(args.runs)
         check_writable(args.out)
         return plot_runs(args.runs, args.out)
     except UsageError as err:
