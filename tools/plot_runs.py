@@ -6,9 +6,10 @@
 Panels: D's accuracy on training vs held-out real images, FID (and intra-class FID when measured), the
 largest singular value of D's weights, against G steps; plus class confusion: class consistency (raw
 and relabelled; on shapes the colour reader's none share) over steps, and the last run's final
-confusion matrix (its last column: none); faint lines where contragan.py warned of a collapse. --seeds
-prints, instead of a figure, the mean +- std over the runs of their best FID and last class consistency
-(`seed_summary`).
+confusion matrix (its last column: none). Each run's three lines of the paper's Figure 3 (Section 4.5,
+Tiny ImageNet) are drawn in its colour and printed: solid where D's train - held-out accuracy gap first
+exceeds 0.5, dashed at the best FID, dotted at the collapse (`figure3_marks`). --seeds prints, instead of a
+figure, the mean +- std over the runs of their best FID and last class consistency (`seed_summary`).
 Bad input: one `error:` line, status 2 (as contragan.py).
 """
 import argparse
@@ -17,6 +18,8 @@ import os
 import statistics
 import sys
 
+GAP = 0.5      # Figure 3: the solid line where D's train - held-out accuracy gap first exceeds 0.5 (Section 4.5)
+PATIENCE = 3   # the collapse: FID up this many evaluations in a row after its best (contragan.py --collapse-patience)
 # Keys of config.json that may differ between runs of one setting (--seeds): where and how it ran, not what.
 NOT_THE_SETTING = {"seed", "run_dir", "resume", "data_dir", "device", "num_workers", "world_size", "compile"}
 
@@ -40,6 +43,36 @@ def read_evals(run):
     if not all({"step", "d_acc_train", "d_sigma_max"} <= r.keys() for r in evals):
         raise UsageError(f"{path}: evaluations without step, d_acc_train or d_sigma_max (not contragan.py's?)")
     return evals
+
+
+def figure3_marks(evals, gap=GAP, patience=PATIENCE):
+    """The three lines of the paper's Figure 3 for one run, as G steps (None: it did not happen).
+
+    gap:      the first evaluation where D's train - held-out accuracy (`d_acc_gap`) exceeds `gap` (0.5);
+    best_fid: the evaluation with the lowest FID (the earliest of equal ones), and that FID;
+    collapse: the first evaluation after the best FID at which FID has risen `patience` evaluations in a row.
+    The paper does not define its collapse numerically; this rule is contragan.py's FID-rise warning, kept to
+    the part after the best FID (from which a run that collapsed does not recover)."""
+    gap_step = next((r["step"] for r in evals if r.get("d_acc_gap") is not None and r["d_acc_gap"] > gap), None)
+    fids = [(r["step"], r["fid"]) for r in evals if r.get("fid") is not None]
+    if not fids:
+        return {"gap": gap_step, "best_fid": None, "fid": None, "collapse": None}
+    best = min(range(len(fids)), key=lambda i: fids[i][1])   # min(): the first of equal minima
+    collapse = None
+    for i in range(best + patience, len(fids)):             # FIDs i - patience .. i strictly rising
+        if all(fids[j][1] < fids[j + 1][1] for j in range(i - patience, i)):
+            collapse = fids[i][0]
+            break
+    return {"gap": gap_step, "best_fid": fids[best][0], "fid": fids[best][1], "collapse": collapse}
+
+
+def describe_marks(name, marks):
+    """One line: the run's three Figure 3 marks, as plot_runs draws them."""
+    def at(step):
+        return "never" if step is None else f"step {step}"
+    best = "no FID measured" if marks["fid"] is None else f"best FID {marks['fid']:.3f} at {at(marks['best_fid'])}"
+    return (f"{name}: D's train - held-out accuracy gap > {GAP} at {at(marks['gap'])} (solid) | {best} (dashed) | "
+            f"collapse (FID up {PATIENCE} evaluations in a row after its best) at {at(marks['collapse'])} (dotted)")
 
 
 def seed_summary(runs):
@@ -88,7 +121,7 @@ def plot_runs(runs, out):
     """The paper's Figure 3 for one or several runs: D's accuracy on training vs held-out real images,
     FID (and intra-class FID when measured), and the largest singular value of D's weights, against G
     steps; plus class confusion: class consistency (raw and relabelled; none on shapes) over steps, and
-    the last run's final confusion matrix."""
+    the last run's final confusion matrix. Vertical lines: each run's `figure3_marks`, also printed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -122,10 +155,12 @@ def plot_runs(runs, out):
                 axes[3].plot(*zip(*points), style, color=line.get_color(),
                              label=f"{name} {kind} ({'colour' if reader == 'class_consistency' else 'D'})")
         matrix = evals[-1].get("confusion_colour") or evals[-1].get("confusion_d")
-        for r in evals:
-            if r.get("collapse"):
+        marks = figure3_marks(evals)
+        for key, style in (("gap", "-"), ("best_fid", "--"), ("collapse", ":")):
+            if marks[key] is not None:                         # the paper's three lines, in the run's colour
                 for ax in axes[:4]:
-                    ax.axvline(r["step"], color=line.get_color(), alpha=0.3, lw=0.8)
+                    ax.axvline(marks[key], color=line.get_color(), ls=style, alpha=0.6, lw=1)
+        print(describe_marks(name, marks))
     if matrix:                                                 # rows: asked label, columns: judged class
         axes[4].imshow(matrix, cmap="Blues")
         axes[4].set_ylabel("asked label")
@@ -141,7 +176,10 @@ def plot_runs(runs, out):
             ax.legend(fontsize=7)
         elif not (ax is axes[4] and matrix):                   # e.g. FID off (--fid-images 0)
             ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
-    fig.tight_layout()
+    fig.suptitle(f"vertical lines, per run (Figure 3): solid, D's train - held-out accuracy gap first > {GAP}; "
+                 f"dashed, best FID; dotted, collapse (FID up {PATIENCE} evaluations in a row after its best)",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(out, dpi=100, format=fmt)
     print(f"wrote {out}")
     return 0

@@ -1,5 +1,5 @@
 """Tests of tools/plot_runs.py on hand-written metrics.jsonl files whose answers are known: the mean +- std over
-seeds (--seeds). No training: seconds.
+seeds (--seeds) and the three lines of the paper's Figure 3 (`figure3_marks`). No training: seconds.
 (The figure itself, from real tiny runs, is tested in test_contragan.py.)"""
 import json
 
@@ -68,3 +68,30 @@ def test_seeds_refuses_one_run_or_a_run_without_fid_and_notes_other_settings(thr
     out, err = capsys.readouterr()
     assert err == "note: these runs differ in loss (config.json): not one setting\n"
     assert out.startswith("best FID: 12.500 +- ")               # (10 + 9 + 11 + 20) / 4; no consistency in all four
+
+
+def test_figure3_marks_gap_best_fid_and_collapse():
+    """Known answer. Gap: 0.5 does not exceed 0.5, 0.51 at step 4 does. FID: 15 -> 18 -> 19 -> 20 rises 3 times
+    before the best (not a collapse); best 12 at step 7 (step 8 ties it: the earliest counts); then 12 -> 13 -> 14
+    -> 15 rises 3 times in a row: collapse at step 11 (the window 12, 12, 13, 14 ending at step 10 does not)."""
+    gaps = [0.1, 0.3, 0.5, 0.51, 0.7, 0.2, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]
+    fids = [30, 20, 15, 18, 19, 20, 12, 12, 13, 14, 15, 16]
+    evals = [evaluation(step, d_acc_gap=g, fid=f) for step, (g, f) in enumerate(zip(gaps, fids), start=1)]
+    evals.insert(5, evaluation(5, d_acc_gap=0.9, fid=None))   # an evaluation without FID: skipped by the FID lines
+    assert plot_runs.figure3_marks(evals) == {"gap": 4, "best_fid": 7, "fid": 12, "collapse": 11}
+    assert plot_runs.figure3_marks(evals[:-2])["collapse"] is None   # 12, 13, 14: only 2 rises yet
+    no_fid_no_heldout = [evaluation(s) for s in (1, 2, 3)]     # --fid-images 0, and no held-out split
+    assert plot_runs.figure3_marks(no_fid_no_heldout) == {"gap": None, "best_fid": None, "fid": None,
+                                                          "collapse": None}
+
+
+def test_plot_prints_and_draws_the_marks(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="plotting is an optional extra: pip install matplotlib")
+    fids = [30, 20, 12, 13, 14, 15]
+    run = write_run(tmp_path / "tiny-proj-s0", [evaluation(1000 * s, d_acc_gap=0.1 * s, fid=f)
+                                                for s, f in enumerate(fids, start=1)])
+    assert plot_runs.main([run, "--out", str(tmp_path / "f.png")]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-proj-s0: D's train - held-out accuracy gap > 0.5 at step 6000 (solid) | best FID 12.000 at step " \
+           "3000 (dashed) | collapse (FID up 3 evaluations in a row after its best) at step 6000 (dotted)" in out
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
