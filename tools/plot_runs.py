@@ -70,9 +70,9 @@ def describe_marks(name, marks):
     """One line: the run's three Figure 3 marks, as plot_runs draws them."""
     def at(step):
         return "never" if step is None else f"step {step}"
-    best = "no FID measured" if marks["fid"] is None else f"best FID {marks['fid']:.3f} at {at(marks['best_fid'])}"
-    return (f"{name}: D's train - held-out accuracy gap > {GAP} at {at(marks['gap'])} (solid) | {best} (dashed) | "
-            f"collapse (FID up {PATIENCE} evaluations in a row after its best) at {at(marks['collapse'])} (dotted)")
+    best = "best FID: not measured" if marks["fid"] is None else f"best FID {marks['fid']:.3f}: {at(marks['best_fid'])}"
+    return (f"{name}: D's train - held-out accuracy gap first > {GAP}: {at(marks['gap'])} (solid) | {best} (dashed) | "
+            f"collapse (FID up {PATIENCE} evaluations in a row after its best): {at(marks['collapse'])} (dotted)")
 
 
 def seed_summary(runs):

@@ -92,6 +92,6 @@ def test_plot_prints_and_draws_the_marks(tmp_path, capsys):
                                                 for s, f in enumerate(fids, start=1)])
     assert plot_runs.main([run, "--out", str(tmp_path / "f.png")]) == 0
     out = capsys.readouterr().out
-    assert "tiny-proj-s0: D's train - held-out accuracy gap > 0.5 at step 6000 (solid) | best FID 12.000 at step " \
-           "3000 (dashed) | collapse (FID up 3 evaluations in a row after its best) at step 6000 (dotted)" in out
+    assert "tiny-proj-s0: D's train - held-out accuracy gap first > 0.5: step 6000 (solid) | best FID 12.000: step " \
+           "3000 (dashed) | collapse (FID up 3 evaluations in a row after its best): step 6000 (dotted)" in out
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
