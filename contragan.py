@@ -135,6 +135,31 @@ def acgan_loss(class_logits, labels):
     real AND fake images, each with its own labels; the G step on the fakes."""
     return F.cross_entropy(class_logits.float(), labels)
 
+def cr_augment(images, ratio=1 / 8):
+    """Consistency regularization's augmentation as the authors' CR_DiffAug (src/utils/cr_diff_aug.py, 21594bd): per
+    sample a horizontal flip with p = 0.5, then a shift by whole pixels dy, dx drawn apart from [-s, s], s = int(S *
+    ratio), out[i, j] = in[i + dy, j + dx], reflected at the border (F.pad "reflect": the edge row not repeated)."""
+    B, S = images.shape[0], images.shape[2]                    # square images (B, C, S, S)
+    images = torch.where(torch.rand(B, 1, 1, 1, device=images.device) < 0.5, images.flip(3), images)
+    s = int(S * ratio)                                         # 4 pixels at 32x32, 8 at 64x64
+    dy, dx = torch.randint(-s, s + 1, (2, B, 1), device=images.device)  # (B, 1) each, both ends included
+    padded = F.pad(images, [s, s, s, s], mode="reflect")      # (B, C, S + 2s, S + 2s)
+    rows, cols = (torch.arange(S, device=images.device) + shift + s for shift in (dy, dx))  # (B, S) each
+    return padded[torch.arange(B, device=images.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]
+                  ].permute(0, 3, 1, 2)                        # (B, S, S, C) -> (B, C, S, S)
+
+def consistency_loss(out, out_aug):
+    """CR (Zhang et al. 2020) as the authors add it to D's loss (src/worker.py, 21594bd, lines 275-291): MSE (the mean
+    over elements) of D's outputs on reals vs on `cr_augment`ed reals: the adversarial logit (ProjGAN's holds its
+    projection) plus the class output: the 2C/D2D-CE embedding L2-normalised, as their D returns it (big_resnet.py
+    lines 409-411; the proxies, the same on both sides, are left out), or ACGAN's class logits."""
+    loss = F.mse_loss(out["adv"].float(), out_aug["adv"].float())
+    if "embed" in out:
+        loss = loss + F.mse_loss(F.normalize(out["embed"].float(), dim=1), F.normalize(out_aug["embed"].float(), dim=1))
+    if "class_logits" in out:
+        loss = loss + F.mse_loss(out["class_logits"].float(), out_aug["class_logits"].float())
+    return loss
+
 # --------------------------------------------------------------------------------------------
 # Algorithm 1: d_steps D steps, one G step, the EMA update (one iteration; the authors' schedule)
 # --------------------------------------------------------------------------------------------
@@ -203,16 +228,19 @@ class Trainer:
         z, fake_y = self.sample_latents(B)
         with torch.no_grad(), self.autocast():
             fake = self.G_train(z, fake_y)
+        augmented = [cr_augment(real)] if self.cfg.cr_lambda else []   # --cr-lambda: the reals augmented too
         with self.autocast():
-            # One D forward over real and fake together (D has no BatchNorm): the same outputs as the
-            # authors' two calls would give with one power iteration of spectral norm instead of two.
-            out = self.D_train(torch.cat([real, fake]), torch.cat([real_y, fake_y]))
-            real_out, fake_out = ({k: v[rows] for k, v in out.items()} for rows in (slice(0, B), slice(B, None)))
+            # One D forward over real, fake (and augmented real) together (D has no BatchNorm): the same outputs
+            # as the authors' two (three) calls would give with one power iteration of spectral norm, not two.
+            out = self.D_train(torch.cat([real, fake, *augmented]), torch.cat([real_y, fake_y] + [real_y] * len(augmented)))
+            real_out, fake_out, aug_out = ({k: v[i * B:(i + 1) * B] for k, v in out.items()} for i in range(3))
             adv = d_hinge_loss(real_out["adv"].float(), fake_out["adv"].float())
             cond = self.condition_loss(real_out, real_y)       # 2C, D2D-CE: real images only (authors)
             if self.cfg.loss == "ac":                          # ACGAN as the authors ran it: the fakes too
                 cond = cond + self.condition_loss(fake_out, fake_y)
             loss = adv + cond
+            if augmented:                                      # D step only (authors)
+                loss = loss + self.cfg.cr_lambda * consistency_loss(real_out, aug_out)
         self.update(self.opt_D, self.scaler_D, loss)
         return {"d_loss": loss.detach(), "d_adv": adv.detach(), "d_cond": cond.detach()}
 
@@ -1378,7 +1406,7 @@ FLAG_RANGES = [
      "shapes_size acc_images collapse_patience", lambda v: v >= 1, "at least 1"),
     ("num_workers ema_start", lambda v: v >= 0, "at least 0"),
     ("seed", lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),      # torch's CPU mt19937 keeps a seed's low 32 bits
-    ("cond_lambda collapse_gap", lambda v: 0 <= v < float("inf"), ">= 0 and finite"),
+    ("cond_lambda cr_lambda collapse_gap", lambda v: 0 <= v < float("inf"), ">= 0 and finite"),
     ("temperature lr_g lr_d adam_eps", lambda v: 0 < v < float("inf"), "> 0 and finite"),
     ("beta1 beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -1421,6 +1449,8 @@ def build_parser(suppress=False):
     add("--data-positives", True, action=argparse.BooleanOptionalAction, help="same-class samples in 2C's "
         "numerator (the paper); --no-data-positives: the proxy alone, the authors' remedy for class confusion")
     add("--cond-lambda", 1.0, type=float, help="lambda, the class term's weight (authors: 1.0; 0.5 for D2D-CE)")
+    add("--cr-lambda", 0.0, type=float, help="consistency regularization's weight, D step only; 0 = off "
+        "(authors' ContraGAN + CR: 10.0, src/configs/CIFAR10/CRGAN(C).json at 21594bd)")
     add("--batch-size", 64, type=int, help="GLOBAL batch: split over torchrun's ranks (authors: 64)")
     add("--lr-g", 2e-4, type=float, help="Adam lr of G (authors: 2e-4)")
     add("--lr-d", 2e-4, type=float, help="Adam lr of D (authors: 2e-4)")

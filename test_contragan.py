@@ -1,5 +1,6 @@
 """Tests of contragan.py and of the tools that use it (tools/sample.py, tools/plot_runs.py): CPU only,
 deterministic, no downloads (the built-in shapes data and random weights). Run: python -m pytest -q"""
+import copy
 import errno
 import fcntl
 import hashlib
@@ -229,6 +230,85 @@ def test_hinge_projection_acgan_by_hand():
     logits = torch.tensor([[0.0, 0.0], [math.log(3), 0.0]])
     # CE: [-log(1/2), -log(1/4)] -> mean (log 2 + log 4) / 2
     assert cg.acgan_loss(logits, torch.tensor([0, 1])).item() == pytest.approx((math.log(2) + math.log(4)) / 2)
+
+
+# ---------------------------------------------------------------- consistency regularization (--cr-lambda)
+
+def literal_shift(image, flip, dy, dx):
+    """One image (C, S, S) flipped (or not), then out[i, j] = in[i + dy, j + dx] with indices reflected at the border
+    without repeating the edge (-1 -> 1, S -> S - 2): the authors' CR_DiffAug written one pixel at a time."""
+    S = image.shape[1]
+    reflect = lambda i: -i if i < 0 else 2 * (S - 1) - i if i > S - 1 else i  # noqa: E731
+    src = image.flip(2) if flip else image
+    out = torch.empty_like(image)
+    for i in range(S):
+        for j in range(S):
+            out[:, i, j] = src[:, reflect(i + dy), reflect(j + dx)]
+    return out
+
+
+@pytest.mark.parametrize("S", [8, 16])
+def test_cr_augment_is_a_flip_and_a_reflected_shift_per_sample(S):
+    torch.manual_seed(0)
+    x = torch.randn(12, 3, S, S)                               # distinct pixels: one (flip, dy, dx) fits each output
+    out = cg.cr_augment(x)
+    s = S // 8                                                 # int(S / 8): 1 at 8x8, 2 at 16x16
+    seen = []
+    for b in range(len(x)):
+        fits = [(f, dy, dx) for f in (False, True) for dy in range(-s, s + 1) for dx in range(-s, s + 1)
+                if torch.equal(out[b], literal_shift(x[b], f, dy, dx))]
+        assert len(fits) == 1, (b, fits)
+        seen.append(fits[0])
+    assert len({f for f, _, _ in seen}) == 2 and len({dy for _, dy, _ in seen}) > 1 and len(set(seen)) > 4
+    torch.manual_seed(0)                                       # the draws: flips first, then dy, then dx
+    torch.randn(12, 3, S, S)
+    flips = torch.rand(12) < 0.5
+    dy, dx = torch.randint(-s, s + 1, (2, 12))
+    assert seen == list(zip(flips.tolist(), dy.tolist(), dx.tolist()))
+    assert cg.cr_augment(x[:1].to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_consistency_loss_equals_literal_mse():
+    torch.manual_seed(0)
+    a = {"adv": torch.randn(4), "embed": torch.randn(4, 6), "proxy": torch.randn(4, 6)}
+    b = {"adv": torch.randn(4), "embed": torch.randn(4, 6), "proxy": torch.randn(4, 6)}
+    unit = lambda v: v / v.norm(dim=1, keepdim=True)  # noqa: E731
+    expected = ((a["adv"] - b["adv"]) ** 2).sum() / 4 + ((unit(a["embed"]) - unit(b["embed"])) ** 2).sum() / 24
+    torch.testing.assert_close(cg.consistency_loss(a, b), expected)
+    c, d = {"adv": a["adv"], "class_logits": a["embed"]}, {"adv": b["adv"], "class_logits": b["embed"]}
+    expected = ((a["adv"] - b["adv"]) ** 2).mean() + ((a["embed"] - b["embed"]) ** 2).mean()
+    torch.testing.assert_close(cg.consistency_loss(c, d), expected)
+    torch.testing.assert_close(cg.consistency_loss({"adv": a["adv"]}, {"adv": b["adv"]}),
+                               ((a["adv"] - b["adv"]) ** 2).mean())
+
+
+@pytest.mark.parametrize("loss", ["2c", "d2dce", "proj", "ac"])
+def test_cr_d_step_adds_lambda_times_the_consistency_of_real_and_augmented(loss, monkeypatch):
+    trainer = tiny_trainer(loss=loss, cr_lambda=10)
+    seen = []
+    real_consistency = cg.consistency_loss
+    monkeypatch.setattr(cg, "consistency_loss", lambda a, b: seen.append((a, b)) or real_consistency(a, b))
+    augmented = torch.randn(8, 3, 32, 32)
+    monkeypatch.setattr(cg, "cr_augment", lambda x: augmented)
+    real, real_y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    D_before = copy.deepcopy(trainer.D)                        # its power iteration depends on weights alone
+    logs = trainer.d_step(real, real_y)
+    (real_out, aug_out), = seen
+    with torch.no_grad():                                      # the reals and THEIR augmentation went through D
+        expected = D_before(torch.cat([real, augmented]), torch.cat([real_y, real_y]))["adv"]
+    torch.testing.assert_close(torch.cat([real_out["adv"], aug_out["adv"]]), expected, atol=1e-4, rtol=1e-4)
+    cr = real_consistency(real_out, aug_out)
+    torch.testing.assert_close(logs["d_loss"], logs["d_adv"] + logs["d_cond"] + 10 * cr)
+    trainer.g_step()
+    assert len(seen) == 1                                      # D step only
+
+
+@pytest.mark.parametrize("loss", ["2c", "d2dce", "proj", "ac"])
+def test_cli_cr_lambda_trains_each_loss(loss, tmp_path, capsys):
+    r = run_main(capsys, *TINY, "--loss", loss, "--cr-lambda", "10", "--steps", "2", "--eval-every", "2",
+                 "--acc-images", "8", "--run-dir", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["cr_lambda"] == 10
 
 
 # ---------------------------------------------------------------- the models
@@ -727,6 +807,7 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine w
     (["--beta2", "-0.1"], "--beta2 must be in [0, 1)"),
     (["--ema-decay", "1.5"], "--ema-decay must be in [0, 1]"),
     (["--cond-lambda", "-1"], "--cond-lambda must be >= 0"),
+    (["--cr-lambda", "-1"], "--cr-lambda must be >= 0"),
     (["--embed-dim", "0"], "--embed-dim must be at least 1"),
     (["--num-workers", "-1"], "--num-workers must be at least 0"),
     (["--acc-images", "0"], "--acc-images must be at least 1"),        # divided by zero at the first evaluation
