@@ -228,18 +228,20 @@ class Trainer:
         z, fake_y = self.sample_latents(B)
         with torch.no_grad(), self.autocast():
             fake = self.G_train(z, fake_y)
-        augmented = [cr_augment(real)] if self.cfg.cr_lambda else []   # --cr-lambda: the reals augmented too
+        images, labels = [real, fake], [real_y, fake_y]
+        if self.cfg.cr_lambda:                                 # consistency regularization: augmented reals too
+            images, labels = images + [cr_augment(real)], labels + [real_y]
         with self.autocast():
             # One D forward over real, fake (and augmented real) together (D has no BatchNorm): the same outputs
             # as the authors' two (three) calls would give with one power iteration of spectral norm, not two.
-            out = self.D_train(torch.cat([real, fake, *augmented]), torch.cat([real_y, fake_y] + [real_y] * len(augmented)))
+            out = self.D_train(torch.cat(images), torch.cat(labels))
             real_out, fake_out, aug_out = ({k: v[i * B:(i + 1) * B] for k, v in out.items()} for i in range(3))
             adv = d_hinge_loss(real_out["adv"].float(), fake_out["adv"].float())
             cond = self.condition_loss(real_out, real_y)       # 2C, D2D-CE: real images only (authors)
             if self.cfg.loss == "ac":                          # ACGAN as the authors ran it: the fakes too
                 cond = cond + self.condition_loss(fake_out, fake_y)
             loss = adv + cond
-            if augmented:                                      # D step only (authors)
+            if self.cfg.cr_lambda:                             # D step only (authors)
                 loss = loss + self.cfg.cr_lambda * consistency_loss(real_out, aug_out)
         self.update(self.opt_D, self.scaler_D, loss)
         return {"d_loss": loss.detach(), "d_adv": adv.detach(), "d_cond": cond.detach()}
@@ -757,7 +759,7 @@ class Batches:
             self.epoch, self.pos, self._it = self.epoch + 1, 0, self._batches()
         self.pos += 1
         x = to_signed(batch[0].to(self.device, non_blocking=True))   # (B, 3, H, W)
-        if self.flip:                                          # the authors' only augmentation (off: Tiny ImageNet)
+        if self.flip:                                          # the authors' only augmentation (off in the paper)
             x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=self.device) < 0.5, x.flip(3), x)
         return x, batch[1].to(self.device, non_blocking=True)
 
@@ -1419,15 +1421,19 @@ def check_ranges(cfg, table=FLAG_RANGES):
             if not ok(getattr(cfg, name)):
                 raise UsageError(f"--{name.replace('_', '-')} must be {what} (got {getattr(cfg, name)})")
 
-# A small, fast configuration for a CPU: offline on the built-in shapes, class-conditional in minutes.
-PRESETS = {"cpu-demo": dict(dataset="shapes", g_width=16, d_width=16, batch_size=32, d_steps=2, steps=1500,
+# Named sets of defaults. cpu-demo: small and fast for a CPU, offline on the built-in shapes, class-conditional in
+# minutes. cifar10-readme: the authors' later README score (8.065), src/configs/CIFAR10/ContraGAN.json at 21594bd.
+PRESETS = {"cifar10-readme": dict(dataset="cifar10", steps=100000, flip=True),  # total_step, random_flip_prep..
+           "cpu-demo": dict(dataset="shapes", g_width=16, d_width=16, batch_size=32, d_steps=2, steps=1500, flip=True,
                             eval_every=250, log_every=50, fid_images=0, ema_start=250, ema_decay=0.995,
                             acc_images=256)}  # EMA horizon ~200 steps: 0.9999 would lag a short run
 
 def build_parser(suppress=False):
     """suppress=True gives a parser that returns only the flags given on the command line."""
     p = OneLineErrorParser(
-        description="ContraGAN (Kang & Park, NeurIPS 2020) in one file. Defaults: the authors' CIFAR-10 setting.",
+        description="ContraGAN (Kang & Park, NeurIPS 2020) in one file. Defaults: the paper's Table 1 CIFAR-10 run; "
+        "'T1: x' cites PyTorch-StudioGAN src/configs/Experiments_in_paper/Table1/contra_biggan_cifar32_hinge_no.json "
+        "at commit 6260dd7 (its proj_ and ac_ files: the same values).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS if suppress else None)
     def add(flag, default=None, **kw):                         # suppress: no defaults, only the flags given
@@ -1439,29 +1445,30 @@ def build_parser(suppress=False):
     add("--loss", "2c", choices=["2c", "d2dce", "proj", "ac"], help="ContraGAN (2C), ReACGAN's D2D-CE, ProjGAN, ACGAN")
     add("--img-size", 32, type=int, help="32, 64 or 128 (the architecture's sizes)")
     add("--shapes-size", 10000, type=int, help="number of training images of --dataset shapes")
-    add("--g-width", 96, type=int, help="G channels = 4 x width (authors: 96)")
-    add("--d-width", 96, type=int, help="D channels = 2 x width (authors: 96)")
-    add("--z-dim", 80, type=int, help="z size, split into (G blocks + 1) chunks (authors: 80 = 4 x 20)")
-    add("--shared-dim", 128, type=int, help="G's shared class embedding (authors: 128)")
-    add("--embed-dim", 512, type=int, help="2C embedding size (authors' CIFAR-10: 512)")
-    add("--temperature", 1.0, type=float, help="2C / D2D-CE temperature t (authors: 1.0 for 2C, 0.5 for D2D-CE)")
+    add("--g-width", 96, type=int, help="G channels = 4 x width (T1: 96)")
+    add("--d-width", 96, type=int, help="D channels = 2 x width (T1: 96)")
+    add("--z-dim", 80, type=int, help="z size, split into (G blocks + 1) chunks (T1: 80 = 4 x 20)")
+    add("--shared-dim", 128, type=int, help="G's shared class embedding (T1: 128)")
+    add("--embed-dim", 512, type=int, help="2C embedding size (T1: 512)")
+    add("--temperature", 1.0, type=float, help="2C / D2D-CE temperature t (T1: 1.0; ReACGAN: 0.5 for D2D-CE)")
     add("--margin", 0.98, type=float, help="D2D-CE's positive margin m_p; m_n = 1 - m_p (authors: 0.98)")
     add("--data-positives", True, action=argparse.BooleanOptionalAction, help="same-class samples in 2C's "
         "numerator (the paper); --no-data-positives: the proxy alone, the authors' remedy for class confusion")
-    add("--cond-lambda", 1.0, type=float, help="lambda, the class term's weight (authors: 1.0; 0.5 for D2D-CE)")
+    add("--cond-lambda", 1.0, type=float, help="lambda, the class term's weight (T1: 1.0; ReACGAN: 0.5 for D2D-CE)")
     add("--cr-lambda", 0.0, type=float, help="consistency regularization's weight, D step only; 0 = off "
         "(authors' ContraGAN + CR: 10.0, src/configs/CIFAR10/CRGAN(C).json at 21594bd)")
-    add("--batch-size", 64, type=int, help="GLOBAL batch: split over torchrun's ranks (authors: 64)")
-    add("--lr-g", 2e-4, type=float, help="Adam lr of G (authors: 2e-4)")
-    add("--lr-d", 2e-4, type=float, help="Adam lr of D (authors: 2e-4)")
-    add("--beta1", 0.5, type=float, help="Adam beta1 (authors: 0.5)")
-    add("--beta2", 0.999, type=float, help="Adam beta2 (authors: 0.999)")
+    add("--batch-size", 64, type=int, help="GLOBAL batch: split over torchrun's ranks (T1: 64)")
+    add("--lr-g", 2e-4, type=float, help="Adam lr of G (T1: 2e-4)")
+    add("--lr-d", 2e-4, type=float, help="Adam lr of D (T1: 2e-4)")
+    add("--beta1", 0.5, type=float, help="Adam beta1 (T1: 0.5)")
+    add("--beta2", 0.999, type=float, help="Adam beta2 (T1: 0.999)")
     add("--adam-eps", 1e-6, type=float, help="Adam eps (authors: 1e-6)")
-    add("--d-steps", 5, type=int, help="D steps per G step (authors: 5)")
-    add("--steps", 100000, type=int, help="G steps (authors: 100,000)")
-    add("--flip", True, action=argparse.BooleanOptionalAction, help="random flips (authors: off for Tiny ImageNet)")
-    add("--ema-decay", 0.9999, type=float, help="EMA decay of G_ema (authors: 0.9999)")
-    add("--ema-start", 1000, type=int, help="G step where the EMA starts; a copy of G before (authors: 1000)")
+    add("--d-steps", 5, type=int, help="D steps per G step (T1: 5)")
+    add("--steps", 80000, type=int, help="G steps (T1: 80,000; 100,000 in the authors' later README runs)")
+    add("--flip", False, action=argparse.BooleanOptionalAction, help="random flips of reals (T1: off; on in the "
+        "authors' later README runs)")
+    add("--ema-decay", 0.9999, type=float, help="EMA decay of G_ema (T1: 0.9999)")
+    add("--ema-start", 1000, type=int, help="G step where the EMA starts; a copy of G before (T1: 1000)")
     add("--seed", 0, type=int)
     add("--run-dir", help="output folder (default runs/<dataset>-<loss>-s<seed>)")
     add("--resume", help="a run folder or checkpoint to continue exactly")

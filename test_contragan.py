@@ -355,6 +355,26 @@ def test_output_shapes(size, z_dim):
         assert {k: tuple(v.shape) for k, v in out.items()} == {**keys, "h": (3, C)}
 
 
+# The paper's Table 1 CIFAR-10 run: PyTorch-StudioGAN src/configs/Experiments_in_paper/Table1/
+# contra_biggan_cifar32_hinge_no.json at commit 6260dd7, transcribed (proj_ and ac_ hold the same values).
+TABLE1 = dict(img_size=32, g_width=96, d_width=96, z_dim=80, shared_dim=128, embed_dim=512, temperature=1.0,
+              cond_lambda=1.0, data_positives=True, batch_size=64, lr_g=2e-4, lr_d=2e-4, beta1=0.5, beta2=0.999,
+              d_steps=5, steps=80000, flip=False, ema_decay=0.9999, ema_start=1000, loss="2c", dataset="cifar10",
+              cr_lambda=0.0)
+
+
+def test_defaults_are_the_papers_table1_run_and_the_readme_setting_a_preset(capsys):
+    cfg = vars(cg.build_parser().parse_args([]))
+    assert {k: cfg[k] for k in TABLE1} == TABLE1
+    parser = cg.build_parser()
+    parser.set_defaults(**cg.PRESETS["cifar10-readme"])       # the authors' src/configs/CIFAR10/ContraGAN.json
+    assert {k: v for k, v in vars(parser.parse_args([])).items() if cfg[k] != v} == {"steps": 100000, "flip": True}
+    with pytest.raises(SystemExit):
+        cg.build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Table1/contra_biggan_cifar32_hinge_no.json at commit 6260dd7" in text and "(T1: 80,000" in text
+
+
 def tiny_trainer(**flags):
     cfg = cg.build_parser().parse_args(TINY + [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()])
     return cg.Trainer(cfg, 4, torch.device("cpu"))
