@@ -292,7 +292,8 @@ class Trainer:
 
 def build_models(cfg, num_classes):
     return (Generator(cfg.img_size, cfg.g_width, cfg.z_dim, cfg.shared_dim, num_classes),
-            Discriminator(cfg.img_size, cfg.d_width, num_classes, cfg.loss, cfg.embed_dim))
+            Discriminator(cfg.img_size, cfg.d_width, num_classes, cfg.loss, cfg.embed_dim,
+                          getattr(cfg, "embed_head", "linear")))  # checkpoints older than --embed-head: linear
 
 # --------------------------------------------------------------------------------------------
 # Appendix: Generator and Discriminator, a BigGAN-style SN-ResNet (the authors' big_resnet)
@@ -354,7 +355,7 @@ class Discriminator(nn.Module):
     Defaults: the CIFAR-10 model, 2,517,186 params with the 2C head, 2,415,170 with the projection head.
     """
 
-    def __init__(self, img_size=32, width=96, num_classes=10, loss="2c", embed_dim=512):
+    def __init__(self, img_size=32, width=96, num_classes=10, loss="2c", embed_dim=512, embed_head="linear"):
         super().__init__()
         if loss not in ("2c", "d2dce", "proj", "ac"):
             raise ValueError(f"unknown loss {loss!r}: choose 2c, d2dce, proj or ac")
@@ -370,7 +371,9 @@ class Discriminator(nn.Module):
         C = ch[-1]
         self.adv_head = sn_linear(C, 1)
         if loss in ("2c", "d2dce"):
-            self.embed_head = sn_linear(C, embed_dim)          # h -> l(x), one linear, no MLP
+            self.embed_head = sn_linear(C, embed_dim)          # h -> l(x), one linear: the paper's choice
+            if embed_head == "mlp":                            # the authors' nonlinear_embed (big_resnet.py, 21594bd)
+                self.embed_head = nn.Sequential(self.embed_head, nn.ReLU(), sn_linear(embed_dim, embed_dim))
             self.proxy = sn(nn.Embedding(num_classes, embed_dim))  # e(y)
         elif loss == "proj":
             self.class_embed = sn(nn.Embedding(num_classes, C))
@@ -1450,6 +1453,8 @@ def build_parser(suppress=False):
     add("--z-dim", 80, type=int, help="z size, split into (G blocks + 1) chunks (T1: 80 = 4 x 20)")
     add("--shared-dim", 128, type=int, help="G's shared class embedding (T1: 128)")
     add("--embed-dim", 512, type=int, help="2C embedding size (T1: 512)")
+    add("--embed-head", "linear", choices=["linear", "mlp"], help="2C's projection head h (Section 4.3's ablation; "
+        "T1: linear): mlp = SN linear, ReLU, SN linear, the authors' nonlinear_embed (big_resnet.py at 21594bd)")
     add("--temperature", 1.0, type=float, help="2C / D2D-CE temperature t (T1: 1.0; ReACGAN: 0.5 for D2D-CE)")
     add("--margin", 0.98, type=float, help="D2D-CE's positive margin m_p; m_n = 1 - m_p (authors: 0.98)")
     add("--data-positives", True, action=argparse.BooleanOptionalAction, help="same-class samples in 2C's "
@@ -1500,6 +1505,8 @@ def validate(cfg):
         raise UsageError(f"--z-dim {cfg.z_dim} must split into {n} equal chunks at {cfg.img_size}x{cfg.img_size}")
     if cfg.loss in ("2c", "d2dce") and cfg.batch_size < 2:
         raise UsageError(f"--loss {cfg.loss} needs --batch-size of at least 2: it contrasts samples within a batch")
+    if cfg.embed_head == "mlp" and cfg.loss not in ("2c", "d2dce"):
+        raise UsageError("--embed-head mlp is the 2C embedding's head: it needs --loss 2c or d2dce")
     if not cfg.data_positives and cfg.loss != "2c":
         raise UsageError(f"--no-data-positives changes the 2C loss: it needs --loss 2c (got --loss {cfg.loss})")
     if cfg.batch_size % (world := int(os.environ.get("WORLD_SIZE", "1"))):

@@ -341,6 +341,22 @@ def test_parameter_counts_match_the_authors(monkeypatch):
     assert not any(n.endswith((".u", ".v")) for n, _ in G.named_parameters())
 
 
+def test_mlp_embed_head_is_the_authors_nonlinear_embed(monkeypatch):
+    # Section 4.3's head ablation: the authors' nonlinear_embed adds an SN linear embed_dim -> embed_dim after a ReLU
+    monkeypatch.setattr(cg, "orthogonal_init", lambda module: module)
+    linear, mlp = (cg.Discriminator(width=8, embed_dim=24, embed_head=head) for head in ("linear", "mlp"))
+    assert n_params(mlp) == n_params(linear) + 24 ** 2 + 24
+    assert n_params(cg.Discriminator(embed_head="mlp")) == 2_517_186 + 512 ** 2 + 512
+    h = torch.randn(3, 16)
+    mlp.eval()                                                 # no power iteration: both sides see one sigma
+    expected = mlp.embed_head[2](F.relu(mlp.embed_head[0](h)))
+    torch.testing.assert_close(mlp.embed_head(h), expected)
+    assert mlp(torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2]))["embed"].shape == (3, 24)
+    trainer = tiny_trainer(embed_head="mlp", loss="d2dce")
+    assert isinstance(trainer.D.embed_head, torch.nn.Sequential)
+    assert trainer.d_step(torch.zeros(8, 3, 32, 32), torch.tensor([0, 1, 2, 3] * 2))["d_loss"].isfinite()
+
+
 @pytest.mark.parametrize("size,z_dim", [(32, 80), (64, 100)])
 def test_output_shapes(size, z_dim):
     torch.manual_seed(0)
@@ -828,6 +844,7 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine w
     (["--ema-decay", "1.5"], "--ema-decay must be in [0, 1]"),
     (["--cond-lambda", "-1"], "--cond-lambda must be >= 0"),
     (["--cr-lambda", "-1"], "--cr-lambda must be >= 0"),
+    (["--loss", "proj", "--embed-head", "mlp"], "needs --loss 2c or d2dce"),
     (["--embed-dim", "0"], "--embed-dim must be at least 1"),
     (["--num-workers", "-1"], "--num-workers must be at least 0"),
     (["--acc-images", "0"], "--acc-images must be at least 1"),        # divided by zero at the first evaluation
