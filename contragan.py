@@ -53,9 +53,9 @@ def conditional_contrastive_loss(embed, proxy, labels, temperature=1.0, data_pos
         loss   = (1/m) sum_i loss_i
 
     data_positives=False drops the same-class samples from the NUMERATOR only (they stay in the
-    denominator): the class proxy is the one positive. It is the authors' `pos_collected_numerator`
-    switch (PyTorch-StudioGAN src/utils/losses.py, commit 21594bd), which they advised turning off
-    against ContraGAN's class confusion (their issue #81); True, the paper's loss, is the default.
+    denominator): the class proxy is the one positive, the paper's Eq. 7. It is the authors'
+    `pos_collected_numerator` switch (PyTorch-StudioGAN src/utils/losses.py, commit 21594bd), which they advised
+    turning off against ContraGAN's class confusion (their issue #81); True, the paper's Eq. 8, is the default.
 
     Paper symbol -> argument:
         l(x_i) = h(D's image feature of sample i)  -> embed[i]     (m, D); L2-normalised here
@@ -1458,7 +1458,7 @@ def build_parser(suppress=False):
     add("--temperature", 1.0, type=float, help="2C / D2D-CE temperature t (T1: 1.0; ReACGAN: 0.5 for D2D-CE)")
     add("--margin", 0.98, type=float, help="D2D-CE's positive margin m_p; m_n = 1 - m_p (authors: 0.98)")
     add("--data-positives", True, action=argparse.BooleanOptionalAction, help="same-class samples in 2C's "
-        "numerator (the paper); --no-data-positives: the proxy alone, the authors' remedy for class confusion")
+        "numerator (Eq. 8); --no-data-positives: the proxy alone (the paper's Eq. 7), the authors' confusion remedy")
     add("--cond-lambda", 1.0, type=float, help="lambda, the class term's weight (T1: 1.0; ReACGAN: 0.5 for D2D-CE)")
     add("--cr-lambda", 0.0, type=float, help="consistency regularization's weight, D step only; 0 = off "
         "(authors' ContraGAN + CR: 10.0, src/configs/CIFAR10/CRGAN(C).json at 21594bd)")
