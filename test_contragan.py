@@ -389,7 +389,7 @@ def test_defaults_are_the_papers_table1_run_and_the_readme_setting_a_preset(caps
         cg.build_parser().parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "Table1/contra_biggan_cifar32_hinge_no.json at commit 6260dd7" in text and "(T1: 80,000" in text
-    assert "--no-data-positives: the proxy alone (the paper's Eq. 7)" in text and "Eq. 7" in cg.conditional_contrastive_loss.__doc__
+    assert "the proxy alone (the paper's Eq. 7)" in text and "Eq. 7" in cg.conditional_contrastive_loss.__doc__
 
 
 def tiny_trainer(**flags):
