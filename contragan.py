@@ -214,15 +214,19 @@ class Trainer:
             return cfg.cond_lambda * acgan_loss(out["class_logits"], labels)
         return torch.zeros((), device=self.device)
 
-    def update(self, optimizer, scaler, loss):
-        """backward + Adam step (through fp16's GradScaler); a non-finite loss is flagged on the device, no sync."""
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    def update(self, optimizer, scaler, loss, micro=0):
+        """backward of loss / N for micro-batch `micro` of N = --accumulation-steps (the gradients add up to that of
+        the mean loss), then after the last the Adam step (through fp16's GradScaler), as the authors' loop does
+        (src/worker.py, 21594bd, lines 216 and 354-365). A non-finite loss is flagged on the device, no sync."""
+        if micro == 0:
+            optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss / self.cfg.accumulation_steps).backward()
+        if micro == self.cfg.accumulation_steps - 1:
+            scaler.step(optimizer)
+            scaler.update()
         self.nonfinite |= ~torch.isfinite(loss.detach())
 
-    def d_step(self, real, real_y):
+    def d_step(self, real, real_y, micro=0):
         """One D step on real images (B, 3, H, W) in [-1, 1] of classes real_y (B,): this rank's share of the batch."""
         B = real.shape[0]
         z, fake_y = self.sample_latents(B)
@@ -243,10 +247,10 @@ class Trainer:
             loss = adv + cond
             if self.cfg.cr_lambda:                             # D step only (authors)
                 loss = loss + self.cfg.cr_lambda * consistency_loss(real_out, aug_out)
-        self.update(self.opt_D, self.scaler_D, loss)
+        self.update(self.opt_D, self.scaler_D, loss, micro)
         return {"d_loss": loss.detach(), "d_adv": adv.detach(), "d_cond": cond.detach()}
 
-    def g_step(self):
+    def g_step(self, micro=0):
         """One G step on fresh z, y (this rank's share of the batch) through the frozen D."""
         z, y = self.sample_latents(self.cfg.batch_size // self.world)
         self.D.requires_grad_(False)                           # D frozen in the G step
@@ -255,7 +259,7 @@ class Trainer:
             adv = g_hinge_loss(out["adv"].float())
             cond = self.condition_loss(out, y)
             loss = adv + cond
-        self.update(self.opt_G, self.scaler_G, loss)
+        self.update(self.opt_G, self.scaler_G, loss, micro)
         self.D.requires_grad_(True)
         return {"g_loss": loss.detach(), "g_adv": adv.detach(), "g_cond": cond.detach()}
 
@@ -274,10 +278,13 @@ class Trainer:
             ema_state[k].copy_(state[k])
 
     def iteration(self, batches, step):
-        """One G step of the schedule: d_steps D steps on fresh real batches, one G step, EMA."""
-        for _ in range(self.cfg.d_steps):
-            d_logs = self.d_step(*next(batches))
-        g_logs = self.g_step()
+        """One G step of the schedule: d_steps D steps on fresh real batches, one G step, EMA; each step on N =
+        --accumulation-steps micro-batches of --batch-size (the 2C loss sees one micro-batch at a time, as theirs)."""
+        n = self.cfg.accumulation_steps
+        for i in range(self.cfg.d_steps * n):
+            d_logs = self.d_step(*next(batches), micro=i % n)
+        for micro in range(n):
+            g_logs = self.g_step(micro)
         self.ema_update(step)
         return {**d_logs, **g_logs}
 
@@ -1174,7 +1181,7 @@ class Run:
         cfg, now = self.cfg, time.time()
         per_step = (now - self.t_last) / max(self.step - self.step_last, 1)  # training only: evaluations restart it
         r = {"step": self.step, **{k: round(float(v), 5) for k, v in logs.items()},
-             "img_per_s": round(cfg.d_steps * cfg.batch_size / per_step, 1),
+             "img_per_s": round(cfg.d_steps * cfg.accumulation_steps * cfg.batch_size / per_step, 1),
              "s_per_step": round(per_step, 4), "time": round(now, 1)}
         self.t_last, self.step_last = now, self.step
         left = per_step * (cfg.steps - self.step) + self.eval_s * evaluations_left(self.step, cfg.steps, cfg.eval_every)
@@ -1407,8 +1414,8 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 # Each numeric flag's range: (flags, test, what the value must be). NaN fails every test, so "nan" is refused too.
 FLAG_RANGES = [
-    ("steps log_every eval_every d_steps batch_size eval_batch g_width d_width z_dim shared_dim embed_dim "
-     "shapes_size acc_images collapse_patience", lambda v: v >= 1, "at least 1"),
+    ("steps log_every eval_every d_steps accumulation_steps batch_size eval_batch g_width d_width z_dim shared_dim "
+     "embed_dim shapes_size acc_images collapse_patience", lambda v: v >= 1, "at least 1"),
     ("num_workers ema_start", lambda v: v >= 0, "at least 0"),
     ("seed", lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),      # torch's CPU mt19937 keeps a seed's low 32 bits
     ("cond_lambda cr_lambda collapse_gap", lambda v: 0 <= v < float("inf"), ">= 0 and finite"),
@@ -1463,6 +1470,8 @@ def build_parser(suppress=False):
     add("--cr-lambda", 0.0, type=float, help="consistency regularization's weight, D step only; 0 = off "
         "(authors' ContraGAN + CR: 10.0, src/configs/CIFAR10/CRGAN(C).json at 21594bd)")
     add("--batch-size", 64, type=int, help="GLOBAL batch: split over torchrun's ranks (T1: 64)")
+    add("--accumulation-steps", 1, type=int, help="micro-batches of --batch-size per D or G step, each loss / N, one "
+        "optimizer step (T1: 1; Table 2: 4)")
     add("--lr-g", 2e-4, type=float, help="Adam lr of G (T1: 2e-4)")
     add("--lr-d", 2e-4, type=float, help="Adam lr of D (T1: 2e-4)")
     add("--beta1", 0.5, type=float, help="Adam beta1 (T1: 0.5)")

@@ -413,6 +413,36 @@ def test_acgan_d_step_uses_real_and_fake_class_logits(monkeypatch):
     torch.testing.assert_close(g_cond, 0.5 * real_acgan(fake_logits, fake_y))
 
 
+@pytest.mark.parametrize("loss", ["2c", "ac"])
+def test_accumulation_of_n_micro_batches_gives_the_gradient_of_their_mean_loss(loss):
+    # --accumulation-steps 2: two micro-batches of 8, one Adam step. Its gradients must be those of the mean of
+    # the two micro-batches' losses (each micro-batch's own 2C loss), computed here with the updates left out.
+    accumulating, reference = tiny_trainer(loss=loss, accumulation_steps=2), tiny_trainer(loss=loss)
+    reference.load_state_dict(accumulating.state_dict())
+    losses = {"D": [], "G": []}
+    reference.update = lambda opt, scaler, loss, micro=0: losses["D" if opt is reference.opt_D else "G"].append(loss)
+    torch.manual_seed(1)
+    micro_batches = [(torch.rand(8, 3, 32, 32) * 2 - 1, torch.randint(0, 4, (8,))) for _ in range(2)]
+    def check_gradients(name):
+        model = getattr(reference, name)
+        model.zero_grad()
+        torch.stack(losses[name]).mean().backward()
+        for (key, p), q in zip(model.named_parameters(), getattr(accumulating, name).parameters()):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=key)
+    for trainer in (accumulating, reference):
+        torch.manual_seed(2)                                   # the same z, y for the fakes
+        for micro, (real, real_y) in enumerate(micro_batches):
+            trainer.d_step(real, real_y, micro)
+    check_gradients("D")
+    reference.D.load_state_dict(accumulating.D.state_dict())  # the G step sees the D the step made
+    for trainer in (accumulating, reference):
+        torch.manual_seed(3)
+        for micro in range(2):
+            trainer.g_step(micro)
+    check_gradients("G")
+    assert accumulating.opt_D.state[next(accumulating.D.parameters())]["step"] == 1   # one Adam step for both
+
+
 def test_ema_averages_parameters_and_buffers():
     # The authors' ema averages every state_dict entry, BN running statistics and SN's u, v included.
     trainer = tiny_trainer(ema_decay=0.75, ema_start=5)
@@ -645,11 +675,13 @@ def weights_of(path):
     return state, {f"{m}.{k}": v for m in ("G", "D", "G_ema") for k, v in state[m].items()}
 
 
-@pytest.mark.parametrize("loss", ["2c", "ac"])
-def test_resume_continues_exactly(tmp_path, loss):
+@pytest.mark.parametrize("flags", [["--loss", "2c"], ["--loss", "ac"], ["--accumulation-steps", "2", "--cr-lambda", "1"]])
+def test_resume_continues_exactly(tmp_path, flags):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert cg.main([*TINY, "--loss", loss, "--steps", "6", "--eval-every", "100", "--run-dir", str(straight)]) == 0
-    assert cg.main([*TINY, "--loss", loss, "--steps", "3", "--eval-every", "100", "--run-dir", str(split)]) == 0
+    assert cg.main([*TINY, *flags, "--steps", "6", "--eval-every", "100", "--run-dir", str(straight)]) == 0
+    assert cg.main([*TINY, *flags, "--steps", "3", "--eval-every", "100", "--run-dir", str(split)]) == 0
+    batches = 3 * 2 * (2 if "--accumulation-steps" in flags else 1)    # steps x d_steps x micro-batches
+    assert torch.load(split / "last.pt", weights_only=False)["data"] == {"epoch": 0, "pos": batches}
     assert cg.main(["--resume", str(split), "--steps", "6"]) == 0
     a, wa = weights_of(straight / "last.pt")
     b, wb = weights_of(split / "last.pt")
