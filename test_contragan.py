@@ -675,7 +675,8 @@ def weights_of(path):
     return state, {f"{m}.{k}": v for m in ("G", "D", "G_ema") for k, v in state[m].items()}
 
 
-@pytest.mark.parametrize("flags", [["--loss", "2c"], ["--loss", "ac"], ["--accumulation-steps", "2", "--cr-lambda", "1"]])
+@pytest.mark.parametrize("flags", [["--loss", "2c"], ["--loss", "ac"],
+                                   ["--accumulation-steps", "2", "--cr-lambda", "1"]])   # data: 2 batches a D step
 def test_resume_continues_exactly(tmp_path, flags):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert cg.main([*TINY, *flags, "--steps", "6", "--eval-every", "100", "--run-dir", str(straight)]) == 0
