@@ -664,11 +664,11 @@ class SkipUnreadable(torch.utils.data.Dataset):
                           f"{err}); the next image is used in its place", file=sys.stderr, flush=True)
         raise UsageError(f"no image in {self.root} can be read")
 
-def load_folder(root, img_size):
+def load_folder(root, img_size, flag="--data-dir"):
     """A class-per-folder tree (root/<class>/.../<image>), resized and centre-cropped; links followed, loops once."""
     from torchvision import transforms as T
     if not os.path.isdir(root):
-        raise UsageError(f"image folder {root!r} does not exist (give it with --data-dir)")
+        raise UsageError(f"image folder {root!r} does not exist (give it with {flag})")
     owner, samples = {os.path.realpath(root): None}, []   # the class of each folder and file met, by real path
     def first_time(real, path, k):                            # real: the path with every link resolved
         n = len(owner)
@@ -948,15 +948,17 @@ class FIDEvaluator:
         n_ref = min(cfg.fid_images, len(reference))
         self.protocol = {"dataset": cfg.dataset, "split": split, "num_images": n_ref, "img_size": cfg.img_size,
                          **fid.inception_protocol(self.inception)}  # weights and resize, as fid.py names them
-        source = f"{n_ref} of the {len(reference)} folder training images (a fixed random subset; there is " \
-            "no held-out reference)" if cfg.dataset == "folder" else f"{n_ref} {cfg.dataset} {split} images"
+        of_folder = {"train": "folder training images (a fixed random subset; there is no held-out reference)",
+                     "reference": f"images in --fid-reference-dir {cfg.fid_reference_dir} (a fixed random subset)"}
+        source = f"{n_ref} of the {len(reference)} {of_folder[split]}" if split in of_folder else \
+            f"{n_ref} {cfg.dataset} {split} images"
         self.description = (f"FID protocol: {cfg.fid_images} fakes of G_ema (BatchNorm batch statistics, batch "
                             f"{cfg.eval_batch}) vs {source}; Inception-V3 {self.protocol['weights']}; "
                             f"{self.protocol['resize']}")
-        stem = os.path.join(cfg.data_dir if cfg.dataset != "folder" else cfg.run_dir,
+        stem = os.path.join(cfg.data_dir if split in ("test", "heldout") else cfg.run_dir,
                             f"fid_{cfg.dataset}_{split}_{n_ref}_{'random' if random_weights else 'tf'}")
         names = [stem + ".npz"] + [f"{stem}_class{k}.npz" for k in range(num_classes) if cfg.intra_fid]
-        if cfg.dataset != "folder" and not all(map(os.path.exists, names)) and not fid.can_write(cfg.data_dir):
+        if split in ("test", "heldout") and not all(map(os.path.exists, names)) and not fid.can_write(cfg.data_dir):
             stem = os.path.join(cfg.run_dir, os.path.basename(stem))   # e.g. a read-only shared data set
             self.description += f"; reference statistics cached in the run folder (cannot write to {cfg.data_dir})"
         subset = torch.utils.data.Subset(reference, range(n_ref))
@@ -1078,8 +1080,15 @@ class Run:
         self.log(f"G {n_g:,} params | D {n_d:,} params | {cfg.loss} | {device}"
                  f"{f' x {world} ranks' if world > 1 else ''} | global batch {cfg.batch_size} | run {cfg.run_dir}")
         split = "test" if cfg.dataset in CIFAR else "heldout" if cfg.dataset == "shapes" else "train"  # FID reference
-        self.evaluator = FIDEvaluator(cfg, train_set if split == "train" else heldout, split, self.num_classes, device,
-                                      rank, world) if cfg.fid_images > 0 else None
+        reference = train_set if split == "train" else heldout
+        if cfg.fid_reference_dir and cfg.fid_images > 0:      # its own tree, e.g. a validation split
+            reference, split = load_folder(cfg.fid_reference_dir, cfg.img_size, "--fid-reference-dir"), "reference"
+            if reference.classes != self.class_names:
+                raise UsageError(f"--fid-reference-dir {cfg.fid_reference_dir}: other classes than the training data")
+            order = torch.randperm(len(reference), generator=torch.Generator().manual_seed(1234))  # the same each run
+            reference = torch.utils.data.Subset(reference, order.tolist())
+        self.evaluator = FIDEvaluator(cfg, reference, split, self.num_classes, device, rank, world) \
+            if cfg.fid_images > 0 else None
         if self.evaluator is not None:
             self.log(self.evaluator.description)
         self.reals_train = fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
@@ -1489,6 +1498,8 @@ def build_parser(suppress=False):
     add("--log-every", 100, type=int, help="progress line and metrics every N G steps")
     add("--eval-every", 2000, type=int, help="grid, FID, D diagnostics and checkpoint every N G steps (authors: 2000)")
     add("--fid-images", 10000, type=int, help="fakes (and reference images) for FID; 0 = no FID (paper: 10,000)")
+    add("--fid-reference-dir", help="FID against this class-per-folder tree (e.g. a validation split, as the paper's "
+        "Tiny ImageNet FID) instead of CIFAR's test split, a shapes draw or --dataset folder's training images")
     add("--fid-weights", help="local pt_inception-2015-12-05-6726825d.pth (default: torch hub cache, "
         "downloaded once); 'random' = random weights, a smoke test only")
     add("--eval-batch", 64, type=int, help="G_ema batch at evaluation; BN uses its statistics (authors: 64)")

@@ -1279,6 +1279,31 @@ def test_small_folder_fid_reference_is_a_random_subset(tmp_path, capsys, monkeyp
     assert "vs 8 of the 16 folder training images" in r.stdout and "no held-out reference" in r.stdout
 
 
+def test_fid_reference_dir_replaces_the_training_images_as_the_reference(tmp_path, capsys, monkeypatch):
+    # e.g. Tiny ImageNet's validation split (tools/tiny_imagenet_val.py): its images, drawn at random, are FID's
+    # reference; the statistics are stubbed: what is measured is which images, and that the protocol says so.
+    data, val = write_folder(tmp_path / "data", 16, classes=2), write_folder(tmp_path / "val", 12, classes=2)
+    next((val / "c1").iterdir()).unlink()                      # 11 images: not the training folder's 16
+    seen = []
+    monkeypatch.setattr(cg.FIDEvaluator, "_reference", lambda self, ds, path, protocol: seen.append(
+        (ds, path, protocol)) or (np.zeros(2048), np.eye(2048)))
+    monkeypatch.setattr(cg.FIDEvaluator, "__call__", lambda self, G: {"fid": 1.0})
+    args = [*TINY, "--dataset", "folder", "--data-dir", data, "--steps", "1", "--fid-images", "8",
+            "--fid-weights", "random"]
+    r = run_main(capsys, *args, "--fid-reference-dir", val, "--run-dir", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    (ds, path, protocol), = seen
+    files = [ds.dataset.dataset.samples[i][0] for i in ds.dataset.indices[:8]]
+    assert len(ds) == 8 and all(f.startswith(str(val)) for f in files) and files != sorted(files)
+    assert protocol["split"] == "reference" and path.startswith(str(tmp_path / "r"))
+    assert f"vs 8 of the 11 images in --fid-reference-dir {val}" in r.stdout
+    other = write_folder(tmp_path / "other", 12, classes=3)
+    r = run_main(capsys, *args, "--fid-reference-dir", other, "--run-dir", tmp_path / "r2")
+    assert "other classes than the training data" in one_line_error(r)
+    r = run_main(capsys, *args, "--fid-reference-dir", tmp_path / "none", "--run-dir", tmp_path / "r3")
+    assert "does not exist (give it with --fid-reference-dir)" in one_line_error(r)
+
+
 def test_intra_fid_short_class_fails_before_writing(tmp_path, capsys):
     data = write_folder(tmp_path / "data", 15, classes=2)
     for f in list((data / "c1").iterdir())[1:]:               # c1 keeps one image: no covariance
