@@ -1440,9 +1440,15 @@ def check_ranges(cfg, table=FLAG_RANGES):
             if not ok(getattr(cfg, name)):
                 raise UsageError(f"--{name.replace('_', '-')} must be {what} (got {getattr(cfg, name)})")
 
-# Named sets of defaults. cpu-demo: small and fast for a CPU, offline on the built-in shapes, class-conditional in
-# minutes. cifar10-readme: the authors' later README score (8.065), src/configs/CIFAR10/ContraGAN.json at 21594bd.
+# Named sets of defaults. cifar10-readme: the authors' later README score (8.065; src/configs/CIFAR10/ContraGAN.json at
+# 21594bd). tiny-imagenet: the paper's Table 2 run (Experiments_in_paper/Table2/contra_biggan_tiny64_hinge_no.json at
+# 6260dd7; its keys in the comments; attention after G's block 3 and D's block 1: G_ARCH, D_ARCH). cpu-demo: small
+# and fast for a CPU, offline on the built-in shapes, class-conditional in minutes.
 PRESETS = {"cifar10-readme": dict(dataset="cifar10", steps=100000, flip=True),  # total_step, random_flip_prep..
+           "tiny-imagenet": dict(dataset="folder", img_size=64, g_width=80, d_width=80, z_dim=100,  # g/d_conv_dim
+                                 embed_dim=768, batch_size=256, accumulation_steps=4,  # hypersphere_dim
+                                 lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.999, d_steps=1,  # d_steps_per_iter
+                                 steps=100000, ema_start=20000, flip=False),  # total_step, random_flip_prep..
            "cpu-demo": dict(dataset="shapes", g_width=16, d_width=16, batch_size=32, d_steps=2, steps=1500, flip=True,
                             eval_every=250, log_every=50, fid_images=0, ema_start=250, ema_decay=0.995,
                             acc_images=256)}  # EMA horizon ~200 steps: 0.9999 would lag a short run
