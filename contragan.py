@@ -215,9 +215,8 @@ class Trainer:
         return torch.zeros((), device=self.device)
 
     def update(self, optimizer, scaler, loss, micro=0):
-        """backward of loss / N for micro-batch `micro` of N = --accumulation-steps (the gradients add up to that of
-        the mean loss), then after the last the Adam step (through fp16's GradScaler), as the authors' loop does
-        (src/worker.py, 21594bd, lines 216 and 354-365). A non-finite loss is flagged on the device, no sync."""
+        """backward of loss / N, micro-batch `micro` of N = --accumulation-steps, then after the last the Adam step (via
+        fp16's GradScaler) as in the authors' src/worker.py (21594bd, lines 216, 354-365); non-finite: flagged."""
         if micro == 0:
             optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss / self.cfg.accumulation_steps).backward()
@@ -1440,10 +1439,9 @@ def check_ranges(cfg, table=FLAG_RANGES):
             if not ok(getattr(cfg, name)):
                 raise UsageError(f"--{name.replace('_', '-')} must be {what} (got {getattr(cfg, name)})")
 
-# Named sets of defaults. cifar10-readme: the authors' later README score (8.065; src/configs/CIFAR10/ContraGAN.json at
-# 21594bd). tiny-imagenet: the paper's Table 2 run (Experiments_in_paper/Table2/contra_biggan_tiny64_hinge_no.json at
-# 6260dd7; its keys in the comments; attention after G's block 3 and D's block 1: G_ARCH, D_ARCH). cpu-demo: small
-# and fast for a CPU, offline on the built-in shapes, class-conditional in minutes.
+# Named defaults. cifar10-readme: the authors' later README score (8.065; src/configs/CIFAR10/ContraGAN.json, 21594bd).
+# tiny-imagenet: the paper's Table 2 run (Experiments_in_paper/Table2/contra_biggan_tiny64_hinge_no.json, 6260dd7: its
+# keys in the comments; attention after G's block 3, D's block 1: G_ARCH, D_ARCH). cpu-demo: a CPU's, minutes on shapes.
 PRESETS = {"cifar10-readme": dict(dataset="cifar10", steps=100000, flip=True),  # total_step, random_flip_prep..
            "tiny-imagenet": dict(dataset="folder", img_size=64, g_width=80, d_width=80, z_dim=100,  # g/d_conv_dim
                                  embed_dim=768, batch_size=256, accumulation_steps=4,  # hypersphere_dim
@@ -1485,8 +1483,7 @@ def build_parser(suppress=False):
     add("--cr-lambda", 0.0, type=float, help="consistency regularization's weight, D step only; 0 = off "
         "(authors' ContraGAN + CR: 10.0, src/configs/CIFAR10/CRGAN(C).json at 21594bd)")
     add("--batch-size", 64, type=int, help="GLOBAL batch: split over torchrun's ranks (T1: 64)")
-    add("--accumulation-steps", 1, type=int, help="micro-batches of --batch-size per D or G step, each loss / N, one "
-        "optimizer step (T1: 1; Table 2: 4)")
+    add("--accumulation-steps", 1, type=int, help="micro-batches of --batch-size per D or G step (T1: 1; Table 2: 4)")
     add("--lr-g", 2e-4, type=float, help="Adam lr of G (T1: 2e-4)")
     add("--lr-d", 2e-4, type=float, help="Adam lr of D (T1: 2e-4)")
     add("--beta1", 0.5, type=float, help="Adam beta1 (T1: 0.5)")
@@ -1494,8 +1491,7 @@ def build_parser(suppress=False):
     add("--adam-eps", 1e-6, type=float, help="Adam eps (authors: 1e-6)")
     add("--d-steps", 5, type=int, help="D steps per G step (T1: 5)")
     add("--steps", 80000, type=int, help="G steps (T1: 80,000; 100,000 in the authors' later README runs)")
-    add("--flip", False, action=argparse.BooleanOptionalAction, help="random flips of reals (T1: off; on in the "
-        "authors' later README runs)")
+    add("--flip", False, action=argparse.BooleanOptionalAction, help="random flips of reals (T1: off; README runs: on)")
     add("--ema-decay", 0.9999, type=float, help="EMA decay of G_ema (T1: 0.9999)")
     add("--ema-start", 1000, type=int, help="G step where the EMA starts; a copy of G before (T1: 1000)")
     add("--seed", 0, type=int)
