@@ -53,9 +53,9 @@ def conditional_contrastive_loss(embed, proxy, labels, temperature=1.0, data_pos
         loss   = (1/m) sum_i loss_i
 
     data_positives=False drops the same-class samples from the NUMERATOR only (they stay in the
-    denominator): the class proxy is the one positive. It is the authors' `pos_collected_numerator`
-    switch (PyTorch-StudioGAN src/utils/losses.py, commit 21594bd), which they advised turning off
-    against ContraGAN's class confusion (their issue #81); True, the paper's loss, is the default.
+    denominator): the class proxy is the one positive, the paper's Eq. 7. It is the authors'
+    `pos_collected_numerator` switch (PyTorch-StudioGAN src/utils/losses.py, commit 21594bd), which they advised
+    turning off against ContraGAN's class confusion (their issue #81); True, the paper's Eq. 8, is the default.
 
     Paper symbol -> argument:
         l(x_i) = h(D's image feature of sample i)  -> embed[i]     (m, D); L2-normalised here
@@ -135,6 +135,31 @@ def acgan_loss(class_logits, labels):
     real AND fake images, each with its own labels; the G step on the fakes."""
     return F.cross_entropy(class_logits.float(), labels)
 
+def cr_augment(images, ratio=1 / 8):
+    """Consistency regularization's augmentation as the authors' CR_DiffAug (src/utils/cr_diff_aug.py, 21594bd): per
+    sample a horizontal flip with p = 0.5, then a shift by whole pixels dy, dx drawn apart from [-s, s], s = int(S *
+    ratio), out[i, j] = in[i + dy, j + dx], reflected at the border (F.pad "reflect": the edge row not repeated)."""
+    B, S = images.shape[0], images.shape[2]                    # square images (B, C, S, S)
+    images = torch.where(torch.rand(B, 1, 1, 1, device=images.device) < 0.5, images.flip(3), images)
+    s = int(S * ratio)                                         # 4 pixels at 32x32, 8 at 64x64
+    dy, dx = torch.randint(-s, s + 1, (2, B, 1), device=images.device)  # (B, 1) each, both ends included
+    padded = F.pad(images, [s, s, s, s], mode="reflect")      # (B, C, S + 2s, S + 2s)
+    rows, cols = (torch.arange(S, device=images.device) + shift + s for shift in (dy, dx))  # (B, S) each
+    return padded[torch.arange(B, device=images.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]
+                  ].permute(0, 3, 1, 2)                        # (B, S, S, C) -> (B, C, S, S)
+
+def consistency_loss(out, out_aug):
+    """CR (Zhang et al. 2020) as the authors add it to D's loss (src/worker.py, 21594bd, lines 275-291): MSE (the mean
+    over elements) of D's outputs on reals vs on `cr_augment`ed reals: the adversarial logit (ProjGAN's holds its
+    projection) plus the class output: the 2C/D2D-CE embedding L2-normalised, as their D returns it (big_resnet.py
+    lines 409-411; the proxies, the same on both sides, are left out), or ACGAN's class logits."""
+    loss = F.mse_loss(out["adv"].float(), out_aug["adv"].float())
+    if "embed" in out:
+        loss = loss + F.mse_loss(F.normalize(out["embed"].float(), dim=1), F.normalize(out_aug["embed"].float(), dim=1))
+    if "class_logits" in out:
+        loss = loss + F.mse_loss(out["class_logits"].float(), out_aug["class_logits"].float())
+    return loss
+
 # --------------------------------------------------------------------------------------------
 # Algorithm 1: d_steps D steps, one G step, the EMA update (one iteration; the authors' schedule)
 # --------------------------------------------------------------------------------------------
@@ -189,34 +214,42 @@ class Trainer:
             return cfg.cond_lambda * acgan_loss(out["class_logits"], labels)
         return torch.zeros((), device=self.device)
 
-    def update(self, optimizer, scaler, loss):
-        """backward + Adam step (through fp16's GradScaler); a non-finite loss is flagged on the device, no sync."""
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    def update(self, optimizer, scaler, loss, micro=0):
+        """backward of loss / N, micro-batch `micro` of N = --accumulation-steps, then after the last the Adam step (via
+        fp16's GradScaler) as in the authors' src/worker.py (21594bd, lines 216, 354-365); non-finite: flagged."""
+        if micro == 0:
+            optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss / self.cfg.accumulation_steps).backward()
+        if micro == self.cfg.accumulation_steps - 1:
+            scaler.step(optimizer)
+            scaler.update()
         self.nonfinite |= ~torch.isfinite(loss.detach())
 
-    def d_step(self, real, real_y):
+    def d_step(self, real, real_y, micro=0):
         """One D step on real images (B, 3, H, W) in [-1, 1] of classes real_y (B,): this rank's share of the batch."""
         B = real.shape[0]
         z, fake_y = self.sample_latents(B)
         with torch.no_grad(), self.autocast():
             fake = self.G_train(z, fake_y)
+        images, labels = [real, fake], [real_y, fake_y]
+        if self.cfg.cr_lambda:                                 # consistency regularization: augmented reals too
+            images, labels = images + [cr_augment(real)], labels + [real_y]
         with self.autocast():
-            # One D forward over real and fake together (D has no BatchNorm): the same outputs as the
-            # authors' two calls would give with one power iteration of spectral norm instead of two.
-            out = self.D_train(torch.cat([real, fake]), torch.cat([real_y, fake_y]))
-            real_out, fake_out = ({k: v[rows] for k, v in out.items()} for rows in (slice(0, B), slice(B, None)))
+            # One D forward over real, fake (and augmented real) together (D has no BatchNorm): the same outputs
+            # as the authors' two (three) calls would give with one power iteration of spectral norm, not two.
+            out = self.D_train(torch.cat(images), torch.cat(labels))
+            real_out, fake_out, aug_out = ({k: v[i * B:(i + 1) * B] for k, v in out.items()} for i in range(3))
             adv = d_hinge_loss(real_out["adv"].float(), fake_out["adv"].float())
             cond = self.condition_loss(real_out, real_y)       # 2C, D2D-CE: real images only (authors)
             if self.cfg.loss == "ac":                          # ACGAN as the authors ran it: the fakes too
                 cond = cond + self.condition_loss(fake_out, fake_y)
             loss = adv + cond
-        self.update(self.opt_D, self.scaler_D, loss)
+            if self.cfg.cr_lambda:                             # D step only (authors)
+                loss = loss + self.cfg.cr_lambda * consistency_loss(real_out, aug_out)
+        self.update(self.opt_D, self.scaler_D, loss, micro)
         return {"d_loss": loss.detach(), "d_adv": adv.detach(), "d_cond": cond.detach()}
 
-    def g_step(self):
+    def g_step(self, micro=0):
         """One G step on fresh z, y (this rank's share of the batch) through the frozen D."""
         z, y = self.sample_latents(self.cfg.batch_size // self.world)
         self.D.requires_grad_(False)                           # D frozen in the G step
@@ -225,7 +258,7 @@ class Trainer:
             adv = g_hinge_loss(out["adv"].float())
             cond = self.condition_loss(out, y)
             loss = adv + cond
-        self.update(self.opt_G, self.scaler_G, loss)
+        self.update(self.opt_G, self.scaler_G, loss, micro)
         self.D.requires_grad_(True)
         return {"g_loss": loss.detach(), "g_adv": adv.detach(), "g_cond": cond.detach()}
 
@@ -244,10 +277,13 @@ class Trainer:
             ema_state[k].copy_(state[k])
 
     def iteration(self, batches, step):
-        """One G step of the schedule: d_steps D steps on fresh real batches, one G step, EMA."""
-        for _ in range(self.cfg.d_steps):
-            d_logs = self.d_step(*next(batches))
-        g_logs = self.g_step()
+        """One G step of the schedule: d_steps D steps on fresh real batches, one G step, EMA; each step on N =
+        --accumulation-steps micro-batches of --batch-size (the 2C loss sees one micro-batch at a time, as theirs)."""
+        n = self.cfg.accumulation_steps
+        for i in range(self.cfg.d_steps * n):
+            d_logs = self.d_step(*next(batches), micro=i % n)
+        for micro in range(n):
+            g_logs = self.g_step(micro)
         self.ema_update(step)
         return {**d_logs, **g_logs}
 
@@ -262,7 +298,8 @@ class Trainer:
 
 def build_models(cfg, num_classes):
     return (Generator(cfg.img_size, cfg.g_width, cfg.z_dim, cfg.shared_dim, num_classes),
-            Discriminator(cfg.img_size, cfg.d_width, num_classes, cfg.loss, cfg.embed_dim))
+            Discriminator(cfg.img_size, cfg.d_width, num_classes, cfg.loss, cfg.embed_dim,
+                          getattr(cfg, "embed_head", "linear")))  # checkpoints older than --embed-head: linear
 
 # --------------------------------------------------------------------------------------------
 # Appendix: Generator and Discriminator, a BigGAN-style SN-ResNet (the authors' big_resnet)
@@ -324,7 +361,7 @@ class Discriminator(nn.Module):
     Defaults: the CIFAR-10 model, 2,517,186 params with the 2C head, 2,415,170 with the projection head.
     """
 
-    def __init__(self, img_size=32, width=96, num_classes=10, loss="2c", embed_dim=512):
+    def __init__(self, img_size=32, width=96, num_classes=10, loss="2c", embed_dim=512, embed_head="linear"):
         super().__init__()
         if loss not in ("2c", "d2dce", "proj", "ac"):
             raise ValueError(f"unknown loss {loss!r}: choose 2c, d2dce, proj or ac")
@@ -340,7 +377,9 @@ class Discriminator(nn.Module):
         C = ch[-1]
         self.adv_head = sn_linear(C, 1)
         if loss in ("2c", "d2dce"):
-            self.embed_head = sn_linear(C, embed_dim)          # h -> l(x), one linear, no MLP
+            self.embed_head = sn_linear(C, embed_dim)          # h -> l(x), one linear: the paper's choice
+            if embed_head == "mlp":                            # the authors' nonlinear_embed (big_resnet.py, 21594bd)
+                self.embed_head = nn.Sequential(self.embed_head, nn.ReLU(), sn_linear(embed_dim, embed_dim))
             self.proxy = sn(nn.Embedding(num_classes, embed_dim))  # e(y)
         elif loss == "proj":
             self.class_embed = sn(nn.Embedding(num_classes, C))
@@ -624,11 +663,11 @@ class SkipUnreadable(torch.utils.data.Dataset):
                           f"{err}); the next image is used in its place", file=sys.stderr, flush=True)
         raise UsageError(f"no image in {self.root} can be read")
 
-def load_folder(root, img_size):
+def load_folder(root, img_size, flag="--data-dir"):
     """A class-per-folder tree (root/<class>/.../<image>), resized and centre-cropped; links followed, loops once."""
     from torchvision import transforms as T
     if not os.path.isdir(root):
-        raise UsageError(f"image folder {root!r} does not exist (give it with --data-dir)")
+        raise UsageError(f"image folder {root!r} does not exist (give it with {flag})")
     owner, samples = {os.path.realpath(root): None}, []   # the class of each folder and file met, by real path
     def first_time(real, path, k):                            # real: the path with every link resolved
         n = len(owner)
@@ -729,7 +768,7 @@ class Batches:
             self.epoch, self.pos, self._it = self.epoch + 1, 0, self._batches()
         self.pos += 1
         x = to_signed(batch[0].to(self.device, non_blocking=True))   # (B, 3, H, W)
-        if self.flip:                                          # the authors' only augmentation (off: Tiny ImageNet)
+        if self.flip:                                          # the authors' only augmentation (off in the paper)
             x = torch.where(torch.rand(x.shape[0], 1, 1, 1, device=self.device) < 0.5, x.flip(3), x)
         return x, batch[1].to(self.device, non_blocking=True)
 
@@ -908,15 +947,17 @@ class FIDEvaluator:
         n_ref = min(cfg.fid_images, len(reference))
         self.protocol = {"dataset": cfg.dataset, "split": split, "num_images": n_ref, "img_size": cfg.img_size,
                          **fid.inception_protocol(self.inception)}  # weights and resize, as fid.py names them
-        source = f"{n_ref} of the {len(reference)} folder training images (a fixed random subset; there is " \
-            "no held-out reference)" if cfg.dataset == "folder" else f"{n_ref} {cfg.dataset} {split} images"
+        of_folder = {"train": "folder training images (a fixed random subset; there is no held-out reference)",
+                     "reference": f"images in --fid-reference-dir {cfg.fid_reference_dir} (a fixed random subset)"}
+        source = f"{n_ref} of the {len(reference)} {of_folder[split]}" if split in of_folder else \
+            f"{n_ref} {cfg.dataset} {split} images"
         self.description = (f"FID protocol: {cfg.fid_images} fakes of G_ema (BatchNorm batch statistics, batch "
                             f"{cfg.eval_batch}) vs {source}; Inception-V3 {self.protocol['weights']}; "
                             f"{self.protocol['resize']}")
-        stem = os.path.join(cfg.data_dir if cfg.dataset != "folder" else cfg.run_dir,
+        stem = os.path.join(cfg.data_dir if split in ("test", "heldout") else cfg.run_dir,
                             f"fid_{cfg.dataset}_{split}_{n_ref}_{'random' if random_weights else 'tf'}")
         names = [stem + ".npz"] + [f"{stem}_class{k}.npz" for k in range(num_classes) if cfg.intra_fid]
-        if cfg.dataset != "folder" and not all(map(os.path.exists, names)) and not fid.can_write(cfg.data_dir):
+        if split in ("test", "heldout") and not all(map(os.path.exists, names)) and not fid.can_write(cfg.data_dir):
             stem = os.path.join(cfg.run_dir, os.path.basename(stem))   # e.g. a read-only shared data set
             self.description += f"; reference statistics cached in the run folder (cannot write to {cfg.data_dir})"
         subset = torch.utils.data.Subset(reference, range(n_ref))
@@ -1038,8 +1079,15 @@ class Run:
         self.log(f"G {n_g:,} params | D {n_d:,} params | {cfg.loss} | {device}"
                  f"{f' x {world} ranks' if world > 1 else ''} | global batch {cfg.batch_size} | run {cfg.run_dir}")
         split = "test" if cfg.dataset in CIFAR else "heldout" if cfg.dataset == "shapes" else "train"  # FID reference
-        self.evaluator = FIDEvaluator(cfg, train_set if split == "train" else heldout, split, self.num_classes, device,
-                                      rank, world) if cfg.fid_images > 0 else None
+        reference = train_set if split == "train" else heldout
+        if cfg.fid_reference_dir and cfg.fid_images > 0:      # its own tree, e.g. a validation split
+            reference, split = load_folder(cfg.fid_reference_dir, cfg.img_size, "--fid-reference-dir"), "reference"
+            if reference.classes != self.class_names:
+                raise UsageError(f"--fid-reference-dir {cfg.fid_reference_dir}: other classes than the training data")
+            order = torch.randperm(len(reference), generator=torch.Generator().manual_seed(1234))  # the same each run
+            reference = torch.utils.data.Subset(reference, order.tolist())
+        self.evaluator = FIDEvaluator(cfg, reference, split, self.num_classes, device, rank, world) \
+            if cfg.fid_images > 0 else None
         if self.evaluator is not None:
             self.log(self.evaluator.description)
         self.reals_train = fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
@@ -1141,7 +1189,7 @@ class Run:
         cfg, now = self.cfg, time.time()
         per_step = (now - self.t_last) / max(self.step - self.step_last, 1)  # training only: evaluations restart it
         r = {"step": self.step, **{k: round(float(v), 5) for k, v in logs.items()},
-             "img_per_s": round(cfg.d_steps * cfg.batch_size / per_step, 1),
+             "img_per_s": round(cfg.d_steps * cfg.accumulation_steps * cfg.batch_size / per_step, 1),
              "s_per_step": round(per_step, 4), "time": round(now, 1)}
         self.t_last, self.step_last = now, self.step
         left = per_step * (cfg.steps - self.step) + self.eval_s * evaluations_left(self.step, cfg.steps, cfg.eval_every)
@@ -1374,11 +1422,11 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 # Each numeric flag's range: (flags, test, what the value must be). NaN fails every test, so "nan" is refused too.
 FLAG_RANGES = [
-    ("steps log_every eval_every d_steps batch_size eval_batch g_width d_width z_dim shared_dim embed_dim "
-     "shapes_size acc_images collapse_patience", lambda v: v >= 1, "at least 1"),
+    ("steps log_every eval_every d_steps accumulation_steps batch_size eval_batch g_width d_width z_dim shared_dim "
+     "embed_dim shapes_size acc_images collapse_patience", lambda v: v >= 1, "at least 1"),
     ("num_workers ema_start", lambda v: v >= 0, "at least 0"),
     ("seed", lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),      # torch's CPU mt19937 keeps a seed's low 32 bits
-    ("cond_lambda collapse_gap", lambda v: 0 <= v < float("inf"), ">= 0 and finite"),
+    ("cond_lambda cr_lambda collapse_gap", lambda v: 0 <= v < float("inf"), ">= 0 and finite"),
     ("temperature lr_g lr_d adam_eps", lambda v: 0 < v < float("inf"), "> 0 and finite"),
     ("beta1 beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -1391,15 +1439,24 @@ def check_ranges(cfg, table=FLAG_RANGES):
             if not ok(getattr(cfg, name)):
                 raise UsageError(f"--{name.replace('_', '-')} must be {what} (got {getattr(cfg, name)})")
 
-# A small, fast configuration for a CPU: offline on the built-in shapes, class-conditional in minutes.
-PRESETS = {"cpu-demo": dict(dataset="shapes", g_width=16, d_width=16, batch_size=32, d_steps=2, steps=1500,
+# Named defaults. cifar10-readme: the authors' later README score (8.065; src/configs/CIFAR10/ContraGAN.json, 21594bd).
+# tiny-imagenet: the paper's Table 2 run (Experiments_in_paper/Table2/contra_biggan_tiny64_hinge_no.json, 6260dd7: its
+# keys in the comments; attention after G's block 3, D's block 1: G_ARCH, D_ARCH). cpu-demo: a CPU's, minutes on shapes.
+PRESETS = {"cifar10-readme": dict(dataset="cifar10", steps=100000, flip=True),  # total_step, random_flip_prep..
+           "tiny-imagenet": dict(dataset="folder", img_size=64, g_width=80, d_width=80, z_dim=100,  # g/d_conv_dim
+                                 embed_dim=768, batch_size=256, accumulation_steps=4,  # hypersphere_dim
+                                 lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.999, d_steps=1,  # d_steps_per_iter
+                                 steps=100000, ema_start=20000, flip=False),  # total_step, random_flip_prep..
+           "cpu-demo": dict(dataset="shapes", g_width=16, d_width=16, batch_size=32, d_steps=2, steps=1500, flip=True,
                             eval_every=250, log_every=50, fid_images=0, ema_start=250, ema_decay=0.995,
                             acc_images=256)}  # EMA horizon ~200 steps: 0.9999 would lag a short run
 
 def build_parser(suppress=False):
     """suppress=True gives a parser that returns only the flags given on the command line."""
     p = OneLineErrorParser(
-        description="ContraGAN (Kang & Park, NeurIPS 2020) in one file. Defaults: the authors' CIFAR-10 setting.",
+        description="ContraGAN (Kang & Park, NeurIPS 2020) in one file. Defaults: the paper's Table 1 CIFAR-10 run; "
+        "'T1: x' cites PyTorch-StudioGAN src/configs/Experiments_in_paper/Table1/contra_biggan_cifar32_hinge_no.json "
+        "at commit 6260dd7 (its proj_ and ac_ files: the same values).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS if suppress else None)
     def add(flag, default=None, **kw):                         # suppress: no defaults, only the flags given
@@ -1411,33 +1468,40 @@ def build_parser(suppress=False):
     add("--loss", "2c", choices=["2c", "d2dce", "proj", "ac"], help="ContraGAN (2C), ReACGAN's D2D-CE, ProjGAN, ACGAN")
     add("--img-size", 32, type=int, help="32, 64 or 128 (the architecture's sizes)")
     add("--shapes-size", 10000, type=int, help="number of training images of --dataset shapes")
-    add("--g-width", 96, type=int, help="G channels = 4 x width (authors: 96)")
-    add("--d-width", 96, type=int, help="D channels = 2 x width (authors: 96)")
-    add("--z-dim", 80, type=int, help="z size, split into (G blocks + 1) chunks (authors: 80 = 4 x 20)")
-    add("--shared-dim", 128, type=int, help="G's shared class embedding (authors: 128)")
-    add("--embed-dim", 512, type=int, help="2C embedding size (authors' CIFAR-10: 512)")
-    add("--temperature", 1.0, type=float, help="2C / D2D-CE temperature t (authors: 1.0 for 2C, 0.5 for D2D-CE)")
+    add("--g-width", 96, type=int, help="G channels = 4 x width (T1: 96)")
+    add("--d-width", 96, type=int, help="D channels = 2 x width (T1: 96)")
+    add("--z-dim", 80, type=int, help="z size, split into (G blocks + 1) chunks (T1: 80 = 4 x 20)")
+    add("--shared-dim", 128, type=int, help="G's shared class embedding (T1: 128)")
+    add("--embed-dim", 512, type=int, help="2C embedding size (T1: 512)")
+    add("--embed-head", "linear", choices=["linear", "mlp"], help="2C's projection head h (Section 4.3's ablation; "
+        "T1: linear): mlp = SN linear, ReLU, SN linear, the authors' nonlinear_embed (big_resnet.py at 21594bd)")
+    add("--temperature", 1.0, type=float, help="2C / D2D-CE temperature t (T1: 1.0; ReACGAN: 0.5 for D2D-CE)")
     add("--margin", 0.98, type=float, help="D2D-CE's positive margin m_p; m_n = 1 - m_p (authors: 0.98)")
     add("--data-positives", True, action=argparse.BooleanOptionalAction, help="same-class samples in 2C's "
-        "numerator (the paper); --no-data-positives: the proxy alone, the authors' remedy for class confusion")
-    add("--cond-lambda", 1.0, type=float, help="lambda, the class term's weight (authors: 1.0; 0.5 for D2D-CE)")
-    add("--batch-size", 64, type=int, help="GLOBAL batch: split over torchrun's ranks (authors: 64)")
-    add("--lr-g", 2e-4, type=float, help="Adam lr of G (authors: 2e-4)")
-    add("--lr-d", 2e-4, type=float, help="Adam lr of D (authors: 2e-4)")
-    add("--beta1", 0.5, type=float, help="Adam beta1 (authors: 0.5)")
-    add("--beta2", 0.999, type=float, help="Adam beta2 (authors: 0.999)")
+        "numerator (Eq. 8); --no-data-positives: the proxy alone (the paper's Eq. 7), the authors' confusion remedy")
+    add("--cond-lambda", 1.0, type=float, help="lambda, the class term's weight (T1: 1.0; ReACGAN: 0.5 for D2D-CE)")
+    add("--cr-lambda", 0.0, type=float, help="consistency regularization's weight, D step only; 0 = off "
+        "(authors' ContraGAN + CR: 10.0, src/configs/CIFAR10/CRGAN(C).json at 21594bd)")
+    add("--batch-size", 64, type=int, help="GLOBAL batch: split over torchrun's ranks (T1: 64)")
+    add("--accumulation-steps", 1, type=int, help="micro-batches of --batch-size per D or G step (T1: 1; Table 2: 4)")
+    add("--lr-g", 2e-4, type=float, help="Adam lr of G (T1: 2e-4)")
+    add("--lr-d", 2e-4, type=float, help="Adam lr of D (T1: 2e-4)")
+    add("--beta1", 0.5, type=float, help="Adam beta1 (T1: 0.5)")
+    add("--beta2", 0.999, type=float, help="Adam beta2 (T1: 0.999)")
     add("--adam-eps", 1e-6, type=float, help="Adam eps (authors: 1e-6)")
-    add("--d-steps", 5, type=int, help="D steps per G step (authors: 5)")
-    add("--steps", 100000, type=int, help="G steps (authors: 100,000)")
-    add("--flip", True, action=argparse.BooleanOptionalAction, help="random flips (authors: off for Tiny ImageNet)")
-    add("--ema-decay", 0.9999, type=float, help="EMA decay of G_ema (authors: 0.9999)")
-    add("--ema-start", 1000, type=int, help="G step where the EMA starts; a copy of G before (authors: 1000)")
+    add("--d-steps", 5, type=int, help="D steps per G step (T1: 5)")
+    add("--steps", 80000, type=int, help="G steps (T1: 80,000; 100,000 in the authors' later README runs)")
+    add("--flip", False, action=argparse.BooleanOptionalAction, help="random flips of reals (T1: off; README runs: on)")
+    add("--ema-decay", 0.9999, type=float, help="EMA decay of G_ema (T1: 0.9999)")
+    add("--ema-start", 1000, type=int, help="G step where the EMA starts; a copy of G before (T1: 1000)")
     add("--seed", 0, type=int)
     add("--run-dir", help="output folder (default runs/<dataset>-<loss>-s<seed>)")
     add("--resume", help="a run folder or checkpoint to continue exactly")
     add("--log-every", 100, type=int, help="progress line and metrics every N G steps")
     add("--eval-every", 2000, type=int, help="grid, FID, D diagnostics and checkpoint every N G steps (authors: 2000)")
     add("--fid-images", 10000, type=int, help="fakes (and reference images) for FID; 0 = no FID (paper: 10,000)")
+    add("--fid-reference-dir", help="FID against this class-per-folder tree (e.g. a validation split, as the paper's "
+        "Tiny ImageNet FID) instead of CIFAR's test split, a shapes draw or --dataset folder's training images")
     add("--fid-weights", help="local pt_inception-2015-12-05-6726825d.pth (default: torch hub cache, "
         "downloaded once); 'random' = random weights, a smoke test only")
     add("--eval-batch", 64, type=int, help="G_ema batch at evaluation; BN uses its statistics (authors: 64)")
@@ -1463,6 +1527,8 @@ def validate(cfg):
         raise UsageError(f"--z-dim {cfg.z_dim} must split into {n} equal chunks at {cfg.img_size}x{cfg.img_size}")
     if cfg.loss in ("2c", "d2dce") and cfg.batch_size < 2:
         raise UsageError(f"--loss {cfg.loss} needs --batch-size of at least 2: it contrasts samples within a batch")
+    if cfg.embed_head == "mlp" and cfg.loss not in ("2c", "d2dce"):
+        raise UsageError("--embed-head mlp is the 2C embedding's head: it needs --loss 2c or d2dce")
     if not cfg.data_positives and cfg.loss != "2c":
         raise UsageError(f"--no-data-positives changes the 2C loss: it needs --loss 2c (got --loss {cfg.loss})")
     if cfg.batch_size % (world := int(os.environ.get("WORLD_SIZE", "1"))):

@@ -1,5 +1,6 @@
 """Tests of contragan.py and of the tools that use it (tools/sample.py, tools/plot_runs.py): CPU only,
 deterministic, no downloads (the built-in shapes data and random weights). Run: python -m pytest -q"""
+import copy
 import errno
 import fcntl
 import hashlib
@@ -231,6 +232,85 @@ def test_hinge_projection_acgan_by_hand():
     assert cg.acgan_loss(logits, torch.tensor([0, 1])).item() == pytest.approx((math.log(2) + math.log(4)) / 2)
 
 
+# ---------------------------------------------------------------- consistency regularization (--cr-lambda)
+
+def literal_shift(image, flip, dy, dx):
+    """One image (C, S, S) flipped (or not), then out[i, j] = in[i + dy, j + dx] with indices reflected at the border
+    without repeating the edge (-1 -> 1, S -> S - 2): the authors' CR_DiffAug written one pixel at a time."""
+    S = image.shape[1]
+    reflect = lambda i: -i if i < 0 else 2 * (S - 1) - i if i > S - 1 else i  # noqa: E731
+    src = image.flip(2) if flip else image
+    out = torch.empty_like(image)
+    for i in range(S):
+        for j in range(S):
+            out[:, i, j] = src[:, reflect(i + dy), reflect(j + dx)]
+    return out
+
+
+@pytest.mark.parametrize("S", [8, 16])
+def test_cr_augment_is_a_flip_and_a_reflected_shift_per_sample(S):
+    torch.manual_seed(0)
+    x = torch.randn(12, 3, S, S)                               # distinct pixels: one (flip, dy, dx) fits each output
+    out = cg.cr_augment(x)
+    s = S // 8                                                 # int(S / 8): 1 at 8x8, 2 at 16x16
+    seen = []
+    for b in range(len(x)):
+        fits = [(f, dy, dx) for f in (False, True) for dy in range(-s, s + 1) for dx in range(-s, s + 1)
+                if torch.equal(out[b], literal_shift(x[b], f, dy, dx))]
+        assert len(fits) == 1, (b, fits)
+        seen.append(fits[0])
+    assert len({f for f, _, _ in seen}) == 2 and len({dy for _, dy, _ in seen}) > 1 and len(set(seen)) > 4
+    torch.manual_seed(0)                                       # the draws: flips first, then dy, then dx
+    torch.randn(12, 3, S, S)
+    flips = torch.rand(12) < 0.5
+    dy, dx = torch.randint(-s, s + 1, (2, 12))
+    assert seen == list(zip(flips.tolist(), dy.tolist(), dx.tolist()))
+    assert cg.cr_augment(x[:1].to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_consistency_loss_equals_literal_mse():
+    torch.manual_seed(0)
+    a = {"adv": torch.randn(4), "embed": torch.randn(4, 6), "proxy": torch.randn(4, 6)}
+    b = {"adv": torch.randn(4), "embed": torch.randn(4, 6), "proxy": torch.randn(4, 6)}
+    unit = lambda v: v / v.norm(dim=1, keepdim=True)  # noqa: E731
+    expected = ((a["adv"] - b["adv"]) ** 2).sum() / 4 + ((unit(a["embed"]) - unit(b["embed"])) ** 2).sum() / 24
+    torch.testing.assert_close(cg.consistency_loss(a, b), expected)
+    c, d = {"adv": a["adv"], "class_logits": a["embed"]}, {"adv": b["adv"], "class_logits": b["embed"]}
+    expected = ((a["adv"] - b["adv"]) ** 2).mean() + ((a["embed"] - b["embed"]) ** 2).mean()
+    torch.testing.assert_close(cg.consistency_loss(c, d), expected)
+    torch.testing.assert_close(cg.consistency_loss({"adv": a["adv"]}, {"adv": b["adv"]}),
+                               ((a["adv"] - b["adv"]) ** 2).mean())
+
+
+@pytest.mark.parametrize("loss", ["2c", "d2dce", "proj", "ac"])
+def test_cr_d_step_adds_lambda_times_the_consistency_of_real_and_augmented(loss, monkeypatch):
+    trainer = tiny_trainer(loss=loss, cr_lambda=10)
+    seen = []
+    real_consistency = cg.consistency_loss
+    monkeypatch.setattr(cg, "consistency_loss", lambda a, b: seen.append((a, b)) or real_consistency(a, b))
+    augmented = torch.randn(8, 3, 32, 32)
+    monkeypatch.setattr(cg, "cr_augment", lambda x: augmented)
+    real, real_y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    D_before = copy.deepcopy(trainer.D)                        # its power iteration depends on weights alone
+    logs = trainer.d_step(real, real_y)
+    (real_out, aug_out), = seen
+    with torch.no_grad():                                      # the reals and THEIR augmentation went through D
+        expected = D_before(torch.cat([real, augmented]), torch.cat([real_y, real_y]))["adv"]
+    torch.testing.assert_close(torch.cat([real_out["adv"], aug_out["adv"]]), expected, atol=1e-4, rtol=1e-4)
+    cr = real_consistency(real_out, aug_out)
+    torch.testing.assert_close(logs["d_loss"], logs["d_adv"] + logs["d_cond"] + 10 * cr)
+    trainer.g_step()
+    assert len(seen) == 1                                      # D step only
+
+
+@pytest.mark.parametrize("loss", ["2c", "d2dce", "proj", "ac"])
+def test_cli_cr_lambda_trains_each_loss(loss, tmp_path, capsys):
+    r = run_main(capsys, *TINY, "--loss", loss, "--cr-lambda", "10", "--steps", "2", "--eval-every", "2",
+                 "--acc-images", "8", "--run-dir", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["cr_lambda"] == 10
+
+
 # ---------------------------------------------------------------- the models
 
 def n_params(model):
@@ -261,6 +341,22 @@ def test_parameter_counts_match_the_authors(monkeypatch):
     assert not any(n.endswith((".u", ".v")) for n, _ in G.named_parameters())
 
 
+def test_mlp_embed_head_is_the_authors_nonlinear_embed(monkeypatch):
+    # Section 4.3's head ablation: the authors' nonlinear_embed adds an SN linear embed_dim -> embed_dim after a ReLU
+    monkeypatch.setattr(cg, "orthogonal_init", lambda module: module)
+    linear, mlp = (cg.Discriminator(width=8, embed_dim=24, embed_head=head) for head in ("linear", "mlp"))
+    assert n_params(mlp) == n_params(linear) + 24 ** 2 + 24
+    assert n_params(cg.Discriminator(embed_head="mlp")) == 2_517_186 + 512 ** 2 + 512
+    h = torch.randn(3, 16)
+    mlp.eval()                                                 # no power iteration: both sides see one sigma
+    expected = mlp.embed_head[2](F.relu(mlp.embed_head[0](h)))
+    torch.testing.assert_close(mlp.embed_head(h), expected)
+    assert mlp(torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2]))["embed"].shape == (3, 24)
+    trainer = tiny_trainer(embed_head="mlp", loss="d2dce")
+    assert isinstance(trainer.D.embed_head, torch.nn.Sequential)
+    assert trainer.d_step(torch.zeros(8, 3, 32, 32), torch.tensor([0, 1, 2, 3] * 2))["d_loss"].isfinite()
+
+
 @pytest.mark.parametrize("size,z_dim", [(32, 80), (64, 100)])
 def test_output_shapes(size, z_dim):
     torch.manual_seed(0)
@@ -273,6 +369,44 @@ def test_output_shapes(size, z_dim):
                        ("ac", {"adv": (3,), "class_logits": (3, 5)})]:
         out = cg.Discriminator(img_size=size, width=8, num_classes=5, loss=loss, embed_dim=24)(x, y)
         assert {k: tuple(v.shape) for k, v in out.items()} == {**keys, "h": (3, C)}
+
+
+# The paper's Table 1 CIFAR-10 run: PyTorch-StudioGAN src/configs/Experiments_in_paper/Table1/
+# contra_biggan_cifar32_hinge_no.json at commit 6260dd7, transcribed (proj_ and ac_ hold the same values).
+TABLE1 = dict(img_size=32, g_width=96, d_width=96, z_dim=80, shared_dim=128, embed_dim=512, temperature=1.0,
+              cond_lambda=1.0, data_positives=True, batch_size=64, lr_g=2e-4, lr_d=2e-4, beta1=0.5, beta2=0.999,
+              d_steps=5, steps=80000, flip=False, ema_decay=0.9999, ema_start=1000, loss="2c", dataset="cifar10",
+              cr_lambda=0.0)
+
+
+def test_defaults_are_the_papers_table1_run_and_the_readme_setting_a_preset(capsys):
+    cfg = vars(cg.build_parser().parse_args([]))
+    assert {k: cfg[k] for k in TABLE1} == TABLE1
+    parser = cg.build_parser()
+    parser.set_defaults(**cg.PRESETS["cifar10-readme"])       # the authors' src/configs/CIFAR10/ContraGAN.json
+    assert {k: v for k, v in vars(parser.parse_args([])).items() if cfg[k] != v} == {"steps": 100000, "flip": True}
+    with pytest.raises(SystemExit):
+        cg.build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Table1/contra_biggan_cifar32_hinge_no.json at commit 6260dd7" in text and "(T1: 80,000" in text
+    assert "the proxy alone (the paper's Eq. 7)" in text and "Eq. 7" in cg.conditional_contrastive_loss.__doc__
+
+
+# The paper's Table 2 Tiny ImageNet run: src/configs/Experiments_in_paper/Table2/contra_biggan_tiny64_hinge_no.json at
+# commit 6260dd7, transcribed (shared_dim 128, t 1.0, lambda 1.0, EMA 0.9999 as in Table 1: the defaults).
+TABLE2 = dict(img_size=64, g_width=80, d_width=80, z_dim=100, shared_dim=128, embed_dim=768, temperature=1.0,
+              cond_lambda=1.0, batch_size=256, accumulation_steps=4, lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.999,
+              d_steps=1, steps=100000, flip=False, ema_decay=0.9999, ema_start=20000, loss="2c", dataset="folder")
+
+
+def test_tiny_imagenet_preset_is_table2(monkeypatch):
+    parser = cg.build_parser()
+    parser.set_defaults(**cg.PRESETS["tiny-imagenet"])
+    cfg = parser.parse_args(["--preset", "tiny-imagenet"])
+    assert {k: getattr(cfg, k) for k in TABLE2} == TABLE2
+    monkeypatch.setattr(cg, "orthogonal_init", lambda module: module)   # counting only
+    G, D = cg.build_models(cfg, 200)                           # the authors' log of that run: 17,335,204 and 31,678,130
+    assert (n_params(G), n_params(D)) == (17_335_204, 31_678_130)
 
 
 def tiny_trainer(**flags):
@@ -294,6 +428,36 @@ def test_acgan_d_step_uses_real_and_fake_class_logits(monkeypatch):
     g_cond = trainer.g_step()["g_cond"]
     (fake_logits, fake_y), = calls
     torch.testing.assert_close(g_cond, 0.5 * real_acgan(fake_logits, fake_y))
+
+
+@pytest.mark.parametrize("loss", ["2c", "ac"])
+def test_accumulation_of_n_micro_batches_gives_the_gradient_of_their_mean_loss(loss):
+    # --accumulation-steps 2: two micro-batches of 8, one Adam step. Its gradients must be those of the mean of
+    # the two micro-batches' losses (each micro-batch's own 2C loss), computed here with the updates left out.
+    accumulating, reference = tiny_trainer(loss=loss, accumulation_steps=2), tiny_trainer(loss=loss)
+    reference.load_state_dict(accumulating.state_dict())
+    losses = {"D": [], "G": []}
+    reference.update = lambda opt, scaler, loss, micro=0: losses["D" if opt is reference.opt_D else "G"].append(loss)
+    torch.manual_seed(1)
+    micro_batches = [(torch.rand(8, 3, 32, 32) * 2 - 1, torch.randint(0, 4, (8,))) for _ in range(2)]
+    def check_gradients(name):
+        model = getattr(reference, name)
+        model.zero_grad()
+        torch.stack(losses[name]).mean().backward()
+        for (key, p), q in zip(model.named_parameters(), getattr(accumulating, name).parameters()):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=key)
+    for trainer in (accumulating, reference):
+        torch.manual_seed(2)                                   # the same z, y for the fakes
+        for micro, (real, real_y) in enumerate(micro_batches):
+            trainer.d_step(real, real_y, micro)
+    check_gradients("D")
+    reference.D.load_state_dict(accumulating.D.state_dict())  # the G step sees the D the step made
+    for trainer in (accumulating, reference):
+        torch.manual_seed(3)
+        for micro in range(2):
+            trainer.g_step(micro)
+    check_gradients("G")
+    assert accumulating.opt_D.state[next(accumulating.D.parameters())]["step"] == 1   # one Adam step for both
 
 
 def test_ema_averages_parameters_and_buffers():
@@ -528,11 +692,14 @@ def weights_of(path):
     return state, {f"{m}.{k}": v for m in ("G", "D", "G_ema") for k, v in state[m].items()}
 
 
-@pytest.mark.parametrize("loss", ["2c", "ac"])
-def test_resume_continues_exactly(tmp_path, loss):
+@pytest.mark.parametrize("flags", [["--loss", "2c"], ["--loss", "ac"],
+                                   ["--accumulation-steps", "2", "--cr-lambda", "1"]])   # data: 2 batches a D step
+def test_resume_continues_exactly(tmp_path, flags):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert cg.main([*TINY, "--loss", loss, "--steps", "6", "--eval-every", "100", "--run-dir", str(straight)]) == 0
-    assert cg.main([*TINY, "--loss", loss, "--steps", "3", "--eval-every", "100", "--run-dir", str(split)]) == 0
+    assert cg.main([*TINY, *flags, "--steps", "6", "--eval-every", "100", "--run-dir", str(straight)]) == 0
+    assert cg.main([*TINY, *flags, "--steps", "3", "--eval-every", "100", "--run-dir", str(split)]) == 0
+    batches = 3 * 2 * (2 if "--accumulation-steps" in flags else 1)    # steps x d_steps x micro-batches
+    assert torch.load(split / "last.pt", weights_only=False)["data"] == {"epoch": 0, "pos": batches}
     assert cg.main(["--resume", str(split), "--steps", "6"]) == 0
     a, wa = weights_of(straight / "last.pt")
     b, wb = weights_of(split / "last.pt")
@@ -727,6 +894,8 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine w
     (["--beta2", "-0.1"], "--beta2 must be in [0, 1)"),
     (["--ema-decay", "1.5"], "--ema-decay must be in [0, 1]"),
     (["--cond-lambda", "-1"], "--cond-lambda must be >= 0"),
+    (["--cr-lambda", "-1"], "--cr-lambda must be >= 0"),
+    (["--loss", "proj", "--embed-head", "mlp"], "needs --loss 2c or d2dce"),
     (["--embed-dim", "0"], "--embed-dim must be at least 1"),
     (["--num-workers", "-1"], "--num-workers must be at least 0"),
     (["--acc-images", "0"], "--acc-images must be at least 1"),        # divided by zero at the first evaluation
@@ -1125,6 +1294,31 @@ def test_small_folder_fid_reference_is_a_random_subset(tmp_path, capsys, monkeyp
     assert r.returncode == 0, r.stderr
     assert len(seen) == 1 and len(seen[0]) == 8 and 2 <= sum(seen[0]) <= 6
     assert "vs 8 of the 16 folder training images" in r.stdout and "no held-out reference" in r.stdout
+
+
+def test_fid_reference_dir_replaces_the_training_images_as_the_reference(tmp_path, capsys, monkeypatch):
+    # e.g. Tiny ImageNet's validation split (tools/tiny_imagenet_val.py): its images, drawn at random, are FID's
+    # reference; the statistics are stubbed: what is measured is which images, and that the protocol says so.
+    data, val = write_folder(tmp_path / "data", 16, classes=2), write_folder(tmp_path / "val", 12, classes=2)
+    next((val / "c1").iterdir()).unlink()                      # 11 images: not the training folder's 16
+    seen = []
+    monkeypatch.setattr(cg.FIDEvaluator, "_reference", lambda self, ds, path, protocol: seen.append(
+        (ds, path, protocol)) or (np.zeros(2048), np.eye(2048)))
+    monkeypatch.setattr(cg.FIDEvaluator, "__call__", lambda self, G: {"fid": 1.0})
+    args = [*TINY, "--dataset", "folder", "--data-dir", data, "--steps", "1", "--fid-images", "8",
+            "--fid-weights", "random"]
+    r = run_main(capsys, *args, "--fid-reference-dir", val, "--run-dir", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    (ds, path, protocol), = seen
+    files = [ds.dataset.dataset.samples[i][0] for i in ds.dataset.indices[:8]]
+    assert len(ds) == 8 and all(f.startswith(str(val)) for f in files) and files != sorted(files)
+    assert protocol["split"] == "reference" and path.startswith(str(tmp_path / "r"))
+    assert f"vs 8 of the 11 images in --fid-reference-dir {val}" in r.stdout
+    other = write_folder(tmp_path / "other", 12, classes=3)
+    r = run_main(capsys, *args, "--fid-reference-dir", other, "--run-dir", tmp_path / "r2")
+    assert "other classes than the training data" in one_line_error(r)
+    r = run_main(capsys, *args, "--fid-reference-dir", tmp_path / "none", "--run-dir", tmp_path / "r3")
+    assert "does not exist (give it with --fid-reference-dir)" in one_line_error(r)
 
 
 def test_intra_fid_short_class_fails_before_writing(tmp_path, capsys):
