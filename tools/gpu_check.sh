@@ -32,7 +32,8 @@ read -r -a extra <<< "${EXTRA:-}"
 read -r -a bench <<< "${BENCH:---small-width 96 --small-rounds 0}"  # 0: one iteration each, no second compile
 read -r -a compiled <<< "${BENCH_COMPILE---train-options bf16,bf16-compile,bf16-reduce-overhead}"  # = : no compile
 # seconds: card, fp32 run, resume, projection, bf16 + compile run, bench, bench's compiled rows; then the grace
-read -r t_card t_fp32 t_resume t_projection t_compile t_bench t_compiled grace <<< "${LIMITS:-25 90 45 10 100 75 140 10}"
+read -r t_card t_fp32 t_resume t_projection t_compile t_bench t_compiled grace \
+    <<< "${LIMITS:-25 90 45 10 100 75 140 10}"
 py=${PYTHON:-$(command -v python3 || command -v python)}         # the lent machine: python3
 report=$out/report.md
 mkdir -p "$out" && rm -rf "$runs" && mkdir -p "$runs" || exit 2

@@ -12,14 +12,15 @@ SCRIPT = os.path.join(HERE, "gpu_check.sh")
 
 def test_limits_and_graces_sum_to_the_header_total_inside_the_call():
     text = open(SCRIPT).read()
-    names, values = re.search(r'read -r ((?:t_\w+ )+)grace <<< "\$\{LIMITS:-([\d ]+)\}"', text).groups()
+    names, values = re.search(r'read -r ((?:t_\w+ )+)grace \\\s+<<< "\$\{LIMITS:-([\d ]+)\}"', text).groups()
     names, limits = names.split(), [int(v) for v in values.split()]
     grace = limits.pop()
     assert len(limits) == len(names)
     total = sum(limits) + len(names) * grace
     assert total <= 570                                        # 30 s for the shell between the parts
-    assert f"{' + '.join(map(str, limits))} = {sum(limits)} s + {len(names)} graces of {grace} s = {total} s at most, " \
-        "inside the 600-s call" in " ".join(line.lstrip("# ") for line in text.splitlines())   # the header says it
+    header = " ".join(line.lstrip("# ") for line in text.splitlines())
+    assert (f"{' + '.join(map(str, limits))} = {sum(limits)} s + {len(names)} graces of {grace} s = {total} s at most, "
+            "inside the 600-s call") in header                 # the header says it
     for name in names:                                         # each limit holds one part
         assert len(re.findall(rf'"\${name}"', text)) == 1, name
     for line in text.splitlines():                             # and nothing runs outside the limits
