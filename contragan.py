@@ -808,7 +808,8 @@ def wrap_for_training(G, D, cfg, device, world):
     """(G, D, G_train, D_train, D_frozen) for `Trainer`: on the device, --sync-bn (G), DDP (world > 1), --compile."""
     G, D = (nn.SyncBatchNorm.convert_sync_batchnorm(G) if cfg.sync_bn and world > 1 else G).to(device), D.to(device)
     ddp = nn.parallel.DistributedDataParallel if world > 1 else (lambda m: m)  # device_ids None: one device a rank
-    return (G, D, *(torch.compile(m) if cfg.compile else m for m in (ddp(G), ddp(D), D)))
+    mode = None if cfg.compile is True else cfg.compile       # True: a checkpoint saved before --compile took a MODE
+    return (G, D, *(torch.compile(m, mode=mode) if cfg.compile else m for m in (ddp(G), ddp(D), D)))
 
 def gather_global_batch(embed, proxy, labels):
     """Under DDP, all-gather so the 2C loss sees the global batch. Each rank's backward sums the gradient of its
@@ -1514,7 +1515,9 @@ def build_parser(suppress=False):
     add("--num-workers", 4, type=int, help="data loader workers (--dataset folder)")
     add("--amp", "none", choices=["none", "bf16", "fp16"], help="autocast; fp16 uses a GradScaler")
     add("--tf32", True, action=argparse.BooleanOptionalAction, help="TF32 matmuls on Ampere+ GPUs")
-    add("--compile", False, action="store_true", help="torch.compile G and D")
+    add("--compile", False, nargs="?", const="default", metavar="MODE", help="torch.compile G and D; MODE: its mode, "
+        "reduce-overhead and max-autotune add CUDA graphs (GPU only; skipped on a CPU)", choices=["default",
+        "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     add("--sync-bn", False, action="store_true", help="under torchrun: G's BatchNorm over the global batch")
     return p
 

@@ -1503,10 +1503,29 @@ def test_resume_at_or_past_steps_says_nothing_trained(tmp_path, capsys):
     assert (run / "last.pt").read_bytes() == before
 
 
-def test_compile_says_it_is_compiling(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(torch, "compile", lambda module: module)   # the message, not minutes of compiling
+def test_compile_says_it_is_compiling_and_passes_its_mode(tmp_path, monkeypatch, capsys):
+    modes = []
+
+    def fake_compile(module, mode=None):                       # the message and the mode, not minutes of compiling
+        modes.append(mode)
+        return module
+    monkeypatch.setattr(torch, "compile", fake_compile)
     r = run_main(capsys, *TINY, "--compile", "--steps", "1", "--run-dir", tmp_path / "run")
-    assert r.returncode == 0 and "compile G and D" in r.stdout
+    assert r.returncode == 0 and "compile G and D" in r.stdout and modes == ["default"] * 3   # G, D, D frozen
+    r = run_main(capsys, *TINY, "--compile", "reduce-overhead", "--steps", "1", "--run-dir", tmp_path / "ro")
+    assert r.returncode == 0 and modes[3:] == ["reduce-overhead"] * 3
+    r = run_main(capsys, "--resume", tmp_path / "ro", "--steps", "2")   # a run flag, kept by a resume
+    assert r.returncode == 0 and modes[6:] == ["reduce-overhead"] * 3
+    cfg = types.SimpleNamespace(compile=True, sync_bn=False)   # a checkpoint's config from before --compile MODE
+    cg.wrap_for_training(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), cfg, torch.device("cpu"), 1)
+    assert modes[9:] == [None] * 3                             # torch.compile's own default
+
+
+def test_compile_mode_parsing(capsys):
+    assert [cg.build_parser().parse_args(argv).compile for argv in ([], ["--compile"], ["--compile", "max-autotune"],
+            ["--compile", "--steps", "3"])] == [False, "default", "max-autotune", "default"]
+    r = run_main(capsys, *TINY, "--compile", "fast")
+    assert "argument --compile: invalid choice: 'fast'" in one_line_error(r)
 
 
 def test_compile_without_a_c_compiler_is_one_line_before_start_up(tmp_path, monkeypatch, capsys):

@@ -6,6 +6,7 @@ at its top.
   python tools/bench.py                          # everything: about 6 minutes on 2 CPU cores
   python tools/bench.py --device cuda            # the same on a GPU
   python tools/bench.py --quick                  # tiny sizes, a smoke test (~20 s)
+  python tools/bench.py --device cuda --sections train --train-options bf16,bf16-compile,bf16-reduce-overhead
   python tools/bench.py --threads 1              # steadier on a CPU shared with other jobs
   python tools/bench.py --sections 2c,fid --out perf.md
 
@@ -376,7 +377,7 @@ def host_lines(device, ops, host_s, flops, seconds, width, tiny=(4, 8)):
 
 def build_trainer(device, batch, width, amp="none", compile=False):
     argv = ["--batch-size", str(batch), "--g-width", str(width), "--d-width", str(width), "--amp", amp]
-    argv += ["--compile"] * compile
+    argv += ["--compile", compile] if isinstance(compile, str) else ["--compile"] * compile   # str: a mode
     cfg = cg.build_parser().parse_args(argv)
     return cg.Trainer(cfg, 10, device), cg.Batches(random_cifar(), batch, 0, 1, 0, device)
 
@@ -425,33 +426,38 @@ def interleaved_best(device, batch, configs, rounds):
     return best
 
 
-def bench_train(device, batch, width, small_width, small_rounds, peak_fp32, peak_bf16, options):
+def bench_train(device, batch, width, small_width, small_rounds, peak_fp32, peak_bf16, options, show=None):
+    """The training table; show(lines) gets the table so far after each configuration: a limit that hits in a
+    later one (a compile: minutes) leaves the rows measured before it."""
     configs = [(f"width {width} (default), fp32", width, {})]
     configs += [(f"width {small_width}, fp32", small_width, {})] * (small_width != width)
     configs += [(f"width {small_width}, {name}", small_width, kw) for name, kw in options]
     lines = ["| configuration | s / iteration | vs fp32 | real images/s | GFLOP / iteration | GFLOP/s | "
              "utilisation | of bf16 matmul rate | peak memory (MB) | 100k iterations | warm-up (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    flops, fp32_s, results = {}, {}, {}
+    results = {}
+    fp32_at = {w: name for name, w, kw in configs if not kw}   # each width's eager fp32: its FLOPs, its 1x
+
+    def row(name, w):
+        r, fp32 = results[name], results[fp32_at[w]]
+        r["images_s"] = r["d_steps"] * batch / r["seconds"]
+        rate = fp32["flops"] / r["seconds"]                   # the same math as fp32 at this width
+        return (f"| {name} | {r['seconds']:.3g} | {fp32['seconds'] / r['seconds']:.2f}x | {r['images_s']:.3g} | "
+                f"{fp32['flops'] / 1e9:.0f} | {rate / 1e9:.3g} | {rate / peak_fp32:.0%} | {rate / peak_bf16:.0%} | "
+                f"{r['peak_mb']:.0f} | {duration(r['seconds'] * 1e5)} | {r['warmup_s']:.3g} |")
     for name, w, kw in configs:
         eager_fp32 = not kw
         print(f"  train: {name} ...", flush=True)
         results[name] = train_config(device, batch, w, count_flops=eager_fp32, profile=eager_fp32, **kw)
+        if show:
+            show(lines + [row(c[0], c[1]) for c in configs if c[0] in results])
     if small_rounds:
         print(f"  train: width {small_width}, {small_rounds} interleaved rounds ...", flush=True)
         small = [c for c in configs if c[1] == small_width]
         for (name, _, _), s in zip(small, interleaved_best(device, batch, small, small_rounds)):
             results[name]["seconds"] = min(results[name]["seconds"], s)
-    for name, w, kw in configs:
-        r = results[name]
-        r["images_s"] = r["d_steps"] * batch / r["seconds"]
-        if not kw:
-            flops[w], fp32_s[w] = r["flops"], r["seconds"]
-        rate = flops[w] / r["seconds"]                        # the same math as fp32 at this width
-        lines.append(f"| {name} | {r['seconds']:.3g} | {fp32_s[w] / r['seconds']:.2f}x | {r['images_s']:.3g} | "
-                     f"{flops[w] / 1e9:.0f} | {rate / 1e9:.3g} | {rate / peak_fp32:.0%} | {rate / peak_bf16:.0%} | "
-                     f"{r['peak_mb']:.0f} | "
-                     f"{duration(r['seconds'] * 1e5)} | {r['warmup_s']:.3g} |")
+    lines += [row(name, w) for name, w, _ in configs]
+    flops = {w: results[name]["flops"] for w, name in fp32_at.items()}
     if device.type != "cuda":
         lines.append("| default, one GPU | - | | | | | | | | - (`python tools/bench.py --device cuda`) | |")
     lines.append(f"\nBatch {batch}; one iteration = {results[configs[0][0]]['d_steps']} D steps + 1 G step + "
@@ -552,14 +558,21 @@ def bench_eval(device, width, n_images, fid_images=10000, eval_every=2000, steps
 # ---------------------------------------------------------------------------------------------
 
 SECTIONS = ("2c", "ddp", "train", "host", "fid", "eval")
+# The training table's options: (row name, build_trainer's keywords). --channels-last measured 1.03x-1.10x on the
+# CPU: not worth a flag.
+TRAIN_OPTIONS = {"bf16": ("bf16", dict(amp="bf16")), "compile": ("torch.compile", dict(compile=True)),
+                 "bf16-compile": ("bf16 + torch.compile", dict(amp="bf16", compile=True)),
+                 "bf16-reduce-overhead": ("bf16 + torch.compile reduce-overhead",
+                                          dict(amp="bf16", compile="reduce-overhead"))}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cg.OneLineErrorParser(description=__doc__.strip().splitlines()[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
-    p.add_argument("--quick", action="store_true", help="tiny sizes, no torch.compile: a smoke test, not numbers")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, no torch.compile (unless "
+                   "--train-options asks): a smoke test, not numbers")
     p.add_argument("--batch-size", type=int, default=64, help="training batch (authors' CIFAR-10: 64)")
     p.add_argument("--width", type=int, default=96, help="the default architecture's width (authors: 96)")
     p.add_argument("--small-width", type=int, default=32, help="the small width; the options run at it")
@@ -567,24 +580,37 @@ def main(argv=None):
                    "these and the first iteration; default 3, 0 with --quick)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 gives steadier "
                    "numbers on a machine shared with other jobs")
-    p.add_argument("--out", help="also write the report to this markdown file, each section as it is measured "
-                   "(checked before anything runs)")
+    p.add_argument("--out", help="also write the report to this markdown file, each section (training: each row) "
+                   "as it is measured; a file already there is replaced at the first measurement (checked before "
+                   "anything runs)")
     p.add_argument("--append", action="store_true", help="add to --out instead of replacing it")
-    p.add_argument("--compile-bf16", action="store_true", help="also time bf16 + torch.compile")
+    p.add_argument("--train-options", help="the training table's rows after eager fp32, in this order, from " +
+                   ",".join(TRAIN_OPTIONS) + " (default: bf16,compile; with --quick: bf16); reduce-overhead: CUDA "
+                   "graphs on a GPU, skipped by torch on a CPU")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     sections = args.sections.split(",")
-    assert all(s in SECTIONS for s in sections), f"--sections: choose from {','.join(SECTIONS)}"
+    if not set(sections) <= set(SECTIONS):
+        p.error(f"--sections {args.sections}: choose from {','.join(SECTIONS)}")
+    if args.train_options is None:
+        args.train_options = "bf16" if args.quick else "bf16,compile"
+    train_options = [o for o in args.train_options.split(",") if o]   # "": eager fp32 alone
+    if not set(train_options) <= set(TRAIN_OPTIONS):
+        p.error(f"--train-options {args.train_options}: choose from {','.join(TRAIN_OPTIONS)}")
     if args.quick:
         args.width, args.small_width = min(args.width, 16), min(args.small_width, 8)
     if args.small_rounds is None:
         args.small_rounds = 0 if args.quick else 3
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = None
+    previous = ""                                              # --append: the report it adds to
     if args.out:                                               # before minutes of measuring, not after
         try:
-            out = open(args.out, "a" if args.append else "w")
+            if args.append and os.path.exists(args.out):
+                with open(args.out) as f:
+                    previous = f.read()
+            open(args.out + ".tmp", "w").close()
+            os.remove(args.out + ".tmp")
         except OSError as err:
             sys.exit(f"error: cannot write --out {args.out}: {err.strerror or err}")
     device = cg.setup_device(cg.build_parser().parse_args(["--device", args.device]))[0]  # TF32 as training
@@ -592,20 +618,21 @@ def main(argv=None):
     report = [f"# ContraGAN benchmarks\n\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine(device)}, "
               f"torch {torch.__version__}: `{' '.join(['python tools/bench.py'] + argv)}`"]
 
-    def emit(lines):                                           # a run cut short keeps the sections measured so far
+    def emit(lines, done=True):                                # done=False: a section still being measured
         text = "\n".join(lines)
-        print(text + "\n", flush=True)
-        report.append(text)
-        if out:
-            out.write(text + "\n\n")
-            out.flush()
+        if done:
+            print(text + "\n", flush=True)
+            report.append(text)
+        if args.out:                                           # the whole report so far, never a half-written file:
+            sections_so_far = report if done else report + [text]  # a run cut short keeps what it measured, and
+            with open(args.out + ".tmp", "w") as f:            # the old report stays until the first measurement
+                f.write(previous + "".join(t + "\n\n" for t in sections_so_far))
+            os.replace(args.out + ".tmp", args.out)
 
     if device.type == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5 * os.cpu_count():
         report[0] += ("\n\n**The machine was busy when this run started: other jobs inflate these timings, "
                       "the more so the smaller the operations. Rerun on a quiet machine.**")
     print(report[0] + "\n")
-    if out:
-        out.write(report[0] + "\n\n")
     budget_s = 0.3 if args.quick else 2.0                      # seconds per timed function
     # --quick: 512^2 on a CPU, where a bf16 2048^2 multiply without bf16 hardware takes ~25 s per call
     mm_n = 512 if args.quick and device.type == "cpu" else 8192 if device.type == "cuda" else 2048
@@ -624,14 +651,12 @@ def main(argv=None):
         sizes = [(64, 10)] if args.quick else [(64, 50), (1024, 10)]
         emit(["## 2C under DDP (gloo, CPU)\n"] + bench_ddp(device, sizes))
     if "train" in sections:
-        options = [("bf16", dict(amp="bf16"))]  # --channels-last measured 1.03x-1.10x on the CPU: not worth a flag
-        if not args.quick:
-            options.append(("torch.compile", dict(compile=True)))
-        if args.compile_bf16:
-            options.append(("bf16 + torch.compile", dict(amp="bf16", compile=True)))
-        lines, results, flops = bench_train(device, args.batch_size, args.width, args.small_width,
-                                            args.small_rounds, peak[torch.float32], peak[torch.bfloat16], options)
-        emit([f"## One training iteration (CIFAR-10 architecture, batch {args.batch_size})\n"] + lines)
+        options = [TRAIN_OPTIONS[o] for o in train_options]
+        title = [f"## One training iteration (CIFAR-10 architecture, batch {args.batch_size})\n"]
+        lines, results, flops = bench_train(device, args.batch_size, args.width, args.small_width, args.small_rounds,
+                                            peak[torch.float32], peak[torch.bfloat16], options,
+                                            show=lambda rows: emit(title + rows, done=False))
+        emit(title + lines)
         r = next(iter(results.values()))
         goals.append(f"Training at width {args.width}: {flops[args.width] / r['seconds'] / peak[torch.float32]:.0%} "
                      f"of the fp32 matmul rate (goal >= 50%); largest op outside the convolutions: "
@@ -658,8 +683,6 @@ def main(argv=None):
     emit(["## Goals (measured, not asserted)\n"] + [f"- {g}" for g in goals] +
          [f"\nWhole benchmark: {duration(time.perf_counter() - start)}" +
           (f"; load average {os.getloadavg()[0]:.1f} at the end." if hasattr(os, "getloadavg") else ".")])
-    if out:
-        out.close()
 
 
 if __name__ == "__main__":

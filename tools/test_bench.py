@@ -60,3 +60,47 @@ def test_unwritable_out_is_one_line_before_any_measuring(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         bench.main(["--quick", "--sections", "2c", "--out", str(tmp_path / "file" / "perf.md")])
     assert str(exit.value).startswith("error: cannot write --out") and "Matrix-multiply" not in capsys.readouterr().out
+
+
+def test_bogus_section_is_one_line_status_2(capsys):
+    with pytest.raises(SystemExit) as exit:                    # an explicit check: python -O keeps it
+        bench.main(["--quick", "--sections", "2c,bogus"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(err) == 1 and err[0].startswith("error: --sections 2c,bogus: choose from")
+
+
+def test_a_run_cut_short_keeps_the_rows_measured_and_the_old_report_until_then(tmp_path, monkeypatch):
+    out = tmp_path / "perf.md"
+    out.write_text("# the previous report\n")
+
+    def cut(*args, **kwargs):
+        raise KeyboardInterrupt                                # as a time limit's signal would
+    measure = bench.train_config
+    monkeypatch.setattr(bench, "matmul_rate", cut)             # cut before anything is measured: the old report
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--quick", "--threads", "1", "--sections", "train", "--out", str(out)])
+    assert out.read_text() == "# the previous report\n"
+    monkeypatch.setattr(bench, "matmul_rate", lambda *args: 1e9)
+    monkeypatch.setattr(bench, "train_config", lambda device, batch, width, **kw: cut() if "amp" in kw else measure(
+        device, batch, width, **kw))                           # cut in the second configuration (bf16)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--quick", "--threads", "1", "--sections", "train", "--width", "4", "--small-width", "4",
+                    "--batch-size", "8", "--out", str(out), "--append"])
+    report = out.read_text()
+    assert report.startswith("# the previous report\n# ContraGAN benchmarks") and "## One training iteration" in report
+    assert "| width 4 (default), fp32 | " in report and "width 4, bf16" not in report
+
+
+def test_train_options_bad_one_is_one_line_and_reduce_overhead_reaches_torch_compile(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit:
+        bench.main(["--quick", "--sections", "train", "--train-options", "bf16,fast"])
+    assert exit.value.code == 2 and capsys.readouterr().err.startswith("error: --train-options bf16,fast: choose")
+    modes = []
+
+    def fake_compile(module, mode=None):
+        modes.append(mode)
+        return module
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    name, options = bench.TRAIN_OPTIONS["bf16-reduce-overhead"]
+    trainer, _ = bench.build_trainer(torch.device("cpu"), 8, 4, **options)
+    assert modes == ["reduce-overhead"] * 3 and trainer.cfg.amp == "bf16"
