@@ -1459,7 +1459,14 @@ def validate(cfg):
     check_ranges(cfg)                                          # every numeric flag: FLAG_RANGES
     if cfg.img_size not in G_ARCH:
         raise UsageError(f"--img-size {cfg.img_size} is not supported: the architecture has 32, 64 and 128")
-    if cfg.z_dim % (n := len(G_ARCH[cfg.img_size]["ch"])):     # Generator's chunks of z
+    g, d, S = G_ARCH[cfg.img_size], D_ARCH[cfg.img_size], cfg.img_size   # self-attention's C // 8 must be >= 1:
+    attn_ch = {"g_width": g["ch"][[4 * 2 ** j for j in range(len(g["ch"]))].index(g["attn"])],  # C = this x width
+               "d_width": d["ch"][[S >> sum(d["down"][:i + 1]) for i in range(len(d["ch"]))].index(d["attn"])]}
+    for flag, mult in attn_ch.items():
+        if getattr(cfg, flag) * mult < 8:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)} is too small at {S}x{S}: self-attention "
+                             f"needs {mult} x width >= 8 channels; the smallest width that works is {-(-8 // mult)}")
+    if cfg.z_dim % (n := len(g["ch"])):                        # Generator's chunks of z
         raise UsageError(f"--z-dim {cfg.z_dim} must split into {n} equal chunks at {cfg.img_size}x{cfg.img_size}")
     if cfg.loss in ("2c", "d2dce") and cfg.batch_size < 2:
         raise UsageError(f"--loss {cfg.loss} needs --batch-size of at least 2: it contrasts samples within a batch")

@@ -719,6 +719,10 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine w
     (["--temperature", "0"], "must be > 0"),
     (["--loss", "proj", "--no-data-positives"], "needs --loss 2c"),
     (["--img-size", "48"], "not supported"),
+    (["--g-width", "1"], "--g-width 1 is too small at 32x32: self-attention needs 4 x width >= 8 channels; the "
+                         "smallest width that works is 2"),
+    (["--d-width", "1"], "the smallest width that works is 4"),
+    (["--img-size", "64", "--d-width", "4"], "--d-width 4 is too small at 64x64"),
     (["--dataset", "folder", "--data-dir", "/nonexistent/images"], "does not exist"),
     (["--lr-g", "nan"], "--lr-g must be > 0 and finite"),              # every flag checked up front
     (["--lr-d", "inf"], "--lr-d must be > 0 and finite"),
