@@ -914,7 +914,7 @@ class FIDEvaluator:
                             f"{cfg.eval_batch}) vs {source}; Inception-V3 {self.protocol['weights']}; "
                             f"{self.protocol['resize']}")
         stem = os.path.join(cfg.data_dir if cfg.dataset != "folder" else cfg.run_dir,
-                            f"fid_{cfg.dataset}_{split}_{n_ref}_{'random' if random_weights else 'tf'}")
+                            f"fid_{cfg.dataset}_{split}_{cfg.img_size}px_{n_ref}_{'random' if random_weights else 'tf'}")
         names = [stem + ".npz"] + [f"{stem}_class{k}.npz" for k in range(num_classes) if cfg.intra_fid]
         if cfg.dataset != "folder" and not all(map(os.path.exists, names)) and not fid.can_write(cfg.data_dir):
             stem = os.path.join(cfg.run_dir, os.path.basename(stem))   # e.g. a read-only shared data set

@@ -684,7 +684,7 @@ def test_fid_during_training_with_random_weights(tmp_path, monkeypatch, capsys):
     # class, G's BatchNorm batch statistics would remove the class). The grids of steps 0 and 1 (4 x 10) draw first.
     assert [len(y) for y in calls[:4]] == [40, 40, 8, 8] and all(len(y.unique()) > 1 for y in calls)
     assert torch.bincount(torch.cat(calls[2:4]), minlength=4).tolist() == [4, 4, 4, 4]
-    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".npz"))[0] == "fid_shapes_heldout_16_random.npz"
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".npz"))[0] == "fid_shapes_heldout_32px_16_random.npz"
     assert "FID protocol" in r.stdout and "RANDOM weights" in r.stdout
     assert (run / "best.pt").is_file()
 
@@ -1170,12 +1170,21 @@ def test_fid_cache_in_unwritable_data_dir_goes_to_run_folder(tmp_path, capsys):
     r = run_main(capsys, *TINY, "--steps", "1", "--fid-images", "8", "--fid-weights", "random", "--eval-batch", "8",
                  "--data-dir", tmp_path / "blocker" / "data", "--run-dir", tmp_path / "r")
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "r" / "fid_shapes_heldout_8_random.npz").is_file()
+    assert (tmp_path / "r" / "fid_shapes_heldout_32px_8_random.npz").is_file()
     assert "cached in the run folder (cannot write to" in r.stdout
 
 
+def test_fid_caches_of_two_image_sizes_share_a_data_dir(tmp_path, capsys):
+    for size in (32, 64):                                      # the protocol's every field is in the file's name
+        r = run_main(capsys, *TINY, "--steps", "1", "--fid-images", "8", "--fid-weights", "random", "--eval-batch",
+                     "8", "--img-size", size, "--data-dir", tmp_path, "--run-dir", tmp_path / f"r{size}")
+        assert r.returncode == 0, r.stderr
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".npz")) == [
+        "fid_shapes_heldout_32px_8_random.npz", "fid_shapes_heldout_64px_8_random.npz"]
+
+
 def test_fid_cache_on_a_full_data_disk_names_the_data_folder_and_leaves_nothing(tmp_path, capsys, monkeypatch):
-    data, stats = tmp_path / "data", tmp_path / "data" / "fid_shapes_heldout_8_random.npz"
+    data, stats = tmp_path / "data", tmp_path / "data" / "fid_shapes_heldout_32px_8_random.npz"
     args = [*TINY, "--steps", "1", "--fid-images", "8", "--fid-weights", "random", "--eval-batch", "8",
             "--data-dir", data, "--run-dir", tmp_path / "r"]
     with monkeypatch.context() as patch:                      # full before the statistics: refused before them
