@@ -1362,9 +1362,14 @@ def cut_metrics(path, step):
         kept = [line for line, s in steps if s is not None and s <= step]
         if n := sum(s is None for _, s in steps):
             print(f"note: {n} unreadable lines of {path} dropped (torn, blank or edited)")
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        try:
+            with open(path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+        except OSError as err:                                 # e.g. an immutable metrics.jsonl: name it, no .tmp
+            with contextlib.suppress(OSError):
+                os.remove(path + ".tmp")
+            raise OSError(err.errno, err.strerror, path) from None
 
 # ---- Command line --------------------------------------------------------------------------------------------------
 

@@ -1275,6 +1275,18 @@ def test_failed_start_or_resume_writes_nothing(tmp_path, capsys):
     assert {f: (run / f).read_bytes() for f in os.listdir(run) if os.path.isfile(run / f)} == before
 
 
+def test_an_immutable_metrics_file_is_named_and_leaves_no_tmp(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    def immutable(src, dst):                                   # what chattr +i gives os.replace (root too)
+        raise PermissionError(errno.EPERM, "Operation not permitted", src, dst)
+    monkeypatch.setattr(cg.os, "replace", immutable)
+    line = one_line_error(run_main(capsys, *TINY, "--steps", "1", "--run-dir", run))
+    assert line == f"error: Operation not permitted: {run}/metrics.jsonl; no checkpoint was written", line
+    assert sorted(os.listdir(run)) == ["metrics.jsonl"]
+
+
 def test_crash_before_first_checkpoint_then_rerun_repeats_no_step(tmp_path, monkeypatch):
     run = tmp_path / "run"
     args = [*TINY, "--steps", "3", "--eval-every", "3", "--run-dir", str(run)]
