@@ -1634,6 +1634,31 @@ def test_sample_failed_or_interrupted_run_keeps_nothing_and_reruns(trained_run, 
     assert len(os.listdir(out)) == 13 and all(sorted(y) == [0, 1, 2, 3] for y in calls[:3])  # every batch mixed
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sample_stopped_by_sigterm_or_sighup_keeps_nothing(trained_run, tmp_path, capsys, monkeypatch, sig):
+    # `timeout` and schedulers send SIGTERM; a closed terminal SIGHUP. Here a signal sent by the process itself.
+    real_generate, calls, signum = cg.generate, [], getattr(signal, sig)
+    def generate(*args):
+        calls.append(1)
+        if len(calls) == 2:                                    # after one batch of PNGs is written
+            os.kill(os.getpid(), signum)
+        return real_generate(*args)
+    class Unhandled(Exception):
+        pass
+    def unhandled(*args):                                      # what the signal would do to a script without a handler
+        raise Unhandled(sig)
+    monkeypatch.setattr(cg, "generate", generate)
+    before = {s: signal.signal(s, unhandled) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        line = one_line(capsys, sample.main, [trained_run, "--out-dir", tmp_path / "fakes", "--num-images", 12,
+                                              "--batch-size", 4], code=128 + signum)
+        assert signal.getsignal(signum) is unhandled          # its handler is put back
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    assert line == f"interrupted by {sig}: nothing kept in {tmp_path / 'fakes'}" and os.listdir(tmp_path) == []
+
+
 def test_plot_out_is_checked_by_creating_it(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     (tmp_path / "file").write_text("")
