@@ -913,8 +913,8 @@ class FIDEvaluator:
         self.description = (f"FID protocol: {cfg.fid_images} fakes of G_ema (BatchNorm batch statistics, batch "
                             f"{cfg.eval_batch}) vs {source}; Inception-V3 {self.protocol['weights']}; "
                             f"{self.protocol['resize']}")
-        stem = os.path.join(cfg.data_dir if cfg.dataset != "folder" else cfg.run_dir,
-                            f"fid_{cfg.dataset}_{split}_{cfg.img_size}px_{n_ref}_{'random' if random_weights else 'tf'}")
+        stem = os.path.join(cfg.data_dir if cfg.dataset != "folder" else cfg.run_dir, f"fid_{cfg.dataset}_{split}_"
+                            f"{cfg.img_size}px_{n_ref}_{'random' if random_weights else 'tf'}")  # every protocol key
         names = [stem + ".npz"] + [f"{stem}_class{k}.npz" for k in range(num_classes) if cfg.intra_fid]
         if cfg.dataset != "folder" and not all(map(os.path.exists, names)) and not fid.can_write(cfg.data_dir):
             stem = os.path.join(cfg.run_dir, os.path.basename(stem))   # e.g. a read-only shared data set
@@ -1290,6 +1290,11 @@ def load_checkpoint(path):
     lack = sorted({"opt_G", "opt_D", "num_classes", "data", "rng", "best_fid", "best_step"} - checkpoint.keys())
     if lack or not isinstance(checkpoint["config"], dict):
         raise UsageError(f"{path} is not a checkpoint of this contragan.py version (no {', '.join(lack) or 'config'})")
+    parts = {k: list(checkpoint[k].values()) for k in ("G", "D", "G_ema")}   # runs never save NaN (check_finite);
+    parts.update({k: [t for s in checkpoint[k]["state"].values() for t in s.values()] for k in ("opt_G", "opt_D")})
+    if bad := [k for k, ts in parts.items() if not all(t.isfinite().all() for t in ts if torch.is_tensor(t))]:
+        raise UsageError(f"checkpoint {path} itself holds NaN or inf (in {', '.join(bad)}): it cannot be resumed or "
+                         f"sampled; use an earlier checkpoint")    # an older file (before that check) or edited
     return checkpoint, path
 
 def claim_run_dir(run_dir, resume_path=None):

@@ -1659,6 +1659,17 @@ def test_sample_stopped_by_sigterm_or_sighup_keeps_nothing(trained_run, tmp_path
     assert line == f"interrupted by {sig}: nothing kept in {tmp_path / 'fakes'}" and os.listdir(tmp_path) == []
 
 
+def test_a_checkpoint_holding_nan_is_refused_by_resume_and_sample(trained_run, tmp_path, capsys):
+    state = torch.load(trained_run / "last.pt", weights_only=False)
+    state["G_ema"]["linear.bias"][0] = float("nan")           # an older checkpoint (no seal, saved unchecked)
+    torch.save(state, tmp_path / "nan.pt")
+    line = one_line_error(run_main(capsys, "--resume", tmp_path / "nan.pt", "--run-dir", tmp_path / "b", "--steps", 3))
+    assert line == f"error: checkpoint {tmp_path / 'nan.pt'} itself holds NaN or inf (in G_ema): it cannot be " \
+        "resumed or sampled; use an earlier checkpoint", line
+    line = one_line(capsys, sample.main, [tmp_path / "nan.pt", "--out-dir", tmp_path / "fakes", "--num-images", 4])
+    assert "itself holds NaN or inf" in line and sorted(os.listdir(tmp_path)) == ["nan.pt"]   # no black PNGs
+
+
 def test_plot_out_is_checked_by_creating_it(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     (tmp_path / "file").write_text("")
