@@ -740,8 +740,8 @@ def fixed_sample(dataset, n, seed):
 
 # ---- Distributed training (torchrun): process group, DDP, the 2C all-gather, stopping together, RNG states ---------
 
-def is_main_process():
-    return os.environ.get("RANK", "0") == "0"                 # only rank 0 prints, writes and errs
+def is_main_process():                                         # only rank 0 prints, writes and errs; a stray
+    return os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1"   # RANK: refused aloud
 
 def pick_device(choice, index=0, tf32=True):
     """--device auto|cuda|cpu; on a GPU, TF32 as --tf32 says and cuDNN autotuning."""
@@ -1466,6 +1466,12 @@ def build_parser(suppress=False):
 
 def validate(cfg):
     """Bad input: one clear line (main prints it), before anything is built or written."""
+    env = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}  # torchrun's
+    if env["WORLD_SIZE"] in (None, "1") and env["RANK"] not in (None, "0"):
+        raise UsageError(f"RANK={env['RANK']} is set without WORLD_SIZE: unset RANK, or start the ranks with torchrun")
+    if env["WORLD_SIZE"] not in (None, "1") and (lack := [k for k, v in env.items() if not v]):
+        raise UsageError(f"WORLD_SIZE={env['WORLD_SIZE']} is set without {', '.join(lack)}: start the ranks with "
+                         f"torchrun, or unset WORLD_SIZE")
     check_ranges(cfg)                                          # every numeric flag: FLAG_RANGES
     if cfg.img_size not in G_ARCH:
         raise UsageError(f"--img-size {cfg.img_size} is not supported: the architecture has 32, 64 and 128")

@@ -654,10 +654,26 @@ def test_torn_blank_or_edited_metrics_lines_are_dropped_on_resume(tmp_path, caps
 
 
 def test_unknown_flag_under_torchrun_is_said_by_rank_0_only(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, said in (("1", ""), ("0", "error: unrecognized arguments: --bogus (see --help)")):
         monkeypatch.setenv("RANK", rank)
         r = run_main(capsys, "--bogus")
         assert r.returncode == 2 and r.stderr.strip() == said
+
+
+def test_stray_rank_or_world_size_without_torchrun_is_one_line(tmp_path, capsys, monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "1")                            # left over in a shell: one process, which must speak
+    for args in ([], ["--steps", "0"]):
+        line = one_line_error(run_main(capsys, *TINY, "--steps", "1", "--run-dir", tmp_path / "r", *args))
+        assert line.startswith("error: RANK=1 is set without WORLD_SIZE") or "--steps must be" in line, line
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("WORLD_SIZE", "2")                      # without torchrun: no rank, no rendezvous
+    line = one_line_error(run_main(capsys, *TINY, "--steps", "1", "--run-dir", tmp_path / "r"))
+    assert line == "error: WORLD_SIZE=2 is set without RANK, MASTER_ADDR, MASTER_PORT: start the ranks with " \
+        "torchrun, or unset WORLD_SIZE", line
+    assert not (tmp_path / "r").exists()
 
 
 def test_collapse_gap_needs_enough_images_a_side(tmp_path, capsys, monkeypatch):
