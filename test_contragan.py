@@ -7,6 +7,7 @@ import json
 import math
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -1430,6 +1431,41 @@ def test_sigterm_and_sighup_save_and_exit_like_ctrl_c(tmp_path, capsys, sig, lau
     state = torch.load(run / "last.pt", weights_only=False)
     assert state["step"] >= 1 and len(state["rng"]) == (2 if launcher else 1) and not (run / "run.lock").exists()
     assert run_main(capsys, "--resume", run, "--steps", state["step"] + 1).returncode == 0
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_rank_that_never_starts_is_waited_for_a_bounded_time(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cg, "RENDEZVOUS_S", 1)
+    port = free_port()
+    for name, value in dict(WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(name, value)
+    for rank, said in (("0", f"error: ranks 1, 2 of 3 did not join at 127.0.0.1:{port} in 1 s: start each with the "
+                             f"same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, or use torchrun"),
+                       ("2", f"error: rank 2: rank 0 of 3 did not join at 127.0.0.1:{port} in 1 s")):
+        monkeypatch.setenv("RANK", rank)
+        r = run_main(capsys, *TINY, "--batch-size", "9", "--steps", "1", "--run-dir", tmp_path / "r")
+        assert one_line_error(r).startswith(said), r.stderr
+    assert r.stdout == "" and not (tmp_path / "r").exists()   # rank 0 alone said it waits
+
+
+def test_a_stop_signal_while_waiting_for_ranks_stops_at_once(tmp_path):
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.Popen([sys.executable, SCRIPT, *TINY, "--steps", "1", "--run-dir", str(tmp_path / "r")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE, env=env)
+    try:
+        assert select.select([proc.stdout], [], [], 120)[0], "no line said it waits"
+        assert proc.stdout.readline().startswith("waiting up to 300 s for 2 ranks at 127.0.0.1:")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=5)                                   # not the 30 minutes of torch's own wait
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and proc.stderr.read() == "interrupted by SIGTERM\n"
+    assert not (tmp_path / "r").exists()
 
 
 def test_ctrl_c_during_the_imports_is_one_line(tmp_path):
