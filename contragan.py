@@ -500,6 +500,9 @@ def sn_linear(f_in, f_out, bias=True):
 class UsageError(Exception):
     """A problem with the user's input: main() prints 'error: <message>' and exits with status 2."""
 
+class RankError(UsageError):
+    """A UsageError that every rank says, not rank 0 alone: rank 0 may be the one missing."""
+
 # ---- Data: CIFAR-10/100 (torchvision), any class-per-folder tree (ImageFolder), built-in shapes --------------------
 
 def to_signed(images):  # uint8 in [0, 255] -> float in [-1, 1], the range of G's tanh (fid.py does the same)
@@ -794,9 +797,7 @@ def join_process_group(backend, rank, world):
             failed = failed or f"rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))} of {world} did not " \
                 f"join at {addr}:{port} in {RENDEZVOUS_S} s: start each with the same MASTER_ADDR, MASTER_PORT and " \
                 f"WORLD_SIZE, or use torchrun"
-            if rank > 0:                                       # each rank started by hand has its own terminal
-                print(f"error: rank {rank}: {failed}", file=sys.stderr)
-            raise UsageError(failed)
+            raise RankError(f"rank {rank}: {failed}" if rank else failed)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(minutes=30))
 
 def wrap_for_training(G, D, cfg, device, world):
@@ -1035,14 +1036,20 @@ def start_run(cfg, explicit):
     release = claim_run_dir(cfg.run_dir, ckpt_path) if rank == 0 else (lambda: None)
     try:
         return Run(cfg, checkpoint, ckpt_path, device, rank, world).loop()
-    except (OSError, RuntimeError) as err:                     # a full disk, a folder removed; out of memory
-        if not isinstance(err, (OSError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(err):
+    except (OSError, RuntimeError) as err:                     # a full disk, a folder removed; out of memory; a rank
+        lost = world > 1 and (isinstance(err, dist.DistError) or "gloo" in str(err))  # lost: its collectives fail
+        if not (lost or isinstance(err, (OSError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)):
             raise
         last = os.path.join(cfg.run_dir, "last.pt")
+        kept = f"; {last} is intact" if os.path.exists(last) else "; no checkpoint was written"
+        if lost:                                               # gloo: "[file:line] Read error ...: reset by peer. ..."
+            reason = str(err).split("] ")[-1].split(". ")[0]
+            raise RankError(f"rank {rank}: another rank stopped or lost its connection ({reason}){kept}" +
+                            (f": continue with --resume {cfg.run_dir}" if os.path.exists(last) else "")) from None
         raise UsageError((f"{err.strerror or err}: {err.filename or cfg.run_dir}" if isinstance(err, OSError) else
                           f"out of memory on {device}: --batch-size {cfg.batch_size}, --eval-batch {cfg.eval_batch}, "
                           f"--g-width {cfg.g_width} or --d-width {cfg.d_width} is too large for its memory") +
-                         (f"; {last} is intact" if os.path.exists(last) else "; no checkpoint was written")) from None
+                         kept) from None
     finally:
         release()
 
@@ -1543,7 +1550,7 @@ def main(argv=None):
         print(f"interrupted{'' if signum == signal.SIGINT else ' by ' + signal.Signals(signum).name}", file=sys.stderr)
         return 128 + signum
     except (UsageError, fid.FIDError) as err:
-        if is_main_process():                                  # under torchrun: said once, by rank 0
+        if is_main_process() or isinstance(err, RankError):   # under torchrun: said once, by rank 0
             print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
