@@ -772,32 +772,26 @@ RENDEZVOUS_S = 300                                             # ranks started b
 
 def join_process_group(backend, rank, world):
     """init_process_group. Ranks started by hand (torchrun's agent starts them all) first meet in a TCPStore polled
-    from Python: the wait is said, ends after RENDEZVOUS_S naming who is missing, and at once on a stop signal
-    (torch's own wait sits 30 minutes in C++, where Python's signal handlers cannot run)."""
-    store, addr, port = None, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        deadline, missing, failed = time.time() + RENDEZVOUS_S, [0], None
-        if rank == 0:
-            print(f"waiting up to {RENDEZVOUS_S} s for {world} ranks at {addr}:{port} (MASTER_ADDR:MASTER_PORT)",
-                  flush=True)
-        try:
-            while missing and time.time() < deadline:
-                if store is None and rank > 0:                 # is rank 0 up? asked here: a C++ client retries deaf
-                    with socket.socket() as probe:
-                        probe.settimeout(1)
-                        up = probe.connect_ex((addr, port)) == 0
-                if store is None and (rank == 0 or up):
+    from Python, not in torch's C++ wait (30 minutes, deaf to signals): the wait is said, bounded, ended by a signal."""
+    store, addr, port, start = None, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), time.time()
+    missing = [] if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else [0]
+    if missing and rank == 0:
+        print(f"waiting up to {RENDEZVOUS_S} s for {world} ranks at {addr}:{port}", flush=True)
+    try:
+        while missing and time.time() < start + RENDEZVOUS_S:
+            with socket.socket() as probe:                     # rank 0 up? asked here: a C++ client retries deaf
+                probe.settimeout(1)
+                if store is None and (rank == 0 or probe.connect_ex((addr, port)) == 0):
                     store = dist.TCPStore(addr, port, world, rank == 0, timedelta(minutes=30), wait_for_workers=False)
                     store.set(f"contragan_rank{rank}", "")
-                missing = [0] if store is None else [r for r in range(world) if not store.check([f"contragan_rank{r}"])]
-                time.sleep(0.1 if missing else 0)
-        except (OSError, RuntimeError) as err:                 # rank 0: the port is taken; the others: rank 0 left
-            failed = f"the rendezvous at {addr}:{port} failed: {str(err).splitlines()[0]}"
-        if failed or missing:
-            failed = failed or f"rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))} of {world} did not " \
-                f"join at {addr}:{port} in {RENDEZVOUS_S} s: start each with the same MASTER_ADDR, MASTER_PORT and " \
-                f"WORLD_SIZE, or use torchrun"
-            raise RankError(f"rank {rank}: {failed}" if rank else failed)
+            missing = [0] if store is None else [r for r in range(world) if not store.check([f"contragan_rank{r}"])]
+            time.sleep(0.1 if missing else 0)
+    except (OSError, RuntimeError) as err:                     # rank 0: the port is taken; the others: rank 0 left
+        raise RankError(f"rank {rank}: the rendezvous at {addr}:{port} failed ({str(err).splitlines()[0]})") from None
+    if missing:                                                # said by every rank: rank 0 may be the one missing
+        ranks = f"rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))}"
+        raise RankError(f"{f'rank {rank}: ' if rank else ''}{ranks} of {world} did not join at {addr}:{port} in "
+                        f"{RENDEZVOUS_S} s: start each with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, or use torchrun")
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(minutes=30))
 
 def wrap_for_training(G, D, cfg, device, world):
