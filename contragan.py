@@ -791,7 +791,8 @@ def join_process_group(backend, rank, world):
     if missing:                                                # said by every rank: rank 0 may be the one missing
         ranks = f"rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))}"
         raise RankError(f"{f'rank {rank}: ' if rank else ''}{ranks} of {world} did not join at {addr}:{port} in "
-                        f"{RENDEZVOUS_S} s: start each with the same MASTER_ADDR, MASTER_PORT, WORLD_SIZE, or use torchrun")
+                        f"{RENDEZVOUS_S} s: start each with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, "
+                        f"or use torchrun")
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(minutes=30))
 
 def wrap_for_training(G, D, cfg, device, world):

@@ -1445,7 +1445,7 @@ def test_a_rank_that_never_starts_is_waited_for_a_bounded_time(tmp_path, capsys,
     for name, value in dict(WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
         monkeypatch.setenv(name, value)
     for rank, said in (("0", f"error: ranks 1, 2 of 3 did not join at 127.0.0.1:{port} in 1 s: start each with the "
-                             f"same MASTER_ADDR, MASTER_PORT, WORLD_SIZE, or use torchrun"),
+                             f"same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, or use torchrun"),
                        ("2", f"error: rank 2: rank 0 of 3 did not join at 127.0.0.1:{port} in 1 s")):
         monkeypatch.setenv("RANK", rank)
         r = run_main(capsys, *TINY, "--batch-size", "9", "--steps", "1", "--run-dir", tmp_path / "r")
