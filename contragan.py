@@ -1403,13 +1403,12 @@ def cut_metrics(path, step):
         kept = [line for line, s in steps if s is not None and s <= step]
         if n := sum(s is None for _, s in steps):
             print(f"note: {n} unreadable lines of {path} dropped (torn, blank or edited)")
+        with open(path + ".tmp", "w") as f:                   # the folder is writable: run.lock is in it
+            f.writelines(kept)
         try:
-            with open(path + ".tmp", "w") as f:
-                f.writelines(kept)
             os.replace(path + ".tmp", path)
-        except OSError as err:                                 # e.g. an immutable metrics.jsonl: name it, no .tmp
-            with contextlib.suppress(OSError):
-                os.remove(path + ".tmp")
+        except OSError as err:                                 # e.g. an immutable metrics.jsonl: named, no .tmp left
+            os.remove(path + ".tmp")
             raise OSError(err.errno, err.strerror, path) from None
 
 # ---- Command line --------------------------------------------------------------------------------------------------
@@ -1511,10 +1510,10 @@ def validate(cfg):
     check_ranges(cfg)                                          # every numeric flag: FLAG_RANGES
     if cfg.img_size not in G_ARCH:
         raise UsageError(f"--img-size {cfg.img_size} is not supported: the architecture has 32, 64 and 128")
-    g, d, S = G_ARCH[cfg.img_size], D_ARCH[cfg.img_size], cfg.img_size   # self-attention's C // 8 must be >= 1:
-    attn_ch = {"g_width": g["ch"][[4 * 2 ** j for j in range(len(g["ch"]))].index(g["attn"])],  # C = this x width
-               "d_width": d["ch"][[S >> sum(d["down"][:i + 1]) for i in range(len(d["ch"]))].index(d["attn"])]}
-    for flag, mult in attn_ch.items():
+    g, d, S = G_ARCH[cfg.img_size], D_ARCH[cfg.img_size], cfg.img_size   # self-attention maps C to C // 8 >= 1,
+    attn = (("g_width", g["ch"][[4 * 2 ** j for j in range(len(g["ch"]))].index(g["attn"])]),   # C = mult x width:
+            ("d_width", d["ch"][[S >> sum(d["down"][:i + 1]) for i in range(len(d["ch"]))].index(d["attn"])]))
+    for flag, mult in attn:                                    # the channels where each model's attention is
         if getattr(cfg, flag) * mult < 8:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)} is too small at {S}x{S}: self-attention "
                              f"needs {mult} x width >= 8 channels; the smallest width that works is {-(-8 // mult)}")
