@@ -1544,7 +1544,7 @@ def main(argv=None):
         print(f"interrupted{'' if signum == signal.SIGINT else ' by ' + signal.Signals(signum).name}", file=sys.stderr)
         return 128 + signum
     except (UsageError, fid.FIDError) as err:
-        if is_main_process() or isinstance(err, RankError):   # under torchrun: said once, by rank 0
+        if is_main_process() or isinstance(err, RankError):   # under torchrun: by rank 0 (RankError: by all)
             print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
