@@ -1441,13 +1441,14 @@ def free_port():
 
 def test_a_rank_that_never_starts_is_waited_for_a_bounded_time(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cg, "RENDEZVOUS_S", 1)
-    port = free_port()
-    for name, value in dict(WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(name, value)
-    for rank, said in (("0", f"error: ranks 1, 2 of 3 did not join at 127.0.0.1:{port} in 1 s: start each with the "
-                             f"same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, or use torchrun"),
-                       ("2", f"error: rank 2: rank 0 of 3 did not join at 127.0.0.1:{port} in 1 s")):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    for rank, said in (("0", "error: ranks 1, 2 of 3 did not join at 127.0.0.1:{} in 1 s: start each with the "
+                             "same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, or use torchrun"),
+                       ("2", "error: rank 2: rank 0 of 3 did not join at 127.0.0.1:{} in 1 s")):
         monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("MASTER_PORT", str(port := free_port()))
+        said = said.format(port)
         r = run_main(capsys, *TINY, "--batch-size", "9", "--steps", "1", "--run-dir", tmp_path / "r")
         assert one_line_error(r).startswith(said), r.stderr
     assert r.stdout == "" and not (tmp_path / "r").exists()   # rank 0 alone said it waits
