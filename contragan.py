@@ -539,6 +539,9 @@ def sn_linear(f_in, f_out, bias=True):
 class UsageError(Exception):
     """A problem with the user's input: main() prints 'error: <message>' and exits with status 2."""
 
+class RankError(UsageError):
+    """A UsageError that every rank says, not rank 0 alone: rank 0 may be the one missing."""
+
 # ---- Data: CIFAR-10/100 (torchvision), any class-per-folder tree (ImageFolder), built-in shapes --------------------
 
 def to_signed(images):  # uint8 in [0, 255] -> float in [-1, 1], the range of G's tanh (fid.py does the same)
@@ -779,8 +782,8 @@ def fixed_sample(dataset, n, seed):
 
 # ---- Distributed training (torchrun): process group, DDP, the 2C all-gather, stopping together, RNG states ---------
 
-def is_main_process():
-    return os.environ.get("RANK", "0") == "0"                 # only rank 0 prints, writes and errs
+def is_main_process():                                         # only rank 0 prints, writes and errs; a stray
+    return os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1"   # RANK: refused aloud
 
 def pick_device(choice, index=0, tf32=True):
     """--device auto|cuda|cpu; on a GPU, TF32 as --tf32 says and cuDNN autotuning."""
@@ -800,9 +803,36 @@ def setup_device(cfg):
     if cfg.compile and not any(map(which, compilers)):
         raise UsageError(f"--compile needs a C compiler on PATH ({', '.join(compilers)}), and none is there")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+        join_process_group("nccl" if device.type == "cuda" else "gloo", rank, world)
         warnings.filterwarnings("ignore", message=".*nn.functional.all_gather is deprecated")  # public, differentiable
     return device, rank, world
+
+RENDEZVOUS_S = 300                                             # ranks started by hand wait this long for each other
+
+def join_process_group(backend, rank, world):
+    """init_process_group. Ranks started by hand (torchrun's agent starts them all) first meet in a TCPStore polled
+    from Python, not in torch's C++ wait (30 minutes, deaf to signals): the wait is said, bounded, ended by a signal."""
+    store, addr, port, start = None, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), time.time()
+    missing = [] if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else [0]
+    if missing and rank == 0:
+        print(f"waiting up to {RENDEZVOUS_S} s for {world} ranks at {addr}:{port}", flush=True)
+    try:
+        while missing and time.time() < start + RENDEZVOUS_S:
+            with socket.socket() as probe:                     # rank 0 up? asked here: a C++ client retries deaf
+                probe.settimeout(1)
+                if store is None and (rank == 0 or probe.connect_ex((addr, port)) == 0):
+                    store = dist.TCPStore(addr, port, world, rank == 0, timedelta(minutes=30), wait_for_workers=False)
+                    store.set(f"contragan_rank{rank}", "")
+            missing = [0] if store is None else [r for r in range(world) if not store.check([f"contragan_rank{r}"])]
+            time.sleep(0.1 if missing else 0)
+    except (OSError, RuntimeError) as err:                     # rank 0: the port is taken; the others: rank 0 left
+        raise RankError(f"rank {rank}: the rendezvous at {addr}:{port} failed ({str(err).splitlines()[0]})") from None
+    if missing:                                                # said by every rank: rank 0 may be the one missing
+        ranks = f"rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))}"
+        raise RankError(f"{f'rank {rank}: ' if rank else ''}{ranks} of {world} did not join at {addr}:{port} in "
+                        f"{RENDEZVOUS_S} s: start each with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, "
+                        f"or use torchrun")
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(minutes=30))
 
 def wrap_for_training(G, D, cfg, device, world):
     """(G, D, G_train, D_train, D_frozen) for `Trainer`: on the device, --sync-bn (G), DDP (world > 1), --compile."""
@@ -955,8 +985,8 @@ class FIDEvaluator:
         self.description = (f"FID protocol: {cfg.fid_images} fakes of G_ema (BatchNorm batch statistics, batch "
                             f"{cfg.eval_batch}) vs {source}; Inception-V3 {self.protocol['weights']}; "
                             f"{self.protocol['resize']}")
-        stem = os.path.join(cfg.data_dir if split in ("test", "heldout") else cfg.run_dir,
-                            f"fid_{cfg.dataset}_{split}_{n_ref}_{'random' if random_weights else 'tf'}")
+        stem = os.path.join(cfg.data_dir if split in ("test", "heldout") else cfg.run_dir,  # every protocol key:
+                            f"fid_{cfg.dataset}_{split}_{cfg.img_size}px_{n_ref}_{'random' if random_weights else 'tf'}")
         names = [stem + ".npz"] + [f"{stem}_class{k}.npz" for k in range(num_classes) if cfg.intra_fid]
         if split in ("test", "heldout") and not all(map(os.path.exists, names)) and not fid.can_write(cfg.data_dir):
             stem = os.path.join(cfg.run_dir, os.path.basename(stem))   # e.g. a read-only shared data set
@@ -1043,14 +1073,20 @@ def start_run(cfg, explicit):
     release = claim_run_dir(cfg.run_dir, ckpt_path) if rank == 0 else (lambda: None)
     try:
         return Run(cfg, checkpoint, ckpt_path, device, rank, world).loop()
-    except (OSError, RuntimeError) as err:                     # a full disk, a folder removed; out of memory
-        if not isinstance(err, (OSError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(err):
+    except (OSError, RuntimeError) as err:                     # a full disk, a folder removed; out of memory; a rank
+        lost = world > 1 and (isinstance(err, dist.DistError) or "gloo" in str(err))  # lost: its collectives fail
+        if not (lost or isinstance(err, (OSError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)):
             raise
         last = os.path.join(cfg.run_dir, "last.pt")
+        kept = f"; {last} is intact" if os.path.exists(last) else "; no checkpoint was written"
+        if lost:                                               # gloo: "[file:line] Read error ...: reset by peer. ..."
+            reason = str(err).split("] ")[-1].split(". ")[0]
+            raise RankError(f"rank {rank}: another rank stopped or lost its connection ({reason}){kept}" +
+                            (f": continue with --resume {cfg.run_dir}" if os.path.exists(last) else "")) from None
         raise UsageError((f"{err.strerror or err}: {err.filename or cfg.run_dir}" if isinstance(err, OSError) else
                           f"out of memory on {device}: --batch-size {cfg.batch_size}, --eval-batch {cfg.eval_batch}, "
                           f"--g-width {cfg.g_width} or --d-width {cfg.d_width} is too large for its memory") +
-                         (f"; {last} is intact" if os.path.exists(last) else "; no checkpoint was written")) from None
+                         kept) from None
     finally:
         release()
 
@@ -1339,6 +1375,11 @@ def load_checkpoint(path):
     lack = sorted({"opt_G", "opt_D", "num_classes", "data", "rng", "best_fid", "best_step"} - checkpoint.keys())
     if lack or not isinstance(checkpoint["config"], dict):
         raise UsageError(f"{path} is not a checkpoint of this contragan.py version (no {', '.join(lack) or 'config'})")
+    parts = {k: list(checkpoint[k].values()) for k in ("G", "D", "G_ema")}   # runs never save NaN (check_finite);
+    parts.update({k: [t for s in checkpoint[k]["state"].values() for t in s.values()] for k in ("opt_G", "opt_D")})
+    if bad := [k for k, ts in parts.items() if not all(t.isfinite().all() for t in ts if torch.is_tensor(t))]:
+        raise UsageError(f"checkpoint {path} itself holds NaN or inf (in {', '.join(bad)}): it cannot be resumed or "
+                         f"sampled; use an earlier checkpoint")    # an older file (before that check) or edited
     return checkpoint, path
 
 def claim_run_dir(run_dir, resume_path=None):
@@ -1411,9 +1452,13 @@ def cut_metrics(path, step):
         kept = [line for line, s in steps if s is not None and s <= step]
         if n := sum(s is None for _, s in steps):
             print(f"note: {n} unreadable lines of {path} dropped (torn, blank or edited)")
-        with open(path + ".tmp", "w") as f:
+        with open(path + ".tmp", "w") as f:                   # the folder is writable: run.lock is in it
             f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        try:
+            os.replace(path + ".tmp", path)
+        except OSError as err:                                 # e.g. an immutable metrics.jsonl: named, no .tmp left
+            os.remove(path + ".tmp")
+            raise OSError(err.errno, err.strerror, path) from None
 
 # ---- Command line --------------------------------------------------------------------------------------------------
 
@@ -1523,10 +1568,23 @@ def build_parser(suppress=False):
 
 def validate(cfg):
     """Bad input: one clear line (main prints it), before anything is built or written."""
+    env = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}  # torchrun's
+    if env["WORLD_SIZE"] in (None, "1") and env["RANK"] not in (None, "0"):
+        raise UsageError(f"RANK={env['RANK']} is set without WORLD_SIZE: unset RANK, or start the ranks with torchrun")
+    if env["WORLD_SIZE"] not in (None, "1") and (lack := [k for k, v in env.items() if not v]):
+        raise UsageError(f"WORLD_SIZE={env['WORLD_SIZE']} is set without {', '.join(lack)}: start the ranks with "
+                         f"torchrun, or unset WORLD_SIZE")
     check_ranges(cfg)                                          # every numeric flag: FLAG_RANGES
     if cfg.img_size not in G_ARCH:
         raise UsageError(f"--img-size {cfg.img_size} is not supported: the architecture has 32, 64 and 128")
-    if cfg.z_dim % (n := len(G_ARCH[cfg.img_size]["ch"])):     # Generator's chunks of z
+    g, d, S = G_ARCH[cfg.img_size], D_ARCH[cfg.img_size], cfg.img_size   # self-attention maps C to C // 8 >= 1,
+    attn = (("g_width", g["ch"][[4 * 2 ** j for j in range(len(g["ch"]))].index(g["attn"])]),   # C = mult x width:
+            ("d_width", d["ch"][[S >> sum(d["down"][:i + 1]) for i in range(len(d["ch"]))].index(d["attn"])]))
+    for flag, mult in attn:                                    # the channels where each model's attention is
+        if getattr(cfg, flag) * mult < 8:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)} is too small at {S}x{S}: self-attention "
+                             f"needs {mult} x width >= 8 channels; the smallest width that works is {-(-8 // mult)}")
+    if cfg.z_dim % (n := len(g["ch"])):                        # Generator's chunks of z
         raise UsageError(f"--z-dim {cfg.z_dim} must split into {n} equal chunks at {cfg.img_size}x{cfg.img_size}")
     if cfg.loss in ("2c", "d2dce") and cfg.batch_size < 2:
         raise UsageError(f"--loss {cfg.loss} needs --batch-size of at least 2: it contrasts samples within a batch")
@@ -1555,7 +1613,7 @@ def main(argv=None):
         print(f"interrupted{'' if signum == signal.SIGINT else ' by ' + signal.Signals(signum).name}", file=sys.stderr)
         return 128 + signum
     except (UsageError, fid.FIDError) as err:
-        if is_main_process():                                  # under torchrun: said once, by rank 0
+        if is_main_process() or isinstance(err, RankError):   # under torchrun: by rank 0 (RankError: by all)
             print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

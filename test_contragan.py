@@ -8,6 +8,7 @@ import json
 import math
 import multiprocessing
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -821,10 +822,26 @@ def test_torn_blank_or_edited_metrics_lines_are_dropped_on_resume(tmp_path, caps
 
 
 def test_unknown_flag_under_torchrun_is_said_by_rank_0_only(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, said in (("1", ""), ("0", "error: unrecognized arguments: --bogus (see --help)")):
         monkeypatch.setenv("RANK", rank)
         r = run_main(capsys, "--bogus")
         assert r.returncode == 2 and r.stderr.strip() == said
+
+
+def test_stray_rank_or_world_size_without_torchrun_is_one_line(tmp_path, capsys, monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "1")                            # left over in a shell: one process, which must speak
+    for args in ([], ["--steps", "0"]):
+        line = one_line_error(run_main(capsys, *TINY, "--steps", "1", "--run-dir", tmp_path / "r", *args))
+        assert line.startswith("error: RANK=1 is set without WORLD_SIZE") or "--steps must be" in line, line
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("WORLD_SIZE", "2")                      # without torchrun: no rank, no rendezvous
+    line = one_line_error(run_main(capsys, *TINY, "--steps", "1", "--run-dir", tmp_path / "r"))
+    assert line == "error: WORLD_SIZE=2 is set without RANK, MASTER_ADDR, MASTER_PORT: start the ranks with " \
+        "torchrun, or unset WORLD_SIZE", line
+    assert not (tmp_path / "r").exists()
 
 
 def test_collapse_gap_needs_enough_images_a_side(tmp_path, capsys, monkeypatch):
@@ -851,7 +868,7 @@ def test_fid_during_training_with_random_weights(tmp_path, monkeypatch, capsys):
     # class, G's BatchNorm batch statistics would remove the class). The grids of steps 0 and 1 (4 x 10) draw first.
     assert [len(y) for y in calls[:4]] == [40, 40, 8, 8] and all(len(y.unique()) > 1 for y in calls)
     assert torch.bincount(torch.cat(calls[2:4]), minlength=4).tolist() == [4, 4, 4, 4]
-    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".npz"))[0] == "fid_shapes_heldout_16_random.npz"
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".npz"))[0] == "fid_shapes_heldout_32px_16_random.npz"
     assert "FID protocol" in r.stdout and "RANDOM weights" in r.stdout
     assert (run / "best.pt").is_file()
 
@@ -886,6 +903,10 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine w
     (["--temperature", "0"], "must be > 0"),
     (["--loss", "proj", "--no-data-positives"], "needs --loss 2c"),
     (["--img-size", "48"], "not supported"),
+    (["--g-width", "1"], "--g-width 1 is too small at 32x32: self-attention needs 4 x width >= 8 channels; the "
+                         "smallest width that works is 2"),
+    (["--d-width", "1"], "the smallest width that works is 4"),
+    (["--img-size", "64", "--d-width", "4"], "--d-width 4 is too small at 64x64"),
     (["--dataset", "folder", "--data-dir", "/nonexistent/images"], "does not exist"),
     (["--lr-g", "nan"], "--lr-g must be > 0 and finite"),              # every flag checked up front
     (["--lr-d", "inf"], "--lr-d must be > 0 and finite"),
@@ -1347,7 +1368,8 @@ def test_out_of_memory_names_the_settings(tmp_path, capsys, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     monkeypatch.setattr(cg.Trainer, "iteration", oom)
     r = run_main(capsys, *TINY, "--steps", "1", "--run-dir", tmp_path / "r")
-    assert "out of memory on cpu: --batch-size 8, --eval-batch 16, --g-width 8 or --d-width 8 is too" in one_line_error(r)
+    assert "out of memory on cpu: --batch-size 8, --eval-batch 16, --g-width 8 or --d-width 8 is too" in \
+        one_line_error(r)
 
 
 def test_shapes_beyond_memory_is_refused(tmp_path, capsys):
@@ -1360,12 +1382,21 @@ def test_fid_cache_in_unwritable_data_dir_goes_to_run_folder(tmp_path, capsys):
     r = run_main(capsys, *TINY, "--steps", "1", "--fid-images", "8", "--fid-weights", "random", "--eval-batch", "8",
                  "--data-dir", tmp_path / "blocker" / "data", "--run-dir", tmp_path / "r")
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "r" / "fid_shapes_heldout_8_random.npz").is_file()
+    assert (tmp_path / "r" / "fid_shapes_heldout_32px_8_random.npz").is_file()
     assert "cached in the run folder (cannot write to" in r.stdout
 
 
+def test_fid_caches_of_two_image_sizes_share_a_data_dir(tmp_path, capsys):
+    for size in (32, 64):                                      # the protocol's every field is in the file's name
+        r = run_main(capsys, *TINY, "--steps", "1", "--fid-images", "8", "--fid-weights", "random", "--eval-batch",
+                     "8", "--img-size", size, "--data-dir", tmp_path, "--run-dir", tmp_path / f"r{size}")
+        assert r.returncode == 0, r.stderr
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".npz")) == [
+        "fid_shapes_heldout_32px_8_random.npz", "fid_shapes_heldout_64px_8_random.npz"]
+
+
 def test_fid_cache_on_a_full_data_disk_names_the_data_folder_and_leaves_nothing(tmp_path, capsys, monkeypatch):
-    data, stats = tmp_path / "data", tmp_path / "data" / "fid_shapes_heldout_8_random.npz"
+    data, stats = tmp_path / "data", tmp_path / "data" / "fid_shapes_heldout_32px_8_random.npz"
     args = [*TINY, "--steps", "1", "--fid-images", "8", "--fid-weights", "random", "--eval-batch", "8",
             "--data-dir", data, "--run-dir", tmp_path / "r"]
     with monkeypatch.context() as patch:                      # full before the statistics: refused before them
@@ -1454,6 +1485,18 @@ def test_failed_start_or_resume_writes_nothing(tmp_path, capsys):
     before = {f: (run / f).read_bytes() for f in os.listdir(run) if os.path.isfile(run / f)}
     assert "not found" in one_line_error(run_main(capsys, "--resume", run, "--steps", "2", *missing))
     assert {f: (run / f).read_bytes() for f in os.listdir(run) if os.path.isfile(run / f)} == before
+
+
+def test_an_immutable_metrics_file_is_named_and_leaves_no_tmp(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    def immutable(src, dst):                                   # what chattr +i gives os.replace (root too)
+        raise PermissionError(errno.EPERM, "Operation not permitted", src, dst)
+    monkeypatch.setattr(cg.os, "replace", immutable)
+    line = one_line_error(run_main(capsys, *TINY, "--steps", "1", "--run-dir", run))
+    assert line == f"error: Operation not permitted: {run}/metrics.jsonl; no checkpoint was written", line
+    assert sorted(os.listdir(run)) == ["metrics.jsonl"]
 
 
 def test_crash_before_first_checkpoint_then_rerun_repeats_no_step(tmp_path, monkeypatch):
@@ -1602,6 +1645,63 @@ def test_sigterm_and_sighup_save_and_exit_like_ctrl_c(tmp_path, capsys, sig, lau
     state = torch.load(run / "last.pt", weights_only=False)
     assert state["step"] >= 1 and len(state["rng"]) == (2 if launcher else 1) and not (run / "run.lock").exists()
     assert run_main(capsys, "--resume", run, "--steps", state["step"] + 1).returncode == 0
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_rank_that_never_starts_is_waited_for_a_bounded_time(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cg, "RENDEZVOUS_S", 1)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    for rank, said in (("0", "error: ranks 1, 2 of 3 did not join at 127.0.0.1:{} in 1 s: start each with the "
+                             "same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, or use torchrun"),
+                       ("2", "error: rank 2: rank 0 of 3 did not join at 127.0.0.1:{} in 1 s")):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("MASTER_PORT", str(port := free_port()))
+        said = said.format(port)
+        r = run_main(capsys, *TINY, "--batch-size", "9", "--steps", "1", "--run-dir", tmp_path / "r")
+        assert one_line_error(r).startswith(said), r.stderr
+    assert r.stdout == "" and not (tmp_path / "r").exists()   # rank 0 alone said it waits
+
+
+def test_a_stop_signal_while_waiting_for_ranks_stops_at_once(tmp_path):
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.Popen([sys.executable, SCRIPT, *TINY, "--steps", "1", "--run-dir", str(tmp_path / "r")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE, env=env)
+    try:
+        assert select.select([proc.stdout], [], [], 120)[0], "no line said it waits"
+        assert proc.stdout.readline().startswith("waiting up to 300 s for 2 ranks at 127.0.0.1:")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=5)                                   # not the 30 minutes of torch's own wait
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and proc.stderr.read() == "interrupted by SIGTERM\n"
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_rank_lost_under_torchrun_names_the_intact_checkpoint(tmp_path, capsys, monkeypatch):
+    # Simulated (a real one: kill -9 of a rank under torchrun, tens of seconds on 2 cores): the error gloo raised
+    # on rank 1 when rank 0 was killed, after a checkpoint. Said by every rank left: rank 0 may be the one gone.
+    run = tmp_path / "run"
+    class LostRank:
+        def __init__(self, cfg, *args):
+            self.cfg = cfg
+        def loop(self):
+            run.mkdir()
+            (run / "last.pt").write_bytes(b"")                 # saved before the rank was lost
+            raise RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:"
+                               "10139: Connection reset by peer. This is typically caused by a remote worker hanging")
+    monkeypatch.setattr(cg, "Run", LostRank)
+    monkeypatch.setattr(cg, "setup_device", lambda cfg: (torch.device("cpu"), 1, 2))
+    for name, value in dict(WORLD_SIZE="2", RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    line = one_line_error(run_main(capsys, *TINY, "--steps", "4", "--run-dir", run))
+    assert line == f"error: rank 1: another rank stopped or lost its connection (Read error [127.0.0.1]:10139: " \
+        f"Connection reset by peer); {run}/last.pt is intact: continue with --resume {run}", line
 
 
 def test_ctrl_c_during_the_imports_is_one_line(tmp_path):
@@ -1820,6 +1920,42 @@ def test_sample_failed_or_interrupted_run_keeps_nothing_and_reruns(trained_run, 
     monkeypatch.setattr(cg, "generate", generate_then_fail(None))
     assert sample.main([str(trained_run), "--out-dir", str(out), "--num-images", "12", "--batch-size", "4"]) == 0
     assert len(os.listdir(out)) == 13 and all(sorted(y) == [0, 1, 2, 3] for y in calls[:3])  # every batch mixed
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sample_stopped_by_sigterm_or_sighup_keeps_nothing(trained_run, tmp_path, capsys, monkeypatch, sig):
+    # `timeout` and schedulers send SIGTERM; a closed terminal SIGHUP. Here a signal sent by the process itself.
+    real_generate, calls, signum = cg.generate, [], getattr(signal, sig)
+    def generate(*args):
+        calls.append(1)
+        if len(calls) == 2:                                    # after one batch of PNGs is written
+            os.kill(os.getpid(), signum)
+        return real_generate(*args)
+    class Unhandled(Exception):
+        pass
+    def unhandled(*args):                                      # what the signal would do to a script without a handler
+        raise Unhandled(sig)
+    monkeypatch.setattr(cg, "generate", generate)
+    before = {s: signal.signal(s, unhandled) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        line = one_line(capsys, sample.main, [trained_run, "--out-dir", tmp_path / "fakes", "--num-images", 12,
+                                              "--batch-size", 4], code=128 + signum)
+        assert signal.getsignal(signum) is unhandled          # its handler is put back
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    assert line == f"interrupted by {sig}: nothing kept in {tmp_path / 'fakes'}" and os.listdir(tmp_path) == []
+
+
+def test_a_checkpoint_holding_nan_is_refused_by_resume_and_sample(trained_run, tmp_path, capsys):
+    state = torch.load(trained_run / "last.pt", weights_only=False)
+    state["G_ema"]["linear.bias"][0] = float("nan")           # an older checkpoint (no seal, saved unchecked)
+    torch.save(state, tmp_path / "nan.pt")
+    line = one_line_error(run_main(capsys, "--resume", tmp_path / "nan.pt", "--run-dir", tmp_path / "b", "--steps", 3))
+    assert line == f"error: checkpoint {tmp_path / 'nan.pt'} itself holds NaN or inf (in G_ema): it cannot be " \
+        "resumed or sampled; use an earlier checkpoint", line
+    line = one_line(capsys, sample.main, [tmp_path / "nan.pt", "--out-dir", tmp_path / "fakes", "--num-images", 4])
+    assert "itself holds NaN or inf" in line and sorted(os.listdir(tmp_path)) == ["nan.pt"]   # no black PNGs
 
 
 def test_plot_out_is_checked_by_creating_it(tmp_path, capsys):

@@ -122,6 +122,9 @@ def get_judge(cfg, path=None, cache_dir=DEFAULT_CACHE, retrain=False, width=None
             raise cg.UsageError(f"judge {path} was trained on other data ({info['data']}), not {key}: "
                                 f"give --retrain to replace it, or another --judge-file")
         return judge, info, path
+    if not fid.can_write(folder := os.path.dirname(os.path.abspath(path))):   # tried before minutes of training
+        raise cg.UsageError(f"cannot write the judge to {path}: {folder} is not writable (give a writable "
+                            f"--cache-dir or --judge-file)")
     gpu = device.type == "cuda"                                # CPU: seconds on small data; GPU: CIFAR in minutes
     width, steps = width or (64 if gpu else 16), steps or (3000 if gpu else 500)
     batch_size = batch_size or (256 if gpu else 64)
@@ -136,7 +139,6 @@ def get_judge(cfg, path=None, cache_dir=DEFAULT_CACHE, retrain=False, width=None
             "heldout_confidence_q05": confidence.quantile(0.05).item(),
             "training": {"steps": steps, "batch_size": batch_size, "lr": lr, "device": str(device),
                          "seconds": round(seconds, 1)}}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({**info, "state_dict": judge.state_dict()}, path + ".tmp")
     os.replace(path + ".tmp", path)                            # atomic: a run reading it sees all or nothing
     log(f"judge trained in {seconds:.0f} s: {info['heldout_accuracy']:.4f} on {len(held[1])} held-out images")

@@ -6,11 +6,12 @@
 Writes N PNG files named <index>_class<label>.png (class-balanced labels, every batch mixed) and
 grid/grid.png (one row per class), drawn as contragan.py evaluates: BatchNorm batch statistics, batches of
 the run's --eval-batch. Bad input: one `error:` line, status 2 (as contragan.py); a failed run keeps no
-images, Ctrl-C neither (status 130).
+images, Ctrl-C, SIGTERM (`timeout`, a scheduler) and SIGHUP neither (status 128 + the signal: 130, 143, 129).
 """
 import argparse
 import os
 import shutil
+import signal
 import sys
 
 import torch
@@ -85,6 +86,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="0 <= SEED < 2**32")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     args = p.parse_args(argv)
+    previous = {s: signal.signal(s, cg.interrupt) for s in cg.STOP_SIGNALS}   # each one: KeyboardInterrupt(signum)
     try:
         cg.check_ranges(args, [("num_images batch_size", lambda v: v is None or v >= 1, "at least 1"),
                                   ("seed", lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)")])   # as contragan.py
@@ -95,9 +97,14 @@ def main(argv=None):
     except cg.UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: nothing kept in {args.out_dir}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:                           # generate_from_checkpoint removed what it wrote
+        signum = err.args[0] if err.args and isinstance(err.args[0], int) else signal.SIGINT
+        name = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+        print(f"interrupted{name}: nothing kept in {args.out_dir}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -178,3 +178,11 @@ def test_a_cached_judge_of_other_data_is_refused(tiny, capsys):
     with pytest.raises(cg.UsageError, match="was trained on other data"):
         J.get_judge(cfg, tiny["judge"])
     assert J.cache_path(J.load_split(cfg)[2], "c") != J.cache_path(J.load_split(tiny["cfg"])[2], "c")
+
+
+def test_an_unwritable_cache_is_refused_before_training(tiny, tmp_path, capsys, monkeypatch):
+    (tmp_path / "blocker").write_text("a file where the cache folder would be")   # read-only for root too
+    monkeypatch.setattr(J, "train_judge", lambda *a, **k: pytest.fail("trained before the output was tried"))
+    assert J.main([tiny["run"], "--cache-dir", str(tmp_path / "blocker" / "cache"), *TRAIN]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot write the judge to ") and "not writable" in err[0]
