@@ -985,8 +985,9 @@ class FIDEvaluator:
         self.description = (f"FID protocol: {cfg.fid_images} fakes of G_ema (BatchNorm batch statistics, batch "
                             f"{cfg.eval_batch}) vs {source}; Inception-V3 {self.protocol['weights']}; "
                             f"{self.protocol['resize']}")
-        stem = os.path.join(cfg.data_dir if split in ("test", "heldout") else cfg.run_dir,  # every protocol key:
-                            f"fid_{cfg.dataset}_{split}_{cfg.img_size}px_{n_ref}_{'random' if random_weights else 'tf'}")
+        weights = "random" if random_weights else "tf"        # every protocol key in the name:
+        stem = os.path.join(cfg.data_dir if split in ("test", "heldout") else cfg.run_dir,
+                            f"fid_{cfg.dataset}_{split}_{cfg.img_size}px_{n_ref}_{weights}")
         names = [stem + ".npz"] + [f"{stem}_class{k}.npz" for k in range(num_classes) if cfg.intra_fid]
         if split in ("test", "heldout") and not all(map(os.path.exists, names)) and not fid.can_write(cfg.data_dir):
             stem = os.path.join(cfg.run_dir, os.path.basename(stem))   # e.g. a read-only shared data set
