@@ -258,7 +258,11 @@ class Trainer:
 
     def load_state_dict(self, state):
         for name in self.PARTS:
-            getattr(self, name).load_state_dict(state[name])
+            part = state[name]
+            if name.startswith("opt_"):  # this device's fused/foreach BEFORE loading: torch puts Adam's `step` on
+                # the GPU only for fused groups of the loaded state, and fused CUDA Adam reads it there
+                part = {**part, "param_groups": [{**g, **self.adam_flags} for g in part["param_groups"]]}
+            getattr(self, name).load_state_dict(part)
 
 def build_models(cfg, num_classes):
     return (Generator(cfg.img_size, cfg.g_width, cfg.z_dim, cfg.shared_dim, num_classes),
@@ -1077,8 +1081,8 @@ class Run:
                      f"check start afresh at this resume; earlier FIDs in metrics.jsonl are of the old protocol")
         self.batches.load_state_dict(checkpoint["data"])       # global batches: the same order for any world size
         for opt, key in ((self.trainer.opt_G, "lr_g"), (self.trainer.opt_D, "lr_d")):
-            for group in opt.param_groups:                     # the loaded state holds the checkpoint's rate and
-                group.update(lr=getattr(self.cfg, key), **self.trainer.adam_flags)  # its device's fused/foreach
+            for group in opt.param_groups:                     # the loaded state holds the checkpoint's rate
+                group["lr"] = getattr(self.cfg, key)
         changed = changes(("lr_g", "lr_d"))
         self.log(f"resumed {path} at step {self.step}" + (f" ({', '.join(changed)})" if changed else ""))
 

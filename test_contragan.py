@@ -1324,7 +1324,7 @@ def test_compile_without_a_c_compiler_is_one_line_before_start_up(tmp_path, monk
 
 def test_resume_sets_adam_fused_or_foreach_for_this_device(tmp_path):
     """A checkpoint keeps its device's Adam flags (a GPU run's fused=True); resumed on another device, the optimisers
-    take this one's (CPU: foreach), as a fresh run there would. A CUDA resume of a CPU run is the same code path."""
+    take this one's (CPU: foreach), as a fresh run there would. CPU -> CUDA: the next test."""
     run = tmp_path / "run"
     assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
     state = torch.load(run / "last.pt", weights_only=False)
@@ -1338,6 +1338,27 @@ def test_resume_sets_adam_fused_or_foreach_for_this_device(tmp_path):
     resumed = cg.Run(cfg, checkpoint, path, torch.device("cpu"), 0, 1)
     for opt in (resumed.trainer.opt_G, resumed.trainer.opt_D):
         assert all(g["foreach"] is True and g["fused"] is False for g in opt.param_groups)
+
+
+def test_resume_of_a_cpu_run_on_cuda_puts_adam_step_on_the_gpu():
+    """The CPU -> CUDA order of the test above, with fake CUDA tensors (no GPU, nothing computed): a CPU run's Adam
+    state (fused=False, `step` on the CPU) loaded by a CUDA trainer has `step` on the GPU, where fused Adam reads it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    cpu = cg.Trainer(cg.build_parser().parse_args(["--g-width", "8", "--d-width", "8"]), 4, torch.device("cpu"))
+    for opt in (cpu.opt_G, cpu.opt_D):
+        for p in opt.param_groups[0]["params"]:
+            p.grad = torch.zeros_like(p)
+        opt.step()                                             # a state to load: step and moments
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        gpu = types.SimpleNamespace(PARTS=("opt_G", "opt_D"), adam_flags=dict(fused=True, foreach=False))
+        for name, model in (("opt_G", cpu.G), ("opt_D", cpu.D)):
+            params = [torch.nn.Parameter(torch.empty_like(p, device="cuda")) for p in model.parameters()]
+            setattr(gpu, name, torch.optim.Adam(params, **gpu.adam_flags))
+        cg.Trainer.load_state_dict(gpu, cpu.state_dict())
+        for opt in (gpu.opt_G, gpu.opt_D):
+            assert all(g["fused"] is True and g["foreach"] is False for g in opt.param_groups)
+            for state in opt.state.values():
+                assert state["step"].device.type == "cuda" and state["exp_avg"].device.type == "cuda"
 
 
 def test_ctrl_c_during_start_up_exits_130_quietly(tmp_path, monkeypatch, capsys):
