@@ -612,6 +612,8 @@ class SkipUnreadable(torch.utils.data.Dataset):
 
     def __init__(self, root, samples, classes, transform):
         self.root, self.samples, self.classes, self.transform = root, samples, classes, transform
+        listing = json.dumps([(p[len(os.path.join(root, "")):], k) for p, k in samples])  # paths from root, classes
+        self.fingerprint = hashlib.sha256(listing.encode()).hexdigest()[:16]   # of the file list: no image read
         self.warned = torch.zeros(len(samples), dtype=torch.bool).share_memory_()  # seen by every loader worker
 
     def __len__(self):
@@ -910,15 +912,17 @@ class FIDEvaluator:
             raise UsageError(str(err).replace("--weights PATH", "--fid-weights PATH (or --fid-images 0 "
                                               "to train without FID)")) from None
         n_ref = min(cfg.fid_images, len(reference))
+        files = reference.dataset.fingerprint if cfg.dataset == "folder" else None  # the file list it is made of
         self.protocol = {"dataset": cfg.dataset, "split": split, "num_images": n_ref, "img_size": cfg.img_size,
-                         **fid.inception_protocol(self.inception)}  # weights and resize, as fid.py names them
+                         **fid.inception_protocol(self.inception), **({"files": files} if files else {})}
         source = f"{n_ref} of the {len(reference)} folder training images (a fixed random subset; there is " \
             "no held-out reference)" if cfg.dataset == "folder" else f"{n_ref} {cfg.dataset} {split} images"
         self.description = (f"FID protocol: {cfg.fid_images} fakes of G_ema (BatchNorm batch statistics, batch "
                             f"{cfg.eval_batch}) vs {source}; Inception-V3 {self.protocol['weights']}; "
                             f"{self.protocol['resize']}")
         stem = os.path.join(cfg.data_dir if cfg.dataset != "folder" else cfg.run_dir,
-                            f"fid_{cfg.dataset}_{split}_{n_ref}_{'random' if random_weights else 'tf'}")
+                            f"fid_{cfg.dataset}_{split}_{n_ref}_{'random' if random_weights else 'tf'}"
+                            + (f"_{files}" if files else ""))  # changed files: a new reference, not the old one
         names = [stem + ".npz"] + [f"{stem}_class{k}.npz" for k in range(num_classes) if cfg.intra_fid]
         if cfg.dataset != "folder" and not all(map(os.path.exists, names)) and not fid.can_write(cfg.data_dir):
             stem = os.path.join(cfg.run_dir, os.path.basename(stem))   # e.g. a read-only shared data set
@@ -1023,7 +1027,8 @@ class Run:
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         self.log = self.say if rank == 0 else (lambda *a, **k: None)
         train_set, heldout, self.num_classes = load_data(cfg)
-        self.class_names = getattr(train_set, "classes", None) or train_set.dataset.classes  # a folder's: a Subset
+        data = getattr(train_set, "dataset", train_set)        # a folder's: a Subset
+        self.class_names, self.data_files = list(data.classes), getattr(data, "fingerprint", None)
         if self.num_classes < 2 and cfg.loss in ("2c", "d2dce", "ac"):
             raise UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is "
                              f"exactly 0 every step (use --loss proj, or give more classes)")
@@ -1070,15 +1075,24 @@ class Run:
         except (RuntimeError, KeyError, ValueError) as err:
             raise UsageError(f"checkpoint {path} does not fit this model: it has {checkpoint['num_classes']} classes, "
                              f"the data {self.num_classes} ({str(err).splitlines()[0].rstrip(':')})") from None
+        for k, (was_name, name) in enumerate(zip(checkpoint.get("classes", self.class_names), self.class_names)):
+            if was_name != name:                               # classes are numbered in name order: all would move
+                raise UsageError(f"checkpoint {path} was trained with class {k} {was_name!r}, the data has {name!r} "
+                                 f"there: give the class folders their old names (or the data it was trained on), "
+                                 f"or start a new run")
         self.step, self.best_fid, self.best_step = checkpoint["step"], checkpoint["best_fid"], checkpoint["best_step"]
         self.history, was = checkpoint.get("history", []), checkpoint["config"]
         changes = lambda keys: [f"--{k.replace('_', '-')} {was.get(k)} -> {getattr(self.cfg, k)}"  # noqa: E731
                                 for k in keys if was.get(k) != getattr(self.cfg, k)]
-        if (changed := changes(("fid_images", "fid_weights", "eval_batch"))) and self.cfg.fid_images and \
+        files = [] if checkpoint.get("files", self.data_files) == self.data_files else \
+            [f"the files in {self.cfg.data_dir}: added, removed or moved"]   # older checkpoints: not known
+        if (changed := changes(("fid_images", "fid_weights", "eval_batch")) + files) and self.cfg.fid_images and \
                 was.get("fid_images"):                         # FIDs of two protocols are not compared
             self.best_fid, self.best_step, self.history = None, None, [{**h, "fid": None} for h in self.history]
             self.log(f"note: the FID protocol changed ({', '.join(changed)}): best.pt and the FID-rise collapse "
                      f"check start afresh at this resume; earlier FIDs in metrics.jsonl are of the old protocol")
+        elif files:
+            self.log(f"note: {files[0]} since {path} was saved; the run goes on with the files there now")
         self.batches.load_state_dict(checkpoint["data"])       # global batches: the same order for any world size
         for opt, key in ((self.trainer.opt_G, "lr_g"), (self.trainer.opt_D, "lr_d")):
             for group in opt.param_groups:                     # the loaded state holds the checkpoint's rate
@@ -1234,6 +1248,7 @@ class Run:
         self.check_finite(state)                               # every save comes through here
         state.update(step=self.step, best_fid=self.best_fid, best_step=self.best_step, history=self.history,
                      config=vars(self.cfg), num_classes=self.num_classes, data=self.batches.state_dict(),
+                     classes=self.class_names, files=self.data_files,
                      rng=rng_states(self.device, self.world))
         if self.rank == 0:
             for name in ("last.pt", "best.pt") if best else ("last.pt",):

@@ -614,6 +614,38 @@ def test_run_folder_and_image_folder_apart(tmp_path, capsys):
     assert "does not fit this model: it has 2 classes, the data 3 (Error(s) in loading state_dict" in one_line_error(r)
 
 
+def test_resume_refuses_renamed_classes_and_says_changed_files(tmp_path, capsys, monkeypatch):
+    # Classes are numbered in name order: `mv c0 zc0` would give every index another class. Files added or
+    # removed are said, and FID's reference is made again of them (its cache is named by the file list; stubbed).
+    references = []
+    monkeypatch.setattr(cg.FIDEvaluator, "_reference", lambda self, ds, path, protocol: references.append(
+        os.path.basename(path)) or (np.zeros(2048), np.eye(2048)))
+    monkeypatch.setattr(cg.FIDEvaluator, "__call__", lambda self, G: {"fid": 1.0})
+    data, run = write_folder(tmp_path / "data", 16, classes=2), tmp_path / "run"
+    r = run_main(capsys, *TINY, "--dataset", "folder", "--data-dir", data, "--steps", "1", "--fid-images", "2",
+                 "--fid-weights", "random", "--run-dir", run)
+    assert r.returncode == 0
+    (data / "c0").rename(data / "zc0")
+    r = run_main(capsys, "--resume", run, "--steps", "2")
+    assert "was trained with class 0 'c0', the data has 'c1' there: give the class folders" in one_line_error(r)
+    (data / "zc0").rename(data / "c0")
+    next((data / "c0").iterdir()).unlink()
+    r = run_main(capsys, "--resume", run, "--steps", "2")
+    assert r.returncode == 0 and f"note: the FID protocol changed (the files in {data}: added, removed or " \
+        "moved): best.pt" in r.stdout
+    assert len(references) == 2 and references[0] != references[1]
+    next((data / "c1").iterdir()).rename(data / "c0" / "moved.png")
+    r = run_main(capsys, "--resume", run, "--steps", "3", "--fid-images", "0")   # no FID: a note of its own
+    assert r.returncode == 0 and f"note: the files in {data}: added, removed or moved since {run / 'last.pt'} " \
+        "was saved; the run goes on with the files there now" in r.stdout
+    old = torch.load(run / "last.pt", weights_only=False)     # a checkpoint of before the class names were kept
+    del old["classes"], old["files"]
+    cg.save_checkpoint(str(run / "last.pt"), old)
+    (data / "c0").rename(data / "a0")                          # not known to it: resumed as before
+    r = run_main(capsys, "--resume", run, "--steps", "4")
+    assert r.returncode == 0 and "the files in" not in r.stdout
+
+
 def test_fid_protocol_change_on_resume_restarts_best_and_says_so(tmp_path, capsys, monkeypatch):
     scores = iter([5.0, 4.0, 9.0, 8.0])                        # stubbed FIDs: what is tested is their bookkeeping
     monkeypatch.setattr(cg.FIDEvaluator, "__call__", lambda self, G: {"fid": next(scores)})
