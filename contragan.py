@@ -630,12 +630,14 @@ class SkipUnreadable(torch.utils.data.Dataset):
                           f"{err}); the next image is used in its place", file=sys.stderr, flush=True)
         raise UsageError(f"no image in {self.root} can be read")
 
-def load_folder(root, img_size):
-    """A class-per-folder tree (root/<class>/.../<image>), resized and centre-cropped; links followed, loops once."""
+def load_folder(root, img_size, run_dir=None):
+    """A class-per-folder tree (root/<class>/.../<image>), resized and centre-cropped; links followed, loops once,
+    never into run_dir (its sample grids would become training images)."""
     from torchvision import transforms as T
     if not os.path.isdir(root):
         raise UsageError(f"image folder {root!r} does not exist (give it with --data-dir)")
     owner, samples = {os.path.realpath(root): None}, []   # the class of each folder and file met, by real path
+    run_real = os.path.realpath(run_dir) if run_dir else None
     def first_time(real, path, k):                            # real: the path with every link resolved
         n = len(owner)
         if owner.setdefault(real, k) not in (k, None):
@@ -656,6 +658,9 @@ def load_folder(root, img_size):
             while stack:
                 d = stack.pop()
                 if first_time(real_d := os.path.realpath(d), d, k):
+                    if run_real is not None and os.path.commonpath([real_d, run_real]) == run_real:
+                        raise UsageError(f"{d} leads into the run folder {run_dir} (through a link): the run's "
+                                         f"sample grids would be read as training images; remove the link")
                     for e in (e for e in os.scandir(d) if not e.name.startswith(".")):  # hidden: left out
                         if e.is_dir():
                             stack.append(e.path)
@@ -692,7 +697,7 @@ def load_data(cfg):
         classes = [n for n, _ in SHAPES]
         train = TensorImages(*make_shapes(cfg.shapes_size, cfg.img_size, seed=0), classes)
         return train, TensorImages(*make_shapes(max(cfg.fid_images, 1024), cfg.img_size, seed=1), classes), len(classes)
-    data = load_folder(cfg.data_dir, cfg.img_size)
+    data = load_folder(cfg.data_dir, cfg.img_size, cfg.run_dir)
     n_hold = len(data) // 20 if len(data) >= 200 else 0    # shuffled below: FID's reference is the first images
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1234)).tolist()
     Subset = torch.utils.data.Subset

@@ -614,6 +614,18 @@ def test_run_folder_and_image_folder_apart(tmp_path, capsys):
     assert "does not fit this model: it has 2 classes, the data 3 (Error(s) in loading state_dict" in one_line_error(r)
 
 
+def test_a_link_in_the_image_folder_to_the_run_folder_is_refused(tmp_path, capsys):
+    # The overlap check above compares two real paths; the folder reader follows links, so a link inside the
+    # data into the run folder would feed the run its own sample grids, more after every evaluation.
+    data, run = write_folder(tmp_path / "data", 16, classes=2), tmp_path / "run"
+    assert cg.main([*TINY, "--dataset", "folder", "--data-dir", str(data), "--steps", "1", "--run-dir", str(run)]) == 0
+    for target in (run, run / "samples"):
+        (data / "c1" / "grids").symlink_to(target, target_is_directory=True)
+        r = run_main(capsys, "--resume", run, "--steps", "2")
+        assert f"{data / 'c1' / 'grids'} leads into the run folder {run} (through a link)" in one_line_error(r)
+        (data / "c1" / "grids").unlink()
+
+
 def test_resume_refuses_renamed_classes_and_says_changed_files(tmp_path, capsys, monkeypatch):
     # Classes are numbered in name order: `mv c0 zc0` would give every index another class. Files added or
     # removed are said, and FID's reference is made again of them (its cache is named by the file list; stubbed).
