@@ -1037,8 +1037,10 @@ class Run:
         if self.num_classes < 2 and cfg.loss in ("2c", "d2dce", "ac"):
             raise UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is "
                              f"exactly 0 every step (use --loss proj, or give more classes)")
-        self.judge = cfg.judge and fid.load_judge(cfg.judge, device, expect=dict(  # another data's: refused now
-            dataset=cfg.dataset, num_classes=self.num_classes, img_size=cfg.img_size))
+        folder = {"data_dir": os.path.realpath(cfg.data_dir)} if cfg.dataset == "folder" else {}  # as judge.py's
+        self.judge = None if cfg.judge is None else fid.load_judge(cfg.judge, device, expect=dict(  # another data's:
+            dataset=cfg.dataset, num_classes=self.num_classes, img_size=cfg.img_size, classes=self.class_names,
+            **folder))                                         # refused now, as tools/judge.py refuses it
         self.trainer = Trainer(cfg, self.num_classes, device, world)
         self.batches = Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device,
                                cfg.num_workers, cfg.flip)

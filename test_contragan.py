@@ -626,6 +626,24 @@ def test_a_link_in_the_image_folder_to_the_run_folder_is_refused(tmp_path, capsy
         (data / "c1" / "grids").unlink()
 
 
+def test_the_judge_of_another_image_folder_is_refused(tmp_path, capsys):
+    # Same data set kind, class count and image size: only the judge's recorded folder and class names tell that
+    # it reads other images (tools/judge.py refuses that mix-up too). A hand-made judge file, untrained.
+    data = write_folder(tmp_path / "data", 16, classes=2)
+    key = {"dataset": "folder", "img_size": 32, "flip": True, "classes": ["c0", "c1"], "train_images": 16,
+           "heldout_images": 0, "data_dir": os.path.realpath(data)}
+    judge, run = tmp_path / "judge.pt", tmp_path / "run"
+    args = [*TINY, "--dataset", "folder", "--data-dir", data, "--steps", "1", "--judge", judge, "--run-dir", run]
+    for other in ({"data_dir": str(tmp_path / "other")}, {"classes": ["cat", "dog"]}, {}):
+        torch.save({"format": cg.fid.JUDGE_FORMAT, "num_classes": 2, "width": 8, "data": {**key, **other},
+                    "heldout_accuracy": 1.0, "heldout_images": 0, "state_dict": cg.fid.Judge(2, 8).state_dict()},
+                   judge)
+        r = run_main(capsys, *args)
+        if other:
+            assert f"judge {judge} reads other data: its {other}" in one_line_error(r) and not run.exists()
+    assert r.returncode == 0 and "class consistency (judge, 1.000 on held-out reals)" in r.stdout   # its own
+
+
 def test_resume_refuses_renamed_classes_and_says_changed_files(tmp_path, capsys, monkeypatch):
     # Classes are numbered in name order: `mv c0 zc0` would give every index another class. Files added or
     # removed are said, and FID's reference is made again of them (its cache is named by the file list; stubbed).
