@@ -647,6 +647,9 @@ def load_folder(root, img_size, run_dir=None):
     try:
         entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
         classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
+        if dangling := [os.path.join(root, e) for e in entries if not os.path.exists(os.path.join(root, e))]:
+            raise UsageError(f"{dangling[0]} is a link to {os.readlink(dangling[0])!r}, which does not exist (a "
+                             f"class folder moved?): fix or remove the link")
         if not classes:
             if any(e.lower().endswith(IMG_EXT) for e in entries):
                 raise UsageError(f"{root!r} holds images but no class sub-folders: put each class's "
@@ -827,10 +830,11 @@ def save_grid(G, path, num_classes, z_dim, device, batch_size, seed, class_names
     images = generate(G, balanced_labels(num_classes * cols, num_classes, device), z_dim, batch_size, gen)
     grid = torchvision.utils.make_grid(images * 0.5 + 0.5, nrow=cols, padding=1)   # save_image's rounding below
     grid = Image.fromarray(grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy())
-    if class_names:                                            # PIL's default font: no font file needed
-        margin, row = int(max(map(ImageDraw.Draw(grid).textlength, class_names))) + 6, images.shape[2] + 1
+    if class_names:                                            # PIL's default font (no file needed) draws ASCII
+        names = [n if n.isascii() and n.isprintable() else ascii(n)[1:-1] for n in class_names]  # only: 猫 -> \u732b
+        margin, row = int(max(map(ImageDraw.Draw(grid).textlength, names))) + 6, images.shape[2] + 1  # newline: \n
         grid = ImageOps.expand(grid, (margin, 0, 0, 0))        # a black margin on the left
-        for k, name in enumerate(class_names):
+        for k, name in enumerate(names):
             ImageDraw.Draw(grid).text((3, k * row + row // 2 - 5), name, fill=(255, 255, 255))
     grid.save(path)
 
@@ -991,6 +995,8 @@ def interrupt(signum, frame):
 def start_run(cfg, explicit):
     """Resolve the configuration (a resumed run: the checkpoint's), own the run folder, run."""
     checkpoint = ckpt_path = None
+    if cfg.run_dir == "":                                      # as --resume "": an unset variable is no default
+        raise UsageError("--run-dir is empty (an unset variable?): give a folder, or leave the flag out")
     if cfg.resume is not None:                                 # --resume "" (an unset variable) too: no fresh run
         checkpoint, ckpt_path = load_checkpoint(cfg.resume)
         run_dir = cfg.run_dir or os.path.dirname(ckpt_path) or "."  # --resume last.pt: this folder
@@ -1343,8 +1349,9 @@ def claim_run_dir(run_dir, resume_path=None):
             print(f"note: {lock} is not locked (this file system has no flock): one run at a time is up to you")
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
-    except OSError as err:
-        raise UsageError(f"cannot write to run folder {run_dir}: {err.strerror or err}") from None
+    except OSError as err:                                     # e.g. samples/ replaced by a file: named
+        why = "not a folder" if isinstance(err, FileExistsError) else err.strerror or err
+        raise UsageError(f"cannot write to run folder {run_dir}: {err.filename or run_dir}: {why}") from None
     def release():
         os.remove(lock)
         os.close(fd)

@@ -490,6 +490,15 @@ def test_grid_rows_are_labelled_and_the_training_rng_untouched(tmp_path):
     assert torch.equal(torch.get_rng_state(), rng) and all(map(torch.equal, G.buffers(), buffers))
 
 
+def test_grid_labels_of_any_class_folder_name(tmp_path):
+    # PIL's default font draws ASCII only: 猫 and 犬 were the same boxes, a newline a ValueError at the first grid
+    G = cg.Generator(width=8, num_classes=4)
+    cg.save_grid(G, tmp_path / "g.png", 4, 80, torch.device("cpu"), 64, seed=3, class_names=["猫", "犬", "a\nb", "ok"])
+    grid = torch.from_numpy(np.array(Image.open(tmp_path / "g.png")))
+    rows = [grid[33 * k + 1:33 * (k + 1), :grid.shape[1] - (10 * 33 + 1)] for k in range(4)]  # each row's margin
+    assert not torch.equal(rows[0], rows[1]) and rows[2].amax() > 200
+
+
 # ---------------------------------------------------------------- real runs of the CLI
 
 def run_cli(*args, timeout=300):
@@ -808,8 +817,12 @@ def test_bad_image_folders(tmp_path, capsys):
     flat.mkdir()
     torch.manual_seed(0)
     Image.new("RGB", (8, 8)).save(flat / "a.png")
-    for folder, expected in [(empty, "is empty"), (flat, "no class sub-folders")]:
-        assert cg.main([*TINY, "--dataset", "folder", "--data-dir", str(folder), "--run-dir", str(tmp_path / "r")]) == 2
+    gone = write_folder(tmp_path / "gone", 8, classes=2)       # a class folder's link that leads nowhere
+    (gone / "c2").symlink_to(tmp_path / "moved", target_is_directory=True)
+    for folder, expected in [(empty, "is empty"), (flat, "no class sub-folders"),
+                             (gone, f"{gone / 'c2'} is a link to '{tmp_path / 'moved'}', which does not exist")]:
+        assert cg.main([*TINY, "--dataset", "folder", "--data-dir", str(folder), "--steps", "1", "--run-dir",
+                        str(tmp_path / "r")]) == 2
         assert expected in capsys.readouterr().err
 
 
@@ -842,10 +855,16 @@ def test_corrupt_local_cifar_archive_is_named_corrupt(tmp_path, monkeypatch, cap
     assert f"{tmp_path / 'cifar-10-python.tar.gz'} is corrupt (its md5 is not" in one_line_error(r)
 
 
-def test_unwritable_run_dir(tmp_path):
+def test_unwritable_run_dir(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     assert "cannot write" in one_line_error(run_cli(*TINY, "--steps", "1", "--run-dir", str(blocker / "run")))
+    run = tmp_path / "run"                                     # samples/ replaced by a file: named
+    assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
+    (run / "samples").rename(tmp_path / "grids")
+    (run / "samples").write_text("not a folder")
+    r = run_main(capsys, "--resume", run, "--steps", "2")
+    assert f"cannot write to run folder {run}: {run / 'samples'}: not a folder" in one_line_error(r)
 
 
 def test_existing_run_is_not_overwritten(tmp_path, capsys):
@@ -1595,6 +1614,7 @@ def test_checkpoints_of_other_versions_and_empty_resume_are_one_line(tmp_path, c
         assert expected in one_line_error(run_main(capsys, "--resume", tmp_path / f"{name}.pt", "--steps", "2"))
     monkeypatch.chdir(tmp_path)                                # `--resume $UNSET`: never a fresh run
     assert "no checkpoint at ''" in one_line_error(run_main(capsys, *TINY, "--resume", "", "--steps", "1"))
+    assert "--run-dir is empty (an unset" in one_line_error(run_main(capsys, *TINY, "--run-dir", "", "--steps", "1"))
     assert not (tmp_path / "runs").exists()
 
 
