@@ -294,7 +294,11 @@ class Trainer:
 
     def load_state_dict(self, state):
         for name in self.PARTS:
-            getattr(self, name).load_state_dict(state[name])
+            part = state[name]
+            if name.startswith("opt_"):  # this device's fused/foreach BEFORE loading: torch puts Adam's `step` on
+                # the GPU only for fused groups of the loaded state, and fused CUDA Adam reads it there
+                part = {**part, "param_groups": [{**g, **self.adam_flags} for g in part["param_groups"]]}
+            getattr(self, name).load_state_dict(part)
 
 def build_models(cfg, num_classes):
     return (Generator(cfg.img_size, cfg.g_width, cfg.z_dim, cfg.shared_dim, num_classes),
@@ -650,6 +654,8 @@ class SkipUnreadable(torch.utils.data.Dataset):
 
     def __init__(self, root, samples, classes, transform):
         self.root, self.samples, self.classes, self.transform = root, samples, classes, transform
+        listing = json.dumps([(p[len(os.path.join(root, "")):], k) for p, k in samples])  # paths from root, classes
+        self.fingerprint = hashlib.sha256(listing.encode()).hexdigest()[:16]   # of the file list: no image read
         self.warned = torch.zeros(len(samples), dtype=torch.bool).share_memory_()  # seen by every loader worker
 
     def __len__(self):
@@ -666,12 +672,14 @@ class SkipUnreadable(torch.utils.data.Dataset):
                           f"{err}); the next image is used in its place", file=sys.stderr, flush=True)
         raise UsageError(f"no image in {self.root} can be read")
 
-def load_folder(root, img_size, flag="--data-dir"):
-    """A class-per-folder tree (root/<class>/.../<image>), resized and centre-cropped; links followed, loops once."""
+def load_folder(root, img_size, flag="--data-dir", run_dir=None):
+    """A class-per-folder tree (root/<class>/.../<image>), resized and centre-cropped; links followed, loops once,
+    never into run_dir (its sample grids would become training images)."""
     from torchvision import transforms as T
     if not os.path.isdir(root):
         raise UsageError(f"image folder {root!r} does not exist (give it with {flag})")
     owner, samples = {os.path.realpath(root): None}, []   # the class of each folder and file met, by real path
+    run_real = os.path.realpath(run_dir) if run_dir else None
     def first_time(real, path, k):                            # real: the path with every link resolved
         n = len(owner)
         if owner.setdefault(real, k) not in (k, None):
@@ -681,6 +689,9 @@ def load_folder(root, img_size, flag="--data-dir"):
     try:
         entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
         classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
+        if dangling := [os.path.join(root, e) for e in entries if not os.path.exists(os.path.join(root, e))]:
+            raise UsageError(f"{dangling[0]} is a link to {os.readlink(dangling[0])!r}, which does not exist (a "
+                             f"class folder moved?): fix or remove the link")
         if not classes:
             if any(e.lower().endswith(IMG_EXT) for e in entries):
                 raise UsageError(f"{root!r} holds images but no class sub-folders: put each class's "
@@ -692,6 +703,9 @@ def load_folder(root, img_size, flag="--data-dir"):
             while stack:
                 d = stack.pop()
                 if first_time(real_d := os.path.realpath(d), d, k):
+                    if run_real is not None and os.path.commonpath([real_d, run_real]) == run_real:
+                        raise UsageError(f"{d} leads into the run folder {run_dir} (through a link): the run's "
+                                         f"sample grids would be read as training images; remove the link")
                     for e in (e for e in os.scandir(d) if not e.name.startswith(".")):  # hidden: left out
                         if e.is_dir():
                             stack.append(e.path)
@@ -728,7 +742,7 @@ def load_data(cfg):
         classes = [n for n, _ in SHAPES]
         train = TensorImages(*make_shapes(cfg.shapes_size, cfg.img_size, seed=0), classes)
         return train, TensorImages(*make_shapes(max(cfg.fid_images, 1024), cfg.img_size, seed=1), classes), len(classes)
-    data = load_folder(cfg.data_dir, cfg.img_size)
+    data = load_folder(cfg.data_dir, cfg.img_size, run_dir=cfg.run_dir)
     n_hold = len(data) // 20 if len(data) >= 200 else 0    # shuffled below: FID's reference is the first images
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1234)).tolist()
     Subset = torch.utils.data.Subset
@@ -886,10 +900,11 @@ def save_grid(G, path, num_classes, z_dim, device, batch_size, seed, class_names
     images = generate(G, balanced_labels(num_classes * cols, num_classes, device), z_dim, batch_size, gen)
     grid = torchvision.utils.make_grid(images * 0.5 + 0.5, nrow=cols, padding=1)   # save_image's rounding below
     grid = Image.fromarray(grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to("cpu", torch.uint8).numpy())
-    if class_names:                                            # PIL's default font: no font file needed
-        margin, row = int(max(map(ImageDraw.Draw(grid).textlength, class_names))) + 6, images.shape[2] + 1
+    if class_names:                                            # PIL's default font (no file needed) draws ASCII
+        names = [n if n.isascii() and n.isprintable() else ascii(n)[1:-1] for n in class_names]  # only: 猫 -> \u732b
+        margin, row = int(max(map(ImageDraw.Draw(grid).textlength, names))) + 6, images.shape[2] + 1  # newline: \n
         grid = ImageOps.expand(grid, (margin, 0, 0, 0))        # a black margin on the left
-        for k, name in enumerate(class_names):
+        for k, name in enumerate(names):
             ImageDraw.Draw(grid).text((3, k * row + row // 2 - 5), name, fill=(255, 255, 255))
     grid.save(path)
 
@@ -976,8 +991,9 @@ class FIDEvaluator:
             raise UsageError(str(err).replace("--weights PATH", "--fid-weights PATH (or --fid-images 0 "
                                               "to train without FID)")) from None
         n_ref = min(cfg.fid_images, len(reference))
+        files = reference.dataset.fingerprint if cfg.dataset == "folder" else None  # the file list it is made of
         self.protocol = {"dataset": cfg.dataset, "split": split, "num_images": n_ref, "img_size": cfg.img_size,
-                         **fid.inception_protocol(self.inception)}  # weights and resize, as fid.py names them
+                         **fid.inception_protocol(self.inception), **({"files": files} if files else {})}
         of_folder = {"train": "folder training images (a fixed random subset; there is no held-out reference)",
                      "reference": f"images in --fid-reference-dir {cfg.fid_reference_dir} (a fixed random subset)"}
         source = f"{n_ref} of the {len(reference)} {of_folder[split]}" if split in of_folder else \
@@ -985,9 +1001,9 @@ class FIDEvaluator:
         self.description = (f"FID protocol: {cfg.fid_images} fakes of G_ema (BatchNorm batch statistics, batch "
                             f"{cfg.eval_batch}) vs {source}; Inception-V3 {self.protocol['weights']}; "
                             f"{self.protocol['resize']}")
-        weights = "random" if random_weights else "tf"        # every protocol key in the name:
-        stem = os.path.join(cfg.data_dir if split in ("test", "heldout") else cfg.run_dir,
-                            f"fid_{cfg.dataset}_{split}_{cfg.img_size}px_{n_ref}_{weights}")
+        weights = "random" if random_weights else "tf"        # every protocol key in the name; changed files:
+        name = f"fid_{cfg.dataset}_{split}_{cfg.img_size}px_{n_ref}_{weights}" + (f"_{files}" if files else "")
+        stem = os.path.join(cfg.data_dir if split in ("test", "heldout") else cfg.run_dir, name)  # a new reference
         names = [stem + ".npz"] + [f"{stem}_class{k}.npz" for k in range(num_classes) if cfg.intra_fid]
         if split in ("test", "heldout") and not all(map(os.path.exists, names)) and not fid.can_write(cfg.data_dir):
             stem = os.path.join(cfg.run_dir, os.path.basename(stem))   # e.g. a read-only shared data set
@@ -1051,6 +1067,8 @@ def interrupt(signum, frame):
 def start_run(cfg, explicit):
     """Resolve the configuration (a resumed run: the checkpoint's), own the run folder, run."""
     checkpoint = ckpt_path = None
+    if cfg.run_dir == "":                                      # as --resume "": an unset variable is no default
+        raise UsageError("--run-dir is empty (an unset variable?): give a folder, or leave the flag out")
     if cfg.resume is not None:                                 # --resume "" (an unset variable) too: no fresh run
         checkpoint, ckpt_path = load_checkpoint(cfg.resume)
         run_dir = cfg.run_dir or os.path.dirname(ckpt_path) or "."  # --resume last.pt: this folder
@@ -1098,12 +1116,15 @@ class Run:
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         self.log = self.say if rank == 0 else (lambda *a, **k: None)
         train_set, heldout, self.num_classes = load_data(cfg)
-        self.class_names = getattr(train_set, "classes", None) or train_set.dataset.classes  # a folder's: a Subset
+        data = getattr(train_set, "dataset", train_set)        # a folder's: a Subset
+        self.class_names, self.data_files = list(data.classes), getattr(data, "fingerprint", None)
         if self.num_classes < 2 and cfg.loss in ("2c", "d2dce", "ac"):
             raise UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is "
                              f"exactly 0 every step (use --loss proj, or give more classes)")
-        self.judge = cfg.judge and fid.load_judge(cfg.judge, device, expect=dict(  # another data's: refused now
-            dataset=cfg.dataset, num_classes=self.num_classes, img_size=cfg.img_size))
+        folder = {"data_dir": os.path.realpath(cfg.data_dir)} if cfg.dataset == "folder" else {}  # as judge.py's
+        self.judge = None if cfg.judge is None else fid.load_judge(cfg.judge, device, expect=dict(  # another data's:
+            dataset=cfg.dataset, num_classes=self.num_classes, img_size=cfg.img_size, classes=self.class_names,
+            **folder))                                         # refused now, as tools/judge.py refuses it
         self.trainer = Trainer(cfg, self.num_classes, device, world)
         self.batches = Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device,
                                cfg.num_workers, cfg.flip)
@@ -1152,19 +1173,28 @@ class Run:
         except (RuntimeError, KeyError, ValueError) as err:
             raise UsageError(f"checkpoint {path} does not fit this model: it has {checkpoint['num_classes']} classes, "
                              f"the data {self.num_classes} ({str(err).splitlines()[0].rstrip(':')})") from None
+        for k, (was_name, name) in enumerate(zip(checkpoint.get("classes", self.class_names), self.class_names)):
+            if was_name != name:                               # classes are numbered in name order: all would move
+                raise UsageError(f"checkpoint {path} was trained with class {k} {was_name!r}, the data has {name!r} "
+                                 f"there: give the class folders their old names (or the data it was trained on), "
+                                 f"or start a new run")
         self.step, self.best_fid, self.best_step = checkpoint["step"], checkpoint["best_fid"], checkpoint["best_step"]
         self.history, was = checkpoint.get("history", []), checkpoint["config"]
         changes = lambda keys: [f"--{k.replace('_', '-')} {was.get(k)} -> {getattr(self.cfg, k)}"  # noqa: E731
                                 for k in keys if was.get(k) != getattr(self.cfg, k)]
-        if (changed := changes(("fid_images", "fid_weights", "eval_batch"))) and self.cfg.fid_images and \
+        files = [] if checkpoint.get("files", self.data_files) == self.data_files else \
+            [f"the files in {self.cfg.data_dir}: added, removed or moved"]   # older checkpoints: not known
+        if (changed := changes(("fid_images", "fid_weights", "eval_batch")) + files) and self.cfg.fid_images and \
                 was.get("fid_images"):                         # FIDs of two protocols are not compared
             self.best_fid, self.best_step, self.history = None, None, [{**h, "fid": None} for h in self.history]
             self.log(f"note: the FID protocol changed ({', '.join(changed)}): best.pt and the FID-rise collapse "
                      f"check start afresh at this resume; earlier FIDs in metrics.jsonl are of the old protocol")
+        elif files:
+            self.log(f"note: {files[0]} since {path} was saved; the run goes on with the files there now")
         self.batches.load_state_dict(checkpoint["data"])       # global batches: the same order for any world size
         for opt, key in ((self.trainer.opt_G, "lr_g"), (self.trainer.opt_D, "lr_d")):
-            for group in opt.param_groups:                     # the loaded state holds the checkpoint's rate and
-                group.update(lr=getattr(self.cfg, key), **self.trainer.adam_flags)  # its device's fused/foreach
+            for group in opt.param_groups:                     # the loaded state holds the checkpoint's rate
+                group["lr"] = getattr(self.cfg, key)
         changed = changes(("lr_g", "lr_d"))
         self.log(f"resumed {path} at step {self.step}" + (f" ({', '.join(changed)})" if changed else ""))
 
@@ -1316,6 +1346,7 @@ class Run:
         self.check_finite(state)                               # every save comes through here
         state.update(step=self.step, best_fid=self.best_fid, best_step=self.best_step, history=self.history,
                      config=vars(self.cfg), num_classes=self.num_classes, data=self.batches.state_dict(),
+                     classes=self.class_names, files=self.data_files,
                      rng=rng_states(self.device, self.world))
         if self.rank == 0:
             for name in ("last.pt", "best.pt") if best else ("last.pt",):
@@ -1408,8 +1439,9 @@ def claim_run_dir(run_dir, resume_path=None):
             print(f"note: {lock} is not locked (this file system has no flock): one run at a time is up to you")
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
-    except OSError as err:
-        raise UsageError(f"cannot write to run folder {run_dir}: {err.strerror or err}") from None
+    except OSError as err:                                     # e.g. samples/ replaced by a file: named
+        why = "not a folder" if isinstance(err, FileExistsError) else err.strerror or err
+        raise UsageError(f"cannot write to run folder {run_dir}: {err.filename or run_dir}: {why}") from None
     def release():
         os.remove(lock)
         os.close(fd)

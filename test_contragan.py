@@ -655,6 +655,16 @@ def test_grid_rows_are_labelled_and_the_training_rng_untouched(tmp_path):
     assert torch.equal(torch.get_rng_state(), rng) and all(map(torch.equal, G.buffers(), buffers))
 
 
+def test_grid_labels_of_any_class_folder_name(tmp_path):
+    # PIL's default font draws ASCII only: 猫 and 犬 were the same boxes, a newline a ValueError at the first grid
+    G = cg.Generator(width=8, num_classes=4)
+    cg.save_grid(G, tmp_path / "g.png", 4, 80, torch.device("cpu"), 64, seed=3,
+                 class_names=["猫", "犬", "a\nb", "ok"])
+    grid = torch.from_numpy(np.array(Image.open(tmp_path / "g.png")))
+    rows = [grid[33 * k + 1:33 * (k + 1), :grid.shape[1] - (10 * 33 + 1)] for k in range(4)]  # each row's margin
+    assert not torch.equal(rows[0], rows[1]) and rows[2].amax() > 200
+
+
 # ---------------------------------------------------------------- real runs of the CLI
 
 def run_cli(*args, timeout=300):
@@ -780,6 +790,68 @@ def test_run_folder_and_image_folder_apart(tmp_path, capsys):
     other = write_folder(tmp_path / "other", 24, classes=3)   # a data set of other classes: said, not torch's text
     r = run_main(capsys, "--resume", run, "--data-dir", other, "--steps", "2")
     assert "does not fit this model: it has 2 classes, the data 3 (Error(s) in loading state_dict" in one_line_error(r)
+
+
+def test_a_link_in_the_image_folder_to_the_run_folder_is_refused(tmp_path, capsys):
+    # The overlap check above compares two real paths; the folder reader follows links, so a link inside the
+    # data into the run folder would feed the run its own sample grids, more after every evaluation.
+    data, run = write_folder(tmp_path / "data", 16, classes=2), tmp_path / "run"
+    assert cg.main([*TINY, "--dataset", "folder", "--data-dir", str(data), "--steps", "1", "--run-dir", str(run)]) == 0
+    for target in (run, run / "samples"):
+        (data / "c1" / "grids").symlink_to(target, target_is_directory=True)
+        r = run_main(capsys, "--resume", run, "--steps", "2")
+        assert f"{data / 'c1' / 'grids'} leads into the run folder {run} (through a link)" in one_line_error(r)
+        (data / "c1" / "grids").unlink()
+
+
+def test_the_judge_of_another_image_folder_is_refused(tmp_path, capsys):
+    # Same data set kind, class count and image size: only the judge's recorded folder and class names tell that
+    # it reads other images (tools/judge.py refuses that mix-up too). A hand-made judge file, untrained.
+    data = write_folder(tmp_path / "data", 16, classes=2)
+    key = {"dataset": "folder", "img_size": 32, "flip": True, "classes": ["c0", "c1"], "train_images": 16,
+           "heldout_images": 0, "data_dir": os.path.realpath(data)}
+    judge, run = tmp_path / "judge.pt", tmp_path / "run"
+    args = [*TINY, "--dataset", "folder", "--data-dir", data, "--steps", "1", "--judge", judge, "--run-dir", run]
+    for other in ({"data_dir": str(tmp_path / "other")}, {"classes": ["cat", "dog"]}, {}):
+        torch.save({"format": cg.fid.JUDGE_FORMAT, "num_classes": 2, "width": 8, "data": {**key, **other},
+                    "heldout_accuracy": 1.0, "heldout_images": 0, "state_dict": cg.fid.Judge(2, 8).state_dict()},
+                   judge)
+        r = run_main(capsys, *args)
+        if other:
+            assert f"judge {judge} reads other data: its {other}" in one_line_error(r) and not run.exists()
+    assert r.returncode == 0 and "class consistency (judge, 1.000 on held-out reals)" in r.stdout   # its own
+
+
+def test_resume_refuses_renamed_classes_and_says_changed_files(tmp_path, capsys, monkeypatch):
+    # Classes are numbered in name order: `mv c0 zc0` would give every index another class. Files added or
+    # removed are said, and FID's reference is made again of them (its cache is named by the file list; stubbed).
+    references = []
+    monkeypatch.setattr(cg.FIDEvaluator, "_reference", lambda self, ds, path, protocol: references.append(
+        os.path.basename(path)) or (np.zeros(2048), np.eye(2048)))
+    monkeypatch.setattr(cg.FIDEvaluator, "__call__", lambda self, G: {"fid": 1.0})
+    data, run = write_folder(tmp_path / "data", 16, classes=2), tmp_path / "run"
+    r = run_main(capsys, *TINY, "--dataset", "folder", "--data-dir", data, "--steps", "1", "--fid-images", "2",
+                 "--fid-weights", "random", "--run-dir", run)
+    assert r.returncode == 0
+    (data / "c0").rename(data / "zc0")
+    r = run_main(capsys, "--resume", run, "--steps", "2")
+    assert "was trained with class 0 'c0', the data has 'c1' there: give the class folders" in one_line_error(r)
+    (data / "zc0").rename(data / "c0")
+    next((data / "c0").iterdir()).unlink()
+    r = run_main(capsys, "--resume", run, "--steps", "2")
+    assert r.returncode == 0 and f"note: the FID protocol changed (the files in {data}: added, removed or " \
+        "moved): best.pt" in r.stdout
+    assert len(references) == 2 and references[0] != references[1]
+    next((data / "c1").iterdir()).rename(data / "c0" / "moved.png")
+    r = run_main(capsys, "--resume", run, "--steps", "3", "--fid-images", "0")   # no FID: a note of its own
+    assert r.returncode == 0 and f"note: the files in {data}: added, removed or moved since {run / 'last.pt'} " \
+        "was saved; the run goes on with the files there now" in r.stdout
+    old = torch.load(run / "last.pt", weights_only=False)     # a checkpoint of before the class names were kept
+    del old["classes"], old["files"]
+    cg.save_checkpoint(str(run / "last.pt"), old)
+    (data / "c0").rename(data / "a0")                          # not known to it: resumed as before
+    r = run_main(capsys, "--resume", run, "--steps", "4")
+    assert r.returncode == 0 and "the files in" not in r.stdout
 
 
 def test_fid_protocol_change_on_resume_restarts_best_and_says_so(tmp_path, capsys, monkeypatch):
@@ -936,8 +1008,12 @@ def test_bad_image_folders(tmp_path, capsys):
     flat.mkdir()
     torch.manual_seed(0)
     Image.new("RGB", (8, 8)).save(flat / "a.png")
-    for folder, expected in [(empty, "is empty"), (flat, "no class sub-folders")]:
-        assert cg.main([*TINY, "--dataset", "folder", "--data-dir", str(folder), "--run-dir", str(tmp_path / "r")]) == 2
+    gone = write_folder(tmp_path / "gone", 8, classes=2)       # a class folder's link that leads nowhere
+    (gone / "c2").symlink_to(tmp_path / "moved", target_is_directory=True)
+    for folder, expected in [(empty, "is empty"), (flat, "no class sub-folders"),
+                             (gone, f"{gone / 'c2'} is a link to '{tmp_path / 'moved'}', which does not exist")]:
+        assert cg.main([*TINY, "--dataset", "folder", "--data-dir", str(folder), "--steps", "1", "--run-dir",
+                        str(tmp_path / "r")]) == 2
         assert expected in capsys.readouterr().err
 
 
@@ -970,10 +1046,16 @@ def test_corrupt_local_cifar_archive_is_named_corrupt(tmp_path, monkeypatch, cap
     assert f"{tmp_path / 'cifar-10-python.tar.gz'} is corrupt (its md5 is not" in one_line_error(r)
 
 
-def test_unwritable_run_dir(tmp_path):
+def test_unwritable_run_dir(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     assert "cannot write" in one_line_error(run_cli(*TINY, "--steps", "1", "--run-dir", str(blocker / "run")))
+    run = tmp_path / "run"                                     # samples/ replaced by a file: named
+    assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
+    (run / "samples").rename(tmp_path / "grids")
+    (run / "samples").write_text("not a folder")
+    r = run_main(capsys, "--resume", run, "--steps", "2")
+    assert f"cannot write to run folder {run}: {run / 'samples'}: not a folder" in one_line_error(r)
 
 
 def test_existing_run_is_not_overwritten(tmp_path, capsys):
@@ -1580,7 +1662,7 @@ def test_compile_without_a_c_compiler_is_one_line_before_start_up(tmp_path, monk
 
 def test_resume_sets_adam_fused_or_foreach_for_this_device(tmp_path):
     """A checkpoint keeps its device's Adam flags (a GPU run's fused=True); resumed on another device, the optimisers
-    take this one's (CPU: foreach), as a fresh run there would. A CUDA resume of a CPU run is the same code path."""
+    take this one's (CPU: foreach), as a fresh run there would. CPU -> CUDA: the next test."""
     run = tmp_path / "run"
     assert cg.main([*TINY, "--steps", "1", "--run-dir", str(run)]) == 0
     state = torch.load(run / "last.pt", weights_only=False)
@@ -1594,6 +1676,27 @@ def test_resume_sets_adam_fused_or_foreach_for_this_device(tmp_path):
     resumed = cg.Run(cfg, checkpoint, path, torch.device("cpu"), 0, 1)
     for opt in (resumed.trainer.opt_G, resumed.trainer.opt_D):
         assert all(g["foreach"] is True and g["fused"] is False for g in opt.param_groups)
+
+
+def test_resume_of_a_cpu_run_on_cuda_puts_adam_step_on_the_gpu():
+    """The CPU -> CUDA order of the test above, with fake CUDA tensors (no GPU, nothing computed): a CPU run's Adam
+    state (fused=False, `step` on the CPU) loaded by a CUDA trainer has `step` on the GPU, where fused Adam reads it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    cpu = cg.Trainer(cg.build_parser().parse_args(["--g-width", "8", "--d-width", "8"]), 4, torch.device("cpu"))
+    for opt in (cpu.opt_G, cpu.opt_D):
+        for p in opt.param_groups[0]["params"]:
+            p.grad = torch.zeros_like(p)
+        opt.step()                                             # a state to load: step and moments
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        gpu = types.SimpleNamespace(PARTS=("opt_G", "opt_D"), adam_flags=dict(fused=True, foreach=False))
+        for name, model in (("opt_G", cpu.G), ("opt_D", cpu.D)):
+            params = [torch.nn.Parameter(torch.empty_like(p, device="cuda")) for p in model.parameters()]
+            setattr(gpu, name, torch.optim.Adam(params, **gpu.adam_flags))
+        cg.Trainer.load_state_dict(gpu, cpu.state_dict())
+        for opt in (gpu.opt_G, gpu.opt_D):
+            assert all(g["fused"] is True and g["foreach"] is False for g in opt.param_groups)
+            for state in opt.state.values():
+                assert state["step"].device.type == "cuda" and state["exp_avg"].device.type == "cuda"
 
 
 def test_ctrl_c_during_start_up_exits_130_quietly(tmp_path, monkeypatch, capsys):
@@ -1825,6 +1928,7 @@ def test_checkpoints_of_other_versions_and_empty_resume_are_one_line(tmp_path, c
         assert expected in one_line_error(run_main(capsys, "--resume", tmp_path / f"{name}.pt", "--steps", "2"))
     monkeypatch.chdir(tmp_path)                                # `--resume $UNSET`: never a fresh run
     assert "no checkpoint at ''" in one_line_error(run_main(capsys, *TINY, "--resume", "", "--steps", "1"))
+    assert "--run-dir is empty (an unset" in one_line_error(run_main(capsys, *TINY, "--run-dir", "", "--steps", "1"))
     assert not (tmp_path / "runs").exists()
 
 
