@@ -892,7 +892,7 @@ def confusion(asked, judged, num_classes):
 
 def load_judge(path, device="cpu", expect=None):
     """(judge, info) from a file tools/judge.py writes: a torch.export program (images in [-1, 1] -> class logits, in
-    eval mode) and its info (data set, classes, image size, held-out accuracy); expect: what num_classes and data hold."""
+    eval mode) and its info (data set, classes, image size, held-out accuracy); expect: its num_classes and data."""
     if not os.path.isfile(path):
         raise UsageError(f"no judge file at {path!r} (tools/judge.py trains and saves one)")
     try:                                     # read as a zip first: torch.export.load logs a traceback for other files
