@@ -20,9 +20,6 @@ Differences from pytorch-fid, none of which changes the number (measured by tool
 - the Frechet distance uses a pivoted Cholesky factor and a symmetric eigenvalue solver, >10x faster;
 - on GPUs, convolutions run in full fp32, not TF32 (the TF original is fp32).
 
-At the end, another instrument: Judge and load_judge, a small CNN classifier of a data set's real images that
-contragan.py --judge reads fakes' classes with (tools/judge.py trains it; docs/judge.md).
-
 Command line (pytorch-fid's convention):
     python fid.py A B                          # A, B: image folders or .npz statistics files
     python fid.py --save-stats FOLDER OUT.npz  # OUT.npz holds mu, sigma and the protocol
@@ -44,7 +41,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from scipy import linalg
 from scipy.linalg import lapack
 from scipy.special import xlogy
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
@@ -409,7 +405,7 @@ def _trace_sqrt_product(sigma1, sigma2):
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """d^2 = |mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)) (TTUR, eq. 6 of Heusel et al.),
-    S = sigma. Agrees with frechet_distance_sqrtm (pytorch-fid's formula) to ~1e-10 relative.
+    S = sigma. Agrees with pytorch-fid's sqrtm formula to ~1e-10 relative (test_fid.py).
     eps: pytorch-fid's guard, kept: if a decomposition fails, retry with eps * I added to S1, S2."""
     mu1, sigma1, mu2, sigma2 = _as_gaussians(mu1, sigma1, mu2, sigma2)
     try:
@@ -420,23 +416,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         tr_covmean = _trace_sqrt_product(sigma1 + offset, sigma2 + offset)
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
-
-
-def frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """The reference formula of TTUR and pytorch-fid: a general matrix square root of S1 S2 (scipy
-    sqrtm, ~10 s at d = 2048 on 2 CPU cores), with their guards. The oracle for tests and benchmarks."""
-    mu1, sigma1, mu2, sigma2 = _as_gaussians(mu1, sigma1, mu2, sigma2)
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():  # the product is nearly singular
-        warnings.warn(f"singular product; adding {eps} to the diagonal of both covariances")
-        offset = eps * np.eye(sigma1.shape[0])
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):  # rounding leaves a small imaginary part
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise FIDError(f"imaginary component {np.abs(covmean.imag).max():.3g} in sqrtm(S1 S2)")
-        covmean = covmean.real
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def inception_score(probs, splits=10):
@@ -790,73 +769,6 @@ def run(args):
     for name, score in (("A", is1), ("B", is2)):
         if score is not None:
             print(f"IS({name}): {score[0]:.4f} +- {score[1]:.4f} (10 splits)")
-
-
-# -----------------------------------------------------------------------------
-# A class judge apart from D: a small CNN trained on a data set's real images (tools/judge.py trains and saves
-# it; contragan.py --judge reads G_ema's fakes with it at every evaluation)
-# -----------------------------------------------------------------------------
-
-JUDGE_FORMAT = "contragan-judge-1"
-
-
-class Judge(nn.Module):
-    """Images in [-1, 1] (B, 3, H, W), H, W >= 16 -> (B, K) class logits: four blocks of 3x3 conv, BatchNorm, ReLU
-    and 2x2 max-pool (width, 2, 4, 8 x width channels), global average pooling, one linear layer."""
-
-    def __init__(self, num_classes, width=16):
-        super().__init__()
-        layers, c_in = [], 3
-        for c in (width, 2 * width, 4 * width, 8 * width):
-            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
-            c_in = c
-        self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))
-
-    def forward(self, x):
-        return self.net(x)
-
-    @torch.no_grad()
-    def classify(self, images, batch_size=256):
-        """(classes, confidences): each image's (uint8, or float in [-1, 1]) arg-max class and its softmax share."""
-        self.eval()                                            # BatchNorm's running statistics: no batch effect
-        device = next(self.parameters()).device
-        probs = torch.cat([self(x.to(device).float() / 127.5 - 1 if x.dtype == torch.uint8 else x.to(device).float())
-                           .float().softmax(1).cpu() for x in images.split(batch_size)])
-        confidence, classes = probs.max(1)
-        return classes, confidence
-
-
-def load_judge(path, device="cpu", expect=None):
-    """(judge, info) from a file tools/judge.py saved: the network's weights loaded strictly (every one, no other);
-    info: its data set, image size, classes, and its accuracy on held-out real images. expect: {key: value} that
-    its num_classes and data ({dataset, img_size, ...}) must hold, else a one-line error."""
-    try:
-        info = torch.load(path, map_location="cpu", weights_only=True)   # tensors and plain values only
-    except FileNotFoundError:
-        raise FIDError(f"no judge file at {path!r} (tools/judge.py trains and saves one)") from None
-    except Exception as err:
-        raise FIDError(f"{path} is not a judge file: unreadable ({_one_line(err)})") from None
-    if not isinstance(info, dict) or info.get("format") != JUDGE_FORMAT:
-        raise FIDError(f"{path} is not a judge file of this version ({JUDGE_FORMAT}; tools/judge.py writes them)")
-    have = {"num_classes": info["num_classes"], **info["data"]}
-    wrong = {key: have.get(key) for key, value in (expect or {}).items() if have.get(key) != value}
-    if wrong:
-        raise FIDError(f"judge {path} reads other data: its {wrong}, not {({k: expect[k] for k in wrong})}")
-    judge = Judge(info["num_classes"], info["width"])
-    try:
-        judge.load_state_dict(info.pop("state_dict"), strict=True)
-    except RuntimeError as err:
-        raise FIDError(f"judge file {path} does not fit its own network ({_one_line(err)[:200]})") from None
-    return judge.to(device).eval(), info
-
-
-def judge_file(path):
-    """--judge's argparse type: the path, once it loads as a judge file (else argparse's one-line error)."""
-    try:
-        load_judge(path)
-    except FIDError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return path
 
 
 if __name__ == "__main__":
