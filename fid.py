@@ -12,13 +12,8 @@ Protocol, the same as pytorch-fid (github.com/mseitzer/pytorch-fid) and the TF o
 - statistics in float64; Tr((S1 S2)^(1/2)) from eigenvalues (see _trace_sqrt_product), not sqrtm.
 ContraGAN's CIFAR-10 numbers: 10,000 generated images vs the 10,000 test images. Every score is
 printed with its protocol (describe_protocol) because the protocol moves FID by a lot.
-
-Differences from pytorch-fid, none of which changes the number (measured by tools/fid_parity.py):
-- the model takes [-1, 1] directly (pytorch-fid takes [0, 1] and maps x -> 2x - 1 after resizing;
-  bilinear resizing is affine, so the order does not matter beyond float rounding);
-- statistics are streamed (sum and sum of outer products) instead of keeping all features;
-- the Frechet distance uses a pivoted Cholesky factor and a symmetric eigenvalue solver, >10x faster;
-- on GPUs, convolutions run in full fp32, not TF32 (the TF original is fp32).
+Differences from pytorch-fid that leave the number as it is (tools/fid_parity.py measures it; docs/fid.md): input
+in [-1, 1], streamed statistics, the trace from eigenvalues (>10x faster), fp32 (not TF32) convolutions on GPUs.
 
 Command line (pytorch-fid's convention):
     python fid.py A B                          # A, B: image folders or .npz statistics files
@@ -28,6 +23,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -113,12 +109,10 @@ class FIDInceptionE(InceptionE):
 
 
 class FIDInceptionV3(Inception3):
-    """The TF FID Inception graph. forward(x): x (B, 3, H, W) float in [-1, 1] or uint8 in [0, 255],
-    any H, W -> (pool (B, 2048), logits (B, 1008)). Its state dict has exactly the keys and shapes
-    of Inception3(num_classes=1008, aux_logits=False), which is what the published file holds.
-
-    pytorch-fid's InceptionV3 takes [0, 1] and maps to [-1, 1] itself; this one takes [-1, 1], the
-    range of a tanh generator and of the TF original's input (which scales uint8 by 1/127.5 - 1)."""
+    """The TF FID Inception graph: x (B, 3, H, W) float in [-1, 1] or uint8, any H, W -> (pool (B, 2048), logits
+    (B, 1008)). Its state dict has the keys and shapes of Inception3(num_classes=1008, aux_logits=False), as the
+    published file. [-1, 1]: a tanh G's range and the TF original's input (uint8 / 127.5 - 1); pytorch-fid takes
+    [0, 1] and maps x -> 2x - 1 after the resize (bilinear resizing is affine: the same up to float rounding)."""
 
     def __init__(self):
         super().__init__(num_classes=1008, aux_logits=False, transform_input=False, init_weights=False)
@@ -233,7 +227,7 @@ class RunningStats:
     keep_probs: also keep softmax(logits) (8 KB per image in float64) for the Inception Score."""
 
     def __init__(self, dim=FEATURE_DIM, keep_probs=False):
-        self.dim, self._n, self._sum, self._outer = dim, 0, None, None
+        self.dim, self.n, self._sum, self._outer = dim, 0, None, None  # n: images seen
         self._probs = [] if keep_probs else None
 
     def update(self, features, logits=None):
@@ -247,25 +241,21 @@ class RunningStats:
             self._outer = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=x.device)
         self._sum += x.sum(0)
         self._outer += x.T @ x  # (D, D)
-        self._n += x.shape[0]
+        self.n += x.shape[0]
         if self._probs is not None:
             if logits is None:
                 raise FIDError("keep_probs=True needs the logits in update()")
             self._probs.append(torch.softmax(logits.detach().double(), dim=1).cpu().numpy())  # (B, 1008)
 
     @property
-    def n(self):
-        return self._n
-
-    @property
     def mu(self):
-        if self._n < 1:
+        if self.n < 1:
             raise FIDError("no images were seen")
-        return (self._sum / self._n).cpu().numpy()
+        return (self._sum / self.n).cpu().numpy()
 
     @property
     def sigma(self):
-        n = self._n
+        n = self.n
         if n < 2:
             raise FIDError(f"a covariance needs at least 2 images, got {n}")
         if n < self.dim:
@@ -287,10 +277,10 @@ class RunningStats:
             return self
         if self._sum is None:
             raise FIDError("all_reduce() before any update() on this rank")
-        n = torch.tensor([float(self._n)], dtype=torch.float64, device=self._sum.device)
+        n = torch.tensor([float(self.n)], dtype=torch.float64, device=self._sum.device)
         for tensor in (n, self._sum, self._outer):
             dist.all_reduce(tensor)  # SUM
-        self._n = int(n.item())
+        self.n = int(n.item())
         return self
 
 
@@ -308,60 +298,54 @@ def _fp32_convolutions():
     return b.flags(enabled=b.enabled, benchmark=b.benchmark, deterministic=b.deterministic, allow_tf32=False)
 
 
-def _scores(stats, compute_is):
+def _stream(model, batches, total, device, compute_is, progress, class_stats=None):
+    """Statistics of (images, labels or None) batches, and the Inception Score (mean, std) if compute_is, else None.
+    class_stats, a list of K RunningStats: each image's features also go to class_stats[its label]."""
+    model.eval()
+    stats, done = RunningStats(keep_probs=compute_is), 0
+    with torch.no_grad(), _fp32_convolutions():
+        for images, labels in batches:
+            _check_range(images)
+            pool, logits = model(images.to(device, non_blocking=True))
+            stats.update(pool, logits)
+            for k in (labels.unique().tolist() if class_stats is not None else []):
+                class_stats[k].update(pool[labels.to(pool.device) == k])
+            done += len(images)
+            if progress:
+                progress(done, total)
     return stats, (inception_score(stats.probs) if compute_is else None)
 
 
 def features_from_sampler(model, sample_fn, num_images, batch_size, device, compute_is=False, progress=None,
                           class_stats=None):
-    """Statistics of num_images images from sample_fn(n) -> (n, 3, H, W) float in [-1, 1]; the
-    caller puts the generator in the evaluated mode (EMA weights, BatchNorm mode) inside sample_fn.
-    Returns (RunningStats, (IS mean, IS std) or None). progress(done, total) is called per batch.
-    class_stats, a list of K RunningStats: sample_fn returns (images, labels) and each image's features
-    also go to class_stats[label] (intra-class FID from the same mixed-label batches)."""
-    model.eval()
-    stats, done = RunningStats(keep_probs=compute_is), 0
-    with torch.no_grad(), _fp32_convolutions():
-        while done < num_images:
+    """(RunningStats, IS or None) of num_images images from sample_fn(n) -> (n, 3, H, W) float in [-1, 1]; the
+    caller puts the generator in the evaluated mode (EMA weights, BatchNorm mode) inside sample_fn. progress(done,
+    total) is called per batch. With class_stats (intra-class FID from the same mixed-label batches), sample_fn
+    returns (images, labels)."""
+    def batches():
+        for done in range(0, num_images, batch_size):
             n = min(batch_size, num_images - done)
             images, labels = sample_fn(n) if class_stats is not None else (sample_fn(n), None)
             if images.ndim != 4 or tuple(images.shape[:2]) != (n, 3):
                 raise FIDError(f"sample_fn({n}) must return ({n}, 3, H, W) images, got {tuple(images.shape)}")
-            _check_range(images)
-            pool, logits = model(images.to(device))
-            stats.update(pool, logits)
-            for k in (labels.unique().tolist() if labels is not None else []):
-                class_stats[k].update(pool[labels.to(pool.device) == k])
-            done += n
-            if progress:
-                progress(done, num_images)
-    return _scores(stats, compute_is)
+            yield images, labels
+
+    return _stream(model, batches(), num_images, device, compute_is, progress, class_stats)
 
 
 def features_from_dataset(model, dataset, num_images, batch_size, device, num_workers=0, compute_is=False,
                           progress=None):
-    """Statistics of the first num_images items (all if None) of a data set whose items are images
-    in [-1, 1] (or uint8) or (image, label) pairs. Returns (RunningStats, IS or None)."""
+    """(RunningStats, IS or None) of the first num_images items (all if None) of a data set whose items are images
+    in [-1, 1] (or uint8) or (image, label) pairs."""
     total = len(dataset) if num_images is None else num_images
     if total > len(dataset):
         raise FIDError(f"asked for {total} images but the data set has {len(dataset)}")
-    subset = torch.utils.data.Subset(dataset, range(total))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         pin_memory=torch.device(device).type == "cuda",
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(total)), batch_size=batch_size,
+                                         num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
                                          generator=torch.Generator())  # not the caller's RNG: a training run draws
                                                                        # the same numbers whether stats are cached
-    model.eval()
-    stats, done = RunningStats(keep_probs=compute_is), 0
-    with torch.no_grad(), _fp32_convolutions():
-        for batch in loader:
-            images = batch[0] if isinstance(batch, (list, tuple)) else batch  # drop labels
-            _check_range(images)
-            pool, logits = model(images.to(device, non_blocking=True))
-            stats.update(pool, logits)
-            done += len(images)
-            if progress:
-                progress(done, total)
-    return _scores(stats, compute_is)
+    batches = ((batch[0] if isinstance(batch, (list, tuple)) else batch, None) for batch in loader)  # labels dropped
+    return _stream(model, batches, total, device, compute_is, progress)
 
 
 # -----------------------------------------------------------------------------
@@ -441,13 +425,9 @@ def _normalised(protocol):
     return json.loads(json.dumps(protocol))  # tuples -> lists etc., so that stored == requested
 
 
-def save_stats(path, stats_or_mu_sigma, protocol):
+def save_stats(path, mu_sigma, protocol):
     """Write mu, sigma (pytorch-fid's keys) and the protocol (JSON) to an .npz, atomically."""
-    if isinstance(stats_or_mu_sigma, RunningStats):
-        mu, sigma = stats_or_mu_sigma.mu, stats_or_mu_sigma.sigma
-    else:
-        mu, sigma = stats_or_mu_sigma
-    path = os.fspath(path)
+    mu, sigma, path = *mu_sigma, os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:  # a file object, so numpy does not append another ".npz"
@@ -501,12 +481,11 @@ def load_stats(path, expect=None):
 
 def reference_stats(model, dataset, cache_path, protocol, num_images, batch_size, device, num_workers=0,
                     progress=None):
-    """(mu, sigma, protocol) of the first num_images of a data set (all if None): read from cache_path
-    when its stored protocol equals `protocol` in every key, refused when it differs, else computed
-    and cached with `protocol`. protocol: e.g. {"dataset": "cifar10", "split": "test", "num_images":
-    10000, **inception_protocol(model)}. A protocol that names the published weights while the model
-    has others is refused, so a cache cannot be mislabelled. progress: default, a line on stderr every
-    10 s (minutes of silence on a CPU otherwise); pass lambda done, total: None for none."""
+    """(mu, sigma, protocol) of the first num_images of a data set (all if None): read from cache_path if its stored
+    protocol equals `protocol` (e.g. {"dataset": "cifar10", "split": "test", "num_images": 10000,
+    **inception_protocol(model)}) in every key, refused if it differs, else computed and cached with it. progress:
+    default, a line on stderr every 10 s (minutes of silence on a CPU otherwise); lambda done, total: None for none."""
+    # a cache must not be mislabelled: a protocol that names the published weights needs a model that has them
     if WEIGHTS_NAME in str(protocol.get("weights", "")) and model.weights_tag != WEIGHTS_NAME:
         raise FIDError(f"protocol says weights={protocol['weights']!r} but the model has {model.weights_tag!r}")
     if os.path.exists(cache_path):
@@ -515,8 +494,9 @@ def reference_stats(model, dataset, cache_path, protocol, num_images, batch_size
     _check_writable(cache_path, make_folder=True)
     progress = progress or _progress_printer(f"FID reference {os.path.basename(cache_path)}")
     stats, _ = features_from_dataset(model, dataset, num_images, batch_size, device, num_workers, progress=progress)
-    save_stats(cache_path, stats, protocol)
-    return stats.mu, stats.sigma, protocol
+    mu, sigma = stats.mu, stats.sigma
+    save_stats(cache_path, (mu, sigma), protocol)
+    return mu, sigma, protocol
 
 
 def _side(protocol):
@@ -546,28 +526,24 @@ def describe_protocol(protocol):
 # Images in a folder, for the command line
 
 
-def to_rgb(im):
-    """A PIL image as 8-bit RGB by its real range (convert("RGB") clips: 16-bit would turn white, float black).
-    The one reader of images for FID and for training (contragan.py), so that both see the same pixels."""
-    im = ImageOps.exif_transpose(im)  # EXIF rotation applied
-    if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # 16-bit grey (I, PIL's 32-bit, read as 16) or float
-        a, top = np.asarray(im, dtype=np.float64), 1.0 if im.mode == "F" else 65535.0
-        if not (a.min() >= 0 and a.max() <= top):  # other values refused; NaN fails too
-            raise ValueError(f"mode {im.mode} with values in [{a.min():g}, {a.max():g}], not [0, {top:g}]")
-        return Image.fromarray(np.round(a * (255 / top)).astype(np.uint8)).convert("RGB")
-    if {"A", "a"} & set(im.getbands()) or "transparency" in im.info:  # transparent pixels over white
-        im = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB")
-    return im.convert("RGB")
-
-
 def read_image(path):
-    """The image file at path as 8-bit RGB (to_rgb). One past PIL's pixel limit (Image.MAX_IMAGE_PIXELS) fails with
-    DecompressionBombWarning or -Error, where PIL would decode it in full and warn at every read."""
+    """The image file at path as 8-bit RGB by its real range (convert("RGB") clips: 16-bit would turn white, float
+    black), EXIF rotation applied: the one reader of images for FID and for training (contragan.py), so that both see
+    the same pixels. One past PIL's pixel limit (Image.MAX_IMAGE_PIXELS) fails with DecompressionBombWarning or -Error,
+    where PIL would decode it in full and warn at every read."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as image:
-            return to_rgb(image)
+            im = ImageOps.exif_transpose(image)
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # 16-bit grey (I: PIL's 32-bit, read as 16), float
+                a, top = np.asarray(im, dtype=np.float64), 1.0 if im.mode == "F" else 65535.0
+                if not (a.min() >= 0 and a.max() <= top):  # other values refused; NaN fails too
+                    raise ValueError(f"mode {im.mode} with values in [{a.min():g}, {a.max():g}], not [0, {top:g}]")
+                return Image.fromarray(np.round(a * (255 / top)).astype(np.uint8)).convert("RGB")
+            if {"A", "a"} & set(im.getbands()) or "transparency" in im.info:  # transparent pixels over white
+                im = im.convert("RGBA")
+                return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB")
+            return im.convert("RGB")
 
 
 class ImageFolderFlat(torch.utils.data.Dataset):
@@ -656,15 +632,13 @@ def can_write(folder):
         return False
 
 
-def _check_path(path):
-    if path.endswith(".npz") or os.path.isdir(path):
-        return
-    if not os.path.exists(path):
-        raise FIDError(f"{path}: no such file or folder")
-    raise FIDError(f"{path}: neither a folder of images nor a .npz statistics file")
-
-
-def _image_folder(path, compute_is):
+def _open_input(path, compute_is):
+    """A .npz file's (mu, sigma, protocol), or a folder's images once every header has been read."""
+    if path.endswith(".npz"):
+        return load_stats(path)
+    if not os.path.isdir(path):
+        raise FIDError(f"{path}: " + ("neither a folder of images nor a .npz statistics file" if os.path.exists(path)
+                                      else "no such file or folder"))
     dataset = ImageFolderFlat(path)
     if len(dataset) < 2:
         raise FIDError(f"{path}: FID needs at least 2 images for a covariance, found {len(dataset)}")
@@ -674,6 +648,7 @@ def _image_folder(path, compute_is):
 
 
 def _folder_stats(path, dataset, model, args, compute_is):
+    """(mu, sigma, protocol, IS or None) of a folder's images."""
     stats, is_score = features_from_dataset(model, dataset, None, args.batch_size, args.device, args.num_workers,
                                             compute_is, progress=_progress_printer(path))
     protocol = {**inception_protocol(model), "dataset": f"folder {os.path.abspath(path)}", "num_images": stats.n}
@@ -702,12 +677,9 @@ def main(argv=None):
     if args.batch_size < 1 or args.num_workers < 0:
         parser.error(f"--batch-size must be at least 1 and --num-workers at least 0 (got {args.batch_size}, "
                      f"{args.num_workers})")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        device = torch.device("meta")
-    if device.type not in ("cpu", "cuda", "mps"):
+    if not re.fullmatch(r"(cpu|cuda|mps)(:\d+)?", args.device):
         parser.error(f"--device {args.device}: not one of cpu, cuda, cuda:N, mps")
+    device = torch.device(args.device)
     count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}[device.type]
     if (device.index or 0) >= count:
         parser.error(f"--device {args.device} asked for, but torch sees {count or 'no'} "
@@ -728,39 +700,36 @@ def main(argv=None):
 
 
 def run(args):
-    for path in args.path[:1] if args.save_stats else args.path:
-        _check_path(path)
+    """Every check that can fail (files, image headers, the model, comparability) comes before minutes of features."""
     if args.save_stats:
         folder, out = args.path
-        if not os.path.isdir(folder):
-            raise FIDError(f"--save-stats reads a folder of images, not {folder}")
         if not out.endswith(".npz"):  # the name by which `fid.py A B` reads statistics back
             raise FIDError(f"--save-stats writes .npz files: {out} does not end in .npz")
         if os.path.exists(out):
             raise FIDError(f"{out} exists; delete it or choose another name")
+        dataset = _open_input(folder, False)
+        if not isinstance(dataset, ImageFolderFlat):
+            raise FIDError(f"--save-stats reads a folder of images, not {folder}")
         _check_writable(out)
-        dataset, model = _image_folder(folder, False), load_inception(args.weights, args.device,
-                                                                         random_init=args.random_weights)
+        model = load_inception(args.weights, args.device, random_init=args.random_weights)
         mu, sigma, protocol, _ = _folder_stats(folder, dataset, model, args, compute_is=False)
         save_stats(out, (mu, sigma), protocol)
         print(f"saved {out}: mu {mu.shape}, sigma {sigma.shape} | {describe_protocol(protocol)}")
         return
-
-    # Every check that can fail (files, image headers, the model, comparability) before minutes of features.
-    inputs = [load_stats(p) if p.endswith(".npz") else _image_folder(p, args.inception_score) for p in args.path]
-    model = (load_inception(args.weights, args.device, random_init=args.random_weights)
-             if any(isinstance(x, ImageFolderFlat) for x in inputs) else None)
-    (d1, protocol1), (d2, protocol2) = [(FEATURE_DIM, inception_protocol(model)) if isinstance(x, ImageFolderFlat)
-                                        else (len(x[0]), x[2]) for x in inputs]
+    inputs = [_open_input(path, args.inception_score) for path in args.path]
+    folders = [isinstance(x, ImageFolderFlat) for x in inputs]
+    model = load_inception(args.weights, args.device, random_init=args.random_weights) if any(folders) else None
+    (d1, protocol1), (d2, protocol2) = [(FEATURE_DIM, inception_protocol(model)) if folder else (len(x[0]), x[2])
+                                        for x, folder in zip(inputs, folders)]
     if d1 != d2:
         raise FIDError(f"A has {d1}-d statistics but B has {d2}-d: not the same features")
     for key in ("weights", "resize"):  # statistics from different Inceptions are not comparable
         if key in protocol1 and key in protocol2 and protocol1[key] != protocol2[key]:
             raise FIDError(f"A has {key}={protocol1[key]!r} but B has {key}={protocol2[key]!r}")
     (mu1, sigma1, protocol1, is1), (mu2, sigma2, protocol2, is2) = [
-        _folder_stats(path, x, model, args, args.inception_score) if isinstance(x, ImageFolderFlat)
+        _folder_stats(path, x, model, args, args.inception_score) if folder
         else (x[0], x[1], x[2] or {"dataset": f"{path} (protocol unknown)"}, None)
-        for path, x in zip(args.path, inputs)]
+        for path, x, folder in zip(args.path, inputs, folders)]
     fid = frechet_distance(mu1, sigma1, mu2, sigma2)
     shared = {key: protocol1.get(key, protocol2.get(key)) for key in ("weights", "resize")
               if key in protocol1 or key in protocol2}
