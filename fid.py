@@ -1,19 +1,19 @@
 """Frechet Inception Distance (and Inception Score) as ContraGAN's paper measured them.
 
-FID (Heusel et al., 2017, "GANs Trained by a Two Time-Scale Update Rule", TTUR) compares two sets of
-images through the 2048-d pool features of Inception-V3, each set summarised by a Gaussian N(mu, S):
+FID (Heusel et al., 2017, "GANs Trained by a Two Time-Scale Update Rule", TTUR) compares two sets of images through
+the 2048-d pool features of Inception-V3, each set summarised by a Gaussian N(mu, S):
 
     d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))
 
 Protocol, the same as pytorch-fid (github.com/mseitzer/pytorch-fid) and the TF original it ports:
-- the TensorFlow FID Inception graph and its weights ported to PyTorch, pt_inception-2015-12-05-
-  6726825d.pth (1008 classes, no aux head), loaded with strict=True;
+- the TensorFlow FID Inception graph and its weights ported to PyTorch, pt_inception-2015-12-05-6726825d.pth
+  (1008 classes, no aux head), loaded with strict=True;
 - images in [-1, 1] (or uint8 in [0, 255]), resized to 299x299 bilinearly (align_corners=False);
 - statistics in float64; Tr((S1 S2)^(1/2)) from eigenvalues (see _trace_sqrt_product), not sqrtm.
-ContraGAN's CIFAR-10 numbers: 10,000 generated images vs the 10,000 test images. Every score is
-printed with its protocol (describe_protocol) because the protocol moves FID by a lot.
-Differences from pytorch-fid that leave the number as it is (tools/fid_parity.py measures it; docs/fid.md): input
-in [-1, 1], streamed statistics, the trace from eigenvalues (>10x faster), fp32 (not TF32) convolutions on GPUs.
+ContraGAN's CIFAR-10 numbers: 10,000 generated images vs the 10,000 test images. Every score is printed with its
+protocol (describe_protocol) because the protocol moves FID by a lot. Differences from pytorch-fid that leave the
+number as it is (tools/fid_parity.py measures it; docs/fid.md): input in [-1, 1], streamed statistics, the trace
+from eigenvalues (>10x faster), fp32 (not TF32) convolutions on GPUs.
 
 Command line (pytorch-fid's convention):
     python fid.py A B                          # A, B: image folders or .npz statistics files
@@ -27,6 +27,7 @@ import re
 import shutil
 import socket
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -39,7 +40,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from scipy.linalg import lapack
 from scipy.special import xlogy
-from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
+from torchvision.models.inception import (BasicConv2d, Inception3, InceptionA, InceptionAux, InceptionB, InceptionC,
+                                          InceptionD, InceptionE)
 from torchvision.transforms.functional import pil_to_tensor
 
 # Published with pytorch-fid; ported from the TF graph inception-2015-12-05.tgz used by TTUR's FID.
@@ -81,20 +83,19 @@ class FIDInceptionC(InceptionC):
 
     def _forward(self, x):
         branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        branch7x7dbl = self.branch7x7dbl_1(x)
-        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            branch7x7dbl = conv(branch7x7dbl)
+        branch7x7dbl = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        branch7x7dbl = self.branch7x7dbl_5(self.branch7x7dbl_4(branch7x7dbl))
         pool = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
         return [self.branch1x1(x), branch7x7, branch7x7dbl, self.branch_pool(pool)]
 
 
 class FIDInceptionE(InceptionE):
-    """Mixed_7b (average pool without padded zeros) and Mixed_7c (max pool: the TF graph has a
-    max pool there, although the Inception paper averages; pytorch-fid keeps it, so do we)."""
+    """Mixed_7b (average pool without padded zeros) and Mixed_7c (max pool: the TF graph has a max pool there,
+    although the Inception paper averages; pytorch-fid keeps it, so do we)."""
 
-    def __init__(self, in_channels, max_pool):
+    def __init__(self, in_channels):
         super().__init__(in_channels)
-        self.max_pool = max_pool
+        self.max_pool = in_channels == 2048  # Mixed_7c; Mixed_7b has 1280 input channels
 
     def _forward(self, x):
         branch3x3 = self.branch3x3_1(x)
@@ -115,16 +116,9 @@ class FIDInceptionV3(Inception3):
     [0, 1] and maps x -> 2x - 1 after the resize (bilinear resizing is affine: the same up to float rounding)."""
 
     def __init__(self):
-        super().__init__(num_classes=1008, aux_logits=False, transform_input=False, init_weights=False)
-        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
-        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
-        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
-        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
-        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
-        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
-        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
-        self.Mixed_7b = FIDInceptionE(1280, max_pool=False)
-        self.Mixed_7c = FIDInceptionE(2048, max_pool=True)
+        blocks = [BasicConv2d, FIDInceptionA, InceptionB, FIDInceptionC, InceptionD, FIDInceptionE, InceptionAux]
+        super().__init__(num_classes=1008, aux_logits=False, transform_input=False, inception_blocks=blocks,
+                         init_weights=False)
         self.weights_tag = "untrained"  # set by load_inception; goes into every protocol
 
     def forward(self, x):
@@ -141,14 +135,6 @@ class FIDInceptionV3(Inception3):
         x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))  # (B, 2048, 8, 8)
         pool = torch.flatten(self.avgpool(x), 1)  # (B, 2048): TTUR's pool_3 features
         return pool, self.fc(pool)  # logits (B, 1008); dropout is the identity at inference
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _cached_weights():
@@ -171,9 +157,9 @@ def _cached_weights():
 
 
 def load_inception(weights=None, device="cpu", random_init=False, seed=0):
-    """The FID Inception-V3 in eval mode. weights: a path to the published state dict; None: torch's
-    hub cache (downloaded once). random_init: Kaiming-normal random weights for tests and offline
-    demos; their scores are flagged as not comparable. The caller's RNG stream is left untouched."""
+    """The FID Inception-V3 in eval mode. weights: a path to the published state dict; None: torch's hub cache
+    (downloaded once). random_init: Kaiming-normal random weights for tests and offline demos; their scores are
+    flagged as not comparable. The caller's RNG stream is left untouched."""
     with torch.random.fork_rng(devices=[]):  # building the modules draws default inits
         model = FIDInceptionV3()
     if random_init:
@@ -191,7 +177,7 @@ def load_inception(weights=None, device="cpu", random_init=False, seed=0):
         if not os.path.isfile(path):
             raise FIDError(f"weights file {path} {'is a folder' if os.path.isdir(path) else 'not found'} "
                            f"(the published file is {WEIGHTS_NAME}, {WEIGHTS_URL})")
-        digest = _sha256(path)
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()  # 91 MB
         published = digest.startswith(WEIGHTS_SHA256_PREFIX)
         if in_cache and not published:
             raise FIDError(f"{path} has sha256 {digest[:8]}..., not {WEIGHTS_SHA256_PREFIX}...: "
@@ -220,11 +206,10 @@ def inception_protocol(model):
 
 
 class RunningStats:
-    """mu = s / n and S = (Q - n mu mu^T) / (n - 1), unbiased like np.cov, from s = sum x and
-    Q = sum x x^T accumulated in float64. Sums make DDP exact: all_reduce() adds them across ranks.
-    The one-pass form loses about log10(1 + |mu|^2 / var) of float64's 16 digits; pool features
-    are post-ReLU averages with mean and std of the same order (test: equal to np.cov to 1e-10).
-    keep_probs: also keep softmax(logits) (8 KB per image in float64) for the Inception Score."""
+    """mu = s / n and S = (Q - n mu mu^T) / (n - 1), unbiased like np.cov, from s = sum x and Q = sum x x^T
+    accumulated in float64. Sums make DDP exact: all_reduce() adds them across ranks. The one-pass form loses about
+    log10(1 + |mu|^2 / var) of float64's 16 digits; pool features are post-ReLU averages with mean and std of the
+    same order (test: equal to np.cov to 1e-10). keep_probs: also keep softmax(logits) for the Inception Score."""
 
     def __init__(self, dim=FEATURE_DIM, keep_probs=False):
         self.dim, self.n, self._sum, self._outer = dim, 0, None, None  # n: images seen
@@ -242,9 +227,7 @@ class RunningStats:
         self._sum += x.sum(0)
         self._outer += x.T @ x  # (D, D)
         self.n += x.shape[0]
-        if self._probs is not None:
-            if logits is None:
-                raise FIDError("keep_probs=True needs the logits in update()")
+        if self._probs is not None:  # keep_probs=True: the logits are needed
             self._probs.append(torch.softmax(logits.detach().double(), dim=1).cpu().numpy())  # (B, 1008)
 
     @property
@@ -271,8 +254,8 @@ class RunningStats:
         return np.concatenate(self._probs)  # (N, 1008)
 
     def all_reduce(self):
-        """Sum n, s and Q over torch.distributed ranks (gloo or nccl); a no-op when not initialised.
-        The kept softmax outputs (Inception Score) stay on each rank: IS is a per-rank number."""
+        """Sum n, s and Q over torch.distributed ranks (gloo or nccl); a no-op when not initialised. The kept
+        softmax outputs (Inception Score) stay on each rank: IS is a per-rank number."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self
         if self._sum is None:
@@ -284,28 +267,19 @@ class RunningStats:
         return self
 
 
-def _check_range(images):
-    if images.dtype != torch.uint8:
-        low, high = torch.aminmax(images.detach())
-        if low < -1.001 or high > 1.001:  # a [0, 255] or unnormalised batch would give a silent wrong FID
-            raise FIDError(f"images must be in [-1, 1] (or uint8), got values in [{low:.3g}, {high:.3g}]")
-
-
-def _fp32_convolutions():
-    """cuDNN convolutions in fp32, not TF32 (PyTorch's default on Ampere and newer GPUs, 10-bit
-    mantissa), as in the fp32 TF original. A context manager: the caller's setting comes back."""
-    b = torch.backends.cudnn
-    return b.flags(enabled=b.enabled, benchmark=b.benchmark, deterministic=b.deterministic, allow_tf32=False)
-
-
 def _stream(model, batches, total, device, compute_is, progress, class_stats=None):
     """Statistics of (images, labels or None) batches, and the Inception Score (mean, std) if compute_is, else None.
     class_stats, a list of K RunningStats: each image's features also go to class_stats[its label]."""
     model.eval()
     stats, done = RunningStats(keep_probs=compute_is), 0
-    with torch.no_grad(), _fp32_convolutions():
+    cudnn = torch.backends.cudnn  # fp32 convolutions as in the TF original, not TF32 (PyTorch's default on Ampere+)
+    with torch.no_grad(), cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                                      deterministic=cudnn.deterministic, allow_tf32=False):
         for images, labels in batches:
-            _check_range(images)
+            if images.dtype != torch.uint8:  # a [0, 255] or unnormalised batch would give a silent wrong FID
+                low, high = torch.aminmax(images.detach())
+                if low < -1.001 or high > 1.001:
+                    raise FIDError(f"images must be in [-1, 1] (or uint8), got values in [{low:.3g}, {high:.3g}]")
             pool, logits = model(images.to(device, non_blocking=True))
             stats.update(pool, logits)
             for k in (labels.unique().tolist() if class_stats is not None else []):
@@ -318,10 +292,9 @@ def _stream(model, batches, total, device, compute_is, progress, class_stats=Non
 
 def features_from_sampler(model, sample_fn, num_images, batch_size, device, compute_is=False, progress=None,
                           class_stats=None):
-    """(RunningStats, IS or None) of num_images images from sample_fn(n) -> (n, 3, H, W) float in [-1, 1]; the
-    caller puts the generator in the evaluated mode (EMA weights, BatchNorm mode) inside sample_fn. progress(done,
-    total) is called per batch. With class_stats (intra-class FID from the same mixed-label batches), sample_fn
-    returns (images, labels)."""
+    """(RunningStats, IS or None) of num_images images from sample_fn(n) -> (n, 3, H, W) float in [-1, 1]; the caller
+    puts the generator in the evaluated mode (EMA weights, BatchNorm mode) in sample_fn. progress(done, total): per
+    batch. With class_stats (intra-class FID from the same mixed-label batches), sample_fn returns (images, labels)."""
     def batches():
         for done in range(0, num_images, batch_size):
             n = min(batch_size, num_images - done)
@@ -340,10 +313,10 @@ def features_from_dataset(model, dataset, num_images, batch_size, device, num_wo
     total = len(dataset) if num_images is None else num_images
     if total > len(dataset):
         raise FIDError(f"asked for {total} images but the data set has {len(dataset)}")
+    # a generator of its own, not the caller's RNG: a training run draws the same numbers whether stats are cached
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(total)), batch_size=batch_size,
                                          num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
-                                         generator=torch.Generator())  # not the caller's RNG: a training run draws
-                                                                       # the same numbers whether stats are cached
+                                         generator=torch.Generator())
     batches = ((batch[0] if isinstance(batch, (list, tuple)) else batch, None) for batch in loader)  # labels dropped
     return _stream(model, batches, total, device, compute_is, progress)
 
@@ -352,7 +325,29 @@ def features_from_dataset(model, dataset, num_images, batch_size, device, num_wo
 # The Frechet distance and the Inception Score
 
 
-def _as_gaussians(mu1, sigma1, mu2, sigma2):
+def _trace_sqrt_product(sigma1, sigma2):
+    """Tr((S1 S2)^(1/2)) = sum_i sqrt(lambda_i(S1 S2)). Factor S1 = F F^T with F (d, r), r = rank S1; S1 S2 =
+    F (F^T S2) has the nonzero eigenvalues of F^T S2 F (AB and BA share them), a symmetric PSD (r, r) matrix whose
+    eigenvalues eigvalsh finds far faster than sqrtm finds the whole root of the non-symmetric S1 S2. F comes from
+    LAPACK's pivoted Cholesky (dpstrf), which stops at the numerical rank (pivots <= d * eps * max S1_ii): fewer than
+    d + 1 images give a singular S1."""
+    lower, pivots, rank, _ = lapack.dpstrf(sigma1, lower=1)  # P^T S1 P = L L^T
+    if rank == 0:  # S1 = 0: all images identical
+        return 0.0
+    factor = np.empty((len(sigma1), rank))
+    factor[pivots - 1] = np.tril(lower)[:, :rank]  # F = P L, so F F^T = S1; (d, r)
+    eigenvalues = np.linalg.eigvalsh(factor.T @ sigma2 @ factor)  # (r,)
+    # The sqrtm formula's guard fails on an imaginary part > 1e-3 (a clearly non-PSD product); here negative
+    # eigenvalues play that role: rounding leaves ~1e-16 * d * max, a broken input far more.
+    if eigenvalues.min() < -1e-6 * max(eigenvalues.max(), 1e-12):
+        raise FIDError(f"S1 S2 has a negative eigenvalue {eigenvalues.min():.3g}: covariances are not PSD")
+    return np.sqrt(np.clip(eigenvalues, 0, None)).sum()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """d^2 = |mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)) (TTUR, eq. 6 of Heusel et al.), S = sigma.
+    Agrees with pytorch-fid's sqrtm formula to ~1e-10 relative (test_fid.py). eps: pytorch-fid's guard, kept: if a
+    decomposition fails, retry with eps * I added to S1 and S2."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
@@ -360,52 +355,23 @@ def _as_gaussians(mu1, sigma1, mu2, sigma2):
         raise FIDError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
     if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
         raise FIDError("the statistics contain NaN or inf")
-    for sigma in (sigma1, sigma2):  # cheap necessary conditions for a covariance
-        # symmetric to rounding; one max-abs pass (np.allclose took 20% of the distance at d = 2048)
-        asymmetry = np.abs(sigma - sigma.T).max()
+    for sigma in (sigma1, sigma2):  # a covariance is symmetric to rounding (one max-abs pass: np.allclose took 20%
+        asymmetry = np.abs(sigma - sigma.T).max()  # of the distance at d = 2048), its diagonal non-negative
         if asymmetry > 1e-8 + 1e-5 * np.abs(sigma).max() or (np.diagonal(sigma) < 0).any():
             raise FIDError("a covariance is not symmetric with a non-negative diagonal")
-    return mu1, sigma1, mu2, sigma2
-
-
-def _trace_sqrt_product(sigma1, sigma2):
-    """Tr((S1 S2)^(1/2)) = sum_i sqrt(lambda_i(S1 S2)). Factor S1 = F F^T with F (d, r), r = rank S1;
-    S1 S2 = F (F^T S2) has the nonzero eigenvalues of F^T S2 F (AB and BA share them), a symmetric
-    PSD (r, r) matrix whose eigenvalues eigvalsh finds far faster than sqrtm finds the whole root of
-    the non-symmetric S1 S2. F comes from LAPACK's pivoted Cholesky (dpstrf), which stops at the
-    numerical rank (pivots <= d * eps * max S1_ii): fewer than d + 1 images give a singular S1."""
-    lower, pivots, rank, _ = lapack.dpstrf(sigma1, lower=1)  # P^T S1 P = L L^T
-    if rank == 0:  # S1 = 0: all images identical
-        return 0.0
-    factor = np.empty((len(sigma1), rank))
-    factor[pivots - 1] = np.tril(lower)[:, :rank]  # F = P L, so F F^T = S1; (d, r)
-    eigenvalues = np.linalg.eigvalsh(factor.T @ sigma2 @ factor)  # (r,)
-    # The sqrtm formula's guard fails on an imaginary part > 1e-3 (a clearly non-PSD product); here
-    # negative eigenvalues play that role: rounding leaves ~1e-16 * d * max, a broken input far more.
-    if eigenvalues.min() < -1e-6 * max(eigenvalues.max(), 1e-12):
-        raise FIDError(f"S1 S2 has a negative eigenvalue {eigenvalues.min():.3g}: covariances are not PSD")
-    return np.sqrt(np.clip(eigenvalues, 0, None)).sum()
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """d^2 = |mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)) (TTUR, eq. 6 of Heusel et al.),
-    S = sigma. Agrees with pytorch-fid's sqrtm formula to ~1e-10 relative (test_fid.py).
-    eps: pytorch-fid's guard, kept: if a decomposition fails, retry with eps * I added to S1, S2."""
-    mu1, sigma1, mu2, sigma2 = _as_gaussians(mu1, sigma1, mu2, sigma2)
     try:
         tr_covmean = _trace_sqrt_product(sigma1, sigma2)
     except np.linalg.LinAlgError:
         warnings.warn(f"eigenvalue solver failed; adding {eps} to the diagonal of both covariances")
-        offset = eps * np.eye(sigma1.shape[0])
+        offset = eps * np.eye(d)
         tr_covmean = _trace_sqrt_product(sigma1 + offset, sigma2 + offset)
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
 def inception_score(probs, splits=10):
-    """IS = exp(E_x KL(p(y|x) || p(y))) over each of `splits` consecutive chunks; returns the mean and
-    std over chunks. probs: (N, 1008) softmax of the FID graph's logits, as in the original code
-    (openai/improved-gan inception_score.py: 1008-way softmax, 10 splits)."""
+    """IS = exp(E_x KL(p(y|x) || p(y))) over each of `splits` consecutive chunks: their mean and std. probs: (N, 1008)
+    softmax of the FID graph's logits, as in the original (openai/improved-gan inception_score.py: 10 splits)."""
     probs = np.asarray(probs, np.float64)
     if probs.ndim != 2 or len(probs) < splits:
         raise FIDError(f"the Inception Score needs at least {splits} images (one per split), got {len(probs)}")
@@ -441,8 +407,8 @@ def save_stats(path, mu_sigma, protocol):
 
 
 def load_stats(path, expect=None):
-    """(mu, sigma, protocol) from an .npz; pytorch-fid's files (mu and sigma only) give protocol {}.
-    expect: refuse the file unless its protocol equals this one in every key."""
+    """(mu, sigma, protocol) from an .npz; pytorch-fid's (mu and sigma only) give {}. expect: refuse the file unless
+    its protocol equals this one in every key."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FIDError(f"{path}: no such statistics file")
@@ -505,10 +471,9 @@ def _side(protocol):
 
 
 def describe_protocol(protocol):
-    """One human line. Known keys: weights, resize, dataset, split, num_images, and fake (a string
-    describing the generated side, e.g. '10000 (EMA G, BN batch stats)'); any other key is listed."""
+    """One human line. Known keys: weights, resize, dataset, split, num_images, and fake (a string describing the
+    generated side, e.g. '10000 (EMA G, BN batch stats)'); any other key is listed."""
     known = ("weights", "resize", "dataset", "split", "num_images", "fake")
-    rest = {key: value for key, value in protocol.items() if key not in known}
     weights = protocol.get("weights", "weights unknown")
     parts = [f"Inception-V3 {'TF weights ' if weights == WEIGHTS_NAME else ''}{weights}"]
     if "resize" in protocol:
@@ -518,7 +483,7 @@ def describe_protocol(protocol):
         parts.append(f"fake {protocol['fake']} vs {real or 'unknown reference'}")
     elif real:
         parts.append(real)
-    parts += [f"{key}={value}" for key, value in sorted(rest.items())]
+    parts += [f"{key}={value}" for key, value in sorted(protocol.items()) if key not in known]
     return "FID protocol: " + ", ".join(parts)
 
 
@@ -547,9 +512,9 @@ def read_image(path):
 
 
 class ImageFolderFlat(torch.utils.data.Dataset):
-    """The images directly in a folder (pytorch-fid's extensions, any case; sorted; no subfolders,
-    as in pytorch-fid), as uint8 (3, H, W) RGB tensors. All must share one size, as pytorch-fid also
-    requires at batch size > 1; every header is read up front so that a bad file fails at once."""
+    """The images directly in a folder (pytorch-fid's extensions, any case; sorted; no subfolders, as pytorch-fid), as
+    uint8 (3, H, W) RGB tensors. All must share one size, as pytorch-fid also requires at batch size > 1; every
+    header is read up front so that a bad file fails at once."""
 
     def __init__(self, root):
         root = Path(root)
@@ -604,8 +569,8 @@ def _progress_printer(label, every_s=10):
 
 
 def _check_writable(path, make_folder=False):
-    """Fail before minutes of statistics, not after: create and remove the temporary file that
-    save_stats writes first (os.access says yes to root everywhere)."""
+    """Fail before minutes of statistics, not after: create and remove the temporary file that save_stats writes
+    first (os.access says yes to root everywhere), and see that the statistics fit on the disk."""
     probe = f"{path}.tmp{os.getpid()}"
     try:
         if make_folder and not os.path.exists(os.path.dirname(os.path.abspath(path))):
@@ -625,8 +590,7 @@ def can_write(folder):
     contragan.py asks it where to cache reference statistics."""
     try:
         os.makedirs(folder, exist_ok=True)
-        open(probe := os.path.join(folder, f".write-test-{os.getpid()}"), "xb").close()
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=folder).close()  # created, then removed
         return True
     except OSError:
         return False
@@ -669,9 +633,8 @@ def main(argv=None):
                         help="data loader processes (pytorch-fid's default: min(8, CPUs))")
     parser.add_argument("--inception-score", action="store_true",
                         help="also print the Inception Score (1008-way softmax, 10 splits) of each image folder")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="random Kaiming-normal weights instead of the published ones: for tests and "
-                        "offline demos only; the scores are NOT comparable with anything")
+    parser.add_argument("--random-weights", action="store_true", help="random Kaiming-normal weights instead of the "
+                        "published ones: for tests and offline demos only; the scores are NOT comparable with anything")
     parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")  # one line, not usage too
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.num_workers < 0:
