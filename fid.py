@@ -64,8 +64,7 @@ def _one_line(error):
     return " ".join(str(getattr(error, "reason", error)).split())
 
 
-# -----------------------------------------------------------------------------
-# The FID Inception-V3 graph: torchvision's Inception3 with the TF graph's pooling quirks
+# ---- The FID Inception-V3 graph: torchvision's Inception3 with the TF graph's pooling quirks -------------------------
 
 
 class FIDInceptionA(InceptionA):
@@ -201,8 +200,7 @@ def inception_protocol(model):
     return {"weights": model.weights_tag, "resize": RESIZE}
 
 
-# -----------------------------------------------------------------------------
-# Streaming statistics: 50,000 images never sit in memory at once
+# ---- Streaming statistics: 50,000 images never sit in memory at once -------------------------------------------------
 
 
 class RunningStats:
@@ -321,8 +319,7 @@ def features_from_dataset(model, dataset, num_images, batch_size, device, num_wo
     return _stream(model, batches, total, device, compute_is, progress)
 
 
-# -----------------------------------------------------------------------------
-# The Frechet distance and the Inception Score
+# ---- The Frechet distance and the Inception Score --------------------------------------------------------------------
 
 
 def _trace_sqrt_product(sigma1, sigma2):
@@ -383,8 +380,7 @@ def inception_score(probs, splits=10):
     return float(np.mean(scores)), float(np.std(scores))
 
 
-# -----------------------------------------------------------------------------
-# Statistics files, with their protocol
+# ---- Statistics files, with their protocol ---------------------------------------------------------------------------
 
 
 def _normalised(protocol):
@@ -487,8 +483,7 @@ def describe_protocol(protocol):
     return "FID protocol: " + ", ".join(parts)
 
 
-# -----------------------------------------------------------------------------
-# Images in a folder, for the command line
+# ---- Images in a folder, for the command line ------------------------------------------------------------------------
 
 
 def read_image(path):
@@ -548,8 +543,7 @@ class ImageFolderFlat(torch.utils.data.Dataset):
         return x
 
 
-# -----------------------------------------------------------------------------
-# Command line
+# ---- Command line ----------------------------------------------------------------------------------------------------
 
 
 def _progress_printer(label, every_s=10):
@@ -571,13 +565,13 @@ def _progress_printer(label, every_s=10):
 def _check_writable(path, make_folder=False):
     """Fail before minutes of statistics, not after: create and remove the temporary file that save_stats writes
     first (os.access says yes to root everywhere), and see that the statistics fit on the disk."""
-    probe = f"{path}.tmp{os.getpid()}"
+    folder, probe = os.path.dirname(os.path.abspath(path)), f"{path}.tmp{os.getpid()}"
     try:
-        if make_folder and not os.path.exists(os.path.dirname(os.path.abspath(path))):
-            os.makedirs(os.path.dirname(os.path.abspath(path)))  # (a file in its place: "Not a directory" below)
+        if make_folder and not os.path.exists(folder):
+            os.makedirs(folder)  # (a file in its place: "Not a directory" below)
         open(probe, "xb").close()
         os.remove(probe)
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        free = shutil.disk_usage(folder).free
     except OSError as e:
         raise FIDError(f"cannot write {path} ({e.strerror or _one_line(e)})") from None
     if free < STATS_BYTES:  # an empty file fits on a full disk; the statistics do not
@@ -586,8 +580,7 @@ def _check_writable(path, make_folder=False):
 
 
 def can_write(folder):
-    """Can a file be created in folder (made if missing)? Tried: os.access says yes to root on a read-only mount.
-    contragan.py asks it where to cache reference statistics."""
+    """Can a file be created in folder (made if missing)? Tried, as os.access says yes to root on a read-only mount."""
     try:
         os.makedirs(folder, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()  # created, then removed
