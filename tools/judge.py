@@ -2,7 +2,7 @@
 
     python tools/judge.py runs/shapes-2c-s0                       # a run folder or checkpoint: its data set
     python tools/judge.py fakes/ --dataset folder --data-dir data/digits --json   # tools/sample.py's PNGs
-    python contragan.py --preset cpu-demo --judge JUDGE.pt        # the judge's reading at every evaluation
+    python contragan.py --preset cpu-demo --judge JUDGE.pt2       # the judge's reading at every evaluation
 
 The judge (Judge below) is trained on the run's training images, as contragan.py loads them (cg.load_data: the
 same data, split, size and flips), and tested on its held-out images (CIFAR's test split, a fresh shapes draw,
