@@ -905,8 +905,7 @@ def load_judge(path, device="cpu", expect=None):
     if wrong:
         raise UsageError(f"judge {path} reads other data: its {wrong}, not {({k: expect[k] for k in wrong})}")
     with open(path, "rb") as f:                                # a file object: any name, not only *.pt2
-        judge = torch.export.load(f).module()
-    return judge.to(device).requires_grad_(False), info        # no autograd graph when it reads fakes
+        return torch.export.load(f).module().to(device).requires_grad_(False), info   # frozen: no autograd graph
 
 def judge_file(path):  # --judge's argparse type: the path, once it loads as a judge file (else one error line)
     try:

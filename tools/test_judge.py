@@ -55,6 +55,16 @@ def test_heldout_accuracy_is_its_own(tiny):
     assert info["heldout_accuracy"] >= 0.98
 
 
+def test_the_judge_file_is_self_contained(tiny):
+    # torch alone reads it, with no network class: the program and its weights, in eval mode, any batch size.
+    with open(tiny["judge"], "rb") as f:
+        program = torch.export.load(f).module()
+    x = torch.rand(5, 3, 32, 32) * 2 - 1
+    judge, info = cg.load_judge(tiny["judge"])
+    assert program(x).shape == (5, 4) and torch.equal(program(x), judge(x)) and judge(x[:1]).shape == (1, 4)
+    assert info["data"]["classes"] == ["circle", "square", "triangle", "cross"] and info["num_classes"] == 4
+
+
 def study_fakes():
     """G_ema's fakes of the shapes study (docs/confusion-study/*.png: 10 per class a row, 1-pixel padding), uint8."""
     from PIL import Image
