@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 import warnings
+import zipfile
 from datetime import timedelta
 
 if __name__ == "__main__":  # Ctrl-C in the seconds of `import torch`: one line, not a traceback (main() resets it)
@@ -935,6 +936,30 @@ def confusion(asked, judged, num_classes):
     n = max(len(asked), 1)
     return counts, counts.diag().sum().item() / n, counts[rows, cols].sum().item() / n
 
+def load_judge(path, device="cpu", expect=None):
+    """(judge, info) from a file tools/judge.py writes: a torch.export program (images in [-1, 1] -> class logits, in
+    eval mode) and its info (data set, classes, image size, held-out accuracy); expect: its num_classes and data."""
+    if not os.path.isfile(path):
+        raise UsageError(f"no judge file at {path!r} (tools/judge.py trains and saves one)")
+    try:                                     # read as a zip first: torch.export.load logs a traceback for other files
+        with zipfile.ZipFile(path) as archive:
+            info = json.loads(archive.read(next(n for n in archive.namelist() if n.endswith("contragan-judge.json"))))
+    except (OSError, ValueError, StopIteration, zipfile.BadZipFile):   # e.g. an older judge file: a pickled state dict
+        raise UsageError(f"{path} is not a judge file of this version: re-run tools/judge.py to write one") from None
+    have = {"num_classes": info["num_classes"], **info["data"]}
+    wrong = {key: have.get(key) for key, value in (expect or {}).items() if have.get(key) != value}
+    if wrong:
+        raise UsageError(f"judge {path} reads other data: its {wrong}, not {({k: expect[k] for k in wrong})}")
+    with open(path, "rb") as f:                                # a file object: any name, not only *.pt2
+        return torch.export.load(f).module().to(device).requires_grad_(False), info   # frozen: no autograd graph
+
+def judge_file(path):  # --judge's argparse type: the path, once it loads as a judge file (else one error line)
+    try:
+        load_judge(path)
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return path
+
 def d_diagnostics(D, G_ema, reals_train, reals_heldout, num_classes, cfg, device, judge=None):
     """Figure 3's overfitting probe on real (images, labels): training, held-out (or None); class confusion of G_ema's
     fakes, their classes read by D, by their colours (shapes), by --judge's CNN."""
@@ -951,7 +976,7 @@ def d_diagnostics(D, G_ema, reals_train, reals_heldout, num_classes, cfg, device
     if cfg.dataset == "shapes":                                # the class read off the colour
         readers["colour"] = shapes_class_of(fake)
     if judge is not None:                                      # --judge: (its CNN, its info), loaded once by Run
-        readers["judge"], confidence = judge[0].classify(fake)
+        confidence, readers["judge"] = torch.cat([judge[0](x) for x in fake.split(256)]).softmax(1).max(1)
         rec.update(judge_heldout_accuracy=judge[1]["heldout_accuracy"], judge_confidence=confidence.mean().item())
     for name, judged in readers.items():
         key = "class_consistency" + ("" if name == "colour" else "_" + name)
@@ -1122,7 +1147,7 @@ class Run:
             raise UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is "
                              f"exactly 0 every step (use --loss proj, or give more classes)")
         folder = {"data_dir": os.path.realpath(cfg.data_dir)} if cfg.dataset == "folder" else {}  # as judge.py's
-        self.judge = None if cfg.judge is None else fid.load_judge(cfg.judge, device, expect=dict(  # another data's:
+        self.judge = None if cfg.judge is None else load_judge(cfg.judge, device, expect=dict(  # another data's:
             dataset=cfg.dataset, num_classes=self.num_classes, img_size=cfg.img_size, classes=self.class_names,
             **folder))                                         # refused now, as tools/judge.py refuses it
         self.trainer = Trainer(cfg, self.num_classes, device, world)
@@ -1586,7 +1611,7 @@ def build_parser(suppress=False):
     add("--eval-batch", 64, type=int, help="G_ema batch at evaluation; BN uses its statistics (authors: 64)")
     add("--intra-fid", False, action="store_true", help="also FID per class and their mean")
     add("--acc-images", 1000, type=int, help="reals for D's train/held-out accuracy; as many fakes for confusion")
-    add("--judge", type=fid.judge_file, help="a judge file (tools/judge.py) that reads the fakes' classes too")
+    add("--judge", type=judge_file, help="a judge file (tools/judge.py) that reads the fakes' classes too")
     add("--collapse-gap", 0.3, type=float, help="warn of collapse when D's train - held-out accuracy exceeds this")
     add("--collapse-patience", 3, type=int, help="warn of collapse when FID rises this many evaluations in a row")
     add("--device", "auto", choices=["auto", "cuda", "cpu"])

@@ -1,27 +1,19 @@
 """Frechet Inception Distance (and Inception Score) as ContraGAN's paper measured them.
 
-FID (Heusel et al., 2017, "GANs Trained by a Two Time-Scale Update Rule", TTUR) compares two sets of
-images through the 2048-d pool features of Inception-V3, each set summarised by a Gaussian N(mu, S):
+FID (Heusel et al., 2017, "GANs Trained by a Two Time-Scale Update Rule", TTUR) compares two sets of images through
+the 2048-d pool features of Inception-V3, each set summarised by a Gaussian N(mu, S):
 
     d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))
 
 Protocol, the same as pytorch-fid (github.com/mseitzer/pytorch-fid) and the TF original it ports:
-- the TensorFlow FID Inception graph and its weights ported to PyTorch, pt_inception-2015-12-05-
-  6726825d.pth (1008 classes, no aux head), loaded with strict=True;
+- the TensorFlow FID Inception graph and its weights ported to PyTorch, pt_inception-2015-12-05-6726825d.pth
+  (1008 classes, no aux head), loaded with strict=True;
 - images in [-1, 1] (or uint8 in [0, 255]), resized to 299x299 bilinearly (align_corners=False);
 - statistics in float64; Tr((S1 S2)^(1/2)) from eigenvalues (see _trace_sqrt_product), not sqrtm.
-ContraGAN's CIFAR-10 numbers: 10,000 generated images vs the 10,000 test images. Every score is
-printed with its protocol (describe_protocol) because the protocol moves FID by a lot.
-
-Differences from pytorch-fid, none of which changes the number (measured by tools/fid_parity.py):
-- the model takes [-1, 1] directly (pytorch-fid takes [0, 1] and maps x -> 2x - 1 after resizing;
-  bilinear resizing is affine, so the order does not matter beyond float rounding);
-- statistics are streamed (sum and sum of outer products) instead of keeping all features;
-- the Frechet distance uses a pivoted Cholesky factor and a symmetric eigenvalue solver, >10x faster;
-- on GPUs, convolutions run in full fp32, not TF32 (the TF original is fp32).
-
-At the end, another instrument: Judge and load_judge, a small CNN classifier of a data set's real images that
-contragan.py --judge reads fakes' classes with (tools/judge.py trains it; docs/judge.md).
+ContraGAN's CIFAR-10 numbers: 10,000 generated images vs the 10,000 test images. Every score is printed with its
+protocol (describe_protocol) because the protocol moves FID by a lot. Differences from pytorch-fid that leave the
+number as it is (tools/fid_parity.py measures it; docs/fid.md): input in [-1, 1], streamed statistics, the trace
+from eigenvalues (>10x faster), fp32 (not TF32) convolutions on GPUs.
 
 Command line (pytorch-fid's convention):
     python fid.py A B                          # A, B: image folders or .npz statistics files
@@ -31,9 +23,11 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -44,10 +38,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from scipy import linalg
 from scipy.linalg import lapack
 from scipy.special import xlogy
-from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
+from torchvision.models.inception import (BasicConv2d, Inception3, InceptionA, InceptionAux, InceptionB, InceptionC,
+                                          InceptionD, InceptionE)
 from torchvision.transforms.functional import pil_to_tensor
 
 # Published with pytorch-fid; ported from the TF graph inception-2015-12-05.tgz used by TTUR's FID.
@@ -70,8 +64,7 @@ def _one_line(error):
     return " ".join(str(getattr(error, "reason", error)).split())
 
 
-# -----------------------------------------------------------------------------
-# The FID Inception-V3 graph: torchvision's Inception3 with the TF graph's pooling quirks
+# ---- The FID Inception-V3 graph: torchvision's Inception3 with the TF graph's pooling quirks -------------------------
 
 
 class FIDInceptionA(InceptionA):
@@ -89,20 +82,19 @@ class FIDInceptionC(InceptionC):
 
     def _forward(self, x):
         branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        branch7x7dbl = self.branch7x7dbl_1(x)
-        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            branch7x7dbl = conv(branch7x7dbl)
+        branch7x7dbl = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        branch7x7dbl = self.branch7x7dbl_5(self.branch7x7dbl_4(branch7x7dbl))
         pool = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
         return [self.branch1x1(x), branch7x7, branch7x7dbl, self.branch_pool(pool)]
 
 
 class FIDInceptionE(InceptionE):
-    """Mixed_7b (average pool without padded zeros) and Mixed_7c (max pool: the TF graph has a
-    max pool there, although the Inception paper averages; pytorch-fid keeps it, so do we)."""
+    """Mixed_7b (average pool without padded zeros) and Mixed_7c (max pool: the TF graph has a max pool there,
+    although the Inception paper averages; pytorch-fid keeps it, so do we)."""
 
-    def __init__(self, in_channels, max_pool):
+    def __init__(self, in_channels):
         super().__init__(in_channels)
-        self.max_pool = max_pool
+        self.max_pool = in_channels == 2048  # Mixed_7c; Mixed_7b has 1280 input channels
 
     def _forward(self, x):
         branch3x3 = self.branch3x3_1(x)
@@ -117,24 +109,15 @@ class FIDInceptionE(InceptionE):
 
 
 class FIDInceptionV3(Inception3):
-    """The TF FID Inception graph. forward(x): x (B, 3, H, W) float in [-1, 1] or uint8 in [0, 255],
-    any H, W -> (pool (B, 2048), logits (B, 1008)). Its state dict has exactly the keys and shapes
-    of Inception3(num_classes=1008, aux_logits=False), which is what the published file holds.
-
-    pytorch-fid's InceptionV3 takes [0, 1] and maps to [-1, 1] itself; this one takes [-1, 1], the
-    range of a tanh generator and of the TF original's input (which scales uint8 by 1/127.5 - 1)."""
+    """The TF FID Inception graph: x (B, 3, H, W) float in [-1, 1] or uint8, any H, W -> (pool (B, 2048), logits
+    (B, 1008)). Its state dict has the keys and shapes of Inception3(num_classes=1008, aux_logits=False), as the
+    published file. [-1, 1]: a tanh G's range and the TF original's input (uint8 / 127.5 - 1); pytorch-fid takes
+    [0, 1] and maps x -> 2x - 1 after the resize (bilinear resizing is affine: the same up to float rounding)."""
 
     def __init__(self):
-        super().__init__(num_classes=1008, aux_logits=False, transform_input=False, init_weights=False)
-        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
-        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
-        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
-        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
-        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
-        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
-        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
-        self.Mixed_7b = FIDInceptionE(1280, max_pool=False)
-        self.Mixed_7c = FIDInceptionE(2048, max_pool=True)
+        blocks = [BasicConv2d, FIDInceptionA, InceptionB, FIDInceptionC, InceptionD, FIDInceptionE, InceptionAux]
+        super().__init__(num_classes=1008, aux_logits=False, transform_input=False, inception_blocks=blocks,
+                         init_weights=False)
         self.weights_tag = "untrained"  # set by load_inception; goes into every protocol
 
     def forward(self, x):
@@ -151,14 +134,6 @@ class FIDInceptionV3(Inception3):
         x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))  # (B, 2048, 8, 8)
         pool = torch.flatten(self.avgpool(x), 1)  # (B, 2048): TTUR's pool_3 features
         return pool, self.fc(pool)  # logits (B, 1008); dropout is the identity at inference
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _cached_weights():
@@ -181,9 +156,9 @@ def _cached_weights():
 
 
 def load_inception(weights=None, device="cpu", random_init=False, seed=0):
-    """The FID Inception-V3 in eval mode. weights: a path to the published state dict; None: torch's
-    hub cache (downloaded once). random_init: Kaiming-normal random weights for tests and offline
-    demos; their scores are flagged as not comparable. The caller's RNG stream is left untouched."""
+    """The FID Inception-V3 in eval mode. weights: a path to the published state dict; None: torch's hub cache
+    (downloaded once). random_init: Kaiming-normal random weights for tests and offline demos; their scores are
+    flagged as not comparable. The caller's RNG stream is left untouched."""
     with torch.random.fork_rng(devices=[]):  # building the modules draws default inits
         model = FIDInceptionV3()
     if random_init:
@@ -201,7 +176,7 @@ def load_inception(weights=None, device="cpu", random_init=False, seed=0):
         if not os.path.isfile(path):
             raise FIDError(f"weights file {path} {'is a folder' if os.path.isdir(path) else 'not found'} "
                            f"(the published file is {WEIGHTS_NAME}, {WEIGHTS_URL})")
-        digest = _sha256(path)
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()  # 91 MB
         published = digest.startswith(WEIGHTS_SHA256_PREFIX)
         if in_cache and not published:
             raise FIDError(f"{path} has sha256 {digest[:8]}..., not {WEIGHTS_SHA256_PREFIX}...: "
@@ -225,19 +200,17 @@ def inception_protocol(model):
     return {"weights": model.weights_tag, "resize": RESIZE}
 
 
-# -----------------------------------------------------------------------------
-# Streaming statistics: 50,000 images never sit in memory at once
+# ---- Streaming statistics: 50,000 images never sit in memory at once -------------------------------------------------
 
 
 class RunningStats:
-    """mu = s / n and S = (Q - n mu mu^T) / (n - 1), unbiased like np.cov, from s = sum x and
-    Q = sum x x^T accumulated in float64. Sums make DDP exact: all_reduce() adds them across ranks.
-    The one-pass form loses about log10(1 + |mu|^2 / var) of float64's 16 digits; pool features
-    are post-ReLU averages with mean and std of the same order (test: equal to np.cov to 1e-10).
-    keep_probs: also keep softmax(logits) (8 KB per image in float64) for the Inception Score."""
+    """mu = s / n and S = (Q - n mu mu^T) / (n - 1), unbiased like np.cov, from s = sum x and Q = sum x x^T
+    accumulated in float64. Sums make DDP exact: all_reduce() adds them across ranks. The one-pass form loses about
+    log10(1 + |mu|^2 / var) of float64's 16 digits; pool features are post-ReLU averages with mean and std of the
+    same order (test: equal to np.cov to 1e-10). keep_probs: also keep softmax(logits) for the Inception Score."""
 
     def __init__(self, dim=FEATURE_DIM, keep_probs=False):
-        self.dim, self._n, self._sum, self._outer = dim, 0, None, None
+        self.dim, self.n, self._sum, self._outer = dim, 0, None, None  # n: images seen
         self._probs = [] if keep_probs else None
 
     def update(self, features, logits=None):
@@ -251,25 +224,19 @@ class RunningStats:
             self._outer = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=x.device)
         self._sum += x.sum(0)
         self._outer += x.T @ x  # (D, D)
-        self._n += x.shape[0]
-        if self._probs is not None:
-            if logits is None:
-                raise FIDError("keep_probs=True needs the logits in update()")
+        self.n += x.shape[0]
+        if self._probs is not None:  # keep_probs=True: the logits are needed
             self._probs.append(torch.softmax(logits.detach().double(), dim=1).cpu().numpy())  # (B, 1008)
 
     @property
-    def n(self):
-        return self._n
-
-    @property
     def mu(self):
-        if self._n < 1:
+        if self.n < 1:
             raise FIDError("no images were seen")
-        return (self._sum / self._n).cpu().numpy()
+        return (self._sum / self.n).cpu().numpy()
 
     @property
     def sigma(self):
-        n = self._n
+        n = self.n
         if n < 2:
             raise FIDError(f"a covariance needs at least 2 images, got {n}")
         if n < self.dim:
@@ -285,94 +252,99 @@ class RunningStats:
         return np.concatenate(self._probs)  # (N, 1008)
 
     def all_reduce(self):
-        """Sum n, s and Q over torch.distributed ranks (gloo or nccl); a no-op when not initialised.
-        The kept softmax outputs (Inception Score) stay on each rank: IS is a per-rank number."""
+        """Sum n, s and Q over torch.distributed ranks (gloo or nccl); a no-op when not initialised. The kept
+        softmax outputs (Inception Score) stay on each rank: IS is a per-rank number."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self
         if self._sum is None:
             raise FIDError("all_reduce() before any update() on this rank")
-        n = torch.tensor([float(self._n)], dtype=torch.float64, device=self._sum.device)
+        n = torch.tensor([float(self.n)], dtype=torch.float64, device=self._sum.device)
         for tensor in (n, self._sum, self._outer):
             dist.all_reduce(tensor)  # SUM
-        self._n = int(n.item())
+        self.n = int(n.item())
         return self
 
 
-def _check_range(images):
-    if images.dtype != torch.uint8:
-        low, high = torch.aminmax(images.detach())
-        if low < -1.001 or high > 1.001:  # a [0, 255] or unnormalised batch would give a silent wrong FID
-            raise FIDError(f"images must be in [-1, 1] (or uint8), got values in [{low:.3g}, {high:.3g}]")
-
-
-def _fp32_convolutions():
-    """cuDNN convolutions in fp32, not TF32 (PyTorch's default on Ampere and newer GPUs, 10-bit
-    mantissa), as in the fp32 TF original. A context manager: the caller's setting comes back."""
-    b = torch.backends.cudnn
-    return b.flags(enabled=b.enabled, benchmark=b.benchmark, deterministic=b.deterministic, allow_tf32=False)
-
-
-def _scores(stats, compute_is):
+def _stream(model, batches, total, device, compute_is, progress, class_stats=None):
+    """Statistics of (images, labels or None) batches, and the Inception Score (mean, std) if compute_is, else None.
+    class_stats, a list of K RunningStats: each image's features also go to class_stats[its label]."""
+    model.eval()
+    stats, done = RunningStats(keep_probs=compute_is), 0
+    cudnn = torch.backends.cudnn  # fp32 convolutions as in the TF original, not TF32 (PyTorch's default on Ampere+)
+    with torch.no_grad(), cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                                      deterministic=cudnn.deterministic, allow_tf32=False):
+        for images, labels in batches:
+            if images.dtype != torch.uint8:  # a [0, 255] or unnormalised batch would give a silent wrong FID
+                low, high = torch.aminmax(images.detach())
+                if low < -1.001 or high > 1.001:
+                    raise FIDError(f"images must be in [-1, 1] (or uint8), got values in [{low:.3g}, {high:.3g}]")
+            pool, logits = model(images.to(device, non_blocking=True))
+            stats.update(pool, logits)
+            for k in (labels.unique().tolist() if class_stats is not None else []):
+                class_stats[k].update(pool[labels.to(pool.device) == k])
+            done += len(images)
+            if progress:
+                progress(done, total)
     return stats, (inception_score(stats.probs) if compute_is else None)
 
 
 def features_from_sampler(model, sample_fn, num_images, batch_size, device, compute_is=False, progress=None,
                           class_stats=None):
-    """Statistics of num_images images from sample_fn(n) -> (n, 3, H, W) float in [-1, 1]; the
-    caller puts the generator in the evaluated mode (EMA weights, BatchNorm mode) inside sample_fn.
-    Returns (RunningStats, (IS mean, IS std) or None). progress(done, total) is called per batch.
-    class_stats, a list of K RunningStats: sample_fn returns (images, labels) and each image's features
-    also go to class_stats[label] (intra-class FID from the same mixed-label batches)."""
-    model.eval()
-    stats, done = RunningStats(keep_probs=compute_is), 0
-    with torch.no_grad(), _fp32_convolutions():
-        while done < num_images:
+    """(RunningStats, IS or None) of num_images images from sample_fn(n) -> (n, 3, H, W) float in [-1, 1]; the caller
+    puts the generator in the evaluated mode (EMA weights, BatchNorm mode) in sample_fn. progress(done, total): per
+    batch. With class_stats (intra-class FID from the same mixed-label batches), sample_fn returns (images, labels)."""
+    def batches():
+        for done in range(0, num_images, batch_size):
             n = min(batch_size, num_images - done)
             images, labels = sample_fn(n) if class_stats is not None else (sample_fn(n), None)
             if images.ndim != 4 or tuple(images.shape[:2]) != (n, 3):
                 raise FIDError(f"sample_fn({n}) must return ({n}, 3, H, W) images, got {tuple(images.shape)}")
-            _check_range(images)
-            pool, logits = model(images.to(device))
-            stats.update(pool, logits)
-            for k in (labels.unique().tolist() if labels is not None else []):
-                class_stats[k].update(pool[labels.to(pool.device) == k])
-            done += n
-            if progress:
-                progress(done, num_images)
-    return _scores(stats, compute_is)
+            yield images, labels
+
+    return _stream(model, batches(), num_images, device, compute_is, progress, class_stats)
 
 
 def features_from_dataset(model, dataset, num_images, batch_size, device, num_workers=0, compute_is=False,
                           progress=None):
-    """Statistics of the first num_images items (all if None) of a data set whose items are images
-    in [-1, 1] (or uint8) or (image, label) pairs. Returns (RunningStats, IS or None)."""
+    """(RunningStats, IS or None) of the first num_images items (all if None) of a data set whose items are images
+    in [-1, 1] (or uint8) or (image, label) pairs."""
     total = len(dataset) if num_images is None else num_images
     if total > len(dataset):
         raise FIDError(f"asked for {total} images but the data set has {len(dataset)}")
-    subset = torch.utils.data.Subset(dataset, range(total))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         pin_memory=torch.device(device).type == "cuda",
-                                         generator=torch.Generator())  # not the caller's RNG: a training run draws
-                                                                       # the same numbers whether stats are cached
-    model.eval()
-    stats, done = RunningStats(keep_probs=compute_is), 0
-    with torch.no_grad(), _fp32_convolutions():
-        for batch in loader:
-            images = batch[0] if isinstance(batch, (list, tuple)) else batch  # drop labels
-            _check_range(images)
-            pool, logits = model(images.to(device, non_blocking=True))
-            stats.update(pool, logits)
-            done += len(images)
-            if progress:
-                progress(done, total)
-    return _scores(stats, compute_is)
+    # a generator of its own, not the caller's RNG: a training run draws the same numbers whether stats are cached
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(total)), batch_size=batch_size,
+                                         num_workers=num_workers, pin_memory=torch.device(device).type == "cuda",
+                                         generator=torch.Generator())
+    batches = ((batch[0] if isinstance(batch, (list, tuple)) else batch, None) for batch in loader)  # labels dropped
+    return _stream(model, batches, total, device, compute_is, progress)
 
 
-# -----------------------------------------------------------------------------
-# The Frechet distance and the Inception Score
+# ---- The Frechet distance and the Inception Score --------------------------------------------------------------------
 
 
-def _as_gaussians(mu1, sigma1, mu2, sigma2):
+def _trace_sqrt_product(sigma1, sigma2):
+    """Tr((S1 S2)^(1/2)) = sum_i sqrt(lambda_i(S1 S2)). Factor S1 = F F^T with F (d, r), r = rank S1; S1 S2 =
+    F (F^T S2) has the nonzero eigenvalues of F^T S2 F (AB and BA share them), a symmetric PSD (r, r) matrix whose
+    eigenvalues eigvalsh finds far faster than sqrtm finds the whole root of the non-symmetric S1 S2. F comes from
+    LAPACK's pivoted Cholesky (dpstrf), which stops at the numerical rank (pivots <= d * eps * max S1_ii): fewer than
+    d + 1 images give a singular S1."""
+    lower, pivots, rank, _ = lapack.dpstrf(sigma1, lower=1)  # P^T S1 P = L L^T
+    if rank == 0:  # S1 = 0: all images identical
+        return 0.0
+    factor = np.empty((len(sigma1), rank))
+    factor[pivots - 1] = np.tril(lower)[:, :rank]  # F = P L, so F F^T = S1; (d, r)
+    eigenvalues = np.linalg.eigvalsh(factor.T @ sigma2 @ factor)  # (r,)
+    # The sqrtm formula's guard fails on an imaginary part > 1e-3 (a clearly non-PSD product); here negative
+    # eigenvalues play that role: rounding leaves ~1e-16 * d * max, a broken input far more.
+    if eigenvalues.min() < -1e-6 * max(eigenvalues.max(), 1e-12):
+        raise FIDError(f"S1 S2 has a negative eigenvalue {eigenvalues.min():.3g}: covariances are not PSD")
+    return np.sqrt(np.clip(eigenvalues, 0, None)).sum()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """d^2 = |mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)) (TTUR, eq. 6 of Heusel et al.), S = sigma.
+    Agrees with pytorch-fid's sqrtm formula to ~1e-10 relative (test_fid.py). eps: pytorch-fid's guard, kept: if a
+    decomposition fails, retry with eps * I added to S1 and S2."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
@@ -380,69 +352,23 @@ def _as_gaussians(mu1, sigma1, mu2, sigma2):
         raise FIDError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
     if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
         raise FIDError("the statistics contain NaN or inf")
-    for sigma in (sigma1, sigma2):  # cheap necessary conditions for a covariance
-        # symmetric to rounding; one max-abs pass (np.allclose took 20% of the distance at d = 2048)
-        asymmetry = np.abs(sigma - sigma.T).max()
+    for sigma in (sigma1, sigma2):  # a covariance is symmetric to rounding (one max-abs pass: np.allclose took 20%
+        asymmetry = np.abs(sigma - sigma.T).max()  # of the distance at d = 2048), its diagonal non-negative
         if asymmetry > 1e-8 + 1e-5 * np.abs(sigma).max() or (np.diagonal(sigma) < 0).any():
             raise FIDError("a covariance is not symmetric with a non-negative diagonal")
-    return mu1, sigma1, mu2, sigma2
-
-
-def _trace_sqrt_product(sigma1, sigma2):
-    """Tr((S1 S2)^(1/2)) = sum_i sqrt(lambda_i(S1 S2)). Factor S1 = F F^T with F (d, r), r = rank S1;
-    S1 S2 = F (F^T S2) has the nonzero eigenvalues of F^T S2 F (AB and BA share them), a symmetric
-    PSD (r, r) matrix whose eigenvalues eigvalsh finds far faster than sqrtm finds the whole root of
-    the non-symmetric S1 S2. F comes from LAPACK's pivoted Cholesky (dpstrf), which stops at the
-    numerical rank (pivots <= d * eps * max S1_ii): fewer than d + 1 images give a singular S1."""
-    lower, pivots, rank, _ = lapack.dpstrf(sigma1, lower=1)  # P^T S1 P = L L^T
-    if rank == 0:  # S1 = 0: all images identical
-        return 0.0
-    factor = np.empty((len(sigma1), rank))
-    factor[pivots - 1] = np.tril(lower)[:, :rank]  # F = P L, so F F^T = S1; (d, r)
-    eigenvalues = np.linalg.eigvalsh(factor.T @ sigma2 @ factor)  # (r,)
-    # The sqrtm formula's guard fails on an imaginary part > 1e-3 (a clearly non-PSD product); here
-    # negative eigenvalues play that role: rounding leaves ~1e-16 * d * max, a broken input far more.
-    if eigenvalues.min() < -1e-6 * max(eigenvalues.max(), 1e-12):
-        raise FIDError(f"S1 S2 has a negative eigenvalue {eigenvalues.min():.3g}: covariances are not PSD")
-    return np.sqrt(np.clip(eigenvalues, 0, None)).sum()
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """d^2 = |mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)) (TTUR, eq. 6 of Heusel et al.),
-    S = sigma. Agrees with frechet_distance_sqrtm (pytorch-fid's formula) to ~1e-10 relative.
-    eps: pytorch-fid's guard, kept: if a decomposition fails, retry with eps * I added to S1, S2."""
-    mu1, sigma1, mu2, sigma2 = _as_gaussians(mu1, sigma1, mu2, sigma2)
     try:
         tr_covmean = _trace_sqrt_product(sigma1, sigma2)
     except np.linalg.LinAlgError:
         warnings.warn(f"eigenvalue solver failed; adding {eps} to the diagonal of both covariances")
-        offset = eps * np.eye(sigma1.shape[0])
+        offset = eps * np.eye(d)
         tr_covmean = _trace_sqrt_product(sigma1 + offset, sigma2 + offset)
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
-def frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """The reference formula of TTUR and pytorch-fid: a general matrix square root of S1 S2 (scipy
-    sqrtm, ~10 s at d = 2048 on 2 CPU cores), with their guards. The oracle for tests and benchmarks."""
-    mu1, sigma1, mu2, sigma2 = _as_gaussians(mu1, sigma1, mu2, sigma2)
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():  # the product is nearly singular
-        warnings.warn(f"singular product; adding {eps} to the diagonal of both covariances")
-        offset = eps * np.eye(sigma1.shape[0])
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):  # rounding leaves a small imaginary part
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise FIDError(f"imaginary component {np.abs(covmean.imag).max():.3g} in sqrtm(S1 S2)")
-        covmean = covmean.real
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
 def inception_score(probs, splits=10):
-    """IS = exp(E_x KL(p(y|x) || p(y))) over each of `splits` consecutive chunks; returns the mean and
-    std over chunks. probs: (N, 1008) softmax of the FID graph's logits, as in the original code
-    (openai/improved-gan inception_score.py: 1008-way softmax, 10 splits)."""
+    """IS = exp(E_x KL(p(y|x) || p(y))) over each of `splits` consecutive chunks: their mean and std. probs: (N, 1008)
+    softmax of the FID graph's logits, as in the original (openai/improved-gan inception_score.py: 10 splits)."""
     probs = np.asarray(probs, np.float64)
     if probs.ndim != 2 or len(probs) < splits:
         raise FIDError(f"the Inception Score needs at least {splits} images (one per split), got {len(probs)}")
@@ -454,21 +380,16 @@ def inception_score(probs, splits=10):
     return float(np.mean(scores)), float(np.std(scores))
 
 
-# -----------------------------------------------------------------------------
-# Statistics files, with their protocol
+# ---- Statistics files, with their protocol ---------------------------------------------------------------------------
 
 
 def _normalised(protocol):
     return json.loads(json.dumps(protocol))  # tuples -> lists etc., so that stored == requested
 
 
-def save_stats(path, stats_or_mu_sigma, protocol):
+def save_stats(path, mu_sigma, protocol):
     """Write mu, sigma (pytorch-fid's keys) and the protocol (JSON) to an .npz, atomically."""
-    if isinstance(stats_or_mu_sigma, RunningStats):
-        mu, sigma = stats_or_mu_sigma.mu, stats_or_mu_sigma.sigma
-    else:
-        mu, sigma = stats_or_mu_sigma
-    path = os.fspath(path)
+    mu, sigma, path = *mu_sigma, os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:  # a file object, so numpy does not append another ".npz"
@@ -482,8 +403,8 @@ def save_stats(path, stats_or_mu_sigma, protocol):
 
 
 def load_stats(path, expect=None):
-    """(mu, sigma, protocol) from an .npz; pytorch-fid's files (mu and sigma only) give protocol {}.
-    expect: refuse the file unless its protocol equals this one in every key."""
+    """(mu, sigma, protocol) from an .npz; pytorch-fid's (mu and sigma only) give {}. expect: refuse the file unless
+    its protocol equals this one in every key."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FIDError(f"{path}: no such statistics file")
@@ -522,12 +443,11 @@ def load_stats(path, expect=None):
 
 def reference_stats(model, dataset, cache_path, protocol, num_images, batch_size, device, num_workers=0,
                     progress=None):
-    """(mu, sigma, protocol) of the first num_images of a data set (all if None): read from cache_path
-    when its stored protocol equals `protocol` in every key, refused when it differs, else computed
-    and cached with `protocol`. protocol: e.g. {"dataset": "cifar10", "split": "test", "num_images":
-    10000, **inception_protocol(model)}. A protocol that names the published weights while the model
-    has others is refused, so a cache cannot be mislabelled. progress: default, a line on stderr every
-    10 s (minutes of silence on a CPU otherwise); pass lambda done, total: None for none."""
+    """(mu, sigma, protocol) of the first num_images of a data set (all if None): read from cache_path if its stored
+    protocol equals `protocol` (e.g. {"dataset": "cifar10", "split": "test", "num_images": 10000,
+    **inception_protocol(model)}) in every key, refused if it differs, else computed and cached with it. progress:
+    default, a line on stderr every 10 s (minutes of silence on a CPU otherwise); lambda done, total: None for none."""
+    # a cache must not be mislabelled: a protocol that names the published weights needs a model that has them
     if WEIGHTS_NAME in str(protocol.get("weights", "")) and model.weights_tag != WEIGHTS_NAME:
         raise FIDError(f"protocol says weights={protocol['weights']!r} but the model has {model.weights_tag!r}")
     if os.path.exists(cache_path):
@@ -536,8 +456,9 @@ def reference_stats(model, dataset, cache_path, protocol, num_images, batch_size
     _check_writable(cache_path, make_folder=True)
     progress = progress or _progress_printer(f"FID reference {os.path.basename(cache_path)}")
     stats, _ = features_from_dataset(model, dataset, num_images, batch_size, device, num_workers, progress=progress)
-    save_stats(cache_path, stats, protocol)
-    return stats.mu, stats.sigma, protocol
+    mu, sigma = stats.mu, stats.sigma
+    save_stats(cache_path, (mu, sigma), protocol)
+    return mu, sigma, protocol
 
 
 def _side(protocol):
@@ -546,10 +467,9 @@ def _side(protocol):
 
 
 def describe_protocol(protocol):
-    """One human line. Known keys: weights, resize, dataset, split, num_images, and fake (a string
-    describing the generated side, e.g. '10000 (EMA G, BN batch stats)'); any other key is listed."""
+    """One human line. Known keys: weights, resize, dataset, split, num_images, and fake (a string describing the
+    generated side, e.g. '10000 (EMA G, BN batch stats)'); any other key is listed."""
     known = ("weights", "resize", "dataset", "split", "num_images", "fake")
-    rest = {key: value for key, value in protocol.items() if key not in known}
     weights = protocol.get("weights", "weights unknown")
     parts = [f"Inception-V3 {'TF weights ' if weights == WEIGHTS_NAME else ''}{weights}"]
     if "resize" in protocol:
@@ -559,42 +479,37 @@ def describe_protocol(protocol):
         parts.append(f"fake {protocol['fake']} vs {real or 'unknown reference'}")
     elif real:
         parts.append(real)
-    parts += [f"{key}={value}" for key, value in sorted(rest.items())]
+    parts += [f"{key}={value}" for key, value in sorted(protocol.items()) if key not in known]
     return "FID protocol: " + ", ".join(parts)
 
 
-# -----------------------------------------------------------------------------
-# Images in a folder, for the command line
-
-
-def to_rgb(im):
-    """A PIL image as 8-bit RGB by its real range (convert("RGB") clips: 16-bit would turn white, float black).
-    The one reader of images for FID and for training (contragan.py), so that both see the same pixels."""
-    im = ImageOps.exif_transpose(im)  # EXIF rotation applied
-    if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # 16-bit grey (I, PIL's 32-bit, read as 16) or float
-        a, top = np.asarray(im, dtype=np.float64), 1.0 if im.mode == "F" else 65535.0
-        if not (a.min() >= 0 and a.max() <= top):  # other values refused; NaN fails too
-            raise ValueError(f"mode {im.mode} with values in [{a.min():g}, {a.max():g}], not [0, {top:g}]")
-        return Image.fromarray(np.round(a * (255 / top)).astype(np.uint8)).convert("RGB")
-    if {"A", "a"} & set(im.getbands()) or "transparency" in im.info:  # transparent pixels over white
-        im = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB")
-    return im.convert("RGB")
+# ---- Images in a folder, for the command line ------------------------------------------------------------------------
 
 
 def read_image(path):
-    """The image file at path as 8-bit RGB (to_rgb). One past PIL's pixel limit (Image.MAX_IMAGE_PIXELS) fails with
-    DecompressionBombWarning or -Error, where PIL would decode it in full and warn at every read."""
+    """The image file at path as 8-bit RGB by its real range (convert("RGB") clips: 16-bit would turn white, float
+    black), EXIF rotation applied: the one reader of images for FID and for training (contragan.py), so that both see
+    the same pixels. One past PIL's pixel limit (Image.MAX_IMAGE_PIXELS) fails with DecompressionBombWarning or -Error,
+    where PIL would decode it in full and warn at every read."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as image:
-            return to_rgb(image)
+            im = ImageOps.exif_transpose(image)
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # 16-bit grey (I: PIL's 32-bit, read as 16), float
+                a, top = np.asarray(im, dtype=np.float64), 1.0 if im.mode == "F" else 65535.0
+                if not (a.min() >= 0 and a.max() <= top):  # other values refused; NaN fails too
+                    raise ValueError(f"mode {im.mode} with values in [{a.min():g}, {a.max():g}], not [0, {top:g}]")
+                return Image.fromarray(np.round(a * (255 / top)).astype(np.uint8)).convert("RGB")
+            if {"A", "a"} & set(im.getbands()) or "transparency" in im.info:  # transparent pixels over white
+                im = im.convert("RGBA")
+                return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im).convert("RGB")
+            return im.convert("RGB")
 
 
 class ImageFolderFlat(torch.utils.data.Dataset):
-    """The images directly in a folder (pytorch-fid's extensions, any case; sorted; no subfolders,
-    as in pytorch-fid), as uint8 (3, H, W) RGB tensors. All must share one size, as pytorch-fid also
-    requires at batch size > 1; every header is read up front so that a bad file fails at once."""
+    """The images directly in a folder (pytorch-fid's extensions, any case; sorted; no subfolders, as pytorch-fid), as
+    uint8 (3, H, W) RGB tensors. All must share one size, as pytorch-fid also requires at batch size > 1; every
+    header is read up front so that a bad file fails at once."""
 
     def __init__(self, root):
         root = Path(root)
@@ -628,8 +543,7 @@ class ImageFolderFlat(torch.utils.data.Dataset):
         return x
 
 
-# -----------------------------------------------------------------------------
-# Command line
+# ---- Command line ----------------------------------------------------------------------------------------------------
 
 
 def _progress_printer(label, every_s=10):
@@ -649,15 +563,15 @@ def _progress_printer(label, every_s=10):
 
 
 def _check_writable(path, make_folder=False):
-    """Fail before minutes of statistics, not after: create and remove the temporary file that
-    save_stats writes first (os.access says yes to root everywhere)."""
-    probe = f"{path}.tmp{os.getpid()}"
+    """Fail before minutes of statistics, not after: create and remove the temporary file that save_stats writes
+    first (os.access says yes to root everywhere), and see that the statistics fit on the disk."""
+    folder, probe = os.path.dirname(os.path.abspath(path)), f"{path}.tmp{os.getpid()}"
     try:
-        if make_folder and not os.path.exists(os.path.dirname(os.path.abspath(path))):
-            os.makedirs(os.path.dirname(os.path.abspath(path)))  # (a file in its place: "Not a directory" below)
+        if make_folder and not os.path.exists(folder):
+            os.makedirs(folder)  # (a file in its place: "Not a directory" below)
         open(probe, "xb").close()
         os.remove(probe)
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        free = shutil.disk_usage(folder).free
     except OSError as e:
         raise FIDError(f"cannot write {path} ({e.strerror or _one_line(e)})") from None
     if free < STATS_BYTES:  # an empty file fits on a full disk; the statistics do not
@@ -666,26 +580,22 @@ def _check_writable(path, make_folder=False):
 
 
 def can_write(folder):
-    """Can a file be created in folder (made if missing)? Tried: os.access says yes to root on a read-only mount.
-    contragan.py asks it where to cache reference statistics."""
+    """Can a file be created in folder (made if missing)? Tried, as os.access says yes to root on a read-only mount."""
     try:
         os.makedirs(folder, exist_ok=True)
-        open(probe := os.path.join(folder, f".write-test-{os.getpid()}"), "xb").close()
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=folder).close()  # created, then removed
         return True
     except OSError:
         return False
 
 
-def _check_path(path):
-    if path.endswith(".npz") or os.path.isdir(path):
-        return
-    if not os.path.exists(path):
-        raise FIDError(f"{path}: no such file or folder")
-    raise FIDError(f"{path}: neither a folder of images nor a .npz statistics file")
-
-
-def _image_folder(path, compute_is):
+def _open_input(path, compute_is):
+    """A .npz file's (mu, sigma, protocol), or a folder's images once every header has been read."""
+    if path.endswith(".npz"):
+        return load_stats(path)
+    if not os.path.isdir(path):
+        raise FIDError(f"{path}: " + ("neither a folder of images nor a .npz statistics file" if os.path.exists(path)
+                                      else "no such file or folder"))
     dataset = ImageFolderFlat(path)
     if len(dataset) < 2:
         raise FIDError(f"{path}: FID needs at least 2 images for a covariance, found {len(dataset)}")
@@ -695,6 +605,7 @@ def _image_folder(path, compute_is):
 
 
 def _folder_stats(path, dataset, model, args, compute_is):
+    """(mu, sigma, protocol, IS or None) of a folder's images."""
     stats, is_score = features_from_dataset(model, dataset, None, args.batch_size, args.device, args.num_workers,
                                             compute_is, progress=_progress_printer(path))
     protocol = {**inception_protocol(model), "dataset": f"folder {os.path.abspath(path)}", "num_images": stats.n}
@@ -715,20 +626,16 @@ def main(argv=None):
                         help="data loader processes (pytorch-fid's default: min(8, CPUs))")
     parser.add_argument("--inception-score", action="store_true",
                         help="also print the Inception Score (1008-way softmax, 10 splits) of each image folder")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="random Kaiming-normal weights instead of the published ones: for tests and "
-                        "offline demos only; the scores are NOT comparable with anything")
+    parser.add_argument("--random-weights", action="store_true", help="random Kaiming-normal weights instead of the "
+                        "published ones: for tests and offline demos only; the scores are NOT comparable with anything")
     parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")  # one line, not usage too
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.num_workers < 0:
         parser.error(f"--batch-size must be at least 1 and --num-workers at least 0 (got {args.batch_size}, "
                      f"{args.num_workers})")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        device = torch.device("meta")
-    if device.type not in ("cpu", "cuda", "mps"):
+    if not re.fullmatch(r"(cpu|cuda|mps)(:\d+)?", args.device):
         parser.error(f"--device {args.device}: not one of cpu, cuda, cuda:N, mps")
+    device = torch.device(args.device)
     count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}[device.type]
     if (device.index or 0) >= count:
         parser.error(f"--device {args.device} asked for, but torch sees {count or 'no'} "
@@ -749,39 +656,36 @@ def main(argv=None):
 
 
 def run(args):
-    for path in args.path[:1] if args.save_stats else args.path:
-        _check_path(path)
+    """Every check that can fail (files, image headers, the model, comparability) comes before minutes of features."""
     if args.save_stats:
         folder, out = args.path
-        if not os.path.isdir(folder):
-            raise FIDError(f"--save-stats reads a folder of images, not {folder}")
         if not out.endswith(".npz"):  # the name by which `fid.py A B` reads statistics back
             raise FIDError(f"--save-stats writes .npz files: {out} does not end in .npz")
         if os.path.exists(out):
             raise FIDError(f"{out} exists; delete it or choose another name")
+        dataset = _open_input(folder, False)
+        if not isinstance(dataset, ImageFolderFlat):
+            raise FIDError(f"--save-stats reads a folder of images, not {folder}")
         _check_writable(out)
-        dataset, model = _image_folder(folder, False), load_inception(args.weights, args.device,
-                                                                         random_init=args.random_weights)
+        model = load_inception(args.weights, args.device, random_init=args.random_weights)
         mu, sigma, protocol, _ = _folder_stats(folder, dataset, model, args, compute_is=False)
         save_stats(out, (mu, sigma), protocol)
         print(f"saved {out}: mu {mu.shape}, sigma {sigma.shape} | {describe_protocol(protocol)}")
         return
-
-    # Every check that can fail (files, image headers, the model, comparability) before minutes of features.
-    inputs = [load_stats(p) if p.endswith(".npz") else _image_folder(p, args.inception_score) for p in args.path]
-    model = (load_inception(args.weights, args.device, random_init=args.random_weights)
-             if any(isinstance(x, ImageFolderFlat) for x in inputs) else None)
-    (d1, protocol1), (d2, protocol2) = [(FEATURE_DIM, inception_protocol(model)) if isinstance(x, ImageFolderFlat)
-                                        else (len(x[0]), x[2]) for x in inputs]
+    inputs = [_open_input(path, args.inception_score) for path in args.path]
+    folders = [isinstance(x, ImageFolderFlat) for x in inputs]
+    model = load_inception(args.weights, args.device, random_init=args.random_weights) if any(folders) else None
+    (d1, protocol1), (d2, protocol2) = [(FEATURE_DIM, inception_protocol(model)) if folder else (len(x[0]), x[2])
+                                        for x, folder in zip(inputs, folders)]
     if d1 != d2:
         raise FIDError(f"A has {d1}-d statistics but B has {d2}-d: not the same features")
     for key in ("weights", "resize"):  # statistics from different Inceptions are not comparable
         if key in protocol1 and key in protocol2 and protocol1[key] != protocol2[key]:
             raise FIDError(f"A has {key}={protocol1[key]!r} but B has {key}={protocol2[key]!r}")
     (mu1, sigma1, protocol1, is1), (mu2, sigma2, protocol2, is2) = [
-        _folder_stats(path, x, model, args, args.inception_score) if isinstance(x, ImageFolderFlat)
+        _folder_stats(path, x, model, args, args.inception_score) if folder
         else (x[0], x[1], x[2] or {"dataset": f"{path} (protocol unknown)"}, None)
-        for path, x in zip(args.path, inputs)]
+        for path, x, folder in zip(args.path, inputs, folders)]
     fid = frechet_distance(mu1, sigma1, mu2, sigma2)
     shared = {key: protocol1.get(key, protocol2.get(key)) for key in ("weights", "resize")
               if key in protocol1 or key in protocol2}
@@ -790,73 +694,6 @@ def run(args):
     for name, score in (("A", is1), ("B", is2)):
         if score is not None:
             print(f"IS({name}): {score[0]:.4f} +- {score[1]:.4f} (10 splits)")
-
-
-# -----------------------------------------------------------------------------
-# A class judge apart from D: a small CNN trained on a data set's real images (tools/judge.py trains and saves
-# it; contragan.py --judge reads G_ema's fakes with it at every evaluation)
-# -----------------------------------------------------------------------------
-
-JUDGE_FORMAT = "contragan-judge-1"
-
-
-class Judge(nn.Module):
-    """Images in [-1, 1] (B, 3, H, W), H, W >= 16 -> (B, K) class logits: four blocks of 3x3 conv, BatchNorm, ReLU
-    and 2x2 max-pool (width, 2, 4, 8 x width channels), global average pooling, one linear layer."""
-
-    def __init__(self, num_classes, width=16):
-        super().__init__()
-        layers, c_in = [], 3
-        for c in (width, 2 * width, 4 * width, 8 * width):
-            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
-            c_in = c
-        self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))
-
-    def forward(self, x):
-        return self.net(x)
-
-    @torch.no_grad()
-    def classify(self, images, batch_size=256):
-        """(classes, confidences): each image's (uint8, or float in [-1, 1]) arg-max class and its softmax share."""
-        self.eval()                                            # BatchNorm's running statistics: no batch effect
-        device = next(self.parameters()).device
-        probs = torch.cat([self(x.to(device).float() / 127.5 - 1 if x.dtype == torch.uint8 else x.to(device).float())
-                           .float().softmax(1).cpu() for x in images.split(batch_size)])
-        confidence, classes = probs.max(1)
-        return classes, confidence
-
-
-def load_judge(path, device="cpu", expect=None):
-    """(judge, info) from a file tools/judge.py saved: the network's weights loaded strictly (every one, no other);
-    info: its data set, image size, classes, and its accuracy on held-out real images. expect: {key: value} that
-    its num_classes and data ({dataset, img_size, ...}) must hold, else a one-line error."""
-    try:
-        info = torch.load(path, map_location="cpu", weights_only=True)   # tensors and plain values only
-    except FileNotFoundError:
-        raise FIDError(f"no judge file at {path!r} (tools/judge.py trains and saves one)") from None
-    except Exception as err:
-        raise FIDError(f"{path} is not a judge file: unreadable ({_one_line(err)})") from None
-    if not isinstance(info, dict) or info.get("format") != JUDGE_FORMAT:
-        raise FIDError(f"{path} is not a judge file of this version ({JUDGE_FORMAT}; tools/judge.py writes them)")
-    have = {"num_classes": info["num_classes"], **info["data"]}
-    wrong = {key: have.get(key) for key, value in (expect or {}).items() if have.get(key) != value}
-    if wrong:
-        raise FIDError(f"judge {path} reads other data: its {wrong}, not {({k: expect[k] for k in wrong})}")
-    judge = Judge(info["num_classes"], info["width"])
-    try:
-        judge.load_state_dict(info.pop("state_dict"), strict=True)
-    except RuntimeError as err:
-        raise FIDError(f"judge file {path} does not fit its own network ({_one_line(err)[:200]})") from None
-    return judge.to(device).eval(), info
-
-
-def judge_file(path):
-    """--judge's argparse type: the path, once it loads as a judge file (else argparse's one-line error)."""
-    try:
-        load_judge(path)
-    except FIDError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return path
 
 
 if __name__ == "__main__":

@@ -812,10 +812,15 @@ def test_the_judge_of_another_image_folder_is_refused(tmp_path, capsys):
            "heldout_images": 0, "data_dir": os.path.realpath(data)}
     judge, run = tmp_path / "judge.pt", tmp_path / "run"
     args = [*TINY, "--dataset", "folder", "--data-dir", data, "--steps", "1", "--judge", judge, "--run-dir", run]
+    class TwoClasses(torch.nn.Module):                         # untrained: logits from two colour means
+        def forward(self, x):
+            return x.mean((2, 3))[:, :2]
+    program = torch.export.export(TwoClasses(), (torch.zeros(2, 3, 32, 32),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
     for other in ({"data_dir": str(tmp_path / "other")}, {"classes": ["cat", "dog"]}, {}):
-        torch.save({"format": cg.fid.JUDGE_FORMAT, "num_classes": 2, "width": 8, "data": {**key, **other},
-                    "heldout_accuracy": 1.0, "heldout_images": 0, "state_dict": cg.fid.Judge(2, 8).state_dict()},
-                   judge)
+        info = {"num_classes": 2, "data": {**key, **other}, "heldout_accuracy": 1.0, "heldout_images": 0}
+        with open(judge, "wb") as f:                           # as tools/judge.py's save_judge writes it
+            torch.export.save(program, f, extra_files={"contragan-judge.json": json.dumps(info)})
         r = run_main(capsys, *args)
         if other:
             assert f"judge {judge} reads other data: its {other}" in one_line_error(r) and not run.exists()

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torchvision
 from PIL import Image
+from scipy import linalg
 
 import fid
 
@@ -62,6 +63,20 @@ def no_work(*args, **kwargs):
 # --- The Frechet distance: analytic oracles and the sqrtm formula
 
 
+def frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """The oracle: TTUR's and pytorch-fid's formula (pytorch-fid 0.3.0, fid_score.py, calculate_frechet_distance),
+    a general matrix square root of S1 S2 (scipy sqrtm, ~10 s at d = 2048 on 2 CPU cores), with their guards."""
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():  # the product is nearly singular
+        offset = eps * np.eye(len(sigma1))
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):  # rounding leaves a small imaginary part
+        assert np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3)
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
 def test_identical_statistics_give_zero():
     mu, sigma = random_gaussian(np.random.default_rng(0), 500, 64)
     assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
@@ -80,7 +95,7 @@ def test_eigen_method_equals_sqrtm_formula(n):
     rng = np.random.default_rng(n)
     mu1, sigma1 = random_gaussian(rng, n, 128)
     mu2, sigma2 = random_gaussian(rng, n, 128, shift=0.5)
-    expected = fid.frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2)
+    expected = frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2)
     assert fid.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-6)
 
 

@@ -149,7 +149,7 @@ def judge_reading(path, num_images=1000):
     checkpoint, _ = cg.load_checkpoint(path)
     if not checkpoint["config"].get("judge"):
         return None
-    judge, info = cg.fid.load_judge(checkpoint["config"]["judge"])
+    judge, info = cg.load_judge(checkpoint["config"]["judge"])
     r = J.score(judge, info, *J.fakes_from_checkpoint(checkpoint, num_images))
     return {k: r[k] for k in ("consistency", "relabelled", "low_confidence", "confidence", "judge_heldout_accuracy",
                               "judge_heldout_images", "num_images", "matrix")}

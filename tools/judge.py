@@ -2,13 +2,14 @@
 
     python tools/judge.py runs/shapes-2c-s0                       # a run folder or checkpoint: its data set
     python tools/judge.py fakes/ --dataset folder --data-dir data/digits --json   # tools/sample.py's PNGs
-    python contragan.py --preset cpu-demo --judge JUDGE.pt        # the judge's reading at every evaluation
+    python contragan.py --preset cpu-demo --judge JUDGE.pt2       # the judge's reading at every evaluation
 
-The judge (fid.Judge) is trained on the run's training images, as contragan.py loads them (cg.load_data: the
+The judge (Judge below) is trained on the run's training images, as contragan.py loads them (cg.load_data: the
 same data, split, size and flips), and tested on its held-out images (CIFAR's test split, a fresh shapes draw,
 5% of a folder): that accuracy, printed beside every score, is the ceiling of what it can read. It is trained
 once per data set and kept in --cache-dir, so that every run on that data is read by the same judge; the file is
-self-contained (fid.load_judge), so `contragan.py --judge FILE` logs its reading into metrics.jsonl.
+self-contained (a torch.export program with its info inside; cg.load_judge reads it, no class needed), so
+`contragan.py --judge FILE` logs its reading into metrics.jsonl.
 
 It reads G_ema's fakes (class-balanced labels, shuffled, so that every batch mixes classes, drawn with
 BatchNorm batch statistics as tools/sample.py and training's evaluation draw them), or a folder of
@@ -28,6 +29,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,6 +38,45 @@ import contragan as cg  # noqa: E402
 import fid  # noqa: E402
 
 DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "contragan")
+
+
+class Judge(nn.Module):
+    """Images in [-1, 1] (B, 3, H, W), H, W >= 16 -> (B, K) class logits: four blocks of 3x3 conv, BatchNorm, ReLU
+    and 2x2 max-pool (width, 2, 4, 8 x width channels), global average pooling, one linear layer."""
+
+    def __init__(self, num_classes, width=16):
+        super().__init__()
+        layers, c_in = [], 3
+        for c in (width, 2 * width, 4 * width, 8 * width):
+            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
+            c_in = c
+        self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@torch.no_grad()
+def classify(judge, images, batch_size=256):
+    """(classes, confidences) of images (uint8, or float in [-1, 1]): each one's arg-max class and its softmax share."""
+    device = next(judge.parameters()).device
+    logits = [judge(cg.to_signed(x.to(device)) if x.dtype == torch.uint8 else x.to(device).float())
+              for x in images.split(batch_size)]
+    confidence, classes = torch.cat(logits).float().softmax(1).cpu().max(1)
+    return classes, confidence
+
+
+def save_judge(judge, info, path):
+    """The judge as a torch.export program (eval mode: BatchNorm's running statistics baked in; any batch size; on
+    the CPU, loadable anywhere) with info as contragan-judge.json inside, written atomically: a run reading it sees
+    all or nothing. torch.export, not TorchScript: torch.jit.script/trace warn of their deprecation in torch 2.14."""
+    size = info["data"]["img_size"]
+    program = torch.export.export(judge.cpu().eval(), (torch.zeros(2, 3, size, size),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:                       # a file object: any name, not only *.pt2
+        torch.export.save(program, f, extra_files={"contragan-judge.json": json.dumps(info)})
+    os.replace(path + ".tmp", path)
 
 
 def data_config(dataset, data_dir="data", img_size=32, shapes_size=10000, flip=True):
@@ -65,7 +106,7 @@ def load_split(cfg):
 
 def cache_path(key, cache_dir):
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return os.path.join(cache_dir, f"judge-{key['dataset']}-{key['img_size']}px-{digest}.pt")
+    return os.path.join(cache_dir, f"judge-{key['dataset']}-{key['img_size']}px-{digest}.pt2")
 
 
 def augment(x, flip, shift, gen, blur=True):
@@ -88,11 +129,11 @@ def augment(x, flip, shift, gen, blur=True):
 
 
 def train_judge(train, K, flip, width, steps, batch_size, lr, device, seed=0, log=print):
-    """fid.Judge trained by SGD (Nesterov, one-cycle learning rate, weight decay 5e-4) on random batches."""
+    """Judge trained by SGD (Nesterov, one-cycle learning rate, weight decay 5e-4) on random batches."""
     torch.manual_seed(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
     images, labels = train[0].to(device), train[1].to(device)
-    judge = fid.Judge(K, width).to(device).train()
+    judge = Judge(K, width).to(device).train()
     opt = torch.optim.SGD(judge.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.25)
     t0 = time.time()
@@ -117,7 +158,7 @@ def get_judge(cfg, path=None, cache_dir=DEFAULT_CACHE, retrain=False, width=None
     train, held, key = load_split(cfg)
     path = path or cache_path(key, cache_dir)
     if os.path.isfile(path) and not retrain:
-        judge, info = fid.load_judge(path, device)
+        judge, info = cg.load_judge(path, device)
         if info["data"] != key:
             raise cg.UsageError(f"judge {path} was trained on other data ({info['data']}), not {key}: "
                                 f"give --retrain to replace it, or another --judge-file")
@@ -132,23 +173,22 @@ def get_judge(cfg, path=None, cache_dir=DEFAULT_CACHE, retrain=False, width=None
     log(f"training the judge for {cfg.dataset} ({len(train[1])} images; width {width}, {steps} steps of "
         f"{batch_size}, {device}) -> {path}")
     judge, seconds = train_judge(train, len(key["classes"]), cfg.flip, width, steps, batch_size, lr, device, log=log)
-    classes, confidence = judge.classify(held[0])
-    info = {"format": fid.JUDGE_FORMAT, "num_classes": len(key["classes"]), "width": width, "data": key,
+    classes, confidence = classify(judge, held[0])
+    info = {"num_classes": len(key["classes"]), "width": width, "data": key,
             "heldout_accuracy": (classes == held[1]).float().mean().item(), "heldout_images": len(held[1]),
             "heldout_confidence": confidence.mean().item(),
             "heldout_confidence_q05": confidence.quantile(0.05).item(),
             "training": {"steps": steps, "batch_size": batch_size, "lr": lr, "device": str(device),
                          "seconds": round(seconds, 1)}}
-    torch.save({**info, "state_dict": judge.state_dict()}, path + ".tmp")
-    os.replace(path + ".tmp", path)                            # atomic: a run reading it sees all or nothing
+    save_judge(judge, info, path)
     log(f"judge trained in {seconds:.0f} s: {info['heldout_accuracy']:.4f} on {len(held[1])} held-out images")
-    return judge, info, path
+    return (*cg.load_judge(path, device), path)               # as every later run reads it: from the file
 
 
 def score(judge, info, asked, images):
     """The judge's reading of images drawn for the labels `asked`: the asked x judged matrix and its shares."""
     K = info["num_classes"]
-    judged, confidence = judge.classify(images)
+    judged, confidence = classify(judge, images)
     counts, consistency, relabelled = cg.confusion(asked, judged, K)
     return {"consistency": consistency, "relabelled": relabelled, "chance": 1 / K,
             "judge_heldout_accuracy": info["heldout_accuracy"], "judge_heldout_images": info["heldout_images"],

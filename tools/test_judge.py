@@ -1,23 +1,23 @@
-"""Tests of tools/judge.py, fid.Judge and contragan.py --judge on cases whose answer is known: the colour reader
+"""Tests of tools/judge.py, its judge files and contragan.py --judge on cases whose answer is known: the colour reader
 of the built-in shapes, "generators" that return real images of a known class. CPU, seconds."""
 import glob
 import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 
 import contragan as cg
-import fid
 import judge as J
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--dataset", "shapes", "--shapes-size", "256", "--g-width", "8", "--d-width", "8", "--batch-size", "8",
         "--d-steps", "2", "--acc-images", "32", "--fid-images", "0", "--eval-batch", "16", "--num-workers", "0",
-        "--ema-start", "1", "--ema-decay", "0.9", "--log-every", "1"]
+        "--ema-start", "1", "--ema-decay", "0.9", "--log-every", "1", "--flip"]   # flips: as the judge's data_config
 TRAIN = ["--width", "8", "--steps", "150", "--device", "cpu"]   # the judge: a second on a CPU
 
 
@@ -46,13 +46,23 @@ def judge_json(capsys, *args):
 
 def test_heldout_accuracy_is_its_own(tiny):
     # Recomputed here from the saved file and contragan's held-out split, in batches of another size.
-    judge, info = fid.load_judge(tiny["judge"])
+    judge, info = cg.load_judge(tiny["judge"])
     _, held, _ = cg.load_data(tiny["cfg"])
     with torch.no_grad():
         logits = torch.cat([judge(cg.to_signed(x)) for x in held.images.split(100)])
     assert info["heldout_images"] == len(held) == 1024
     assert info["heldout_accuracy"] == pytest.approx((logits.argmax(1) == held.labels).float().mean().item(), abs=1e-6)
     assert info["heldout_accuracy"] >= 0.98
+
+
+def test_the_judge_file_is_self_contained(tiny):
+    # torch alone reads it, with no network class: the program and its weights, in eval mode, any batch size.
+    with open(tiny["judge"], "rb") as f:
+        program = torch.export.load(f).module()
+    x = torch.rand(5, 3, 32, 32) * 2 - 1
+    judge, info = cg.load_judge(tiny["judge"])
+    assert program(x).shape == (5, 4) and torch.equal(program(x), judge(x)) and judge(x[:1]).shape == (1, 4)
+    assert info["data"]["classes"] == ["circle", "square", "triangle", "cross"] and info["num_classes"] == 4
 
 
 def study_fakes():
@@ -66,13 +76,13 @@ def study_fakes():
 
 
 def test_agrees_with_the_colour_reader_on_reals_and_on_fakes_it_names(tiny):
-    judge, info = fid.load_judge(tiny["judge"])
+    judge, info = cg.load_judge(tiny["judge"])
     images, _ = cg.make_shapes(400, 32, seed=9)
     x = cg.to_signed(images)
-    assert (judge.classify(x)[0] == cg.shapes_class_of(x)).float().mean() >= 0.98
+    assert (J.classify(judge, x)[0] == cg.shapes_class_of(x)).float().mean() >= 0.98
     fakes = cg.to_signed(study_fakes())                        # trained generators' fakes
     named = cg.shapes_class_of(fakes)
-    classes, confidence = judge.classify(fakes)
+    classes, confidence = J.classify(judge, fakes)
     assert len(fakes) >= 400 and (named >= 0).sum() >= 300
     assert (classes[named >= 0] == named[named >= 0]).float().mean() >= 0.98
     # the fakes the colour reader calls none get a class too, but mostly with low confidence
@@ -118,7 +128,7 @@ def test_a_folder_of_pngs_and_the_text_report(tiny, capsys):
 def test_a_blank_lands_in_some_class_with_low_confidence(tiny):
     # A classifier has no "none": blank images are given one of the K classes (the colour reader says -1);
     # here the judge is less sure of them than of 95% of the held-out reals, and of real images it is not.
-    judge, info = fid.load_judge(tiny["judge"])
+    judge, info = cg.load_judge(tiny["judge"])
     blank = torch.full((40, 3, 32, 32), -0.75)
     assert (cg.shapes_class_of(blank) == -1).all()
     r = J.score(judge, info, torch.arange(40) % 4, blank)
@@ -129,12 +139,12 @@ def test_a_blank_lands_in_some_class_with_low_confidence(tiny):
 
 def test_it_reads_the_cue_it_learned(tiny):
     # On shapes colour alone separates the classes: a red square is "circle" to the judge, none to the reader.
-    judge, _ = fid.load_judge(tiny["judge"])
+    judge, _ = cg.load_judge(tiny["judge"])
     images, labels = cg.make_shapes(400, 32, seed=5)
     squares = images[labels == 1].float()
     red = torch.where(squares.amax(1, keepdim=True) > 120, torch.tensor([230.0, 70, 60])[:, None, None], squares)
     x = red / 127.5 - 1
-    assert (cg.shapes_class_of(x) == -1).all() and (judge.classify(x)[0] == 0).float().mean() >= 0.95
+    assert (cg.shapes_class_of(x) == -1).all() and (J.classify(judge, x)[0] == 0).float().mean() >= 0.95
 
 
 def test_contragan_logs_the_judges_reading(tiny, tmp_path):
@@ -157,18 +167,30 @@ def test_contragan_refuses_a_bad_or_foreign_judge_in_one_line(tiny, tmp_path, ca
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith("error: argument --judge: no judge file")
     assert err.count("\n") == 1 and "no judge file at" in err and not (tmp_path / "a").exists()
-    data = torch.load(tiny["judge"], weights_only=True)
-    data["data"]["dataset"] = "cifar10"                        # a judge of another data set
-    torch.save(data, tmp_path / "foreign.pt")
+    with zipfile.ZipFile(tiny["judge"]) as old, zipfile.ZipFile(tmp_path / "foreign.pt", "w") as new:
+        for name in old.namelist():                            # a judge of another data set: its info rewritten
+            data = old.read(name)
+            if name.endswith("contragan-judge.json"):
+                info = json.loads(data)
+                data = json.dumps({**info, "data": {**info["data"], "dataset": "cifar10"}})
+            new.writestr(name, data)
     assert cg.main([*TINY, "--steps", "1", "--judge", str(tmp_path / "foreign.pt"), "--run-dir",
                     str(tmp_path / "b")]) == 2
     out, err = capsys.readouterr()
     assert err.count("\n") == 1 and "reads other data" in err and "cifar10" in err
     assert "step 1/1" not in out and not (tmp_path / "b").exists()  # refused before the first step, nothing kept
-    torch.save({"format": fid.JUDGE_FORMAT, **{k: v for k, v in data.items() if k != "format"},
-                "state_dict": {}}, tmp_path / "empty.pt")        # strict: every weight is needed
-    with pytest.raises(fid.FIDError, match="does not fit its own network"):
-        fid.load_judge(str(tmp_path / "empty.pt"))
+
+
+def test_an_old_judge_file_is_refused_in_one_line(tiny, tmp_path, capsys):
+    # Earlier versions wrote a pickled state dict, which needed the network's class to load: re-run tools/judge.py.
+    torch.save({"format": "contragan-judge-1", **tiny["info"], "state_dict": J.Judge(4, 8).state_dict()},
+               tmp_path / "old.pt")
+    with pytest.raises(SystemExit) as stop:                    # at parsing: before anything is built
+        cg.main([*TINY, "--steps", "1", "--judge", str(tmp_path / "old.pt"), "--run-dir", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and not (tmp_path / "a").exists()
+    assert err == f"error: argument --judge: {tmp_path / 'old.pt'} is not a judge file of this version: re-run " \
+                  f"tools/judge.py to write one (see --help)\n"
 
 
 def test_a_cached_judge_of_other_data_is_refused(tiny, capsys):
