@@ -1642,7 +1642,7 @@ def test_compile_says_it_is_compiling_and_passes_its_mode(tmp_path, monkeypatch,
     r = run_main(capsys, "--resume", tmp_path / "ro", "--steps", "2")   # a run flag, kept by a resume
     assert r.returncode == 0 and modes[6:] == ["reduce-overhead"] * 3
     cfg = types.SimpleNamespace(compile=True, sync_bn=False)   # a checkpoint's config from before --compile MODE
-    cg.wrap_for_training(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), cfg, torch.device("cpu"), 1)
+    cg.wrap_for_training(types.SimpleNamespace(G=torch.nn.Linear(1, 1), D=torch.nn.Linear(1, 1), cfg=cfg, world=1))
     assert modes[9:] == [None] * 3                             # torch.compile's own default
 
 
