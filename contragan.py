@@ -69,8 +69,7 @@ def conditional_contrastive_loss(embed, proxy, labels, temperature=1.0, data_pos
     neither sum, and only the sample's own class proxy appears. A sample with no other same-class
     sample keeps its proxy term, so there is never a 0/0. The authors take exp() and divide; this is
     the same value as a difference of two log-sum-exps, which cannot overflow (exp(1/t) overflows
-    fp16 for t < 0.09). Their code at commit 21594bd returned -log(t * ratio) (added in 41e99a9,
-    2020-11-10; gone by 5c62666, 2021-07-28): a constant -log(t) off, the same gradients.
+    fp16 for t < 0.09). Their code at 21594bd returns -log(t * ratio): -log(t) off, the same gradients.
     """
     with torch.autocast(embed.device.type, enabled=False):     # fp32 math, also inside a step's autocast
         dtype = torch.promote_types(embed.dtype, torch.float32)    # fp16/bf16 in -> fp32 math
@@ -182,9 +181,8 @@ def setting(default, help, **flag):
 
 @dataclass
 class Config:
-    """Defaults: the paper's Table 1 CIFAR-10 run; 'T1: x' cites PyTorch-StudioGAN
-    src/configs/Experiments_in_paper/Table1/contra_biggan_cifar32_hinge_no.json at commit 6260dd7 (its proj_ and ac_
-    files: the same values)."""
+    """Defaults: the paper's Table 1 CIFAR-10 run. 'T1: x' cites PyTorch-StudioGAN src/configs/Experiments_in_paper/
+    Table1/contra_biggan_cifar32_hinge_no.json at commit 6260dd7 (its proj_ and ac_ files: the same values)."""
     loss: str = setting("2c", "ContraGAN (2C), ReACGAN's D2D-CE, ProjGAN, ACGAN", choices=["2c", "d2dce", "proj", "ac"])
     # The networks (the appendix)
     img_size: int = setting(32, "32, 64 or 128 (the architecture's sizes)")
@@ -193,9 +191,8 @@ class Config:
     z_dim: int = setting(80, "z size, split into (G blocks + 1) chunks (T1: 80 = 4 x 20)")
     shared_dim: int = setting(128, "G's shared class embedding (T1: 128)")
     embed_dim: int = setting(512, "2C embedding size (T1: 512)")
-    embed_head: str = setting("linear", "2C's projection head h (Section 4.3's ablation; T1: linear): mlp = SN linear, "
-                              "ReLU, SN linear, the authors' nonlinear_embed (big_resnet.py at 21594bd)",
-                              choices=["linear", "mlp"])
+    embed_head: str = setting("linear", "2C's head h (Section 4.3's ablation; T1: linear); mlp: SN linear, ReLU, SN "
+                              "linear, their nonlinear_embed (big_resnet.py, 21594bd)", choices=["linear", "mlp"])
     # The losses (Section 3)
     temperature: float = setting(1.0, "2C / D2D-CE temperature t (T1: 1.0; ReACGAN: 0.5 for D2D-CE)")
     margin: float = setting(0.98, "D2D-CE's positive margin m_p; m_n = 1 - m_p (authors: 0.98)")
@@ -241,9 +238,8 @@ class Trainer:
         adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, **self.adam_flags)
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, **adam)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, **adam)
-        # Engineering, not Algorithm 1 (how the update runs, not what it computes): autocast's dtype (--amp), fp16's
-        # loss scaling, a flag for a non-finite loss kept on the device (no host syncs), and under torchrun each
-        # rank its own z, labels, flips (the authors: seed + global rank, src/loader.py, 947b35e).
+        # Engineering, not Algorithm 1: autocast's dtype (--amp), fp16's loss scaling, a device-side flag of a NaN loss
+        # (no host syncs); under torchrun, each rank its own z, y, flips (authors: seed + rank, src/loader.py, 947b35e)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         self.scaler_G = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.scaler_D = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
@@ -1603,9 +1599,8 @@ class RunConfig:
     log_every: int = setting(100, "progress line and metrics every N G steps")
     eval_every: int = setting(2000, "grid, FID, D diagnostics and checkpoint every N G steps (authors: 2000)")
     fid_images: int = setting(10000, "fakes (and reference images) for FID; 0 = no FID (paper: 10,000)")
-    fid_reference_dir: str = setting(None, "FID against this class-per-folder tree (e.g. a validation split, as the "
-                                     "paper's Tiny ImageNet FID) instead of CIFAR's test split, a shapes draw or "
-                                     "--dataset folder's training images")
+    fid_reference_dir: str = setting(None, "FID against this class-per-folder tree (a validation split, as the paper's "
+                                     "Tiny ImageNet FID), not CIFAR's test split, a shapes draw or the training folder")
     fid_weights: str = setting(None, "local pt_inception-2015-12-05-6726825d.pth (default: torch hub cache, "
                                "downloaded once); 'random' = random weights, a smoke test only")
     eval_batch: int = setting(64, "G_ema batch at evaluation; BN uses its statistics (authors: 64)")
@@ -1626,23 +1621,26 @@ def defaults(preset=None):
     return {"preset": preset, "judge": None, **asdict(Config()), **asdict(RunConfig()), **PRESETS.get(preset, {})}
 
 def build_parser(suppress=False):
-    """A flag per field of Config and RunConfig. suppress=True: the parse holds only the flags given."""
+    """A flag per field of Config and RunConfig. suppress=True: a parse holds only the flags given (main: `defaults`
+    fills in the rest); either way --help shows the defaults."""
     p = OneLineErrorParser(description="ContraGAN (Kang & Park, NeurIPS 2020) in one file. " + Config.__doc__,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                           argument_default=argparse.SUPPRESS if suppress else None)
-    def add(flag, default=None, **kw):                         # suppress: no defaults, only the flags given
-        p.add_argument(flag, **({} if suppress else {"default": default}), **kw)
+                           argument_default=argparse.SUPPRESS)
+    add = p.add_argument
     add("--preset", choices=sorted(PRESETS), help="a named set of defaults (flags given still win): " +
         "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
     for setting_field in fields(Config) + fields(RunConfig):
         kw = dict(setting_field.metadata)                      # help; choices, action, nargs where it has them
         default = setting_field.default
+        if default is not None:
+            kw["help"] += f" (default: {default})"
         if isinstance(default, bool) and "nargs" not in kw:
             kw.setdefault("action", argparse.BooleanOptionalAction)  # --flip / --no-flip
         elif default is not None and not isinstance(default, bool):
             kw["type"] = type(default)                         # int, float or str, as its default
-        add("--" + setting_field.name.replace("_", "-"), default, **kw)
+        add("--" + setting_field.name.replace("_", "-"), **kw)
     add("--judge", type=fid.judge_file, help="a judge file (tools/judge.py) that reads the fakes' classes too")
+    if not suppress:
+        p.set_defaults(**defaults())
     return p
 
 def validate(cfg):

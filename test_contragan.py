@@ -450,8 +450,12 @@ def test_config_holds_the_method_and_the_parsers_defaults():
     assert all(math.isfinite(v.item()) for v in logs.values())
 
 
-def test_main_parses_the_command_line_once(monkeypatch):
-    """One parse: the flags given, over the preset's values, over the fields' defaults."""
+def test_main_parses_the_command_line_once(monkeypatch, capsys):
+    """One parse: the flags given, over the preset's values, over the fields' defaults; its --help shows them."""
+    with pytest.raises(SystemExit):
+        cg.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Adam lr of G (T1: 2e-4) (default: 0.0002)" in text and "--no-flip random flips" in text
     import argparse
     parses, started = [], []
     real_parse = argparse.ArgumentParser.parse_args
