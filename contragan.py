@@ -238,7 +238,7 @@ class Trainer:
         adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, **self.adam_flags)
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, **adam)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, **adam)
-        # Engineering, not Algorithm 1: autocast's dtype (--amp), fp16's loss scaling, a device-side flag of a NaN loss
+        # Engineering, not Algorithm 1: autocast's dtype (--amp), fp16's loss scaling, a NaN/inf-loss flag on the device
         # (no host syncs); under torchrun, each rank its own z, y, flips (authors: seed + rank, src/loader.py, 947b35e)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         self.scaler_G = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
