@@ -23,8 +23,12 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
 
-if __name__ == "__main__":  # Ctrl-C in the seconds of `import torch`: one line, not a traceback (main() resets it)
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("interrupted", file=sys.stderr) or 130))
+def interrupted_while_importing(signum, frame):  # Ctrl-C in the seconds of `import torch`: one line, no traceback
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+
+if __name__ == "__main__":                                     # main() puts its own handler in place
+    signal.signal(signal.SIGINT, interrupted_while_importing)
 import torch
 import torch.distributed as dist
 import torch.nn as nn
