@@ -179,8 +179,7 @@ def uniform_labels(n, num_classes, device, generator=None):  # y uniform over cl
 # Algorithm 1: d_steps D steps, one G step, the EMA update (one iteration; the authors' schedule)
 # --------------------------------------------------------------------------------------------
 
-def setting(default, help, **flag):
-    """A field of the settings: its default, its --help text (with its source), argparse's extras for its flag."""
+def setting(default, help, **flag):  # a settings field: its default, its --help (with its source), argparse's extras
     return field(default=default, metadata=dict(help=help, **flag))
 
 @dataclass
