@@ -299,9 +299,9 @@ class Trainer:
             # One D forward over real, fake (and augmented real) together (D has no BatchNorm): the same outputs
             # as the authors' two (three) calls would give with one power iteration of spectral norm, not two.
             out = self.D_train(torch.cat(images), torch.cat(labels))
-            real_out = {k: v[:B] for k, v in out.items()}      # D's outputs cut back: the reals',
-            fake_out = {k: v[B:2 * B] for k, v in out.items()} # the fakes',
-            aug_out = {k: v[2 * B:] for k, v in out.items()}   # the augmented reals' (--cr-lambda)
+            real_out = {k: v[:B] for k, v in out.items()}       # D's outputs on the reals,
+            fake_out = {k: v[B:2 * B] for k, v in out.items()}  # on the fakes,
+            aug_out = {k: v[2 * B:] for k, v in out.items()}    # on the augmented reals (--cr-lambda; else empty)
             adv = d_hinge_loss(real_out["adv"].float(), fake_out["adv"].float())
             cond = self.condition_loss(real_out, real_y)       # 2C, D2D-CE: real images only (authors)
             if self.cfg.loss == "ac":                          # ACGAN as the authors ran it: the fakes too
@@ -1614,9 +1614,9 @@ class RunConfig:
     device: str = setting("auto", "auto: cuda if torch sees a GPU", choices=["auto", "cuda", "cpu"])
     num_workers: int = setting(4, "data loader workers (--dataset folder)")
     tf32: bool = setting(True, "TF32 matmuls on Ampere+ GPUs")
-    compile: str = setting(False, "torch.compile G and D; MODE: its mode, reduce-overhead and max-autotune add CUDA "
-                           "graphs (GPU only; skipped on a CPU)", nargs="?", const="default", metavar="MODE",
-                           choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    compile: str | bool = setting(False, "torch.compile G and D; MODE: its mode, reduce-overhead and max-autotune add "
+                                  "CUDA graphs (GPU only; skipped on CPUs)", nargs="?", const="default", metavar="MODE",
+                                  choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     sync_bn: bool = setting(False, "under torchrun: G's BatchNorm over the global batch", action="store_true")
 
 def defaults(preset=None):
