@@ -231,8 +231,7 @@ class Trainer:
     def __init__(self, cfg, num_classes, device, world=1):
         self.cfg, self.num_classes, self.device, self.world = cfg, num_classes, device, world
         torch.manual_seed(cfg.seed)                            # same initial weights on every rank
-        G, D = build_models(cfg, num_classes)
-        self.G, self.D = G.to(device), D.to(device)            # trained, saved, averaged into G_ema
+        self.G, self.D = [m.to(device) for m in build_models(cfg, num_classes)]  # trained, saved, averaged into G_ema
         self.G_ema = copy.deepcopy(self.G).requires_grad_(False)  # the EMA of G: the generator evaluated
         # What the steps call. Here G and D; wrap_for_training (a run's, below the banner) puts them in DDP and
         # torch.compile, and keeps D_frozen, for the G step, out of DDP (D gets no gradient there: DDP would wait).
@@ -1619,8 +1618,7 @@ class RunConfig:
                                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     sync_bn: bool = setting(False, "under torchrun: G's BatchNorm over the global batch", action="store_true")
 
-def defaults(preset=None):
-    """What a flag not given takes: the preset's value, else its field's default."""
+def defaults(preset=None):  # what a flag not given takes: the preset's value, else its field's default
     return {"preset": preset, "judge": None, **asdict(Config()), **asdict(RunConfig()), **PRESETS.get(preset, {})}
 
 def build_parser(suppress=False):
@@ -1631,16 +1629,15 @@ def build_parser(suppress=False):
     add = p.add_argument
     add("--preset", choices=sorted(PRESETS), help="a named set of defaults (flags given still win): " +
         "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
-    for setting_field in fields(Config) + fields(RunConfig):
-        kw = dict(setting_field.metadata)                      # help; choices, action, nargs where it has them
-        default = setting_field.default
-        if default is not None:
-            kw["help"] += f" (default: {default})"
-        if isinstance(default, bool) and "nargs" not in kw:
+    for option in fields(Config) + fields(RunConfig):
+        kw = dict(option.metadata)                             # help; choices, action, nargs where it has them
+        if option.default is not None:
+            kw["help"] += f" (default: {option.default})"
+        if isinstance(option.default, bool) and "nargs" not in kw:
             kw.setdefault("action", argparse.BooleanOptionalAction)  # --flip / --no-flip
-        elif default is not None and not isinstance(default, bool):
-            kw["type"] = type(default)                         # int, float or str, as its default
-        add("--" + setting_field.name.replace("_", "-"), **kw)
+        elif option.default is not None and not isinstance(option.default, bool):
+            kw["type"] = type(option.default)                  # int, float or str, as its default
+        add("--" + option.name.replace("_", "-"), **kw)
     add("--judge", type=fid.judge_file, help="a judge file (tools/judge.py) that reads the fakes' classes too")
     if not suppress:
         p.set_defaults(**defaults())
