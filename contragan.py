@@ -4,9 +4,9 @@ through the conditional contrastive (2C) loss. Minguk Kang and Jaesik Park, "Con
 for Conditional Image Generation", NeurIPS 2020, arXiv:2006.12681; authors' code: POSTECH-CVLab/PyTorch-StudioGAN.
 
 Read it top to bottom next to the paper: Section 3 (the losses; the 2C loss is the part to copy) -> Algorithm 1
-(`Trainer`) -> the appendix's networks. Below one banner, what runs it: data -> torchrun -> evaluation (FID,
-Figure 3, class confusion) -> the run and its folder -> the command line. Where the paper and the authors' code
-differ, this file follows the code and says so at that line. It imports fid.py and nothing else of its project.
+(`Config`, `Trainer`) -> the appendix's networks. Below one banner, what runs it: data -> torchrun -> evaluation
+(FID, Figure 3, class confusion) -> the run and its folder -> the command line. Where the paper and the authors'
+code differ, this file follows the code and says so at that line. It imports fid.py and nothing else of its project.
 """
 import argparse
 import contextlib
