@@ -4,9 +4,9 @@ through the conditional contrastive (2C) loss. Minguk Kang and Jaesik Park, "Con
 for Conditional Image Generation", NeurIPS 2020, arXiv:2006.12681; authors' code: POSTECH-CVLab/PyTorch-StudioGAN.
 
 Read it top to bottom next to the paper: Section 3 (the losses; the 2C loss is the part to copy) -> Algorithm 1
-(`Trainer`) -> the appendix's networks. Below one banner, what runs it: data -> torchrun -> evaluation (FID,
-Figure 3, class confusion) -> the run and its folder -> the command line. Where the paper and the authors' code
-differ, this file follows the code and says so at that line. It imports fid.py and nothing else of its project.
+(`Config`, `Trainer`) -> the appendix's networks. Below one banner, what runs it: data -> torchrun -> evaluation
+(FID, Figure 3, class confusion) -> the run and its folder -> the command line. Where the paper and the authors'
+code differ, this file follows the code and says so at that line. It imports fid.py and nothing else of its project.
 """
 import argparse
 import contextlib
@@ -21,10 +21,15 @@ import sys
 import time
 import warnings
 import zipfile
+from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
 
-if __name__ == "__main__":  # Ctrl-C in the seconds of `import torch`: one line, not a traceback (main() resets it)
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(print("interrupted", file=sys.stderr) or 130))
+def interrupted_while_importing(signum, frame):  # Ctrl-C in the seconds of `import torch`: one line, no traceback
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+
+if __name__ == "__main__":                                     # main() puts its own handler in place
+    signal.signal(signal.SIGINT, interrupted_while_importing)
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -69,8 +74,7 @@ def conditional_contrastive_loss(embed, proxy, labels, temperature=1.0, data_pos
     neither sum, and only the sample's own class proxy appears. A sample with no other same-class
     sample keeps its proxy term, so there is never a 0/0. The authors take exp() and divide; this is
     the same value as a difference of two log-sum-exps, which cannot overflow (exp(1/t) overflows
-    fp16 for t < 0.09). Their code at commit 21594bd returned -log(t * ratio) (added in 41e99a9,
-    2020-11-10; gone by 5c62666, 2021-07-28): a constant -log(t) off, the same gradients.
+    fp16 for t < 0.09). Their code at 21594bd returns -log(t * ratio): -log(t) off, the same gradients.
     """
     with torch.autocast(embed.device.type, enabled=False):     # fp32 math, also inside a step's autocast
         dtype = torch.promote_types(embed.dtype, torch.float32)    # fp16/bf16 in -> fp32 math
@@ -161,9 +165,62 @@ def consistency_loss(out, out_aug):
         loss = loss + F.mse_loss(out["class_logits"].float(), out_aug["class_logits"].float())
     return loss
 
+def gather_global_batch(embed, proxy, labels):
+    """Under DDP, all-gather so the 2C loss sees the global batch. Each rank's backward sums the gradient of its
+    slice over ranks; DDP's average turns that back into the single-process gradient on the whole batch (tested)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return embed, proxy, labels
+    from torch.distributed.nn.functional import all_gather   # differentiable (the labels pass through untouched)
+    return tuple(torch.cat(all_gather(x)) for x in (embed, proxy, labels))
+
+def uniform_labels(n, num_classes, device, generator=None):  # y uniform over classes: training and FID
+    return torch.randint(0, num_classes, (n,), device=device, generator=generator)
+
 # --------------------------------------------------------------------------------------------
 # Algorithm 1: d_steps D steps, one G step, the EMA update (one iteration; the authors' schedule)
 # --------------------------------------------------------------------------------------------
+
+def setting(default, help, **flag):  # a settings field: its default, its --help (with its source), argparse's extras
+    return field(default=default, metadata=dict(help=help, **flag))
+
+@dataclass
+class Config:
+    """Defaults: the paper's Table 1 CIFAR-10 run. 'T1: x' cites PyTorch-StudioGAN src/configs/Experiments_in_paper/
+    Table1/contra_biggan_cifar32_hinge_no.json at commit 6260dd7 (its proj_ and ac_ files: the same values)."""
+    loss: str = setting("2c", "ContraGAN (2C), ReACGAN's D2D-CE, ProjGAN, ACGAN", choices=["2c", "d2dce", "proj", "ac"])
+    # The networks (the appendix)
+    img_size: int = setting(32, "32, 64 or 128 (the architecture's sizes)")
+    g_width: int = setting(96, "G channels = 4 x width (T1: 96)")
+    d_width: int = setting(96, "D channels = 2 x width (T1: 96)")
+    z_dim: int = setting(80, "z size, split into (G blocks + 1) chunks (T1: 80 = 4 x 20)")
+    shared_dim: int = setting(128, "G's shared class embedding (T1: 128)")
+    embed_dim: int = setting(512, "2C embedding size (T1: 512)")
+    embed_head: str = setting("linear", "2C's head h (Section 4.3's ablation; T1: linear); mlp: SN linear, ReLU, SN "
+                              "linear, their nonlinear_embed (big_resnet.py, 21594bd)", choices=["linear", "mlp"])
+    # The losses (Section 3)
+    temperature: float = setting(1.0, "2C / D2D-CE temperature t (T1: 1.0; ReACGAN: 0.5 for D2D-CE)")
+    margin: float = setting(0.98, "D2D-CE's positive margin m_p; m_n = 1 - m_p (authors: 0.98)")
+    data_positives: bool = setting(True, "same-class samples in 2C's numerator (Eq. 8); --no-data-positives: the "
+                                   "proxy alone (the paper's Eq. 7), the authors' confusion remedy")
+    cond_lambda: float = setting(1.0, "lambda, the class term's weight (T1: 1.0; ReACGAN: 0.5 for D2D-CE)")
+    cr_lambda: float = setting(0.0, "consistency regularization's weight, D step only; 0 = off (authors' ContraGAN + "
+                               "CR: 10.0, src/configs/CIFAR10/CRGAN(C).json at 21594bd)")
+    # Algorithm 1: its schedule, Adam, the EMA of G
+    batch_size: int = setting(64, "GLOBAL batch: split over torchrun's ranks (T1: 64)")
+    accumulation_steps: int = setting(1, "micro-batches of --batch-size per D or G step (T1: 1; Table 2: 4)")
+    lr_g: float = setting(2e-4, "Adam lr of G (T1: 2e-4)")
+    lr_d: float = setting(2e-4, "Adam lr of D (T1: 2e-4)")
+    beta1: float = setting(0.5, "Adam beta1 (T1: 0.5)")
+    beta2: float = setting(0.999, "Adam beta2 (T1: 0.999)")
+    adam_eps: float = setting(1e-6, "Adam eps (authors: 1e-6)")
+    d_steps: int = setting(5, "D steps per G step (T1: 5)")
+    steps: int = setting(80000, "G steps (T1: 80,000; 100,000 in the authors' later README runs)")
+    flip: bool = setting(False, "random flips of reals (T1: off; README runs: on)")
+    ema_decay: float = setting(0.9999, "EMA decay of G_ema (T1: 0.9999)")
+    ema_start: int = setting(1000, "G step where the EMA starts; a copy of G before (T1: 1000)")
+    seed: int = setting(0, "initial weights, z, labels, data order")
+    # Engineering, not the method: how the update runs (autocast), not what it computes
+    amp: str = setting("none", "autocast; fp16 uses a GradScaler", choices=["none", "bf16", "fp16"])
 
 class Trainer:
     """G, D, the EMA generator and their optimisers, and the two update steps of the paper.
@@ -175,19 +232,22 @@ class Trainer:
     def __init__(self, cfg, num_classes, device, world=1):
         self.cfg, self.num_classes, self.device, self.world = cfg, num_classes, device, world
         torch.manual_seed(cfg.seed)                            # same initial weights on every rank
-        G, D = build_models(cfg, num_classes)
-        self.G_ema = copy.deepcopy(G).requires_grad_(False).to(device)  # the EMA of G: the generator evaluated
-        # G, D: trained, saved, averaged into G_ema. The steps call G_train, D_train: G and D in DDP (world > 1), and
-        # D_frozen: the plain D, for the G step, where D gets no gradient (DDP would wait for one); --compile: compiled.
-        self.G, self.D, self.G_train, self.D_train, self.D_frozen = wrap_for_training(G, D, cfg, device, world)
+        self.G, self.D = [m.to(device) for m in build_models(cfg, num_classes)]  # trained, saved, averaged into G_ema
+        self.G_ema = copy.deepcopy(self.G).requires_grad_(False)  # the EMA of G: the generator evaluated
+        # What the steps call. Here G and D; wrap_for_training (a run's, below the banner) puts them in DDP and
+        # torch.compile, and keeps D_frozen, for the G step, out of DDP (D gets no gradient there: DDP would wait).
+        self.G_train, self.D_train, self.D_frozen = self.G, self.D, self.D
         self.adam_flags = dict(fused=device.type == "cuda", foreach=device.type != "cuda")  # one kernel a step on GPU
         adam = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, **self.adam_flags)
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, **adam)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, **adam)
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)  # --amp: autocast's dtype
-        self.scaler_G, self.scaler_D = (torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16") for _ in "GD")
-        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss seen: no host syncs
-        if world > 1:  # then each rank its own z, labels, flips (authors: seed + global rank, src/loader.py, 947b35e)
+        # Engineering, not Algorithm 1: autocast's dtype (--amp), fp16's loss scaling, a NaN/inf-loss flag on the device
+        # (no host syncs); under torchrun, each rank its own z, y, flips (authors: seed + rank, src/loader.py, 947b35e)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        self.scaler_G = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.scaler_D = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        if world > 1:
             torch.manual_seed(cfg.seed + dist.get_rank())
 
     def autocast(self):
@@ -239,7 +299,9 @@ class Trainer:
             # One D forward over real, fake (and augmented real) together (D has no BatchNorm): the same outputs
             # as the authors' two (three) calls would give with one power iteration of spectral norm, not two.
             out = self.D_train(torch.cat(images), torch.cat(labels))
-            real_out, fake_out, aug_out = ({k: v[i * B:(i + 1) * B] for k, v in out.items()} for i in range(3))
+            real_out = {k: v[:B] for k, v in out.items()}       # D's outputs on the reals,
+            fake_out = {k: v[B:2 * B] for k, v in out.items()}  # on the fakes,
+            aug_out = {k: v[2 * B:] for k, v in out.items()}    # on the augmented reals (--cr-lambda; else empty)
             adv = d_hinge_loss(real_out["adv"].float(), fake_out["adv"].float())
             cond = self.condition_loss(real_out, real_y)       # 2C, D2D-CE: real images only (authors)
             if self.cfg.loss == "ac":                          # ACGAN as the authors ran it: the fakes too
@@ -552,9 +614,6 @@ class RankError(UsageError):
 def to_signed(images):  # uint8 in [0, 255] -> float in [-1, 1], the range of G's tanh (fid.py does the same)
     return images.float() / 127.5 - 1.0
 
-def uniform_labels(n, num_classes, device, generator=None):  # y uniform over classes: training and FID
-    return torch.randint(0, num_classes, (n,), device=device, generator=generator)
-
 def balanced_labels(n, num_classes, device, generator=None):
     """n labels, n / K (+-1) per class: in order (grid rows), or shuffled (no one-class batch for BatchNorm)."""
     y = torch.arange(n, device=device) * num_classes // n
@@ -849,20 +908,20 @@ def join_process_group(backend, rank, world):
                         f"or use torchrun")
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(minutes=30))
 
-def wrap_for_training(G, D, cfg, device, world):
-    """(G, D, G_train, D_train, D_frozen) for `Trainer`: on the device, --sync-bn (G), DDP (world > 1), --compile."""
-    G, D = (nn.SyncBatchNorm.convert_sync_batchnorm(G) if cfg.sync_bn and world > 1 else G).to(device), D.to(device)
-    ddp = nn.parallel.DistributedDataParallel if world > 1 else (lambda m: m)  # device_ids None: one device a rank
-    mode = None if cfg.compile is True else cfg.compile       # True: a checkpoint saved before --compile took a MODE
-    return (G, D, *(torch.compile(m, mode=mode) if cfg.compile else m for m in (ddp(G), ddp(D), D)))
-
-def gather_global_batch(embed, proxy, labels):
-    """Under DDP, all-gather so the 2C loss sees the global batch. Each rank's backward sums the gradient of its
-    slice over ranks; DDP's average turns that back into the single-process gradient on the whole batch (tested)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return embed, proxy, labels
-    from torch.distributed.nn.functional import all_gather   # differentiable (the labels pass through untouched)
-    return tuple(torch.cat(all_gather(x)) for x in (embed, proxy, labels))
+def wrap_for_training(trainer):
+    """Sets the modules Trainer's steps call: G_train, D_train: G and D in DDP (world > 1), G's BatchNorm over the
+    global batch with --sync-bn; D_frozen: the plain D (the G step gives D no gradient: DDP would wait for one); each
+    compiled with --compile. Trainer.G and .D stay the plain modules that are saved and averaged into G_ema."""
+    cfg, world = trainer.cfg, trainer.world
+    if cfg.sync_bn and world > 1:                              # in place: the same parameters, the optimisers' own
+        trainer.G = nn.SyncBatchNorm.convert_sync_batchnorm(trainer.G).to(trainer.device)
+    modules = [trainer.G, trainer.D, trainer.D]
+    if world > 1:
+        modules[:2] = [nn.parallel.DistributedDataParallel(m) for m in modules[:2]]  # device_ids None: one a rank
+    if cfg.compile:
+        mode = None if cfg.compile is True else cfg.compile   # True: a checkpoint saved before --compile took a MODE
+        modules = [torch.compile(m, mode=mode) for m in modules]
+    trainer.G_train, trainer.D_train, trainer.D_frozen = modules
 
 def any_rank(flag, device, world):
     """True on every rank when flag (a bool or a 0-d tensor) is true on any: all ranks stop together."""
@@ -1151,6 +1210,7 @@ class Run:
             dataset=cfg.dataset, num_classes=self.num_classes, img_size=cfg.img_size, classes=self.class_names,
             **folder))                                         # refused now, as tools/judge.py refuses it
         self.trainer = Trainer(cfg, self.num_classes, device, world)
+        wrap_for_training(self.trainer)
         self.batches = Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device,
                                cfg.num_workers, cfg.flip)
         self.step, self.best_fid, self.best_step, self.history = 0, None, None, []
@@ -1555,73 +1615,57 @@ PRESETS = {"cifar10-readme": dict(dataset="cifar10", steps=100000, flip=True),  
                             eval_every=250, log_every=50, fid_images=0, ema_start=250, ema_decay=0.995,
                             acc_images=256)}  # EMA horizon ~200 steps: 0.9999 would lag a short run
 
+@dataclass
+class RunConfig:
+    """The run's settings: engineering, not the method (data, folder, evaluation, diagnostics, device)."""
+    dataset: str = setting("cifar10", "shapes: built in, offline", choices=["cifar10", "cifar100", "folder", "shapes"])
+    data_dir: str = setting("data", "where CIFAR is downloaded to / read from, or the image folder (<class>/<image>)")
+    shapes_size: int = setting(10000, "number of training images of --dataset shapes")
+    run_dir: str = setting(None, "output folder (default runs/<dataset>-<loss>-s<seed>)")
+    resume: str = setting(None, "a run folder or checkpoint to continue exactly")
+    log_every: int = setting(100, "progress line and metrics every N G steps")
+    eval_every: int = setting(2000, "grid, FID, D diagnostics and checkpoint every N G steps (authors: 2000)")
+    fid_images: int = setting(10000, "fakes (and reference images) for FID; 0 = no FID (paper: 10,000)")
+    fid_reference_dir: str = setting(None, "FID against this class-per-folder tree (a validation split, as the paper's "
+                                     "Tiny ImageNet FID), not CIFAR's test split, a shapes draw or the training folder")
+    fid_weights: str = setting(None, "local pt_inception-2015-12-05-6726825d.pth (default: torch hub cache, "
+                               "downloaded once); 'random' = random weights, a smoke test only")
+    eval_batch: int = setting(64, "G_ema batch at evaluation; BN uses its statistics (authors: 64)")
+    intra_fid: bool = setting(False, "also FID per class and their mean", action="store_true")
+    acc_images: int = setting(1000, "reals for D's train/held-out accuracy; as many fakes for confusion")
+    collapse_gap: float = setting(0.3, "warn of collapse when D's train - held-out accuracy exceeds this")
+    collapse_patience: int = setting(3, "warn of collapse when FID rises this many evaluations in a row")
+    device: str = setting("auto", "auto: cuda if torch sees a GPU", choices=["auto", "cuda", "cpu"])
+    num_workers: int = setting(4, "data loader workers (--dataset folder)")
+    tf32: bool = setting(True, "TF32 matmuls on Ampere+ GPUs")
+    compile: str | bool = setting(False, "torch.compile G and D; MODE: its mode, reduce-overhead and max-autotune add "
+                                  "CUDA graphs (GPU only; skipped on CPUs)", nargs="?", const="default", metavar="MODE",
+                                  choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    sync_bn: bool = setting(False, "under torchrun: G's BatchNorm over the global batch", action="store_true")
+
+def defaults(preset=None):  # what a flag not given takes: the preset's value, else its field's default
+    return {"preset": preset, "judge": None, **asdict(Config()), **asdict(RunConfig()), **PRESETS.get(preset, {})}
+
 def build_parser(suppress=False):
-    """suppress=True gives a parser that returns only the flags given on the command line."""
-    p = OneLineErrorParser(
-        description="ContraGAN (Kang & Park, NeurIPS 2020) in one file. Defaults: the paper's Table 1 CIFAR-10 run; "
-        "'T1: x' cites PyTorch-StudioGAN src/configs/Experiments_in_paper/Table1/contra_biggan_cifar32_hinge_no.json "
-        "at commit 6260dd7 (its proj_ and ac_ files: the same values).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=argparse.SUPPRESS if suppress else None)
-    def add(flag, default=None, **kw):                         # suppress: no defaults, only the flags given
-        p.add_argument(flag, **({} if suppress else {"default": default}), **kw)
+    """A flag per field of Config and RunConfig. suppress=True: a parse holds only the flags given (main: `defaults`
+    fills in the rest); either way --help shows the defaults."""
+    p = OneLineErrorParser(description="ContraGAN (Kang & Park, NeurIPS 2020) in one file. " + Config.__doc__,
+                           argument_default=argparse.SUPPRESS)
+    add = p.add_argument
     add("--preset", choices=sorted(PRESETS), help="a named set of defaults (flags given still win): " +
         "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
-    add("--dataset", "cifar10", choices=["cifar10", "cifar100", "folder", "shapes"], help="shapes: built in, offline")
-    add("--data-dir", "data", help="where CIFAR is downloaded to / read from, or the image folder (<class>/<image>)")
-    add("--loss", "2c", choices=["2c", "d2dce", "proj", "ac"], help="ContraGAN (2C), ReACGAN's D2D-CE, ProjGAN, ACGAN")
-    add("--img-size", 32, type=int, help="32, 64 or 128 (the architecture's sizes)")
-    add("--shapes-size", 10000, type=int, help="number of training images of --dataset shapes")
-    add("--g-width", 96, type=int, help="G channels = 4 x width (T1: 96)")
-    add("--d-width", 96, type=int, help="D channels = 2 x width (T1: 96)")
-    add("--z-dim", 80, type=int, help="z size, split into (G blocks + 1) chunks (T1: 80 = 4 x 20)")
-    add("--shared-dim", 128, type=int, help="G's shared class embedding (T1: 128)")
-    add("--embed-dim", 512, type=int, help="2C embedding size (T1: 512)")
-    add("--embed-head", "linear", choices=["linear", "mlp"], help="2C's projection head h (Section 4.3's ablation; "
-        "T1: linear): mlp = SN linear, ReLU, SN linear, the authors' nonlinear_embed (big_resnet.py at 21594bd)")
-    add("--temperature", 1.0, type=float, help="2C / D2D-CE temperature t (T1: 1.0; ReACGAN: 0.5 for D2D-CE)")
-    add("--margin", 0.98, type=float, help="D2D-CE's positive margin m_p; m_n = 1 - m_p (authors: 0.98)")
-    add("--data-positives", True, action=argparse.BooleanOptionalAction, help="same-class samples in 2C's "
-        "numerator (Eq. 8); --no-data-positives: the proxy alone (the paper's Eq. 7), the authors' confusion remedy")
-    add("--cond-lambda", 1.0, type=float, help="lambda, the class term's weight (T1: 1.0; ReACGAN: 0.5 for D2D-CE)")
-    add("--cr-lambda", 0.0, type=float, help="consistency regularization's weight, D step only; 0 = off "
-        "(authors' ContraGAN + CR: 10.0, src/configs/CIFAR10/CRGAN(C).json at 21594bd)")
-    add("--batch-size", 64, type=int, help="GLOBAL batch: split over torchrun's ranks (T1: 64)")
-    add("--accumulation-steps", 1, type=int, help="micro-batches of --batch-size per D or G step (T1: 1; Table 2: 4)")
-    add("--lr-g", 2e-4, type=float, help="Adam lr of G (T1: 2e-4)")
-    add("--lr-d", 2e-4, type=float, help="Adam lr of D (T1: 2e-4)")
-    add("--beta1", 0.5, type=float, help="Adam beta1 (T1: 0.5)")
-    add("--beta2", 0.999, type=float, help="Adam beta2 (T1: 0.999)")
-    add("--adam-eps", 1e-6, type=float, help="Adam eps (authors: 1e-6)")
-    add("--d-steps", 5, type=int, help="D steps per G step (T1: 5)")
-    add("--steps", 80000, type=int, help="G steps (T1: 80,000; 100,000 in the authors' later README runs)")
-    add("--flip", False, action=argparse.BooleanOptionalAction, help="random flips of reals (T1: off; README runs: on)")
-    add("--ema-decay", 0.9999, type=float, help="EMA decay of G_ema (T1: 0.9999)")
-    add("--ema-start", 1000, type=int, help="G step where the EMA starts; a copy of G before (T1: 1000)")
-    add("--seed", 0, type=int)
-    add("--run-dir", help="output folder (default runs/<dataset>-<loss>-s<seed>)")
-    add("--resume", help="a run folder or checkpoint to continue exactly")
-    add("--log-every", 100, type=int, help="progress line and metrics every N G steps")
-    add("--eval-every", 2000, type=int, help="grid, FID, D diagnostics and checkpoint every N G steps (authors: 2000)")
-    add("--fid-images", 10000, type=int, help="fakes (and reference images) for FID; 0 = no FID (paper: 10,000)")
-    add("--fid-reference-dir", help="FID against this class-per-folder tree (e.g. a validation split, as the paper's "
-        "Tiny ImageNet FID) instead of CIFAR's test split, a shapes draw or --dataset folder's training images")
-    add("--fid-weights", help="local pt_inception-2015-12-05-6726825d.pth (default: torch hub cache, "
-        "downloaded once); 'random' = random weights, a smoke test only")
-    add("--eval-batch", 64, type=int, help="G_ema batch at evaluation; BN uses its statistics (authors: 64)")
-    add("--intra-fid", False, action="store_true", help="also FID per class and their mean")
-    add("--acc-images", 1000, type=int, help="reals for D's train/held-out accuracy; as many fakes for confusion")
+    for option in fields(Config) + fields(RunConfig):
+        kw = dict(option.metadata)                             # help; choices, action, nargs where it has them
+        if option.default is not None:
+            kw["help"] += f" (default: {option.default})"
+        if isinstance(option.default, bool) and "nargs" not in kw:
+            kw.setdefault("action", argparse.BooleanOptionalAction)  # --flip / --no-flip
+        elif option.default is not None and not isinstance(option.default, bool):
+            kw["type"] = type(option.default)                  # int, float or str, as its default
+        add("--" + option.name.replace("_", "-"), **kw)
     add("--judge", type=judge_file, help="a judge file (tools/judge.py) that reads the fakes' classes too")
-    add("--collapse-gap", 0.3, type=float, help="warn of collapse when D's train - held-out accuracy exceeds this")
-    add("--collapse-patience", 3, type=int, help="warn of collapse when FID rises this many evaluations in a row")
-    add("--device", "auto", choices=["auto", "cuda", "cpu"])
-    add("--num-workers", 4, type=int, help="data loader workers (--dataset folder)")
-    add("--amp", "none", choices=["none", "bf16", "fp16"], help="autocast; fp16 uses a GradScaler")
-    add("--tf32", True, action=argparse.BooleanOptionalAction, help="TF32 matmuls on Ampere+ GPUs")
-    add("--compile", False, nargs="?", const="default", metavar="MODE", help="torch.compile G and D; MODE: its mode, "
-        "reduce-overhead and max-autotune add CUDA graphs (GPU only; skipped on a CPU)", choices=["default",
-        "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
-    add("--sync-bn", False, action="store_true", help="under torchrun: G's BatchNorm over the global batch")
+    if not suppress:
+        p.set_defaults(**defaults())
     return p
 
 def validate(cfg):
@@ -1658,11 +1702,8 @@ def validate(cfg):
         raise UsageError("--device cuda asked for, but torch sees no CUDA GPU")
 
 def main(argv=None):
-    cfg = (parser := build_parser()).parse_args(argv)          # argv None: sys.argv[1:]
-    explicit = vars(build_parser(suppress=True).parse_args(argv))
-    if cfg.preset:                                             # preset defaults, then the given flags
-        parser.set_defaults(**PRESETS[cfg.preset])
-        cfg = parser.parse_args(argv)
+    explicit = vars(build_parser(suppress=True).parse_args(argv))  # the flags given (argv None: sys.argv[1:])
+    cfg = argparse.Namespace(**{**defaults(explicit.get("preset")), **explicit})
     previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}  # the loop's own: Run.request_stop
     try:
         return start_run(cfg, explicit)                        # checks cfg (a resumed run's: merged) first

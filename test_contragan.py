@@ -410,6 +410,74 @@ def test_tiny_imagenet_preset_is_table2(monkeypatch):
     assert (n_params(G), n_params(D)) == (17_335_204, 31_678_130)
 
 
+def test_nothing_above_the_banner_uses_a_name_defined_only_below_it():
+    """The method (losses, Config, Algorithm 1, networks) reads on its own: a name it uses is the standard library's,
+    torch's, fid's or its own, never one of the run's below the banner."""
+    import ast
+    import builtins
+    source = open(SCRIPT).read()
+    banner = next(i for i, line in enumerate(source.splitlines(), 1) if line.startswith("# The method ends here"))
+    tree = ast.parse(source)
+    bound_above, defined_below = set(dir(builtins)), set()
+    for node in ast.walk(tree):                                # every name bound: defs, classes, args, targets, imports
+        names = []
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, ast.arg):
+            names = [node.arg]
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            names = [node.id]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [(alias.asname or alias.name).split(".")[0] for alias in node.names]
+        if getattr(node, "lineno", banner) < banner:
+            bound_above.update(names)
+        else:
+            defined_below.update(names)
+    used_above = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and node.lineno < banner}
+    assert used_above & (defined_below - bound_above) == set()
+
+
+def test_config_holds_the_method_and_the_parsers_defaults():
+    """Config's fields are the defaults --help shows (RunConfig's too), and a Trainer runs on a Config alone."""
+    import dataclasses
+    parsed = vars(cg.build_parser().parse_args([]))
+    assert {**dataclasses.asdict(cg.Config()), **dataclasses.asdict(cg.RunConfig())}.items() <= parsed.items()
+    assert {k: getattr(cg.Config(), k) for k in TABLE1 if k != "dataset"} == {k: v for k, v in TABLE1.items()
+                                                                              if k != "dataset"}
+    trainer = cg.Trainer(cg.Config(g_width=8, d_width=8, batch_size=4, d_steps=1), 4, torch.device("cpu"))
+    real, y = cg.make_shapes(4, 32, seed=0)
+    logs = trainer.iteration(iter([(cg.to_signed(real), y)]), step=0)
+    assert all(math.isfinite(v.item()) for v in logs.values())
+
+
+def test_main_parses_the_command_line_once(monkeypatch, capsys):
+    """One parse: the flags given, over the preset's values, over the fields' defaults; its --help shows them."""
+    with pytest.raises(SystemExit):
+        cg.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Adam lr of G (T1: 2e-4) (default: 0.0002)" in text and "--no-flip random flips" in text
+    import argparse
+    parses, started = [], []
+    real_parse = argparse.ArgumentParser.parse_args
+
+    def counting_parse(parser, *args, **kwargs):
+        parses.append(args)
+        return real_parse(parser, *args, **kwargs)
+
+    def start_run(cfg, explicit):
+        started.append((cfg, explicit))
+        return 0
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", counting_parse)
+    monkeypatch.setattr(cg, "start_run", start_run)
+    assert cg.main(["--preset", "cpu-demo", "--steps", "7", "--flip"]) == 0
+    cfg, explicit = started[0]
+    assert len(parses) == 1 and explicit == {"preset": "cpu-demo", "steps": 7, "flip": True}
+    parser = cg.build_parser()
+    parser.set_defaults(**cg.PRESETS["cpu-demo"])
+    assert vars(cfg) == vars(parser.parse_args(["--preset", "cpu-demo", "--steps", "7", "--flip"]))
+    assert (cfg.steps, cfg.d_steps, cfg.lr_g) == (7, 2, 2e-4)  # the flag given, the preset's, Config's
+
+
 def tiny_trainer(**flags):
     cfg = cg.build_parser().parse_args(TINY + [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()])
     return cg.Trainer(cfg, 4, torch.device("cpu"))
@@ -1647,7 +1715,7 @@ def test_compile_says_it_is_compiling_and_passes_its_mode(tmp_path, monkeypatch,
     r = run_main(capsys, "--resume", tmp_path / "ro", "--steps", "2")   # a run flag, kept by a resume
     assert r.returncode == 0 and modes[6:] == ["reduce-overhead"] * 3
     cfg = types.SimpleNamespace(compile=True, sync_bn=False)   # a checkpoint's config from before --compile MODE
-    cg.wrap_for_training(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), cfg, torch.device("cpu"), 1)
+    cg.wrap_for_training(types.SimpleNamespace(G=torch.nn.Linear(1, 1), D=torch.nn.Linear(1, 1), cfg=cfg, world=1))
     assert modes[9:] == [None] * 3                             # torch.compile's own default
 
 

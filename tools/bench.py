@@ -378,8 +378,9 @@ def host_lines(device, ops, host_s, flops, seconds, width, tiny=(4, 8)):
 def build_trainer(device, batch, width, amp="none", compile=False):
     argv = ["--batch-size", str(batch), "--g-width", str(width), "--d-width", str(width), "--amp", amp]
     argv += ["--compile", compile] if isinstance(compile, str) else ["--compile"] * compile   # str: a mode
-    cfg = cg.build_parser().parse_args(argv)
-    return cg.Trainer(cfg, 10, device), cg.Batches(random_cifar(), batch, 0, 1, 0, device)
+    trainer = cg.Trainer(cg.build_parser().parse_args(argv), 10, device)
+    cg.wrap_for_training(trainer)                              # --compile, as a run does
+    return trainer, cg.Batches(random_cifar(), batch, 0, 1, 0, device)
 
 
 def time_iteration(trainer, batches, device):
