@@ -650,8 +650,9 @@ def load_cifar(name, data_dir, train):
 # GIF, animated WebP and multi-page TIFF: the first frame. Other types (.heic, .avif, ...) are left out, said once.
 IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
 
-class SkipUnreadable(torch.utils.data.Dataset):
-    """A folder's images; a broken one is named once and the next drawn instead (checking all first: hours)."""
+class FolderImages(torch.utils.data.Dataset):
+    """A class-per-folder tree's images (load_folder's list); an unreadable one is named once and the next drawn
+    instead (reading all first would take hours). fingerprint: a hash of the file list, kept in checkpoints."""
 
     def __init__(self, root, samples, classes, transform):
         self.root, self.samples, self.classes, self.transform = root, samples, classes, transform
@@ -724,7 +725,7 @@ def load_folder(root, img_size, flag="--data-dir", run_dir=None):
         print(f"note: {len(left_out)} files in {root} are not read: not in a class folder or not "
               f"{' '.join(IMG_EXT)} (e.g. {left_out[0]})", flush=True)
     resize = T.Compose([T.Resize(img_size), T.CenterCrop(img_size), T.PILToTensor()])
-    return SkipUnreadable(root, samples, classes, resize)
+    return FolderImages(root, samples, classes, resize)
 
 def load_data(cfg):
     """(train, heldout, num_classes); heldout: CIFAR's test split, a fresh shapes draw, or 5% of a folder (>= 200)."""
@@ -883,12 +884,13 @@ def rng_states(device, world):
 
 @torch.no_grad()
 def generate(G, labels, z_dim, batch_size, generator=None):
-    """Images in [-1, 1] for labels, in train mode (BatchNorm batch statistics: the authors' evaluation of G_ema)."""
+    """G's images in [-1, 1] for labels, as the authors evaluate G_ema: in train mode, so BatchNorm normalises with
+    each batch's statistics, and its running buffers restored after (the EMA averages them too)."""
     G.train()
     buffers = [b.clone() for b in G.buffers()]
     out = [G(torch.randn(len(y), z_dim, device=y.device, generator=generator), y).float()
            for y in labels.split(batch_size)]
-    torch._foreach_copy_(list(G.buffers()), buffers)           # restored: the EMA averages them too
+    torch._foreach_copy_(list(G.buffers()), buffers)
     return torch.cat(out)
 
 def save_grid(G, path, num_classes, z_dim, device, batch_size, seed, class_names=None):
@@ -946,7 +948,8 @@ def d_diagnostics(D, G_ema, reals_train, reals_heldout, num_classes, cfg, device
         counts, rec["d_class_acc_heldout"], _ = confusion(reals_heldout[1], judged, num_classes)
         rec["confusion_d_heldout"] = counts.tolist() if num_classes <= 100 else None
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 4)  # the same fakes every evaluation
-    y = balanced_labels(max(cfg.acc_images // num_classes, 1) * num_classes, num_classes, device, gen)
+    n_fakes = max(cfg.acc_images // num_classes, 1) * num_classes   # --acc-images sizes the fakes too
+    y = balanced_labels(n_fakes, num_classes, device, gen)
     fake = generate(G_ema, y, cfg.z_dim, cfg.eval_batch, gen)
     readers = {"d": d_real_share_and_classes(D, fake, y, device)[1]}
     if cfg.dataset == "shapes":                                # the class read off the colour
@@ -955,10 +958,11 @@ def d_diagnostics(D, G_ema, reals_train, reals_heldout, num_classes, cfg, device
         readers["judge"], confidence = judge[0].classify(fake)
         rec.update(judge_heldout_accuracy=judge[1]["heldout_accuracy"], judge_confidence=confidence.mean().item())
     for name, judged in readers.items():
-        key = "class_consistency" + ("" if name == "colour" else "_" + name)
+        key = "class_consistency_" + name
         counts, rec[key], rec[key + "_relabelled"] = confusion(y, judged, num_classes)
         rec["confusion_" + name] = counts.tolist() if num_classes <= 100 else None
-        rec.update({"class_none": counts[:, -1].sum().item() / len(y)} if name == "colour" else {})
+        if name == "colour":                                   # only the colour reader can say "no class"
+            rec["class_none"] = counts[:, -1].sum().item() / len(y)
     return rec
 
 def spectral_norms(model):
@@ -1361,10 +1365,10 @@ def eval_line(run, r):
     parts.append(f"max sigma(W_D) {r['d_sigma_max']:.2f}")
     if held:
         parts.append(f"D class acc held-out {r['d_class_acc_heldout']:.3f}")
-    readers = (("_d", "D", ""), ("", "colour", f", none {r.get('class_none', 0):.3f}"),
-               ("_judge", f"judge, {r.get('judge_heldout_accuracy', 0):.3f} on held-out reals", ""))
-    for suffix, name, extra in readers:
-        key = "class_consistency" + suffix
+    readers = (("d", "D", ""), ("colour", "colour", f", none {r.get('class_none', 0):.3f}"),
+               ("judge", f"judge, {r.get('judge_heldout_accuracy', 0):.3f} on held-out reals", ""))
+    for reader, name, extra in readers:
+        key = "class_consistency_" + reader
         if key in r:
             parts.append(f"class consistency ({name}) {r[key]:.3f}, relabelled {r[key + '_relabelled']:.3f}{extra}")
     return " | ".join(parts)
@@ -1412,11 +1416,12 @@ SEAL = b"contragan-sha256:"  # then the sha256 of torch.save's bytes before it; 
 
 def save_checkpoint(path, state):
     """Atomic (a temporary file: torch.save's bytes, SEAL, their sha256; fsync, rename), then config.json."""
-    tmp, digest, saved = path + ".tmp", hashlib.sha256(), False
+    tmp, saved, buffer = path + ".tmp", False, io.BytesIO()
     try:
+        torch.save(state, buffer)                              # in memory first: its sha256 follows it in the file
         with open(tmp, "wb") as f:
-            torch.save(state, argparse.Namespace(write=lambda b: digest.update(b) or f.write(b), flush=f.flush))
-            f.write(SEAL + digest.hexdigest().encode())
+            f.write(buffer.getbuffer())
+            f.write(SEAL + hashlib.sha256(buffer.getbuffer()).hexdigest().encode())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1428,8 +1433,12 @@ def save_checkpoint(path, state):
     except OSError as err:
         if os.path.exists(tmp):
             os.remove(tmp)
-        kept = f"{path} is saved, config.json not updated" if saved else \
-            f"the previous {path} is intact" if os.path.exists(path) else "no checkpoint was written"
+        if saved:
+            kept = f"{path} is saved, config.json not updated"
+        elif os.path.exists(path):
+            kept = f"the previous {path} is intact"
+        else:
+            kept = "no checkpoint was written"
         raise UsageError(f"cannot save {path}: {err.strerror or err}; {kept}") from None
 
 def load_checkpoint(path):

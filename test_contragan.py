@@ -636,7 +636,7 @@ def test_d_diagnostics_records_the_none_share(monkeypatch):
     assert torch.tensor(rec["confusion_d"])[:, 4].sum() == 0 and rec["class_consistency_d"] == 1.0
     run = types.SimpleNamespace(reals_heldout=None, step=3)
     line = cg.eval_line(run, {**rec, "d_sigma_max": 1.0})
-    assert f"class consistency (colour) {rec['class_consistency']:.3f}, relabelled" in line
+    assert f"class consistency (colour) {rec['class_consistency_colour']:.3f}, relabelled" in line
     assert f"none {rec['class_none']:.3f}" in line and line.count("none") == 1   # D never says none
 
 
@@ -686,8 +686,8 @@ def test_cli_tiny_run_writes_grid_metrics_checkpoint(tmp_path):
     evals = [x for x in lines if x.get("eval")]
     assert [x["step"] for x in steps] == [1, 2, 3, 4] and [x["step"] for x in evals] == [2, 4]
     assert {"d_loss", "g_loss", "d_cond", "g_cond", "img_per_s"} <= set(steps[0])
-    assert {"d_acc_train", "d_acc_heldout", "d_acc_gap", "d_sigma_max", "d_sigma", "class_consistency",
-            "class_consistency_relabelled", "class_consistency_d", "class_consistency_d_relabelled",
+    assert {"d_acc_train", "d_acc_heldout", "d_acc_gap", "d_sigma_max", "d_sigma", "class_consistency_colour",
+            "class_consistency_colour_relabelled", "class_consistency_d", "class_consistency_d_relabelled",
             "d_class_acc_heldout", "collapse"} <= set(evals[0])
     for key in ("confusion_colour", "confusion_d", "confusion_d_heldout"):  # asked x judged, and none
         counts = torch.tensor(evals[0][key])
