@@ -1124,13 +1124,10 @@ def say(*args, **kwargs):
     except OSError:                                            # the terminal is gone (SIGHUP, a closed pipe): train on
         sys.stdout = open(os.devnull, "w")
 
-def say_nothing(*args, **kwargs):                              # ranks other than 0 print nothing
-    pass
-
 def setup_run(cfg, checkpoint, ckpt_path, device, rank, world):
     """The run's state (a namespace) once its folder is owned: data, models, FID reference, the fixed images of the
     diagnostics; a checkpoint's state restored. Nothing is written into the folder but metrics.jsonl, cut."""
-    log = say if rank == 0 else say_nothing
+    log = say if rank == 0 else (lambda *args, **kwargs: None)   # ranks other than 0 print nothing
     train_set, heldout, num_classes = load_data(cfg)
     data = getattr(train_set, "dataset", train_set)            # a folder's: a Subset
     class_names, data_files = list(data.classes), getattr(data, "fingerprint", None)
@@ -1171,8 +1168,6 @@ def setup_run(cfg, checkpoint, ckpt_path, device, rank, world):
         restore_rng(run, checkpoint)
     if rank == 0:                                              # lines past the checkpoint would be repeated
         cut_metrics(run.metrics_path, run.step)
-    if cfg.compile:
-        log("--compile: the first steps compile G and D, about a minute on a GPU and several on a CPU")
     return run
 
 def fid_reference(cfg, train_set, heldout, class_names):
@@ -1269,10 +1264,7 @@ def train(run):
             if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
                 t_eval = time.time()
                 record = evaluate(run)
-                improved = False
-                if run.rank == 0:
-                    improved = record_evaluation(run, record)
-                save(run, best=improved)
+                save(run, best=record_evaluation(run, record))
                 t_last, step_last, eval_s = time.time(), run.step, time.time() - t_eval
             if run.world == 1:
                 stopping = stop.signum > 0
@@ -1340,6 +1332,8 @@ def evaluate(run):
 
 def record_evaluation(run, record):
     """History, the collapse check, the best FID, the console and metrics.jsonl (rank 0); True if FID improved."""
+    if run.rank != 0:                                          # its record holds FID alone
+        return False
     run.history.append({k: record.get(k) for k in ("step", "fid", "d_acc_gap")})
     record["collapse"] = detect_collapse(run.history, run.gap_threshold, run.cfg.collapse_patience)
     improved = record.get("fid") is not None and (run.best_fid is None or record["fid"] < run.best_fid)
