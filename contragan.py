@@ -782,7 +782,8 @@ class Batches:
                 generator=torch.Generator().manual_seed(self.sampler.seed + self.epoch))
 
     def __next__(self):
-        self._it = self._it or self._batches()
+        if self._it is None:
+            self._it = self._batches()
         while (batch := next(self._it, None)) is None:         # the epoch is over: the next one
             self.epoch, self.pos, self._it = self.epoch + 1, 0, self._batches()
         self.pos += 1
@@ -1022,10 +1023,12 @@ class FIDEvaluator:
                 k, classes = int(counts.argmin()), getattr(reference, "classes", None) or reference.dataset.classes
                 raise UsageError(f"--intra-fid needs 2 reference images per class, for a covariance: class "
                                  f"{classes[k]!r} has {counts[k]} of the {n_ref} (of {len(reference)} in all)")
-        self.ref = self._reference(subset, stem + ".npz", self.protocol)
-        self.class_ref = [self._reference(torch.utils.data.Subset(subset, (labels == k).nonzero().flatten().tolist()),
-                                          f"{stem}_class{k}.npz", {**self.protocol, "class": k})
-                          for k in range(num_classes)] if cfg.intra_fid else None   # per-class statistics
+        self.ref, self.class_ref = self._reference(subset, stem + ".npz", self.protocol), None
+        if cfg.intra_fid:                                      # per-class statistics
+            self.class_ref = []
+            for k in range(num_classes):
+                of_class = torch.utils.data.Subset(subset, (labels == k).nonzero().flatten().tolist())
+                self.class_ref.append(self._reference(of_class, f"{stem}_class{k}.npz", {**self.protocol, "class": k}))
 
     def _reference(self, dataset, path, protocol):
         if self.rank == 0:                                     # computes and caches; the others read the cache
@@ -1040,7 +1043,10 @@ class FIDEvaluator:
         cfg, K = self.cfg, self.num_classes
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)  # one stream, walked by every rank
         class_stats = [fid.RunningStats() for _ in range(K)] if self.class_ref else None
-        labels = (uniform_labels if class_stats is None else balanced_labels)(cfg.fid_images, K, self.device, gen)
+        if class_stats is None:
+            labels = uniform_labels(cfg.fid_images, K, self.device, gen)
+        else:
+            labels = balanced_labels(cfg.fid_images, K, self.device, gen)
         batches = labels.split(cfg.eval_batch)                 # intra-FID: the same fakes, by label, in mixed batches
         todo = iter(range(len(batches)))
         def sample(n):                                         # fid.py asks in the same eval_batch chunks
