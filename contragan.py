@@ -1174,6 +1174,8 @@ def setup_run(cfg, checkpoint, ckpt_path, device, rank, world):
         restore_rng(run, checkpoint)
     if rank == 0:                                              # lines past the checkpoint would be repeated
         cut_metrics(run.metrics_path, run.step)
+    if cfg.compile:
+        log("--compile: the first steps compile G and D, about a minute on a GPU and several on a CPU")
     return run
 
 def fid_reference(cfg, train_set, heldout, class_names):
