@@ -1144,11 +1144,12 @@ def setup_run(cfg, checkpoint, ckpt_path, device, rank, world):
     judge = None if cfg.judge is None else fid.load_judge(cfg.judge, device, expect=dict(  # another data's:
         dataset=cfg.dataset, num_classes=num_classes, img_size=cfg.img_size, classes=class_names,
         **folder))                                             # refused now, as tools/judge.py refuses it
-    run = types.SimpleNamespace(
-        cfg=cfg, device=device, rank=rank, world=world, log=log, num_classes=num_classes, class_names=class_names,
-        data_files=data_files, judge=judge, trainer=Trainer(cfg, num_classes, device, world),
-        batches=Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device, cfg.num_workers, cfg.flip),
-        step=0, best_fid=None, best_step=None, history=[], metrics_path=os.path.join(cfg.run_dir, "metrics.jsonl"))
+    run = types.SimpleNamespace(cfg=cfg, device=device, rank=rank, world=world, log=log, num_classes=num_classes,
+                                class_names=class_names, data_files=data_files, judge=judge)
+    run.trainer = Trainer(cfg, num_classes, device, world)     # Algorithm 1: G, D, G_ema, their optimisers
+    run.batches = Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device, cfg.num_workers, cfg.flip)
+    run.step, run.best_fid, run.best_step, run.history = 0, None, None, []
+    run.metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
     if checkpoint is not None:
         resume(run, checkpoint, ckpt_path)
     run.saved_step = run.step                                  # last.pt's step when it exists
