@@ -748,7 +748,8 @@ def load_data(cfg):
     n_hold = len(data) // 20 if len(data) >= 200 else 0    # shuffled below: FID's reference is the first images
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1234)).tolist()
     Subset = torch.utils.data.Subset
-    return Subset(data, order[n_hold:]), Subset(data, order[:n_hold]) if n_hold else None, len(data.classes)
+    heldout = Subset(data, order[:n_hold]) if n_hold else None
+    return Subset(data, order[n_hold:]), heldout, len(data.classes)
 
 class Batches:
     """Endless real batches in [-1, 1]; its state (epoch, batch) is saved, so a resumed run sees the same batches."""
@@ -1002,8 +1003,9 @@ class FIDEvaluator:
                          **fid.inception_protocol(self.inception), **({"files": files} if files else {})}
         of_folder = {"train": "folder training images (a fixed random subset; there is no held-out reference)",
                      "reference": f"images in --fid-reference-dir {cfg.fid_reference_dir} (a fixed random subset)"}
-        source = f"{n_ref} of the {len(reference)} {of_folder[split]}" if split in of_folder else \
-            f"{n_ref} {cfg.dataset} {split} images"
+        source = f"{n_ref} {cfg.dataset} {split} images"
+        if split in of_folder:
+            source = f"{n_ref} of the {len(reference)} {of_folder[split]}"
         self.description = (f"FID protocol: {cfg.fid_images} fakes of G_ema (BatchNorm batch statistics, batch "
                             f"{cfg.eval_batch}) vs {source}; Inception-V3 {self.protocol['weights']}; "
                             f"{self.protocol['resize']}")
@@ -1016,8 +1018,10 @@ class FIDEvaluator:
             self.description += f"; reference statistics cached in the run folder (cannot write to {cfg.data_dir})"
         subset = torch.utils.data.Subset(reference, range(n_ref))
         if cfg.intra_fid:                                      # checked before any statistics are written
-            labels = reference.labels[:n_ref] if isinstance(reference, TensorImages) else \
-                torch.tensor([reference[i][1] for i in range(n_ref)])  # reads each image once
+            if isinstance(reference, TensorImages):
+                labels = reference.labels[:n_ref]
+            else:                                              # reads each image once
+                labels = torch.tensor([reference[i][1] for i in range(n_ref)])
             counts = torch.bincount(labels, minlength=num_classes)
             if counts.min() < 2:
                 k, classes = int(counts.argmin()), getattr(reference, "classes", None) or reference.dataset.classes
@@ -1056,8 +1060,10 @@ class FIDEvaluator:
                     return x if class_stats is None else (x, batches[j])
                 torch.randn(len(batches[j]), cfg.z_dim, device=self.device, generator=gen)  # other ranks' z: dropped
         n = sum(map(len, batches[self.rank::self.world]))
-        stats = fid.features_from_sampler(self.inception, sample, n, cfg.eval_batch, self.device,
-                                          class_stats=class_stats)[0] if n else fid.RunningStats()
+        stats = fid.RunningStats()
+        if n > 0:
+            stats = fid.features_from_sampler(self.inception, sample, n, cfg.eval_batch, self.device,
+                                              class_stats=class_stats)[0]
         for s in [stats] + (class_stats or []):                # a rank with no image (of a class) adds 0 to the sums
             s.update(torch.zeros(0, fid.FEATURE_DIM, device=self.device))
         out = {"fid": fid.frechet_distance(stats.all_reduce().mu, stats.sigma, *self.ref)}
