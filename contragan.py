@@ -1290,8 +1290,9 @@ def train(run):
             if stopping and run.step < cfg.steps:
                 if run.saved_step < run.step:                  # not just saved by the evaluation
                     save(run)
-                how = signal.Signals(stop.signum).name if stop.signum else "another rank's signal"
-                status = 128 + (stop.signum or signal.SIGTERM)
+                how, status = "another rank's signal", 128 + signal.SIGTERM   # that rank's signal is not known here
+                if stop.signum:
+                    how, status = signal.Signals(stop.signum).name, 128 + stop.signum
                 run.log(f"interrupted at step {run.step} by {how}: saved {cfg.run_dir}/last.pt; continue "
                         f"with --resume {cfg.run_dir} (exit status {status})")
                 return status
