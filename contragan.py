@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import time
+import types
 import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field, fields
@@ -709,8 +710,9 @@ def load_cifar(name, data_dir, train):
 # GIF, animated WebP and multi-page TIFF: the first frame. Other types (.heic, .avif, ...) are left out, said once.
 IMG_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
 
-class SkipUnreadable(torch.utils.data.Dataset):
-    """A folder's images; a broken one is named once and the next drawn instead (checking all first: hours)."""
+class FolderImages(torch.utils.data.Dataset):
+    """A class-per-folder tree's images (load_folder's list); an unreadable one is named once and the next drawn
+    instead (reading all first would take hours). fingerprint: a hash of the file list, kept in checkpoints."""
 
     def __init__(self, root, samples, classes, transform):
         self.root, self.samples, self.classes, self.transform = root, samples, classes, transform
@@ -783,7 +785,7 @@ def load_folder(root, img_size, flag="--data-dir", run_dir=None):
         print(f"note: {len(left_out)} files in {root} are not read: not in a class folder or not "
               f"{' '.join(IMG_EXT)} (e.g. {left_out[0]})", flush=True)
     resize = T.Compose([T.Resize(img_size), T.CenterCrop(img_size), T.PILToTensor()])
-    return SkipUnreadable(root, samples, classes, resize)
+    return FolderImages(root, samples, classes, resize)
 
 def load_data(cfg):
     """(train, heldout, num_classes); heldout: CIFAR's test split, a fresh shapes draw, or 5% of a folder (>= 200)."""
@@ -806,7 +808,8 @@ def load_data(cfg):
     n_hold = len(data) // 20 if len(data) >= 200 else 0    # shuffled below: FID's reference is the first images
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1234)).tolist()
     Subset = torch.utils.data.Subset
-    return Subset(data, order[n_hold:]), Subset(data, order[:n_hold]) if n_hold else None, len(data.classes)
+    heldout = Subset(data, order[:n_hold]) if n_hold else None
+    return Subset(data, order[n_hold:]), heldout, len(data.classes)
 
 class Batches:
     """Endless real batches in [-1, 1]; its state (epoch, batch) is saved, so a resumed run sees the same batches."""
@@ -840,7 +843,8 @@ class Batches:
                 generator=torch.Generator().manual_seed(self.sampler.seed + self.epoch))
 
     def __next__(self):
-        self._it = self._it or self._batches()
+        if self._it is None:
+            self._it = self._batches()
         while (batch := next(self._it, None)) is None:         # the epoch is over: the next one
             self.epoch, self.pos, self._it = self.epoch + 1, 0, self._batches()
         self.pos += 1
@@ -942,12 +946,13 @@ def rng_states(device, world):
 
 @torch.no_grad()
 def generate(G, labels, z_dim, batch_size, generator=None):
-    """Images in [-1, 1] for labels, in train mode (BatchNorm batch statistics: the authors' evaluation of G_ema)."""
+    """G's images in [-1, 1] for labels, as the authors evaluate G_ema: in train mode, so BatchNorm normalises with
+    each batch's statistics, and its running buffers restored after (the EMA averages them too)."""
     G.train()
     buffers = [b.clone() for b in G.buffers()]
     out = [G(torch.randn(len(y), z_dim, device=y.device, generator=generator), y).float()
            for y in labels.split(batch_size)]
-    torch._foreach_copy_(list(G.buffers()), buffers)           # restored: the EMA averages them too
+    torch._foreach_copy_(list(G.buffers()), buffers)
     return torch.cat(out)
 
 def save_grid(G, path, num_classes, z_dim, device, batch_size, seed, class_names=None):
@@ -1029,7 +1034,8 @@ def d_diagnostics(D, G_ema, reals_train, reals_heldout, num_classes, cfg, device
         counts, rec["d_class_acc_heldout"], _ = confusion(reals_heldout[1], judged, num_classes)
         rec["confusion_d_heldout"] = counts.tolist() if num_classes <= 100 else None
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 4)  # the same fakes every evaluation
-    y = balanced_labels(max(cfg.acc_images // num_classes, 1) * num_classes, num_classes, device, gen)
+    n_fakes = max(cfg.acc_images // num_classes, 1) * num_classes   # --acc-images sizes the fakes too
+    y = balanced_labels(n_fakes, num_classes, device, gen)
     fake = generate(G_ema, y, cfg.z_dim, cfg.eval_batch, gen)
     readers = {"d": d_real_share_and_classes(D, fake, y, device)[1]}
     if cfg.dataset == "shapes":                                # the class read off the colour
@@ -1038,10 +1044,11 @@ def d_diagnostics(D, G_ema, reals_train, reals_heldout, num_classes, cfg, device
         confidence, readers["judge"] = torch.cat([judge[0](x) for x in fake.split(256)]).softmax(1).max(1)
         rec.update(judge_heldout_accuracy=judge[1]["heldout_accuracy"], judge_confidence=confidence.mean().item())
     for name, judged in readers.items():
-        key = "class_consistency" + ("" if name == "colour" else "_" + name)
+        key = "class_consistency_" + name
         counts, rec[key], rec[key + "_relabelled"] = confusion(y, judged, num_classes)
         rec["confusion_" + name] = counts.tolist() if num_classes <= 100 else None
-        rec.update({"class_none": counts[:, -1].sum().item() / len(y)} if name == "colour" else {})
+        if name == "colour":                                   # only the colour reader can say "no class"
+            rec["class_none"] = counts[:, -1].sum().item() / len(y)
     return rec
 
 def spectral_norms(model):
@@ -1080,8 +1087,9 @@ class FIDEvaluator:
                          **fid.inception_protocol(self.inception), **({"files": files} if files else {})}
         of_folder = {"train": "folder training images (a fixed random subset; there is no held-out reference)",
                      "reference": f"images in --fid-reference-dir {cfg.fid_reference_dir} (a fixed random subset)"}
-        source = f"{n_ref} of the {len(reference)} {of_folder[split]}" if split in of_folder else \
-            f"{n_ref} {cfg.dataset} {split} images"
+        source = f"{n_ref} {cfg.dataset} {split} images"
+        if split in of_folder:
+            source = f"{n_ref} of the {len(reference)} {of_folder[split]}"
         self.description = (f"FID protocol: {cfg.fid_images} fakes of G_ema (BatchNorm batch statistics, batch "
                             f"{cfg.eval_batch}) vs {source}; Inception-V3 {self.protocol['weights']}; "
                             f"{self.protocol['resize']}")
@@ -1094,17 +1102,21 @@ class FIDEvaluator:
             self.description += f"; reference statistics cached in the run folder (cannot write to {cfg.data_dir})"
         subset = torch.utils.data.Subset(reference, range(n_ref))
         if cfg.intra_fid:                                      # checked before any statistics are written
-            labels = reference.labels[:n_ref] if isinstance(reference, TensorImages) else \
-                torch.tensor([reference[i][1] for i in range(n_ref)])  # reads each image once
+            if isinstance(reference, TensorImages):
+                labels = reference.labels[:n_ref]
+            else:                                              # reads each image once
+                labels = torch.tensor([reference[i][1] for i in range(n_ref)])
             counts = torch.bincount(labels, minlength=num_classes)
             if counts.min() < 2:
                 k, classes = int(counts.argmin()), getattr(reference, "classes", None) or reference.dataset.classes
                 raise UsageError(f"--intra-fid needs 2 reference images per class, for a covariance: class "
                                  f"{classes[k]!r} has {counts[k]} of the {n_ref} (of {len(reference)} in all)")
-        self.ref = self._reference(subset, stem + ".npz", self.protocol)
-        self.class_ref = [self._reference(torch.utils.data.Subset(subset, (labels == k).nonzero().flatten().tolist()),
-                                          f"{stem}_class{k}.npz", {**self.protocol, "class": k})
-                          for k in range(num_classes)] if cfg.intra_fid else None   # per-class statistics
+        self.ref, self.class_ref = self._reference(subset, stem + ".npz", self.protocol), None
+        if cfg.intra_fid:                                      # per-class statistics
+            self.class_ref = []
+            for k in range(num_classes):
+                of_class = torch.utils.data.Subset(subset, (labels == k).nonzero().flatten().tolist())
+                self.class_ref.append(self._reference(of_class, f"{stem}_class{k}.npz", {**self.protocol, "class": k}))
 
     def _reference(self, dataset, path, protocol):
         if self.rank == 0:                                     # computes and caches; the others read the cache
@@ -1119,7 +1131,10 @@ class FIDEvaluator:
         cfg, K = self.cfg, self.num_classes
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)  # one stream, walked by every rank
         class_stats = [fid.RunningStats() for _ in range(K)] if self.class_ref else None
-        labels = (uniform_labels if class_stats is None else balanced_labels)(cfg.fid_images, K, self.device, gen)
+        if class_stats is None:
+            labels = uniform_labels(cfg.fid_images, K, self.device, gen)
+        else:
+            labels = balanced_labels(cfg.fid_images, K, self.device, gen)
         batches = labels.split(cfg.eval_batch)                 # intra-FID: the same fakes, by label, in mixed batches
         todo = iter(range(len(batches)))
         def sample(n):                                         # fid.py asks in the same eval_batch chunks
@@ -1129,8 +1144,10 @@ class FIDEvaluator:
                     return x if class_stats is None else (x, batches[j])
                 torch.randn(len(batches[j]), cfg.z_dim, device=self.device, generator=gen)  # other ranks' z: dropped
         n = sum(map(len, batches[self.rank::self.world]))
-        stats = fid.features_from_sampler(self.inception, sample, n, cfg.eval_batch, self.device,
-                                          class_stats=class_stats)[0] if n else fid.RunningStats()
+        stats = fid.RunningStats()
+        if n > 0:
+            stats = fid.features_from_sampler(self.inception, sample, n, cfg.eval_batch, self.device,
+                                              class_stats=class_stats)[0]
         for s in [stats] + (class_stats or []):                # a rank with no image (of a class) adds 0 to the sums
             s.update(torch.zeros(0, fid.FEATURE_DIM, device=self.device))
         out = {"fid": fid.frechet_distance(stats.all_reduce().mu, stats.sigma, *self.ref)}
@@ -1140,9 +1157,9 @@ class FIDEvaluator:
             out["intra_fid"], out["intra_fid_per_class"] = sum(per_class) / K, per_class
         return out
 
-# ---- The run: the loop, logging, evaluation, checkpoints and resume, Ctrl-C and NaN handling -----------------------
+# ---- The run: set up, resume, then one loop that trains, logs, evaluates, saves and stops on a signal ------------
 
-# Ctrl-C, SIGTERM (SLURM, `timeout`) and SIGHUP stop a run: at once in start-up, saved in the loop (Run.request_stop).
+# Ctrl-C, SIGTERM (SLURM, `timeout`) and SIGHUP stop a run: at once in start-up, saved in the loop (train's handler).
 STOP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
 
 def interrupt(signum, frame):
@@ -1173,9 +1190,11 @@ def start_run(cfg, explicit):
         raise UsageError("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm works only on GPU modules")
     if cfg.sync_bn and world == 1:
         print("note: --sync-bn changes nothing in one process: G's BatchNorm already sees the whole batch")
-    release = claim_run_dir(cfg.run_dir, ckpt_path) if rank == 0 else (lambda: None)
+    release = lambda: None                                     # noqa: E731  only rank 0 owns the folder
+    if rank == 0:
+        release = claim_run_dir(cfg.run_dir, ckpt_path)
     try:
-        return Run(cfg, checkpoint, ckpt_path, device, rank, world).loop()
+        return train(setup_run(cfg, checkpoint, ckpt_path, device, rank, world))
     except (OSError, RuntimeError) as err:                     # a full disk, a folder removed; out of memory; a rank
         lost = world > 1 and (isinstance(err, dist.DistError) or "gloo" in str(err))  # lost: its collectives fail
         if not (lost or isinstance(err, (OSError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)):
@@ -1184,259 +1203,303 @@ def start_run(cfg, explicit):
         kept = f"; {last} is intact" if os.path.exists(last) else "; no checkpoint was written"
         if lost:                                               # gloo: "[file:line] Read error ...: reset by peer. ..."
             reason = str(err).split("] ")[-1].split(". ")[0]
-            raise RankError(f"rank {rank}: another rank stopped or lost its connection ({reason}){kept}" +
-                            (f": continue with --resume {cfg.run_dir}" if os.path.exists(last) else "")) from None
-        raise UsageError((f"{err.strerror or err}: {err.filename or cfg.run_dir}" if isinstance(err, OSError) else
-                          f"out of memory on {device}: --batch-size {cfg.batch_size}, --eval-batch {cfg.eval_batch}, "
-                          f"--g-width {cfg.g_width} or --d-width {cfg.d_width} is too large for its memory") +
-                         kept) from None
+            if os.path.exists(last):
+                kept += f": continue with --resume {cfg.run_dir}"
+            raise RankError(f"rank {rank}: another rank stopped or lost its connection ({reason}){kept}") from None
+        if isinstance(err, OSError):
+            raise UsageError(f"{err.strerror or err}: {err.filename or cfg.run_dir}{kept}") from None
+        raise UsageError(f"out of memory on {device}: --batch-size {cfg.batch_size}, --eval-batch {cfg.eval_batch}, "
+                         f"--g-width {cfg.g_width} or --d-width {cfg.d_width} is too large for its memory{kept}") \
+            from None
     finally:
         release()
 
-class Run:
-    """A run once its folder is owned: its state beside the models. Nothing is written into the folder before loop()."""
+def say(*args, **kwargs):
+    try:
+        print(*args, **kwargs, flush=True)
+    except OSError:                                            # the terminal is gone (SIGHUP, a closed pipe): train on
+        sys.stdout = open(os.devnull, "w")
 
-    def __init__(self, cfg, checkpoint, ckpt_path, device, rank, world):
-        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
-        self.log = self.say if rank == 0 else (lambda *a, **k: None)
-        train_set, heldout, self.num_classes = load_data(cfg)
-        data = getattr(train_set, "dataset", train_set)        # a folder's: a Subset
-        self.class_names, self.data_files = list(data.classes), getattr(data, "fingerprint", None)
-        if self.num_classes < 2 and cfg.loss in ("2c", "d2dce", "ac"):
-            raise UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is "
-                             f"exactly 0 every step (use --loss proj, or give more classes)")
-        folder = {"data_dir": os.path.realpath(cfg.data_dir)} if cfg.dataset == "folder" else {}  # as judge.py's
-        self.judge = None if cfg.judge is None else load_judge(cfg.judge, device, expect=dict(  # another data's:
-            dataset=cfg.dataset, num_classes=self.num_classes, img_size=cfg.img_size, classes=self.class_names,
-            **folder))                                         # refused now, as tools/judge.py refuses it
-        self.trainer = Trainer(cfg, self.num_classes, device, world)
-        wrap_for_training(self.trainer)
-        self.batches = Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device,
-                               cfg.num_workers, cfg.flip)
-        self.step, self.best_fid, self.best_step, self.history = 0, None, None, []
-        if checkpoint is not None:
-            self.resume(checkpoint, ckpt_path)
-        self.saved_step = self.step                            # last.pt's step when it exists
-        self.metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
-        n_g, n_d = (sum(p.numel() for p in m.parameters()) for m in (self.trainer.G, self.trainer.D))
-        self.log(f"config: {json.dumps(vars(cfg), sort_keys=True)}")
-        self.log(f"G {n_g:,} params | D {n_d:,} params | {cfg.loss} | {device}"
-                 f"{f' x {world} ranks' if world > 1 else ''} | global batch {cfg.batch_size} | run {cfg.run_dir}")
-        split = "test" if cfg.dataset in CIFAR else "heldout" if cfg.dataset == "shapes" else "train"  # FID reference
-        reference = train_set if split == "train" else heldout
-        if cfg.fid_reference_dir and cfg.fid_images > 0:      # its own tree, e.g. a validation split
-            reference, split = load_folder(cfg.fid_reference_dir, cfg.img_size, "--fid-reference-dir"), "reference"
-            if reference.classes != self.class_names:
-                raise UsageError(f"--fid-reference-dir {cfg.fid_reference_dir}: other classes than the training data")
-            order = torch.randperm(len(reference), generator=torch.Generator().manual_seed(1234))  # the same each run
-            reference = torch.utils.data.Subset(reference, order.tolist())
-        self.evaluator = FIDEvaluator(cfg, reference, split, self.num_classes, device, rank, world) \
-            if cfg.fid_images > 0 else None
-        if self.evaluator is not None:
-            self.log(self.evaluator.description)
-        self.reals_train = fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
-        self.reals_heldout = heldout and fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3)
-        n_gap = min(len(self.reals_train[1]), len(self.reals_heldout[1])) if heldout else 50  # gap sd <= sqrt(0.5 / n)
-        self.gap_threshold = cfg.collapse_gap if n_gap >= 50 else self.log(       # 0.1 at 50 images a side
-            f"note: D's train/held-out gap test is off: {n_gap} < 50 images a side (--acc-images)") or float("inf")
-        if checkpoint is not None and len(checkpoint["rng"]) == world:  # last: a reference made above draws from it
-            torch.set_rng_state((rng := checkpoint["rng"][rank])["cpu"])
-            if device.type == "cuda" and rng["cuda"] is not None:
-                torch.cuda.set_rng_state(rng["cuda"], device)
-        elif checkpoint is not None:                           # a new number of ranks: a new stream for each
-            torch.manual_seed(int(hashlib.sha256(f"{cfg.seed} {self.step} {rank}".encode()).hexdigest()[:8], 16))
-            self.log(f"note: resumed with {world} ranks a checkpoint of {len(checkpoint['rng'])}: the same global "
-                     f"batches follow, each rank with a new random stream from --seed, the step and its rank")
-        if rank == 0:                                          # lines past the checkpoint would be repeated
-            cut_metrics(self.metrics_path, self.step)
-        if cfg.compile:
-            self.log("--compile: the first steps compile G and D, about a minute on a GPU and several on a CPU")
+def setup_run(cfg, checkpoint, ckpt_path, device, rank, world):
+    """The run's state (a namespace) once its folder is owned: data, models, FID reference, the fixed images of the
+    diagnostics; a checkpoint's state restored. Nothing is written into the folder but metrics.jsonl, cut."""
+    log = say if rank == 0 else (lambda *args, **kwargs: None)   # ranks other than 0 print nothing
+    train_set, heldout, num_classes = load_data(cfg)
+    data = getattr(train_set, "dataset", train_set)            # a folder's: a Subset
+    class_names, data_files = list(data.classes), getattr(data, "fingerprint", None)
+    if num_classes < 2 and cfg.loss in ("2c", "d2dce", "ac"):
+        raise UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is "
+                         f"exactly 0 every step (use --loss proj, or give more classes)")
+    folder = {"data_dir": os.path.realpath(cfg.data_dir)} if cfg.dataset == "folder" else {}  # as judge.py's
+    judge = None if cfg.judge is None else load_judge(cfg.judge, device, expect=dict(  # another data's:
+        dataset=cfg.dataset, num_classes=num_classes, img_size=cfg.img_size, classes=class_names,
+        **folder))                                             # refused now, as tools/judge.py refuses it
+    run = types.SimpleNamespace(cfg=cfg, device=device, rank=rank, world=world, log=log, num_classes=num_classes,
+                                class_names=class_names, data_files=data_files, judge=judge)
+    run.trainer = Trainer(cfg, num_classes, device, world)     # Algorithm 1: G, D, G_ema, their optimisers
+    wrap_for_training(run.trainer)                             # sync-BN, DDP, compile
+    run.batches = Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device, cfg.num_workers, cfg.flip)
+    run.step, run.best_fid, run.best_step, run.history = 0, None, None, []
+    run.metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
+    if checkpoint is not None:
+        resume(run, checkpoint, ckpt_path)
+    run.saved_step = run.step                                  # last.pt's step when it exists
+    n_g, n_d = [sum(p.numel() for p in m.parameters()) for m in (run.trainer.G, run.trainer.D)]
+    log(f"config: {json.dumps(vars(cfg), sort_keys=True)}")
+    ranks = f" x {world} ranks" if world > 1 else ""
+    log(f"G {n_g:,} params | D {n_d:,} params | {cfg.loss} | {device}{ranks} | global batch {cfg.batch_size} | "
+        f"run {cfg.run_dir}")
+    run.evaluator = None
+    if cfg.fid_images > 0:
+        run.evaluator = FIDEvaluator(cfg, *fid_reference(cfg, train_set, heldout, class_names), num_classes, device,
+                                     rank, world)
+        log(run.evaluator.description)
+    run.reals_train = fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
+    run.reals_heldout, run.gap_threshold = None, cfg.collapse_gap
+    if heldout is not None:
+        run.reals_heldout = fixed_sample(heldout, min(cfg.acc_images, len(heldout)), seed=cfg.seed + 3)
+        n_gap = min(len(run.reals_train[1]), len(run.reals_heldout[1]))
+        if n_gap < 50:                                         # the gap's sd <= sqrt(0.5 / n): 0.1 at 50 a side
+            run.gap_threshold = float("inf")
+            log(f"note: D's train/held-out gap test is off: {n_gap} < 50 images a side (--acc-images)")
+    if checkpoint is not None:                                 # last: a reference made above draws from the RNG
+        restore_rng(run, checkpoint)
+    if rank == 0:                                              # lines past the checkpoint would be repeated
+        cut_metrics(run.metrics_path, run.step)
+    if cfg.compile:
+        log("--compile: the first steps compile G and D, about a minute on a GPU and several on a CPU")
+    return run
 
-    def resume(self, checkpoint, path):
-        try:
-            self.trainer.load_state_dict(checkpoint)
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise UsageError(f"checkpoint {path} does not fit this model: it has {checkpoint['num_classes']} classes, "
-                             f"the data {self.num_classes} ({str(err).splitlines()[0].rstrip(':')})") from None
-        for k, (was_name, name) in enumerate(zip(checkpoint.get("classes", self.class_names), self.class_names)):
-            if was_name != name:                               # classes are numbered in name order: all would move
-                raise UsageError(f"checkpoint {path} was trained with class {k} {was_name!r}, the data has {name!r} "
-                                 f"there: give the class folders their old names (or the data it was trained on), "
-                                 f"or start a new run")
-        self.step, self.best_fid, self.best_step = checkpoint["step"], checkpoint["best_fid"], checkpoint["best_step"]
-        self.history, was = checkpoint.get("history", []), checkpoint["config"]
-        changes = lambda keys: [f"--{k.replace('_', '-')} {was.get(k)} -> {getattr(self.cfg, k)}"  # noqa: E731
-                                for k in keys if was.get(k) != getattr(self.cfg, k)]
-        files = [] if checkpoint.get("files", self.data_files) == self.data_files else \
-            [f"the files in {self.cfg.data_dir}: added, removed or moved"]   # older checkpoints: not known
-        if (changed := changes(("fid_images", "fid_weights", "eval_batch")) + files) and self.cfg.fid_images and \
-                was.get("fid_images"):                         # FIDs of two protocols are not compared
-            self.best_fid, self.best_step, self.history = None, None, [{**h, "fid": None} for h in self.history]
-            self.log(f"note: the FID protocol changed ({', '.join(changed)}): best.pt and the FID-rise collapse "
-                     f"check start afresh at this resume; earlier FIDs in metrics.jsonl are of the old protocol")
-        elif files:
-            self.log(f"note: {files[0]} since {path} was saved; the run goes on with the files there now")
-        self.batches.load_state_dict(checkpoint["data"])       # global batches: the same order for any world size
-        for opt, key in ((self.trainer.opt_G, "lr_g"), (self.trainer.opt_D, "lr_d")):
-            for group in opt.param_groups:                     # the loaded state holds the checkpoint's rate
-                group["lr"] = getattr(self.cfg, key)
-        changed = changes(("lr_g", "lr_d"))
-        self.log(f"resumed {path} at step {self.step}" + (f" ({', '.join(changed)})" if changed else ""))
+def fid_reference(cfg, train_set, heldout, class_names):
+    """(FID's real images, their split): CIFAR's test split, a fresh shapes draw, a folder's training images, or the
+    tree in --fid-reference-dir (e.g. a validation split)."""
+    if cfg.fid_reference_dir:
+        reference = load_folder(cfg.fid_reference_dir, cfg.img_size, "--fid-reference-dir")
+        if reference.classes != class_names:
+            raise UsageError(f"--fid-reference-dir {cfg.fid_reference_dir}: other classes than the training data")
+        order = torch.randperm(len(reference), generator=torch.Generator().manual_seed(1234))  # the same each run
+        return torch.utils.data.Subset(reference, order.tolist()), "reference"
+    if cfg.dataset in CIFAR:
+        return heldout, "test"
+    if cfg.dataset == "shapes":
+        return heldout, "heldout"
+    return train_set, "train"
 
-    def loop(self):
-        """Train to --steps (returns 0) or to Ctrl-C, SIGTERM, SIGHUP: saved, returns 128 + signal (130, 143, 129)."""
-        cfg, self.stop_signal, self.pid = self.cfg, 0, os.getpid()
-        previous = {s: signal.signal(s, self.request_stop) for s in STOP_SIGNALS}
-        try:
-            if self.step == 0:                                 # a first look, before any step: the initial G_ema
-                self.write_grid()
-            self.t_last, self.step_last, self.eval_s = time.time(), self.step, 0.0
-            while self.step < cfg.steps:
-                logs = self.trainer.iteration(self.batches, self.step)
-                self.step += 1
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    self.log_progress(logs)
-                if self.step == cfg.log_every < cfg.eval_every:  # an early look, before the first evaluation
-                    self.write_grid()
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    t_eval = time.time()
-                    self.evaluate_and_save()
-                    self.t_last, self.step_last, self.eval_s = time.time(), self.step, time.time() - t_eval
-                # all ranks stop at one step: agreed every 10 steps, well within the 30 s before torchrun's SIGKILL
-                stopping = self.stop_signal > 0 if self.world == 1 else \
-                    self.step % min(cfg.log_every, 10) == 0 and any_rank(self.stop_signal > 0, self.device, self.world)
-                if stopping and self.step < cfg.steps:
-                    if self.saved_step < self.step:                # not just saved by the evaluation
-                        self.save()
-                    how = signal.Signals(self.stop_signal).name if self.stop_signal else "another rank's signal"
-                    status = 128 + (self.stop_signal or signal.SIGTERM)
-                    self.log(f"interrupted at step {self.step} by {how}: saved {cfg.run_dir}/last.pt; continue "
-                             f"with --resume {cfg.run_dir} (exit status {status})")
-                    return status
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            self.batches._it = None                            # its DataLoader workers end now, not at a later gc
-        self.log(f"done: best FID {self.best_fid:.3f} at step {self.best_step} ({cfg.run_dir}/best.pt)"
-                 if self.best_fid is not None else f"done: {cfg.run_dir}/last.pt")
-        return 0
+def resume(run, checkpoint, path):
+    """The checkpoint's models, optimisers, step, best FID, history and data position; this command's rates."""
+    cfg = run.cfg
+    try:
+        run.trainer.load_state_dict(checkpoint)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise UsageError(f"checkpoint {path} does not fit this model: it has {checkpoint['num_classes']} classes, "
+                         f"the data {run.num_classes} ({str(err).splitlines()[0].rstrip(':')})") from None
+    for k, (was_name, name) in enumerate(zip(checkpoint.get("classes", run.class_names), run.class_names)):
+        if was_name != name:                                   # classes are numbered in name order: all would move
+            raise UsageError(f"checkpoint {path} was trained with class {k} {was_name!r}, the data has {name!r} "
+                             f"there: give the class folders their old names (or the data it was trained on), "
+                             f"or start a new run")
+    run.step, run.best_fid, run.best_step = checkpoint["step"], checkpoint["best_fid"], checkpoint["best_step"]
+    run.history, was = checkpoint.get("history", []), checkpoint["config"]
+    def changes(keys):                                         # "--flag old -> new" of each changed key
+        return [f"--{k.replace('_', '-')} {was.get(k)} -> {getattr(cfg, k)}"
+                for k in keys if was.get(k) != getattr(cfg, k)]
+    files = []                                                 # older checkpoints have no file list: not compared
+    if checkpoint.get("files", run.data_files) != run.data_files:
+        files = [f"the files in {cfg.data_dir}: added, removed or moved"]
+    protocol_changes = changes(("fid_images", "fid_weights", "eval_batch")) + files
+    if protocol_changes and cfg.fid_images and was.get("fid_images"):   # FIDs of two protocols are not compared
+        run.best_fid, run.best_step, run.history = None, None, [{**h, "fid": None} for h in run.history]
+        run.log(f"note: the FID protocol changed ({', '.join(protocol_changes)}): best.pt and the FID-rise collapse "
+                f"check start afresh at this resume; earlier FIDs in metrics.jsonl are of the old protocol")
+    elif files:
+        run.log(f"note: {files[0]} since {path} was saved; the run goes on with the files there now")
+    run.batches.load_state_dict(checkpoint["data"])            # global batches: the same order for any world size
+    for opt, key in ((run.trainer.opt_G, "lr_g"), (run.trainer.opt_D, "lr_d")):
+        for group in opt.param_groups:                         # the loaded state holds the checkpoint's rate
+            group["lr"] = getattr(cfg, key)
+    rates = changes(("lr_g", "lr_d"))
+    run.log(f"resumed {path} at step {run.step}" + (f" ({', '.join(rates)})" if rates else ""))
 
-    def say(self, *args, **kwargs):
-        try:
-            print(*args, **kwargs, flush=True)
-        except OSError:                                        # the terminal is gone (SIGHUP, a closed pipe): train on
-            sys.stdout = open(os.devnull, "w")
+def restore_rng(run, checkpoint):
+    """Each rank's RNG state as saved; with another number of ranks, a new stream for each rank."""
+    if len(checkpoint["rng"]) == run.world:
+        rng = checkpoint["rng"][run.rank]
+        torch.set_rng_state(rng["cpu"])
+        if run.device.type == "cuda" and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"], run.device)
+        return
+    torch.manual_seed(int(hashlib.sha256(f"{run.cfg.seed} {run.step} {run.rank}".encode()).hexdigest()[:8], 16))
+    run.log(f"note: resumed with {run.world} ranks a checkpoint of {len(checkpoint['rng'])}: the same global "
+            f"batches follow, each rank with a new random stream from --seed, the step and its rank")
 
-    def request_stop(self, signum, frame):
-        if os.getpid() != self.pid:                            # a DataLoader worker (Ctrl-C hits the process group)
+def train(run):
+    """Train to --steps (returns 0) or to Ctrl-C, SIGTERM, SIGHUP: saved, returns 128 + signal (130, 143, 129)."""
+    cfg, pid, stop = run.cfg, os.getpid(), types.SimpleNamespace(signum=0, time=0.0)
+
+    def request_stop(signum, frame):
+        if os.getpid() != pid:                                 # a DataLoader worker (Ctrl-C hits the process group)
             return
-        if self.stop_signal and time.time() > self.stop_time + 2:  # again (not SLURM's copy): leave, unsaved
+        if stop.signum == 0:
+            stop.signum, stop.time = signum, time.time()
+            run.log(f"\n{signal.Signals(signum).name}: finishing this step, saving, exiting "
+                    f"(Ctrl-C again to abort without saving)")
+        elif time.time() > stop.time + 2:                      # again (not SLURM's copy): leave, unsaved
             raise KeyboardInterrupt(signum)
-        if not self.stop_signal:
-            self.stop_signal, self.stop_time = signum, time.time()
-            self.log(f"\n{signal.Signals(signum).name}: finishing this step, saving, exiting "
-                     f"(Ctrl-C again to abort without saving)")
 
-    def log_progress(self, logs):
-        self.check_finite()
-        cfg, now = self.cfg, time.time()
-        per_step = (now - self.t_last) / max(self.step - self.step_last, 1)  # training only: evaluations restart it
-        r = {"step": self.step, **{k: round(float(v), 5) for k, v in logs.items()},
-             "img_per_s": round(cfg.d_steps * cfg.accumulation_steps * cfg.batch_size / per_step, 1),
-             "s_per_step": round(per_step, 4), "time": round(now, 1)}
-        self.t_last, self.step_last = now, self.step
-        left = per_step * (cfg.steps - self.step) + self.eval_s * evaluations_left(self.step, cfg.steps, cfg.eval_every)
-        self.log(f"step {self.step}/{cfg.steps} | d {r['d_loss']:.4f} (adv {r['d_adv']:.4f} cond {r['d_cond']:.4f}) "
-                 f"| g {r['g_loss']:.4f} (adv {r['g_adv']:.4f} cond {r['g_cond']:.4f}) | {r['img_per_s']:.1f} img/s | "
-                 f"{per_step:.3f} s/step | left {format_duration(left)}")
-        self.write_metrics(r)
+    previous = {s: signal.signal(s, request_stop) for s in STOP_SIGNALS}
+    try:
+        if run.step == 0:                                      # a first look, before any step: the initial G_ema
+            write_grid(run)
+        t_last, step_last, eval_s = time.time(), run.step, 0.0  # the ETA: training steps and evaluations apart
+        while run.step < cfg.steps:
+            logs = run.trainer.iteration(run.batches, run.step)
+            run.step += 1
+            if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+                check_finite(run)
+                per_step = (time.time() - t_last) / max(run.step - step_last, 1)
+                log_progress(run, logs, per_step, eval_s)
+                t_last, step_last = time.time(), run.step
+            if run.step == cfg.log_every and cfg.log_every < cfg.eval_every:  # an early look before the first eval
+                write_grid(run)
+            if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
+                t_eval = time.time()
+                record = evaluate(run)
+                save(run, best=record_evaluation(run, record))
+                t_last, step_last, eval_s = time.time(), run.step, time.time() - t_eval
+            if run.world == 1:
+                stopping = stop.signum > 0
+            elif run.step % min(cfg.log_every, 10) == 0:       # all ranks stop at one step: agreed every 10 steps,
+                stopping = any_rank(stop.signum > 0, run.device, run.world)  # well within torchrun's 30 s to SIGKILL
+            else:
+                stopping = False
+            if stopping and run.step < cfg.steps:
+                if run.saved_step < run.step:                  # not just saved by the evaluation
+                    save(run)
+                how, status = "another rank's signal", 128 + signal.SIGTERM   # that rank's signal is not known here
+                if stop.signum:
+                    how, status = signal.Signals(stop.signum).name, 128 + stop.signum
+                run.log(f"interrupted at step {run.step} by {how}: saved {cfg.run_dir}/last.pt; continue "
+                        f"with --resume {cfg.run_dir} (exit status {status})")
+                return status
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        run.batches._it = None                                 # its DataLoader workers end now, not at a later gc
+    if run.best_fid is not None:
+        run.log(f"done: best FID {run.best_fid:.3f} at step {run.best_step} ({cfg.run_dir}/best.pt)")
+    else:
+        run.log(f"done: {cfg.run_dir}/last.pt")
+    return 0
 
-    def write_metrics(self, record):
-        if self.rank == 0:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+def log_progress(run, logs, per_step, eval_s):
+    """The console's progress line and its metrics.jsonl record; per_step: seconds a training step (no evaluation)."""
+    cfg = run.cfg
+    r = {"step": run.step, **{k: round(float(v), 5) for k, v in logs.items()},
+         "img_per_s": round(cfg.d_steps * cfg.accumulation_steps * cfg.batch_size / per_step, 1),
+         "s_per_step": round(per_step, 4), "time": round(time.time(), 1)}
+    left = per_step * (cfg.steps - run.step) + eval_s * evaluations_left(run.step, cfg.steps, cfg.eval_every)
+    run.log(f"step {run.step}/{cfg.steps} | d {r['d_loss']:.4f} (adv {r['d_adv']:.4f} cond {r['d_cond']:.4f}) "
+            f"| g {r['g_loss']:.4f} (adv {r['g_adv']:.4f} cond {r['g_cond']:.4f}) | {r['img_per_s']:.1f} img/s | "
+            f"{per_step:.3f} s/step | left {format_duration(left)}")
+    write_metrics(run, r)
 
-    def write_grid(self):                                      # rank 0: samples/step<step>.png, G_ema's grid
-        if self.rank == 0:
-            cfg, path = self.cfg, os.path.join(self.cfg.run_dir, "samples", f"step{self.step:07d}.png")
-            save_grid(self.trainer.G_ema, path, self.num_classes, cfg.z_dim, self.device, cfg.eval_batch, cfg.seed,
-                      self.class_names)
+def write_metrics(run, record):
+    if run.rank == 0:
+        with open(run.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
-    def evaluate_and_save(self):
-        """FID (every rank), then on rank 0 the grid, Figure 3's diagnostics, `record_evaluation`; last.pt, best.pt."""
-        cfg, trainer = self.cfg, self.trainer
-        self.check_finite(trainer.state_dict())                # before FID and the grid see NaN weights
-        record = {"step": self.step, "eval": True}
-        if self.evaluator is not None:
-            t0 = time.time()
-            record.update(self.evaluator(trainer.G_ema))
-            record["fid_seconds"] = round(time.time() - t0, 1)
-        if self.rank == 0:
-            self.write_grid()
-            record.update(d_diagnostics(trainer.D, trainer.G_ema, self.reals_train, self.reals_heldout,
-                                        self.num_classes, cfg, self.device, self.judge))
-            sigmas = spectral_norms(trainer.D)
-            record["d_sigma_max"], record["d_sigma"] = max(sigmas.values()), sigmas
-        self.save(best=self.rank == 0 and self.record_evaluation(record))
+def write_grid(run):                                           # rank 0: samples/step<step>.png, G_ema's grid
+    if run.rank == 0:
+        path = os.path.join(run.cfg.run_dir, "samples", f"step{run.step:07d}.png")
+        save_grid(run.trainer.G_ema, path, run.num_classes, run.cfg.z_dim, run.device, run.cfg.eval_batch,
+                  run.cfg.seed, run.class_names)
 
-    def record_evaluation(self, record):
-        """History, the collapse check, the best FID, the console and metrics.jsonl (rank 0); True if FID improved."""
-        self.history.append({k: record.get(k) for k in ("step", "fid", "d_acc_gap")})
-        record["collapse"] = detect_collapse(self.history, self.gap_threshold, self.cfg.collapse_patience)
-        improved = record.get("fid") is not None and (self.best_fid is None or record["fid"] < self.best_fid)
-        if improved:
-            self.best_fid, self.best_step = record["fid"], self.step
-        self.log(self.eval_line(record))
-        if self.evaluator is not None:
-            self.log(self.evaluator.description)
-        if record["collapse"]:
-            self.log(f"WARNING collapse suspected at step {self.step}: {record['collapse']}")
-        self.write_metrics(record)
-        return improved
+def evaluate(run):
+    """FID (every rank), then on rank 0 the grid and Figure 3's diagnostics: the evaluation's record."""
+    trainer = run.trainer
+    check_finite(run, trainer.state_dict())                    # before FID and the grid see NaN weights
+    record = {"step": run.step, "eval": True}
+    if run.evaluator is not None:
+        t0 = time.time()
+        record.update(run.evaluator(trainer.G_ema))
+        record["fid_seconds"] = round(time.time() - t0, 1)
+    if run.rank == 0:
+        write_grid(run)
+        record.update(d_diagnostics(trainer.D, trainer.G_ema, run.reals_train, run.reals_heldout, run.num_classes,
+                                    run.cfg, run.device, run.judge))
+        sigmas = spectral_norms(trainer.D)
+        record["d_sigma_max"], record["d_sigma"] = max(sigmas.values()), sigmas
+    return record
 
-    def eval_line(self, r):
-        held = self.reals_heldout is not None
-        parts = [f"eval step {self.step}",
-                 "fid" in r and f"FID {r['fid']:.3f} (best {self.best_fid:.3f} @ {self.best_step})",
-                 "intra_fid" in r and f"intra-FID {r['intra_fid']:.3f}",
-                 f"D acc train {r['d_acc_train']:.3f}" + (f" held-out {r['d_acc_heldout']:.3f}" if held else ""),
-                 f"max sigma(W_D) {r['d_sigma_max']:.2f}",
-                 held and f"D class acc held-out {r['d_class_acc_heldout']:.3f}"]
-        readers = (("_d", "D", ""), ("", "colour", f", none {r.get('class_none', 0):.3f}"),
-                   ("_judge", f"judge, {r.get('judge_heldout_accuracy', 0):.3f} on held-out reals", ""))
-        parts += [f"class consistency ({name}) {r[k]:.3f}, relabelled {r[k + '_relabelled']:.3f}{extra}"
-                  for suffix, name, extra in readers if (k := "class_consistency" + suffix) in r]
-        return " | ".join(p for p in parts if p)
+def record_evaluation(run, record):
+    """History, the collapse check, the best FID, the console and metrics.jsonl (rank 0); True if FID improved."""
+    if run.rank != 0:                                          # its record holds FID alone
+        return False
+    run.history.append({k: record.get(k) for k in ("step", "fid", "d_acc_gap")})
+    record["collapse"] = detect_collapse(run.history, run.gap_threshold, run.cfg.collapse_patience)
+    improved = record.get("fid") is not None and (run.best_fid is None or record["fid"] < run.best_fid)
+    if improved:
+        run.best_fid, run.best_step = record["fid"], run.step
+    run.log(eval_line(run, record))
+    if run.evaluator is not None:
+        run.log(run.evaluator.description)
+    if record["collapse"]:
+        run.log(f"WARNING collapse suspected at step {run.step}: {record['collapse']}")
+    write_metrics(run, record)
+    return improved
 
-    def check_finite(self, state=None):
-        """Stop on a non-finite loss, or state to be saved or evaluated (a huge lr blows weights up before losses)."""
-        flag = self.trainer.nonfinite
-        if state is not None:
-            tensors = [t for k in ("G", "D", "G_ema") for t in state[k].values() if t.is_floating_point()]
-            tensors += [t for k in ("opt_G", "opt_D") for s in state[k]["state"].values()
-                        for name, t in s.items() if name != "step"]
-            flag = flag | ~torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()
-        if any_rank(flag, self.device, self.world):
-            last, best = (os.path.join(self.cfg.run_dir, f) for f in ("last.pt", "best.pt"))
-            kept = f"{last} (step {self.saved_step}), the last checkpoint with finite weights, is intact but may " \
-                f"be far off already (see samples/): resume it with lower --lr-g / --lr-d" + \
-                (f", or branch from {best} with --resume {best} --run-dir NEW" if os.path.exists(best) else "") \
-                if os.path.exists(last) else "no checkpoint was written: start again with lower --lr-g / --lr-d"
-            raise UsageError(f"non-finite loss or weights at or before step {self.step}: run stopped without saving "
-                             f"it; {kept}")
+def eval_line(run, r):
+    """The console's line of one evaluation record r."""
+    held = run.reals_heldout is not None
+    parts = [f"eval step {run.step}"]
+    if "fid" in r:
+        parts.append(f"FID {r['fid']:.3f} (best {run.best_fid:.3f} @ {run.best_step})")
+    if "intra_fid" in r:
+        parts.append(f"intra-FID {r['intra_fid']:.3f}")
+    parts.append(f"D acc train {r['d_acc_train']:.3f}" + (f" held-out {r['d_acc_heldout']:.3f}" if held else ""))
+    parts.append(f"max sigma(W_D) {r['d_sigma_max']:.2f}")
+    if held:
+        parts.append(f"D class acc held-out {r['d_class_acc_heldout']:.3f}")
+    readers = (("d", "D", ""), ("colour", "colour", f", none {r.get('class_none', 0):.3f}"),
+               ("judge", f"judge, {r.get('judge_heldout_accuracy', 0):.3f} on held-out reals", ""))
+    for reader, name, extra in readers:
+        key = "class_consistency_" + reader
+        if key in r:
+            parts.append(f"class consistency ({name}) {r[key]:.3f}, relabelled {r[key + '_relabelled']:.3f}{extra}")
+    return " | ".join(parts)
 
-    def save(self, best=False):
-        """last.pt (and best.pt): every rank checks its state and gives its RNG state; rank 0 writes."""
-        state = self.trainer.state_dict()
-        self.check_finite(state)                               # every save comes through here
-        state.update(step=self.step, best_fid=self.best_fid, best_step=self.best_step, history=self.history,
-                     config=vars(self.cfg), num_classes=self.num_classes, data=self.batches.state_dict(),
-                     classes=self.class_names, files=self.data_files,
-                     rng=rng_states(self.device, self.world))
-        if self.rank == 0:
-            for name in ("last.pt", "best.pt") if best else ("last.pt",):
-                save_checkpoint(os.path.join(self.cfg.run_dir, name), state)
-        self.saved_step = self.step
+def check_finite(run, state=None):
+    """Stop on a non-finite loss, or state to be saved or evaluated (a huge lr blows weights up before losses)."""
+    flag = run.trainer.nonfinite
+    if state is not None:
+        tensors = [t for k in ("G", "D", "G_ema") for t in state[k].values() if t.is_floating_point()]
+        tensors += [t for k in ("opt_G", "opt_D") for s in state[k]["state"].values()
+                    for name, t in s.items() if name != "step"]
+        flag = flag | ~torch.stack(torch._foreach_norm(tensors, float("inf"))).isfinite().all()
+    if not any_rank(flag, run.device, run.world):
+        return
+    last, best = os.path.join(run.cfg.run_dir, "last.pt"), os.path.join(run.cfg.run_dir, "best.pt")
+    if not os.path.exists(last):
+        kept = "no checkpoint was written: start again with lower --lr-g / --lr-d"
+    else:
+        kept = (f"{last} (step {run.saved_step}), the last checkpoint with finite weights, is intact but may be far "
+                f"off already (see samples/): resume it with lower --lr-g / --lr-d")
+        if os.path.exists(best):
+            kept += f", or branch from {best} with --resume {best} --run-dir NEW"
+    raise UsageError(f"non-finite loss or weights at or before step {run.step}: run stopped without saving it; {kept}")
+
+def save(run, best=False):
+    """last.pt (and best.pt): every rank checks its state and gives its RNG state; rank 0 writes."""
+    state = run.trainer.state_dict()
+    check_finite(run, state)                                   # every save comes through here
+    state.update(step=run.step, best_fid=run.best_fid, best_step=run.best_step, history=run.history,
+                 config=vars(run.cfg), num_classes=run.num_classes, data=run.batches.state_dict(),
+                 classes=run.class_names, files=run.data_files, rng=rng_states(run.device, run.world))
+    if run.rank == 0:
+        save_checkpoint(os.path.join(run.cfg.run_dir, "last.pt"), state)
+        if best:
+            save_checkpoint(os.path.join(run.cfg.run_dir, "best.pt"), state)
+    run.saved_step = run.step
 
 # ---- Run folders: checkpoint files, the folder lock, resuming, metrics.jsonl ---------------------------------------
 
@@ -1448,11 +1511,12 @@ SEAL = b"contragan-sha256:"  # then the sha256 of torch.save's bytes before it; 
 
 def save_checkpoint(path, state):
     """Atomic (a temporary file: torch.save's bytes, SEAL, their sha256; fsync, rename), then config.json."""
-    tmp, digest, saved = path + ".tmp", hashlib.sha256(), False
+    tmp, saved, buffer = path + ".tmp", False, io.BytesIO()
     try:
+        torch.save(state, buffer)                              # in memory first: its sha256 follows it in the file
         with open(tmp, "wb") as f:
-            torch.save(state, argparse.Namespace(write=lambda b: digest.update(b) or f.write(b), flush=f.flush))
-            f.write(SEAL + digest.hexdigest().encode())
+            f.write(buffer.getbuffer())
+            f.write(SEAL + hashlib.sha256(buffer.getbuffer()).hexdigest().encode())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1464,8 +1528,12 @@ def save_checkpoint(path, state):
     except OSError as err:
         if os.path.exists(tmp):
             os.remove(tmp)
-        kept = f"{path} is saved, config.json not updated" if saved else \
-            f"the previous {path} is intact" if os.path.exists(path) else "no checkpoint was written"
+        if saved:
+            kept = f"{path} is saved, config.json not updated"
+        elif os.path.exists(path):
+            kept = f"the previous {path} is intact"
+        else:
+            kept = "no checkpoint was written"
         raise UsageError(f"cannot save {path}: {err.strerror or err}; {kept}") from None
 
 def load_checkpoint(path):

@@ -703,8 +703,8 @@ def test_d_diagnostics_records_the_none_share(monkeypatch):
     assert rec["class_none"] == pytest.approx(colour[:, 4].sum().item() / 64) and rec["class_none"] > 0
     assert torch.tensor(rec["confusion_d"])[:, 4].sum() == 0 and rec["class_consistency_d"] == 1.0
     run = types.SimpleNamespace(reals_heldout=None, step=3)
-    line = cg.Run.eval_line(run, {**rec, "d_sigma_max": 1.0})
-    assert f"class consistency (colour) {rec['class_consistency']:.3f}, relabelled" in line
+    line = cg.eval_line(run, {**rec, "d_sigma_max": 1.0})
+    assert f"class consistency (colour) {rec['class_consistency_colour']:.3f}, relabelled" in line
     assert f"none {rec['class_none']:.3f}" in line and line.count("none") == 1   # D never says none
 
 
@@ -754,8 +754,8 @@ def test_cli_tiny_run_writes_grid_metrics_checkpoint(tmp_path):
     evals = [x for x in lines if x.get("eval")]
     assert [x["step"] for x in steps] == [1, 2, 3, 4] and [x["step"] for x in evals] == [2, 4]
     assert {"d_loss", "g_loss", "d_cond", "g_cond", "img_per_s"} <= set(steps[0])
-    assert {"d_acc_train", "d_acc_heldout", "d_acc_gap", "d_sigma_max", "d_sigma", "class_consistency",
-            "class_consistency_relabelled", "class_consistency_d", "class_consistency_d_relabelled",
+    assert {"d_acc_train", "d_acc_heldout", "d_acc_gap", "d_sigma_max", "d_sigma", "class_consistency_colour",
+            "class_consistency_colour_relabelled", "class_consistency_d", "class_consistency_d_relabelled",
             "d_class_acc_heldout", "collapse"} <= set(evals[0])
     for key in ("confusion_colour", "confusion_d", "confusion_d_heldout"):  # asked x judged, and none
         counts = torch.tensor(evals[0][key])
@@ -1746,7 +1746,7 @@ def test_resume_sets_adam_fused_or_foreach_for_this_device(tmp_path):
     cfg = cg.build_parser().parse_args(["--resume", str(run)])
     checkpoint, path = cg.load_checkpoint(str(run))
     cfg = cg.merge_resume_config(cfg, {"resume": str(run)}, checkpoint, path)
-    resumed = cg.Run(cfg, checkpoint, path, torch.device("cpu"), 0, 1)
+    resumed = cg.setup_run(cfg, checkpoint, path, torch.device("cpu"), 0, 1)
     for opt in (resumed.trainer.opt_G, resumed.trainer.opt_D):
         assert all(g["foreach"] is True and g["fused"] is False for g in opt.param_groups)
 
@@ -1863,15 +1863,13 @@ def test_a_rank_lost_under_torchrun_names_the_intact_checkpoint(tmp_path, capsys
     # Simulated (a real one: kill -9 of a rank under torchrun, tens of seconds on 2 cores): the error gloo raised
     # on rank 1 when rank 0 was killed, after a checkpoint. Said by every rank left: rank 0 may be the one gone.
     run = tmp_path / "run"
-    class LostRank:
-        def __init__(self, cfg, *args):
-            self.cfg = cfg
-        def loop(self):
-            run.mkdir()
-            (run / "last.pt").write_bytes(b"")                 # saved before the rank was lost
-            raise RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:"
-                               "10139: Connection reset by peer. This is typically caused by a remote worker hanging")
-    monkeypatch.setattr(cg, "Run", LostRank)
+    def lost_rank(state):
+        run.mkdir()
+        (run / "last.pt").write_bytes(b"")                     # saved before the rank was lost
+        raise RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:"
+                           "10139: Connection reset by peer. This is typically caused by a remote worker hanging")
+    monkeypatch.setattr(cg, "setup_run", lambda *args: None)
+    monkeypatch.setattr(cg, "train", lost_rank)
     monkeypatch.setattr(cg, "setup_device", lambda cfg: (torch.device("cpu"), 1, 2))
     for name, value in dict(WORLD_SIZE="2", RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
         monkeypatch.setenv(name, value)

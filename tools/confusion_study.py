@@ -214,10 +214,12 @@ def mean_std(values):
 
 
 COLUMNS = {  # per study: (header, key in a record; "judge.x": its judge reading's x)
-    "shapes": [("colour: raw", "class_consistency"), ("colour: relabelled", "class_consistency_relabelled"),
+    "shapes": [("colour: raw", "class_consistency_colour"),
+               ("colour: relabelled", "class_consistency_colour_relabelled"),
                ("colour: none", "class_none"), ("D: raw", "class_consistency_d"),
                ("D: relabelled", "class_consistency_d_relabelled"), ("D on held-out reals", "d_class_acc_heldout")],
-    "cr": [("colour: raw", "class_consistency"), ("colour: relabelled", "class_consistency_relabelled"),
+    "cr": [("colour: raw", "class_consistency_colour"), ("colour: relabelled",
+                                                       "class_consistency_colour_relabelled"),
            ("colour: none", "class_none"), ("D gap, final", "d_acc_gap"),
            ("D gap, max over training", "d_acc_gap_max")],
     "digits": [("judge: raw", "judge.consistency"), ("judge: relabelled", "judge.relabelled"),
@@ -229,7 +231,11 @@ COLUMNS = {  # per study: (header, key in a record; "judge.x": its judge reading
 
 
 def value(r, key):
-    return r["judge"][key[len("judge."):]] if key.startswith("judge.") else r[key]
+    if key.startswith("judge."):
+        return r["judge"][key[len("judge."):]]
+    if key not in r and key.startswith("class_consistency_colour"):   # results recorded before its rename
+        return r[key.replace("_colour", "")]
+    return r[key]
 
 
 def report(per_seed=True):

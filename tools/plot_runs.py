@@ -42,6 +42,10 @@ def read_evals(run):
         raise UsageError(f"{run} has no evaluation yet")
     if not all({"step", "d_acc_train", "d_sigma_max"} <= r.keys() for r in evals):
         raise UsageError(f"{path}: evaluations without step, d_acc_train or d_sigma_max (not contragan.py's?)")
+    for r in evals:                                            # older runs: the colour reader's keys had no suffix
+        for key in ("class_consistency", "class_consistency_relabelled"):
+            if key in r:
+                r[key.replace("consistency", "consistency_colour")] = r.pop(key)
     return evals
 
 
@@ -84,7 +88,7 @@ def seed_summary(runs):
         if all(r.get("fid") is None for r in records):
             raise UsageError(f"{run} has no FID in its metrics.jsonl (trained with --fid-images 0?)")
     summary["best FID"] = [min(r["fid"] for r in records if r.get("fid") is not None) for records in evals]
-    for key, reader in (("class_consistency_judge", "judge"), ("class_consistency", "colour"),
+    for key, reader in (("class_consistency_judge", "judge"), ("class_consistency_colour", "colour"),
                         ("class_consistency_d", "D")):
         if all(records[-1].get(key) is not None for records in evals):
             summary[f"class consistency ({reader}), last evaluation"] = [records[-1][key] for records in evals]
@@ -147,13 +151,13 @@ def plot_runs(runs, out):
             if points:
                 axes[1].plot(*zip(*points), style, color=line.get_color(), label=f"{name} {key.replace('_', '-')}")
         axes[2].plot(steps, [r["d_sigma_max"] for r in evals], label=name)
-        reader = "class_consistency" if "class_consistency" in evals[-1] else "class_consistency_d"
+        reader = "class_consistency_colour" if "class_consistency_colour" in evals[-1] else "class_consistency_d"
         for key, style, kind in ((reader, "-", "raw"), (reader + "_relabelled", ":", "relabelled"),
                                  ("class_none", "--", "none")):
             points = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
             if points:                                         # the colour reader on shapes, else D's
                 axes[3].plot(*zip(*points), style, color=line.get_color(),
-                             label=f"{name} {kind} ({'colour' if reader == 'class_consistency' else 'D'})")
+                             label=f"{name} {kind} ({'colour' if reader.endswith('colour') else 'D'})")
         matrix = evals[-1].get("confusion_colour") or evals[-1].get("confusion_d")
         marks = figure3_marks(evals)
         for key, style in (("gap", "-"), ("best_fid", "--"), ("collapse", ":")):

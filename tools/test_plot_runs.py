@@ -95,3 +95,12 @@ def test_plot_prints_and_draws_the_marks(tmp_path, capsys):
     assert "tiny-proj-s0: D's train - held-out accuracy gap first > 0.5: step 6000 (solid) | best FID 12.000: step " \
            "3000 (dashed) | collapse (FID up 3 evaluations in a row after its best): step 6000 (dotted)" in out
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_colour_readers_key_of_older_runs_is_read_as_todays(tmp_path):
+    # contragan.py writes class_consistency_colour[_relabelled]; older runs wrote it without "_colour"
+    old = write_run(tmp_path / "old", [evaluation(2000, fid=9.0, class_consistency=0.4,
+                                                  class_consistency_relabelled=0.5)])
+    new = write_run(tmp_path / "new", [evaluation(2000, fid=8.0, class_consistency_colour=0.6)])
+    assert plot_runs.read_evals(old)[-1]["class_consistency_colour_relabelled"] == 0.5
+    assert plot_runs.seed_summary([old, new])["class consistency (colour), last evaluation"] == [0.4, 0.6]
