@@ -159,7 +159,8 @@ def record(name, seed, path):
     """Keep a finished run's final numbers and last grid in the study's results folder."""
     final = final_diagnostics(path)
     reading = judge_reading(path)
-    evals = [r for r in read_jsonl(os.path.join(path, "metrics.jsonl")) if r.get("eval")]
+    metrics = os.path.join(path, "metrics.jsonl")
+    evals = [r for r in read_jsonl(metrics) if r.get("eval")] if os.path.isfile(metrics) else []
     gaps = [[r["step"], r["d_acc_gap"]] for r in evals if r.get("d_acc_gap") is not None]
     final["gap_over_training"] = gaps                          # D's train - held-out real accuracy (Figure 3)
     final["d_acc_gap_max"] = max(g for _, g in gaps) if gaps else None
