@@ -83,3 +83,20 @@ def test_a_longer_setting_is_finished_only_at_its_own_steps(tmp_path):
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"eval": True, "step": 4500}) + "\n")
     assert cs.final_eval(str(run), 4500)["step"] == 4500
+
+
+def test_a_record_keeps_d_gap_at_every_evaluation(tmp_path, monkeypatch):
+    # --study cr: D's train - held-out gap at every evaluation of metrics.jsonl, and its maximum (lines without
+    # an evaluation or without a gap are left out); a hand-written run with a known answer.
+    monkeypatch.setattr(cs, "final_diagnostics", lambda path: {"step": 500, "d_acc_gap": 0.1})
+    monkeypatch.setattr(cs, "judge_reading", lambda path: None)
+    monkeypatch.setattr(cs, "RESULTS", str(tmp_path / "results"))
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    (run / "samples" / "step0000500.png").write_bytes(b"png")
+    lines = [{"step": 250, "eval": True, "d_acc_gap": 0.3}, {"step": 300, "d_loss": 1.0},
+             {"step": 400, "eval": True}, {"step": 500, "eval": True, "d_acc_gap": 0.1}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    cs.record("2c (paper)", 0, str(run))
+    r = json.loads((tmp_path / "results" / "results.jsonl").read_text())
+    assert r["gap_over_training"] == [[250, 0.3], [500, 0.1]] and r["d_acc_gap_max"] == 0.3
