@@ -11,6 +11,7 @@ code differ, this file follows the code and says so at that line. It imports fid
 import argparse
 import contextlib
 import copy
+import functools
 import hashlib
 import io
 import json
@@ -150,7 +151,8 @@ def cr_augment(images, ratio=1 / 8):
     s = int(S * ratio)                                         # 4 pixels at 32x32, 8 at 64x64
     dy, dx = torch.randint(-s, s + 1, (2, B, 1), device=images.device)  # (B, 1) each, both ends included
     padded = F.pad(images, [s, s, s, s], mode="reflect")      # (B, C, S + 2s, S + 2s)
-    rows, cols = (torch.arange(S, device=images.device) + shift + s for shift in (dy, dx))  # (B, S) each
+    rows = torch.arange(S, device=images.device) + dy + s       # (B, S): row i reads padded row i + dy + s
+    cols = torch.arange(S, device=images.device) + dx + s       # (B, S)
     return padded[torch.arange(B, device=images.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]
                   ].permute(0, 3, 1, 2)                        # (B, S, S, C) -> (B, C, S, S)
 
@@ -245,14 +247,13 @@ class Trainer:
         # Engineering, not Algorithm 1: autocast's dtype (--amp), fp16's loss scaling, a NaN/inf-loss flag on the device
         # (no host syncs); under torchrun, each rank its own z, y, flips (authors: seed + rank, src/loader.py, 947b35e)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        self.autocast = functools.partial(torch.autocast, device.type, dtype=self.amp_dtype,
+                                          enabled=self.amp_dtype is not None)  # `with self.autocast():` in the steps
         self.scaler_G = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.scaler_D = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         if world > 1:
             torch.manual_seed(cfg.seed + dist.get_rank())
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def sample_latents(self, batch):
         """z ~ N(0, I) and y uniform over classes: fresh for every step (authors)."""
@@ -301,14 +302,14 @@ class Trainer:
             # as the authors' two (three) calls would give with one power iteration of spectral norm, not two.
             out = self.D_train(torch.cat(images), torch.cat(labels))
             real_out = {k: v[:B] for k, v in out.items()}       # D's outputs on the reals,
-            fake_out = {k: v[B:2 * B] for k, v in out.items()}  # on the fakes,
-            aug_out = {k: v[2 * B:] for k, v in out.items()}    # on the augmented reals (--cr-lambda; else empty)
+            fake_out = {k: v[B:2 * B] for k, v in out.items()}  # on the fakes
             adv = d_hinge_loss(real_out["adv"].float(), fake_out["adv"].float())
             cond = self.condition_loss(real_out, real_y)       # 2C, D2D-CE: real images only (authors)
             if self.cfg.loss == "ac":                          # ACGAN as the authors ran it: the fakes too
                 cond = cond + self.condition_loss(fake_out, fake_y)
             loss = adv + cond
-            if self.cfg.cr_lambda:                             # D step only (authors)
+            if self.cfg.cr_lambda:                             # D step only (authors); on the augmented reals:
+                aug_out = {k: v[2 * B:] for k, v in out.items()}
                 loss = loss + self.cfg.cr_lambda * consistency_loss(real_out, aug_out)
         self.update(self.opt_D, self.scaler_D, loss, micro)
         return {"d_loss": loss.detach(), "d_adv": adv.detach(), "d_cond": cond.detach()}
@@ -351,18 +352,7 @@ class Trainer:
         self.ema_update(step)
         return {**d_logs, **g_logs}
 
-    PARTS = ("G", "D", "G_ema", "opt_G", "opt_D", "scaler_G", "scaler_D")  # what a checkpoint holds of it
-
-    def state_dict(self):
-        return {name: getattr(self, name).state_dict() for name in self.PARTS}
-
-    def load_state_dict(self, state):
-        for name in self.PARTS:
-            part = state[name]
-            if name.startswith("opt_"):  # this device's fused/foreach BEFORE loading: torch puts Adam's `step` on
-                # the GPU only for fused groups of the loaded state, and fused CUDA Adam reads it there
-                part = {**part, "param_groups": [{**g, **self.adam_flags} for g in part["param_groups"]]}
-            getattr(self, name).load_state_dict(part)
+    PARTS = ("G", "D", "G_ema", "opt_G", "opt_D", "scaler_G", "scaler_D")  # what a checkpoint holds of it (below)
 
 def build_models(cfg, num_classes):
     return (Generator(cfg.img_size, cfg.g_width, cfg.z_dim, cfg.shared_dim, num_classes),
@@ -1289,7 +1279,7 @@ def resume(run, checkpoint, path):
     """The checkpoint's models, optimisers, step, best FID, history and data position; this command's rates."""
     cfg = run.cfg
     try:
-        run.trainer.load_state_dict(checkpoint)
+        load_trainer_state(run.trainer, checkpoint)
     except (RuntimeError, KeyError, ValueError) as err:
         raise UsageError(f"checkpoint {path} does not fit this model: it has {checkpoint['num_classes']} classes, "
                          f"the data {run.num_classes} ({str(err).splitlines()[0].rstrip(':')})") from None
@@ -1417,7 +1407,7 @@ def write_grid(run):                                           # rank 0: samples
 def evaluate(run):
     """FID (every rank), then on rank 0 the grid and Figure 3's diagnostics: the evaluation's record."""
     trainer = run.trainer
-    check_finite(run, trainer.state_dict())                    # before FID and the grid see NaN weights
+    check_finite(run, trainer_state(trainer))                    # before FID and the grid see NaN weights
     record = {"step": run.step, "eval": True}
     if run.evaluator is not None:
         t0 = time.time()
@@ -1490,7 +1480,7 @@ def check_finite(run, state=None):
 
 def save(run, best=False):
     """last.pt (and best.pt): every rank checks its state and gives its RNG state; rank 0 writes."""
-    state = run.trainer.state_dict()
+    state = trainer_state(run.trainer)
     check_finite(run, state)                                   # every save comes through here
     state.update(step=run.step, best_fid=run.best_fid, best_step=run.best_step, history=run.history,
                  config=vars(run.cfg), num_classes=run.num_classes, data=run.batches.state_dict(),
@@ -1508,6 +1498,18 @@ RUN_FLAGS = set("steps log_every eval_every fid_images fid_weights eval_batch in
                 "resume run_dir data_dir collapse_gap collapse_patience acc_images preset lr_g lr_d judge".split())
 
 SEAL = b"contragan-sha256:"  # then the sha256 of torch.save's bytes before it; torch.load ignores this tail
+
+def trainer_state(trainer):
+    """What a checkpoint holds of Trainer: its PARTS' state dicts."""
+    return {name: getattr(trainer, name).state_dict() for name in trainer.PARTS}
+
+def load_trainer_state(trainer, state):
+    for name in trainer.PARTS:
+        part = state[name]
+        if name.startswith("opt_"):  # this device's fused/foreach BEFORE loading: torch puts Adam's `step` on
+            # the GPU only for fused groups of the loaded state, and fused CUDA Adam reads it there
+            part = {**part, "param_groups": [{**g, **trainer.adam_flags} for g in part["param_groups"]]}
+        getattr(trainer, name).load_state_dict(part)
 
 def save_checkpoint(path, state):
     """Atomic (a temporary file: torch.save's bytes, SEAL, their sha256; fsync, rename), then config.json."""

@@ -504,7 +504,7 @@ def test_accumulation_of_n_micro_batches_gives_the_gradient_of_their_mean_loss(l
     # --accumulation-steps 2: two micro-batches of 8, one Adam step. Its gradients must be those of the mean of
     # the two micro-batches' losses (each micro-batch's own 2C loss), computed here with the updates left out.
     accumulating, reference = tiny_trainer(loss=loss, accumulation_steps=2), tiny_trainer(loss=loss)
-    reference.load_state_dict(accumulating.state_dict())
+    cg.load_trainer_state(reference, cg.trainer_state(accumulating))
     losses = {"D": [], "G": []}
     reference.update = lambda opt, scaler, loss, micro=0: losses["D" if opt is reference.opt_D else "G"].append(loss)
     torch.manual_seed(1)
@@ -1765,7 +1765,7 @@ def test_resume_of_a_cpu_run_on_cuda_puts_adam_step_on_the_gpu():
         for name, model in (("opt_G", cpu.G), ("opt_D", cpu.D)):
             params = [torch.nn.Parameter(torch.empty_like(p, device="cuda")) for p in model.parameters()]
             setattr(gpu, name, torch.optim.Adam(params, **gpu.adam_flags))
-        cg.Trainer.load_state_dict(gpu, cpu.state_dict())
+        cg.load_trainer_state(gpu, cg.trainer_state(cpu))
         for opt in (gpu.opt_G, gpu.opt_D):
             assert all(g["fused"] is True and g["foreach"] is False for g in opt.param_groups)
             for state in opt.state.values():
