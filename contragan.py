@@ -138,8 +138,8 @@ def projection_logit(adv_logit, feature, class_embed):
 def acgan_loss(class_logits, labels):
     """ACGAN's auxiliary classifier loss (Odena et al. 2017): cross-entropy of D's class logits.
 
-    As the authors ran it (PyTorch-StudioGAN src/worker.py, commit 21594bd, lines 261 and 421): the D step adds it on
-    real AND fake images, each with its own labels; the G step on the fakes."""
+    As the authors ran it (PyTorch-StudioGAN src/worker.py, 21594bd): the D step adds it on real AND fake images,
+    each with its own labels; the G step on the fakes."""
     return F.cross_entropy(class_logits.float(), labels)
 
 def cr_augment(images, ratio=1 / 8):
@@ -157,10 +157,10 @@ def cr_augment(images, ratio=1 / 8):
                   ].permute(0, 3, 1, 2)                        # (B, S, S, C) -> (B, C, S, S)
 
 def consistency_loss(out, out_aug):
-    """CR (Zhang et al. 2020) as the authors add it to D's loss (src/worker.py, 21594bd, lines 275-291): MSE (the mean
-    over elements) of D's outputs on reals vs on `cr_augment`ed reals: the adversarial logit (ProjGAN's holds its
-    projection) plus the class output: the 2C/D2D-CE embedding L2-normalised, as their D returns it (big_resnet.py
-    lines 409-411; the proxies, the same on both sides, are left out), or ACGAN's class logits."""
+    """CR (Zhang et al. 2020) as the authors add it to D's loss (src/worker.py, 21594bd): MSE (the mean over
+    elements) of D's outputs on reals vs on `cr_augment`ed reals: the adversarial logit (ProjGAN's holds its
+    projection) plus the class output: the 2C/D2D-CE embedding L2-normalised, as their D returns it (big_resnet.py;
+    the proxies, the same on both sides, are left out), or ACGAN's class logits."""
     loss = F.mse_loss(out["adv"].float(), out_aug["adv"].float())
     if "embed" in out:
         loss = loss + F.mse_loss(F.normalize(out["embed"].float(), dim=1), F.normalize(out_aug["embed"].float(), dim=1))
@@ -263,8 +263,7 @@ class Trainer:
     def condition_loss(self, out, labels):
         """lambda * the class term of D's outputs `out` for images of class `labels`: 2C or D2D-CE on their
         embeddings (under DDP over the global batch), ACGAN's cross-entropy on their class logits; 0 for
-        proj, whose condition is inside D's logit. D2D-CE is fed as 2C is (authors' src/worker.py, commit
-        947b35e, lines 307-309 and 575-577; aux_cls_type "W/O" in src/configs/CIFAR10/ReACGAN.yaml)."""
+        proj, whose condition is inside D's logit. D2D-CE is fed as 2C is (authors' src/worker.py at 947b35e)."""
         cfg = self.cfg
         if cfg.loss in ("2c", "d2dce"):
             embed, proxy, labels = gather_global_batch(out["embed"], out["proxy"], labels)
@@ -279,7 +278,7 @@ class Trainer:
 
     def update(self, optimizer, scaler, loss, micro=0):
         """backward of loss / N, micro-batch `micro` of N = --accumulation-steps, then after the last the Adam step (via
-        fp16's GradScaler) as in the authors' src/worker.py (21594bd, lines 216, 354-365); non-finite: flagged."""
+        fp16's GradScaler) as in the authors' src/worker.py (21594bd); a non-finite loss is flagged."""
         if micro == 0:
             optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss / self.cfg.accumulation_steps).backward()
@@ -600,7 +599,7 @@ class UsageError(Exception):
 class RankError(UsageError):
     """A UsageError that every rank says, not rank 0 alone: rank 0 may be the one missing."""
 
-# ---- Data: CIFAR-10/100 (torchvision), any class-per-folder tree (ImageFolder), built-in shapes --------------------
+# ---- Data: CIFAR-10/100 (torchvision), any class-per-folder tree, built-in shapes ---------------------------------
 
 def to_signed(images):  # uint8 in [0, 255] -> float in [-1, 1], the range of G's tanh (fid.py does the same)
     return images.float() / 127.5 - 1.0
@@ -627,17 +626,14 @@ def make_shapes(n, img_size=32, seed=0):
     cx = r + (S - 2 * r) * torch.rand(n, generator=gen)                    # (n,) centre, inside
     cy = r + (S - 2 * r) * torch.rand(n, generator=gen)
     yy, xx = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
-    dx = xx[None] - cx[:, None, None]                                      # (n, S, S)
-    dy = yy[None] - cy[:, None, None]
-    r3 = r[:, None, None]
+    dx, dy, r3 = xx[None] - cx[:, None, None], yy[None] - cy[:, None, None], r[:, None, None]  # (n, S, S)
     masks = torch.stack([dx ** 2 + dy ** 2 < r3 ** 2,                                # circle
                          torch.maximum(dx.abs(), dy.abs()) < 0.8 * r3,               # square
                          (dy < 0.8 * r3) & (dx.abs() < (dy + r3) * 0.6),             # triangle
                          ((dx.abs() < r3 / 3) & (dy.abs() < r3)) |
                          ((dy.abs() < r3 / 3) & (dx.abs() < r3))])                  # cross
     mask = masks[labels, torch.arange(n)]                                  # (n, S, S)
-    colours = torch.tensor([c for _, c in SHAPES], dtype=torch.float32)
-    colour = colours[labels] + 20 * torch.randn(n, 3, generator=gen)       # (n, 3) jittered
+    colour = torch.tensor([c for _, c in SHAPES], dtype=torch.float32)[labels] + 20 * torch.randn(n, 3, generator=gen)
     background = 30 + 8 * torch.randn(n, 3, S, S, generator=gen)
     images = torch.where(mask[:, None], colour[:, :, None, None], background)
     return images.clamp(0, 255).round().to(torch.uint8), labels
@@ -665,35 +661,25 @@ def shapes_class_of(images):
     cy, cx = [(mask * t).sum((1, 2))[:, None, None] / n.clamp(min=1)[:, None, None] for t in (y, x)]
     below = (cy.flatten() - top - (height - 1) / 2) / height
     reach = torch.where(mask, (y - cy) ** 2 + (x - cx) ** 2, 0).amax((1, 2)).sqrt() + 0.5  # to its pixel's edge
-    roundness = n / (torch.pi * reach ** 2)
     lo, hi, below_lo, below_hi, round_hi = forms[k].T
     ok = (n >= 0.01 * H * W) & (lo <= fill) & (fill <= hi) & (below_lo <= below) & (below <= below_hi)
-    return torch.where(ok & (roundness <= round_hi), k, -1)
+    return torch.where(ok & (n / (torch.pi * reach ** 2) <= round_hi), k, -1)   # roundness: area / enclosing disc
 
 CIFAR = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 
 def load_cifar(name, data_dir, train):
-    """CIFAR-10/100 via torchvision, downloaded into data_dir once; offline, fail in seconds."""
+    """CIFAR-10/100 via torchvision: downloaded into data_dir once, then read (md5-checked) from there."""
     import torchvision
-    cls = getattr(torchvision.datasets, CIFAR[name])
+    cls, old_timeout = getattr(torchvision.datasets, CIFAR[name]), socket.getdefaulttimeout()
     try:
-        ds = cls(data_dir, train=train, download=False)
-    except RuntimeError:                                       # not there yet: download it
-        tar = os.path.join(data_dir, cls.filename)             # torchvision would download over a bad copy
-        if os.path.isfile(tar) and not torchvision.datasets.utils.check_integrity(tar, cls.tgz_md5):
-            raise UsageError(f"{tar} is corrupt (its md5 is not {cls.tgz_md5}: a cut download?): delete it to "
-                             f"download it again, or put a good copy there") from None
-        old_timeout = socket.getdefaulttimeout()
-        try:
-            socket.setdefaulttimeout(20)                       # a dead network fails, never hangs
-            ds = cls(data_dir, train=train, download=True)
-        except Exception as err:
-            raise UsageError(f"could not download {name} ({cls.filename} from {cls.url}): "
-                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}. Offline: fetch "
-                             f"that file elsewhere and put it, or its extracted folder {cls.base_folder}/, in "
-                             f"--data-dir ({tar})") from None
-        finally:
-            socket.setdefaulttimeout(old_timeout)
+        socket.setdefaulttimeout(20)                           # offline: fail in seconds, never hang
+        ds = cls(data_dir, train=train, download=True)         # no download when the files are there
+    except Exception as err:
+        raise UsageError(f"could not download {name} ({cls.filename} from {cls.url}): {str(err).splitlines()[0]}. "
+                         f"Offline: fetch that file elsewhere and put it, or its extracted folder {cls.base_folder}/,"
+                         f" in --data-dir ({os.path.join(data_dir, cls.filename)})") from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()   # (N, 3, 32, 32) uint8
     return TensorImages(images, torch.tensor(ds.targets), list(ds.classes))
 
@@ -725,19 +711,15 @@ class FolderImages(torch.utils.data.Dataset):
         raise UsageError(f"no image in {self.root} can be read")
 
 def load_folder(root, img_size, flag="--data-dir", run_dir=None):
-    """A class-per-folder tree (root/<class>/.../<image>), resized and centre-cropped; links followed, loops once,
-    never into run_dir (its sample grids would become training images)."""
+    """A class-per-folder tree (root/<class>/.../<image>) as torchvision's ImageFolder lists it (links followed),
+    resized and centre-cropped. Left out: hidden files and folders, other types than IMG_EXT, FIFOs and devices.
+    Each real image once and in one class; none in run_dir (its sample grids are no training images)."""
     from torchvision import transforms as T
+    from torchvision.datasets.folder import make_dataset
     if not os.path.isdir(root):
         raise UsageError(f"image folder {root!r} does not exist (give it with {flag})")
-    owner, samples = {os.path.realpath(root): None}, []   # the class of each folder and file met, by real path
-    run_real = os.path.realpath(run_dir) if run_dir else None
-    def first_time(real, path, k):                            # real: the path with every link resolved
-        n = len(owner)
-        if owner.setdefault(real, k) not in (k, None):
-            raise UsageError(f"{path} is also in class {classes[owner[real]]!r} (through a link): "
-                             f"each image needs one class")
-        return len(owner) > n
+    def is_image(path):                                        # path: root/<class>/...
+        return path.lower().endswith(IMG_EXT) and "/." not in path[len(root):] and os.path.isfile(path)
     try:
         entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
         classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
@@ -745,37 +727,26 @@ def load_folder(root, img_size, flag="--data-dir", run_dir=None):
             raise UsageError(f"{dangling[0]} is a link to {os.readlink(dangling[0])!r}, which does not exist (a "
                              f"class folder moved?): fix or remove the link")
         if not classes:
-            if any(e.lower().endswith(IMG_EXT) for e in entries):
-                raise UsageError(f"{root!r} holds images but no class sub-folders: put each class's "
-                                 f"images in {root}/<class name>/")
-            raise UsageError(f"image folder {root!r} is empty: it needs one sub-folder of images per class")
-        left_out = [os.path.join(root, e) for e in entries if e not in classes]
-        for k, c in enumerate(classes):
-            stack, found = [os.path.join(root, c)], []
-            while stack:
-                d = stack.pop()
-                if first_time(real_d := os.path.realpath(d), d, k):
-                    if run_real is not None and os.path.commonpath([real_d, run_real]) == run_real:
-                        raise UsageError(f"{d} leads into the run folder {run_dir} (through a link): the run's "
-                                         f"sample grids would be read as training images; remove the link")
-                    for e in (e for e in os.scandir(d) if not e.name.startswith(".")):  # hidden: left out
-                        if e.is_dir():
-                            stack.append(e.path)
-                        elif not (e.is_file() and e.name.lower().endswith(IMG_EXT)):  # FIFOs, devices too
-                            left_out.append(e.path)
-                        elif first_time(os.path.realpath(e.path) if e.is_symlink() else os.path.join(real_d, e.name),
-                                        e.path, k):
-                            found.append(e.path)
-            if not found:
-                raise UsageError(f"class folder {os.path.join(root, c)} holds no image ({' '.join(IMG_EXT)})")
-            samples += [(p, k) for p in sorted(found, key=os.path.split)]
+            raise UsageError(f"image folder {root!r} holds no class sub-folders: put each class's images in "
+                             f"{root}/<class name>/")
+        found = make_dataset(root, {c: k for k, c in enumerate(classes)}, is_valid_file=is_image)
+    except FileNotFoundError as err:                           # ImageFolder's "Found no valid file for the classes"
+        raise UsageError(f"image folder {root}: {str(err).split('. ')[0]} ({' '.join(IMG_EXT)})") from None
     except OSError as err:
         raise UsageError(f"cannot read {err.filename}: {err.strerror}") from None
-    if left_out and is_main_process():
-        print(f"note: {len(left_out)} files in {root} are not read: not in a class folder or not "
-              f"{' '.join(IMG_EXT)} (e.g. {left_out[0]})", flush=True)
-    resize = T.Compose([T.Resize(img_size), T.CenterCrop(img_size), T.PILToTensor()])
-    return FolderImages(root, samples, classes, resize)
+    owner, samples, run_real = {}, [], os.path.realpath(run_dir or root)
+    for path, k in found:                                      # os.walk follows a link loop ~40 deep: each file once
+        real = os.path.realpath(path)
+        if run_dir and real.startswith(run_real + os.sep):
+            raise UsageError(f"{path} leads into the run folder {run_dir} (through a link): the run's sample "
+                             f"grids would be read as training images; remove the link")
+        if owner.setdefault(real, k) != k:
+            raise UsageError(f"{path} is also in class {classes[owner[real]]!r} (through a link): each image needs "
+                             f"one class")
+        if len(owner) > len(samples):                          # met for the first time
+            samples.append((path, k))
+    return FolderImages(root, samples, classes, T.Compose([T.Resize(img_size), T.CenterCrop(img_size),
+                                                           T.PILToTensor()]))
 
 def load_data(cfg):
     """(train, heldout, num_classes); heldout: CIFAR's test split, a fresh shapes draw, or 5% of a folder (>= 200)."""
@@ -866,55 +837,20 @@ def setup_device(cfg):
     """(device, rank, world) from torchrun's environment; joins the process group when world > 1."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")), cfg.tf32)
-    from shutil import which                                   # --compile: Triton (GPU) builds a C stub, Inductor
-    compilers = ("cc", "gcc", "clang") if device.type == "cuda" else ("c++", "g++", "clang++")  # (CPU) C++ kernels
-    if cfg.compile and not any(map(which, compilers)):
-        raise UsageError(f"--compile needs a C compiler on PATH ({', '.join(compilers)}), and none is there")
-    if world > 1 and not dist.is_initialized():
-        join_process_group("nccl" if device.type == "cuda" else "gloo", rank, world)
+    if world > 1 and not dist.is_initialized():              # torchrun's rendezvous is done: ranks join at once
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
         warnings.filterwarnings("ignore", message=".*nn.functional.all_gather is deprecated")  # public, differentiable
     return device, rank, world
 
-RENDEZVOUS_S = 300                                             # ranks started by hand wait this long for each other
-
-def join_process_group(backend, rank, world):
-    """init_process_group. Ranks started by hand (torchrun's agent starts them all) first meet in a TCPStore polled
-    from Python, not in torch's C++ wait (30 minutes, deaf to signals): the wait is said, bounded, ended by a signal."""
-    store, addr, port, start = None, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), time.time()
-    missing = [] if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else [0]
-    if missing and rank == 0:
-        print(f"waiting up to {RENDEZVOUS_S} s for {world} ranks at {addr}:{port}", flush=True)
-    try:
-        while missing and time.time() < start + RENDEZVOUS_S:
-            with socket.socket() as probe:                     # rank 0 up? asked here: a C++ client retries deaf
-                probe.settimeout(1)
-                if store is None and (rank == 0 or probe.connect_ex((addr, port)) == 0):
-                    store = dist.TCPStore(addr, port, world, rank == 0, timedelta(minutes=30), wait_for_workers=False)
-                    store.set(f"contragan_rank{rank}", "")
-            missing = [0] if store is None else [r for r in range(world) if not store.check([f"contragan_rank{r}"])]
-            time.sleep(0.1 if missing else 0)
-    except (OSError, RuntimeError) as err:                     # rank 0: the port is taken; the others: rank 0 left
-        raise RankError(f"rank {rank}: the rendezvous at {addr}:{port} failed ({str(err).splitlines()[0]})") from None
-    if missing:                                                # said by every rank: rank 0 may be the one missing
-        ranks = f"rank{'s' * (len(missing) > 1)} {', '.join(map(str, missing))}"
-        raise RankError(f"{f'rank {rank}: ' if rank else ''}{ranks} of {world} did not join at {addr}:{port} in "
-                        f"{RENDEZVOUS_S} s: start each with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, "
-                        f"or use torchrun")
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(minutes=30))
-
 def wrap_for_training(trainer):
-    """Sets the modules Trainer's steps call: G_train, D_train: G and D in DDP (world > 1), G's BatchNorm over the
-    global batch with --sync-bn; D_frozen: the plain D (the G step gives D no gradient: DDP would wait for one); each
-    compiled with --compile. Trainer.G and .D stay the plain modules that are saved and averaged into G_ema."""
-    cfg, world = trainer.cfg, trainer.world
-    if cfg.sync_bn and world > 1:                              # in place: the same parameters, the optimisers' own
-        trainer.G = nn.SyncBatchNorm.convert_sync_batchnorm(trainer.G).to(trainer.device)
+    """Sets the modules Trainer's steps call: G_train, D_train: G and D in DDP (world > 1); D_frozen: the plain D (the
+    G step gives D no gradient: DDP would wait for one); each compiled with --compile. Trainer.G and .D stay the plain
+    modules that are saved and averaged into G_ema."""
     modules = [trainer.G, trainer.D, trainer.D]
-    if world > 1:
+    if trainer.world > 1:
         modules[:2] = [nn.parallel.DistributedDataParallel(m) for m in modules[:2]]  # device_ids None: one a rank
-    if cfg.compile:
-        mode = None if cfg.compile is True else cfg.compile   # True: a checkpoint saved before --compile took a MODE
-        modules = [torch.compile(m, mode=mode) for m in modules]
+    if trainer.cfg.compile:
+        modules = [torch.compile(m, mode=trainer.cfg.compile) for m in modules]
     trainer.G_train, trainer.D_train, trainer.D_frozen = modules
 
 def any_rank(flag, device, world):
@@ -1007,13 +943,6 @@ def load_judge(path, device="cpu", expect=None):
     with open(path, "rb") as f:                                # a file object: any name, not only *.pt2
         return torch.export.load(f).module().to(device).requires_grad_(False), info   # frozen: no autograd graph
 
-def judge_file(path):  # --judge's argparse type: the path, once it loads as a judge file (else one error line)
-    try:
-        load_judge(path)
-    except UsageError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return path
-
 def d_diagnostics(D, G_ema, reals_train, reals_heldout, num_classes, cfg, device, judge=None):
     """Figure 3's overfitting probe on real (images, labels): training, held-out (or None); class confusion of G_ema's
     fakes, their classes read by D, by their colours (shapes), by --judge's CNN."""
@@ -1057,13 +986,13 @@ def detect_collapse(history, gap_threshold, patience):
     return None
 
 class FIDEvaluator:
-    """FID of G_ema as the paper measured it (`description`); under DDP each rank embeds a share, fid.py sums."""
+    """FID of G_ema as the paper measured it (`description`), on rank 0 (the other ranks wait in their next step)."""
 
-    def __init__(self, cfg, reference, split, num_classes, device, rank, world):
-        self.cfg, self.num_classes, self.device, self.rank, self.world = cfg, num_classes, device, rank, world
-        if cfg.intra_fid and cfg.fid_images // world < 2 * num_classes:  # before minutes of reference statistics
-            raise UsageError(f"--intra-fid needs --fid-images of at least {2 * num_classes * world}: "
-                             f"2 fakes per class per rank, for a covariance")
+    def __init__(self, cfg, reference, split, num_classes, device):
+        self.cfg, self.num_classes, self.device = cfg, num_classes, device
+        if cfg.intra_fid and cfg.fid_images < 2 * num_classes:   # before minutes of reference statistics
+            raise UsageError(f"--intra-fid needs --fid-images of at least {2 * num_classes}: 2 fakes per class, "
+                             f"for a covariance")
         random_weights = cfg.fid_weights == "random"
         try:
             self.inception = fid.load_inception(weights=None if random_weights else cfg.fid_weights,
@@ -1075,14 +1004,9 @@ class FIDEvaluator:
         files = reference.dataset.fingerprint if cfg.dataset == "folder" else None  # the file list it is made of
         self.protocol = {"dataset": cfg.dataset, "split": split, "num_images": n_ref, "img_size": cfg.img_size,
                          **fid.inception_protocol(self.inception), **({"files": files} if files else {})}
-        of_folder = {"train": "folder training images (a fixed random subset; there is no held-out reference)",
-                     "reference": f"images in --fid-reference-dir {cfg.fid_reference_dir} (a fixed random subset)"}
-        source = f"{n_ref} {cfg.dataset} {split} images"
-        if split in of_folder:
-            source = f"{n_ref} of the {len(reference)} {of_folder[split]}"
         self.description = (f"FID protocol: {cfg.fid_images} fakes of G_ema (BatchNorm batch statistics, batch "
-                            f"{cfg.eval_batch}) vs {source}; Inception-V3 {self.protocol['weights']}; "
-                            f"{self.protocol['resize']}")
+                            f"{cfg.eval_batch}) vs {n_ref} of {len(reference)} {cfg.dataset} {split} images (a fixed "
+                            f"subset); Inception-V3 {self.protocol['weights']}; {self.protocol['resize']}")
         weights = "random" if random_weights else "tf"        # every protocol key in the name; changed files:
         name = f"fid_{cfg.dataset}_{split}_{cfg.img_size}px_{n_ref}_{weights}" + (f"_{files}" if files else "")
         stem = os.path.join(cfg.data_dir if split in ("test", "heldout") else cfg.run_dir, name)  # a new reference
@@ -1090,60 +1014,42 @@ class FIDEvaluator:
         if split in ("test", "heldout") and not all(map(os.path.exists, names)) and not fid.can_write(cfg.data_dir):
             stem = os.path.join(cfg.run_dir, os.path.basename(stem))   # e.g. a read-only shared data set
             self.description += f"; reference statistics cached in the run folder (cannot write to {cfg.data_dir})"
-        subset = torch.utils.data.Subset(reference, range(n_ref))
+        subset, self.class_ref = torch.utils.data.Subset(reference, range(n_ref)), None
         if cfg.intra_fid:                                      # checked before any statistics are written
-            if isinstance(reference, TensorImages):
-                labels = reference.labels[:n_ref]
-            else:                                              # reads each image once
-                labels = torch.tensor([reference[i][1] for i in range(n_ref)])
+            labels = torch.tensor([reference[i][1] for i in range(n_ref)])   # each image read once
             counts = torch.bincount(labels, minlength=num_classes)
             if counts.min() < 2:
                 k, classes = int(counts.argmin()), getattr(reference, "classes", None) or reference.dataset.classes
                 raise UsageError(f"--intra-fid needs 2 reference images per class, for a covariance: class "
                                  f"{classes[k]!r} has {counts[k]} of the {n_ref} (of {len(reference)} in all)")
-        self.ref, self.class_ref = self._reference(subset, stem + ".npz", self.protocol), None
-        if cfg.intra_fid:                                      # per-class statistics
-            self.class_ref = []
-            for k in range(num_classes):
-                of_class = torch.utils.data.Subset(subset, (labels == k).nonzero().flatten().tolist())
-                self.class_ref.append(self._reference(of_class, f"{stem}_class{k}.npz", {**self.protocol, "class": k}))
+            self.class_ref = [self._reference(torch.utils.data.Subset(subset, torch.where(labels == k)[0].tolist()),
+                                              f"{stem}_class{k}.npz", {**self.protocol, "class": k})
+                              for k in range(num_classes)]
+        self.ref = self._reference(subset, stem + ".npz", self.protocol)
 
-    def _reference(self, dataset, path, protocol):
-        if self.rank == 0:                                     # computes and caches; the others read the cache
-            fid.reference_stats(self.inception, dataset, path, protocol, num_images=len(dataset),
-                                batch_size=self.cfg.eval_batch, device=self.device)
-        if self.world > 1:
-            dist.barrier()
-        return fid.load_stats(path, expect=protocol)[:2]       # mu, sigma
+    def _reference(self, dataset, path, protocol):             # computed once, cached; mu, sigma
+        return fid.reference_stats(self.inception, dataset, path, protocol, num_images=len(dataset),
+                                   batch_size=self.cfg.eval_batch, device=self.device)[:2]
 
     def __call__(self, G):
-        """{'fid', ['intra_fid', 'intra_fid_per_class']} of one process's fakes; rank r: batches r, r + world, ..."""
+        """{'fid', ['intra_fid', 'intra_fid_per_class']} of --fid-images fakes in --eval-batch batches."""
         cfg, K = self.cfg, self.num_classes
-        gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)  # one stream, walked by every rank
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)  # the same fakes' noise every time
         class_stats = [fid.RunningStats() for _ in range(K)] if self.class_ref else None
         if class_stats is None:
             labels = uniform_labels(cfg.fid_images, K, self.device, gen)
-        else:
+        else:                                                  # intra-FID: the same fakes, by label, in mixed batches
             labels = balanced_labels(cfg.fid_images, K, self.device, gen)
-        batches = labels.split(cfg.eval_batch)                 # intra-FID: the same fakes, by label, in mixed batches
-        todo = iter(range(len(batches)))
-        def sample(n):                                         # fid.py asks in the same eval_batch chunks
-            for j in todo:
-                if j % self.world == self.rank:
-                    x = generate(G, batches[j], cfg.z_dim, cfg.eval_batch, gen)  # draws z as the line below
-                    return x if class_stats is None else (x, batches[j])
-                torch.randn(len(batches[j]), cfg.z_dim, device=self.device, generator=gen)  # other ranks' z: dropped
-        n = sum(map(len, batches[self.rank::self.world]))
-        stats = fid.RunningStats()
-        if n > 0:
-            stats = fid.features_from_sampler(self.inception, sample, n, cfg.eval_batch, self.device,
-                                              class_stats=class_stats)[0]
-        for s in [stats] + (class_stats or []):                # a rank with no image (of a class) adds 0 to the sums
-            s.update(torch.zeros(0, fid.FEATURE_DIM, device=self.device))
-        out = {"fid": fid.frechet_distance(stats.all_reduce().mu, stats.sigma, *self.ref)}
+        batches = iter(labels.split(cfg.eval_batch))           # fid.py asks in the same eval_batch chunks
+        def sample(n):
+            y = next(batches)
+            x = generate(G, y, cfg.z_dim, cfg.eval_batch, gen)
+            return x if class_stats is None else (x, y)
+        stats = fid.features_from_sampler(self.inception, sample, cfg.fid_images, cfg.eval_batch, self.device,
+                                          class_stats=class_stats)[0]
+        out = {"fid": fid.frechet_distance(stats.mu, stats.sigma, *self.ref)}
         if class_stats is not None:
-            per_class = [fid.frechet_distance(s.all_reduce().mu, s.sigma, *ref)
-                         for s, ref in zip(class_stats, self.class_ref)]
+            per_class = [fid.frechet_distance(s.mu, s.sigma, *ref) for s, ref in zip(class_stats, self.class_ref)]
             out["intra_fid"], out["intra_fid_per_class"] = sum(per_class) / K, per_class
         return out
 
@@ -1176,31 +1082,25 @@ def start_run(cfg, explicit):
             print(f"nothing trained: {ckpt_path} is at step {checkpoint['step']}, --steps {cfg.steps} (give more)")
         return 0
     device, rank, world = setup_device(cfg)
-    if cfg.sync_bn and world > 1 and device.type != "cuda":
-        raise UsageError("--sync-bn needs CUDA GPUs: torch's SyncBatchNorm works only on GPU modules")
-    if cfg.sync_bn and world == 1:
-        print("note: --sync-bn changes nothing in one process: G's BatchNorm already sees the whole batch")
-    release = lambda: None                                     # noqa: E731  only rank 0 owns the folder
-    if rank == 0:
-        release = claim_run_dir(cfg.run_dir, ckpt_path)
+    release = claim_run_dir(cfg.run_dir, ckpt_path) if rank == 0 else (lambda: None)  # rank 0 owns the folder
     try:
         return train(setup_run(cfg, checkpoint, ckpt_path, device, rank, world))
     except (OSError, RuntimeError) as err:                     # a full disk, a folder removed; out of memory; a rank
         lost = world > 1 and (isinstance(err, dist.DistError) or "gloo" in str(err))  # lost: its collectives fail
-        if not (lost or isinstance(err, (OSError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)):
+        oom = isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)
+        if not (lost or oom or isinstance(err, OSError)):
             raise
         last = os.path.join(cfg.run_dir, "last.pt")
         kept = f"; {last} is intact" if os.path.exists(last) else "; no checkpoint was written"
         if lost:                                               # gloo: "[file:line] Read error ...: reset by peer. ..."
-            reason = str(err).split("] ")[-1].split(". ")[0]
-            if os.path.exists(last):
-                kept += f": continue with --resume {cfg.run_dir}"
-            raise RankError(f"rank {rank}: another rank stopped or lost its connection ({reason}){kept}") from None
-        if isinstance(err, OSError):
-            raise UsageError(f"{err.strerror or err}: {err.filename or cfg.run_dir}{kept}") from None
-        raise UsageError(f"out of memory on {device}: --batch-size {cfg.batch_size}, --eval-batch {cfg.eval_batch}, "
-                         f"--g-width {cfg.g_width} or --d-width {cfg.d_width} is too large for its memory{kept}") \
-            from None
+            kept += f": continue with --resume {cfg.run_dir}" if os.path.exists(last) else ""
+            raise RankError(f"rank {rank}: another rank stopped or lost its connection "
+                            f"({str(err).split('] ')[-1].split('. ')[0]}){kept}") from None
+        if oom:
+            raise UsageError(f"out of memory on {device}: --batch-size {cfg.batch_size}, --eval-batch "
+                             f"{cfg.eval_batch}, --g-width {cfg.g_width} or --d-width {cfg.d_width} is too large for "
+                             f"its memory{kept}") from None
+        raise UsageError(f"{err.strerror or err}: {err.filename or cfg.run_dir}{kept}") from None
     finally:
         release()
 
@@ -1220,14 +1120,15 @@ def setup_run(cfg, checkpoint, ckpt_path, device, rank, world):
     if num_classes < 2 and cfg.loss in ("2c", "d2dce", "ac"):
         raise UsageError(f"--loss {cfg.loss} needs at least 2 classes: with one its class term is "
                          f"exactly 0 every step (use --loss proj, or give more classes)")
-    folder = {"data_dir": os.path.realpath(cfg.data_dir)} if cfg.dataset == "folder" else {}  # as judge.py's
-    judge = None if cfg.judge is None else load_judge(cfg.judge, device, expect=dict(  # another data's:
-        dataset=cfg.dataset, num_classes=num_classes, img_size=cfg.img_size, classes=class_names,
-        **folder))                                             # refused now, as tools/judge.py refuses it
+    judge = None
+    if cfg.judge is not None:                                  # another data's judge: refused now, as judge.py does
+        folder = {"data_dir": os.path.realpath(cfg.data_dir)} if cfg.dataset == "folder" else {}
+        judge = load_judge(cfg.judge, device, expect=dict(dataset=cfg.dataset, num_classes=num_classes,
+                                                          img_size=cfg.img_size, classes=class_names, **folder))
     run = types.SimpleNamespace(cfg=cfg, device=device, rank=rank, world=world, log=log, num_classes=num_classes,
                                 class_names=class_names, data_files=data_files, judge=judge)
     run.trainer = Trainer(cfg, num_classes, device, world)     # Algorithm 1: G, D, G_ema, their optimisers
-    wrap_for_training(run.trainer)                             # sync-BN, DDP, compile
+    wrap_for_training(run.trainer)                             # DDP, compile
     run.batches = Batches(train_set, cfg.batch_size // world, rank, world, cfg.seed, device, cfg.num_workers, cfg.flip)
     run.step, run.best_fid, run.best_step, run.history = 0, None, None, []
     run.metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
@@ -1236,13 +1137,11 @@ def setup_run(cfg, checkpoint, ckpt_path, device, rank, world):
     run.saved_step = run.step                                  # last.pt's step when it exists
     n_g, n_d = [sum(p.numel() for p in m.parameters()) for m in (run.trainer.G, run.trainer.D)]
     log(f"config: {json.dumps(vars(cfg), sort_keys=True)}")
-    ranks = f" x {world} ranks" if world > 1 else ""
-    log(f"G {n_g:,} params | D {n_d:,} params | {cfg.loss} | {device}{ranks} | global batch {cfg.batch_size} | "
-        f"run {cfg.run_dir}")
+    log(f"G {n_g:,} params | D {n_d:,} params | {cfg.loss} | {device}{f' x {world} ranks' * (world > 1)} | "
+        f"global batch {cfg.batch_size} | run {cfg.run_dir}")
     run.evaluator = None
-    if cfg.fid_images > 0:
-        run.evaluator = FIDEvaluator(cfg, *fid_reference(cfg, train_set, heldout, class_names), num_classes, device,
-                                     rank, world)
+    if cfg.fid_images > 0 and rank == 0:
+        run.evaluator = FIDEvaluator(cfg, *fid_reference(cfg, train_set, heldout, class_names), num_classes, device)
         log(run.evaluator.description)
     run.reals_train = fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
     run.reals_heldout, run.gap_threshold = None, cfg.collapse_gap
@@ -1269,35 +1168,30 @@ def fid_reference(cfg, train_set, heldout, class_names):
             raise UsageError(f"--fid-reference-dir {cfg.fid_reference_dir}: other classes than the training data")
         order = torch.randperm(len(reference), generator=torch.Generator().manual_seed(1234))  # the same each run
         return torch.utils.data.Subset(reference, order.tolist()), "reference"
-    if cfg.dataset in CIFAR:
-        return heldout, "test"
-    if cfg.dataset == "shapes":
-        return heldout, "heldout"
-    return train_set, "train"
+    if cfg.dataset == "folder":
+        return train_set, "train"
+    return heldout, "test" if cfg.dataset in CIFAR else "heldout"
 
 def resume(run, checkpoint, path):
     """The checkpoint's models, optimisers, step, best FID, history and data position; this command's rates."""
-    cfg = run.cfg
+    cfg, was = run.cfg, checkpoint["config"]
     try:
         load_trainer_state(run.trainer, checkpoint)
     except (RuntimeError, KeyError, ValueError) as err:
         raise UsageError(f"checkpoint {path} does not fit this model: it has {checkpoint['num_classes']} classes, "
                          f"the data {run.num_classes} ({str(err).splitlines()[0].rstrip(':')})") from None
-    for k, (was_name, name) in enumerate(zip(checkpoint.get("classes", run.class_names), run.class_names)):
+    for k, (was_name, name) in enumerate(zip(checkpoint["classes"], run.class_names)):
         if was_name != name:                                   # classes are numbered in name order: all would move
             raise UsageError(f"checkpoint {path} was trained with class {k} {was_name!r}, the data has {name!r} "
                              f"there: give the class folders their old names (or the data it was trained on), "
                              f"or start a new run")
     run.step, run.best_fid, run.best_step = checkpoint["step"], checkpoint["best_fid"], checkpoint["best_step"]
-    run.history, was = checkpoint.get("history", []), checkpoint["config"]
+    run.history = checkpoint["history"]
     def changes(keys):                                         # "--flag old -> new" of each changed key
-        return [f"--{k.replace('_', '-')} {was.get(k)} -> {getattr(cfg, k)}"
-                for k in keys if was.get(k) != getattr(cfg, k)]
-    files = []                                                 # older checkpoints have no file list: not compared
-    if checkpoint.get("files", run.data_files) != run.data_files:
-        files = [f"the files in {cfg.data_dir}: added, removed or moved"]
+        return [f"--{k.replace('_', '-')} {was.get(k)} -> {getattr(cfg, k)}" for k in keys if was[k] != getattr(cfg, k)]
+    files = [f"the files in {cfg.data_dir}: added, removed or moved"] * (checkpoint["files"] != run.data_files)
     protocol_changes = changes(("fid_images", "fid_weights", "eval_batch")) + files
-    if protocol_changes and cfg.fid_images and was.get("fid_images"):   # FIDs of two protocols are not compared
+    if protocol_changes and cfg.fid_images and was["fid_images"]:   # FIDs of two protocols are not compared
         run.best_fid, run.best_step, run.history = None, None, [{**h, "fid": None} for h in run.history]
         run.log(f"note: the FID protocol changed ({', '.join(protocol_changes)}): best.pt and the FID-rise collapse "
                 f"check start afresh at this resume; earlier FIDs in metrics.jsonl are of the old protocol")
@@ -1346,22 +1240,17 @@ def train(run):
             run.step += 1
             if run.step % cfg.log_every == 0 or run.step == cfg.steps:
                 check_finite(run)
-                per_step = (time.time() - t_last) / max(run.step - step_last, 1)
-                log_progress(run, logs, per_step, eval_s)
+                log_progress(run, logs, (time.time() - t_last) / max(run.step - step_last, 1), eval_s)
                 t_last, step_last = time.time(), run.step
             if run.step == cfg.log_every and cfg.log_every < cfg.eval_every:  # an early look before the first eval
                 write_grid(run)
             if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
                 t_eval = time.time()
-                record = evaluate(run)
-                save(run, best=record_evaluation(run, record))
+                save(run, best=record_evaluation(run, evaluate(run)))
                 t_last, step_last, eval_s = time.time(), run.step, time.time() - t_eval
-            if run.world == 1:
-                stopping = stop.signum > 0
-            elif run.step % min(cfg.log_every, 10) == 0:       # all ranks stop at one step: agreed every 10 steps,
-                stopping = any_rank(stop.signum > 0, run.device, run.world)  # well within torchrun's 30 s to SIGKILL
-            else:
-                stopping = False
+            stopping = stop.signum > 0                         # under torchrun, all ranks stop at one step: agreed
+            if run.world > 1:                                  # every 10 steps, well within torchrun's 30 s to SIGKILL
+                stopping = run.step % min(cfg.log_every, 10) == 0 and any_rank(stopping, run.device, run.world)
             if stopping and run.step < cfg.steps:
                 if run.saved_step < run.step:                  # not just saved by the evaluation
                     save(run)
@@ -1375,10 +1264,10 @@ def train(run):
         for s, handler in previous.items():
             signal.signal(s, handler)
         run.batches._it = None                                 # its DataLoader workers end now, not at a later gc
-    if run.best_fid is not None:
-        run.log(f"done: best FID {run.best_fid:.3f} at step {run.best_step} ({cfg.run_dir}/best.pt)")
-    else:
+    if run.best_fid is None:
         run.log(f"done: {cfg.run_dir}/last.pt")
+    else:
+        run.log(f"done: best FID {run.best_fid:.3f} at step {run.best_step} ({cfg.run_dir}/best.pt)")
     return 0
 
 def log_progress(run, logs, per_step, eval_s):
@@ -1392,6 +1281,14 @@ def log_progress(run, logs, per_step, eval_s):
             f"| g {r['g_loss']:.4f} (adv {r['g_adv']:.4f} cond {r['g_cond']:.4f}) | {r['img_per_s']:.1f} img/s | "
             f"{per_step:.3f} s/step | left {format_duration(left)}")
     write_metrics(run, r)
+
+def evaluations_left(step, steps, eval_every):
+    """How many evaluations the loop still runs at steps step..steps (every eval_every and at the end)."""
+    return steps // eval_every - (step - 1) // eval_every + (steps % eval_every > 0)
+
+def format_duration(seconds):
+    s = int(max(seconds, 0))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 def write_metrics(run, record):
     if run.rank == 0:
@@ -1469,13 +1366,11 @@ def check_finite(run, state=None):
     if not any_rank(flag, run.device, run.world):
         return
     last, best = os.path.join(run.cfg.run_dir, "last.pt"), os.path.join(run.cfg.run_dir, "best.pt")
-    if not os.path.exists(last):
-        kept = "no checkpoint was written: start again with lower --lr-g / --lr-d"
-    else:
+    kept = "no checkpoint was written: start again with lower --lr-g / --lr-d"
+    if os.path.exists(last):
         kept = (f"{last} (step {run.saved_step}), the last checkpoint with finite weights, is intact but may be far "
                 f"off already (see samples/): resume it with lower --lr-g / --lr-d")
-        if os.path.exists(best):
-            kept += f", or branch from {best} with --resume {best} --run-dir NEW"
+        kept += f", or branch from {best} with --resume {best} --run-dir NEW" * os.path.exists(best)
     raise UsageError(f"non-finite loss or weights at or before step {run.step}: run stopped without saving it; {kept}")
 
 def save(run, best=False):
@@ -1513,7 +1408,8 @@ def load_trainer_state(trainer, state):
 
 def save_checkpoint(path, state):
     """Atomic (a temporary file: torch.save's bytes, SEAL, their sha256; fsync, rename), then config.json."""
-    tmp, saved, buffer = path + ".tmp", False, io.BytesIO()
+    tmp, buffer = path + ".tmp", io.BytesIO()
+    kept = f"the previous {path} is intact" if os.path.exists(path) else "no checkpoint was written"
     try:
         torch.save(state, buffer)                              # in memory first: its sha256 follows it in the file
         with open(tmp, "wb") as f:
@@ -1522,33 +1418,26 @@ def save_checkpoint(path, state):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        saved = True
+        kept = f"{path} is saved, config.json not updated"
         with open(tmp, "w") as f:
             json.dump({**state["config"], "num_classes": state["num_classes"], "world_size": len(state["rng"])}, f,
                       indent=2)
         os.replace(tmp, os.path.join(os.path.dirname(path), "config.json"))
     except OSError as err:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        if saved:
-            kept = f"{path} is saved, config.json not updated"
-        elif os.path.exists(path):
-            kept = f"the previous {path} is intact"
-        else:
-            kept = "no checkpoint was written"
         raise UsageError(f"cannot save {path}: {err.strerror or err}; {kept}") from None
 
 def load_checkpoint(path):
-    """(checkpoint, path): a run folder's last.pt or a file, its sha256 checked (older checkpoints have none)."""
+    """(checkpoint, path): a run folder's last.pt or a file, its sha256 checked, its weights finite."""
     path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path!r}")
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as err:
-        raise UsageError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
-    n = len(SEAL) + 64
+        raise UsageError(f"no checkpoint at {path!r} ({err.strerror})" if isinstance(err, FileNotFoundError) else
+                         f"cannot read checkpoint {path}: {err.strerror or err}") from None
+    n = len(SEAL) + 64                                         # a checkpoint without SEAL: torch.load's checks
     if data[-n:-64] == SEAL and hashlib.sha256(memoryview(data)[:-n]).hexdigest().encode() != data[-64:]:
         raise UsageError(f"checkpoint {path} is corrupt: its bytes do not match the sha256 saved with them "
                          f"(a disk or copy fault); use another checkpoint or a backup copy")
@@ -1559,14 +1448,15 @@ def load_checkpoint(path):
                          f"({type(err).__name__})") from None
     if not (isinstance(checkpoint, dict) and {"G", "D", "G_ema", "config", "step"} <= checkpoint.keys()):
         raise UsageError(f"{path} is a torch file but not a contragan.py checkpoint (no G, D, G_ema, config, step)")
-    lack = sorted({"opt_G", "opt_D", "num_classes", "data", "rng", "best_fid", "best_step"} - checkpoint.keys())
+    lack = sorted({"opt_G", "opt_D", "num_classes", "data", "rng", "best_fid", "best_step", "history", "classes",
+                   "files"} - checkpoint.keys())
     if lack or not isinstance(checkpoint["config"], dict):
         raise UsageError(f"{path} is not a checkpoint of this contragan.py version (no {', '.join(lack) or 'config'})")
     parts = {k: list(checkpoint[k].values()) for k in ("G", "D", "G_ema")}   # runs never save NaN (check_finite);
     parts.update({k: [t for s in checkpoint[k]["state"].values() for t in s.values()] for k in ("opt_G", "opt_D")})
     if bad := [k for k, ts in parts.items() if not all(t.isfinite().all() for t in ts if torch.is_tensor(t))]:
         raise UsageError(f"checkpoint {path} itself holds NaN or inf (in {', '.join(bad)}): it cannot be resumed or "
-                         f"sampled; use an earlier checkpoint")    # an older file (before that check) or edited
+                         f"sampled; use an earlier checkpoint")    # edited by hand, or a disk fault
     return checkpoint, path
 
 def claim_run_dir(run_dir, resume_path=None):
@@ -1590,8 +1480,6 @@ def claim_run_dir(run_dir, resume_path=None):
             pid = os.read(fd, 20).decode(errors="replace").strip() or "?"   # "?": it is writing its pid now
             os.close(fd)
             raise UsageError(f"{run_dir} is in use by another run (process {pid}; its lock is {lock})") from None
-        except OSError:                                        # no flock on this file system (Lustre -o noflock)
-            print(f"note: {lock} is not locked (this file system has no flock): one run at a time is up to you")
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
     except OSError as err:                                     # e.g. samples/ replaced by a file: named
@@ -1607,46 +1495,43 @@ def claim_run_dir(run_dir, resume_path=None):
 
 def merge_resume_config(cfg, explicit, checkpoint, path):
     """The checkpoint's flags, with this command's RUN_FLAGS on top; a different model or training flag is refused."""
-    saved = {k: v for k, v in checkpoint["config"].items() if k != "inception_score"}  # retired: IS is fid.py's
+    saved = checkpoint["config"]
     for key in sorted(saved.keys() - vars(cfg).keys()):       # a flag this version would silently drop
         raise UsageError(f"checkpoint {path} is from a newer contragan.py: it has --{key.replace('_', '-')}, "
                          f"which this one does not know")
     for key, value in explicit.items():
         if key not in RUN_FLAGS and key in saved and saved[key] != value:
-            flag = "--" + key.replace("_", "-")
-            raise UsageError(f"checkpoint {path} is from another configuration: it has {flag} {saved[key]}, "
-                             f"this command asks for {value} (drop the flag to resume it)")
+            raise UsageError(f"checkpoint {path} is from another configuration: it has --{key.replace('_', '-')} "
+                             f"{saved[key]}, this command asks for {value} (drop the flag to resume it)")
     merged = {**vars(cfg), **saved}                            # flags newer than the checkpoint: defaults
     merged.update({k: v for k, v in explicit.items() if k in RUN_FLAGS})
     return argparse.Namespace(**merged)
 
-def evaluations_left(step, steps, eval_every):
-    """How many evaluations the loop still runs at steps step..steps (every eval_every and at the end)."""
-    return steps // eval_every - (step - 1) // eval_every + (steps % eval_every > 0)
-
-def format_duration(seconds):
-    s = int(max(seconds, 0))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-def metrics_step(line):                                       # None: a torn (interrupted), blank or edited line
-    with contextlib.suppress(ValueError, TypeError, KeyError):
-        return int(json.loads(line)["step"]) if line.endswith("\n") else None
-
 def cut_metrics(path, step):
-    """metrics.jsonl cut to the checkpoint's step (all of it on a fresh start): a rerun repeats none."""
-    if os.path.exists(path):
-        with open(path) as f:
-            steps = [(line, metrics_step(line)) for line in f]
-        kept = [line for line, s in steps if s is not None and s <= step]
-        if n := sum(s is None for _, s in steps):
-            print(f"note: {n} unreadable lines of {path} dropped (torn, blank or edited)")
-        with open(path + ".tmp", "w") as f:                   # the folder is writable: run.lock is in it
-            f.writelines(kept)
-        try:
-            os.replace(path + ".tmp", path)
-        except OSError as err:                                 # e.g. an immutable metrics.jsonl: named, no .tmp left
-            os.remove(path + ".tmp")
-            raise OSError(err.errno, err.strerror, path) from None
+    """metrics.jsonl cut to the checkpoint's step (all of it on a fresh start): a rerun repeats none. A torn
+    (interrupted), blank or edited line is dropped and counted."""
+    if not os.path.exists(path):
+        return
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                line_step = int(json.loads(line)["step"]) if line.endswith("\n") else None
+            except (ValueError, TypeError, KeyError):
+                line_step = None
+            if line_step is None:
+                dropped += 1
+            elif line_step <= step:
+                kept.append(line)
+    if dropped:
+        print(f"note: {dropped} unreadable lines of {path} dropped (torn, blank or edited)")
+    with open(path + ".tmp", "w") as f:                       # the folder is writable: run.lock is in it
+        f.writelines(kept)
+    try:
+        os.replace(path + ".tmp", path)
+    except OSError as err:                                     # e.g. an immutable metrics.jsonl: named, no .tmp left
+        os.remove(path + ".tmp")
+        raise OSError(err.errno, err.strerror, path) from None
 
 # ---- Command line --------------------------------------------------------------------------------------------------
 
@@ -1673,14 +1558,12 @@ def check_ranges(cfg, table=FLAG_RANGES):
             if not ok(getattr(cfg, name)):
                 raise UsageError(f"--{name.replace('_', '-')} must be {what} (got {getattr(cfg, name)})")
 
-# Named defaults. cifar10-readme: the authors' later README score (8.065; src/configs/CIFAR10/ContraGAN.json, 21594bd).
-# tiny-imagenet: the paper's Table 2 run (Experiments_in_paper/Table2/contra_biggan_tiny64_hinge_no.json, 6260dd7: its
-# keys in the comments; attention after G's block 3, D's block 1: G_ARCH, D_ARCH). cpu-demo: a CPU's, minutes on shapes.
-PRESETS = {"cifar10-readme": dict(dataset="cifar10", steps=100000, flip=True),  # total_step, random_flip_prep..
-           "tiny-imagenet": dict(dataset="folder", img_size=64, g_width=80, d_width=80, z_dim=100,  # g/d_conv_dim
-                                 embed_dim=768, batch_size=256, accumulation_steps=4,  # hypersphere_dim
-                                 lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.999, d_steps=1,  # d_steps_per_iter
-                                 steps=100000, ema_start=20000, flip=False),  # total_step, random_flip_prep..
+# Named defaults; each value's source: docs/experiments.md. cifar10-readme: the authors' later README run.
+# tiny-imagenet: the paper's Table 2 run. cpu-demo: a CPU's, minutes on shapes.
+PRESETS = {"cifar10-readme": dict(dataset="cifar10", steps=100000, flip=True),
+           "tiny-imagenet": dict(dataset="folder", img_size=64, g_width=80, d_width=80, z_dim=100, embed_dim=768,
+                                 batch_size=256, accumulation_steps=4, lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.999,
+                                 d_steps=1, steps=100000, ema_start=20000, flip=False),
            "cpu-demo": dict(dataset="shapes", g_width=16, d_width=16, batch_size=32, d_steps=2, steps=1500, flip=True,
                             eval_every=250, log_every=50, fid_images=0, ema_start=250, ema_decay=0.995,
                             acc_images=256)}  # EMA horizon ~200 steps: 0.9999 would lag a short run
@@ -1705,35 +1588,33 @@ class RunConfig:
     acc_images: int = setting(1000, "reals for D's train/held-out accuracy; as many fakes for confusion")
     collapse_gap: float = setting(0.3, "warn of collapse when D's train - held-out accuracy exceeds this")
     collapse_patience: int = setting(3, "warn of collapse when FID rises this many evaluations in a row")
+    judge: str = setting(None, "a judge file (tools/judge.py) that reads the fakes' classes too")
     device: str = setting("auto", "auto: cuda if torch sees a GPU", choices=["auto", "cuda", "cpu"])
     num_workers: int = setting(4, "data loader workers (--dataset folder)")
     tf32: bool = setting(True, "TF32 matmuls on Ampere+ GPUs")
-    compile: str | bool = setting(False, "torch.compile G and D; MODE: its mode, reduce-overhead and max-autotune add "
-                                  "CUDA graphs (GPU only; skipped on CPUs)", nargs="?", const="default", metavar="MODE",
-                                  choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
-    sync_bn: bool = setting(False, "under torchrun: G's BatchNorm over the global batch", action="store_true")
+    compile: str = setting(None, "torch.compile G and D; MODE: its mode, reduce-overhead and max-autotune add "
+                           "CUDA graphs (GPU only; skipped on CPUs)", nargs="?", const="default", metavar="MODE",
+                           choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
 
 def defaults(preset=None):  # what a flag not given takes: the preset's value, else its field's default
-    return {"preset": preset, "judge": None, **asdict(Config()), **asdict(RunConfig()), **PRESETS.get(preset, {})}
+    return {"preset": preset, **asdict(Config()), **asdict(RunConfig()), **PRESETS.get(preset, {})}
 
 def build_parser(suppress=False):
     """A flag per field of Config and RunConfig. suppress=True: a parse holds only the flags given (main: `defaults`
     fills in the rest); either way --help shows the defaults."""
     p = OneLineErrorParser(description="ContraGAN (Kang & Park, NeurIPS 2020) in one file. " + Config.__doc__,
                            argument_default=argparse.SUPPRESS)
-    add = p.add_argument
-    add("--preset", choices=sorted(PRESETS), help="a named set of defaults (flags given still win): " +
-        "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named set of defaults (flags given still win): " +
+                   "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
     for option in fields(Config) + fields(RunConfig):
         kw = dict(option.metadata)                             # help; choices, action, nargs where it has them
         if option.default is not None:
             kw["help"] += f" (default: {option.default})"
-        if isinstance(option.default, bool) and "nargs" not in kw:
-            kw.setdefault("action", argparse.BooleanOptionalAction)  # --flip / --no-flip
+        if isinstance(option.default, bool) and "action" not in kw:
+            kw["action"] = argparse.BooleanOptionalAction      # --flip / --no-flip
         elif option.default is not None and not isinstance(option.default, bool):
             kw["type"] = type(option.default)                  # int, float or str, as its default
-        add("--" + option.name.replace("_", "-"), **kw)
-    add("--judge", type=judge_file, help="a judge file (tools/judge.py) that reads the fakes' classes too")
+        p.add_argument("--" + option.name.replace("_", "-"), **kw)
     if not suppress:
         p.set_defaults(**defaults())
     return p
@@ -1756,25 +1637,26 @@ def validate(cfg):
         if getattr(cfg, flag) * mult < 8:
             raise UsageError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)} is too small at {S}x{S}: self-attention "
                              f"needs {mult} x width >= 8 channels; the smallest width that works is {-(-8 // mult)}")
-    if cfg.z_dim % (n := len(g["ch"])):                        # Generator's chunks of z
-        raise UsageError(f"--z-dim {cfg.z_dim} must split into {n} equal chunks at {cfg.img_size}x{cfg.img_size}")
+    if cfg.z_dim % len(g["ch"]):                               # Generator's chunks of z
+        raise UsageError(f"--z-dim {cfg.z_dim} must split into {len(g['ch'])} equal chunks at {S}x{S}")
     if cfg.loss in ("2c", "d2dce") and cfg.batch_size < 2:
         raise UsageError(f"--loss {cfg.loss} needs --batch-size of at least 2: it contrasts samples within a batch")
     if cfg.embed_head == "mlp" and cfg.loss not in ("2c", "d2dce"):
         raise UsageError("--embed-head mlp is the 2C embedding's head: it needs --loss 2c or d2dce")
     if not cfg.data_positives and cfg.loss != "2c":
         raise UsageError(f"--no-data-positives changes the 2C loss: it needs --loss 2c (got --loss {cfg.loss})")
-    if cfg.batch_size % (world := int(os.environ.get("WORLD_SIZE", "1"))):
+    world = int(env["WORLD_SIZE"] or 1)
+    if cfg.batch_size % world:
         raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) must divide by the {world} ranks")
-    if cfg.fid_images and cfg.fid_images < 2 * world:
-        raise UsageError("--fid-images must be 0 (off) or at least 2 per rank")
+    if cfg.fid_images == 1:
+        raise UsageError("--fid-images must be 0 (off) or at least 2")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but torch sees no CUDA GPU")
 
 def main(argv=None):
     explicit = vars(build_parser(suppress=True).parse_args(argv))  # the flags given (argv None: sys.argv[1:])
     cfg = argparse.Namespace(**{**defaults(explicit.get("preset")), **explicit})
-    previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}  # the loop's own: Run.request_stop
+    previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}  # the loop's own: train's request_stop
     try:
         return start_run(cfg, explicit)                        # checks cfg (a resumed run's: merged) first
     except KeyboardInterrupt as err:                           # a signal in start-up, or a second one: no traceback

@@ -868,7 +868,8 @@ def test_a_link_in_the_image_folder_to_the_run_folder_is_refused(tmp_path, capsy
     for target in (run, run / "samples"):
         (data / "c1" / "grids").symlink_to(target, target_is_directory=True)
         r = run_main(capsys, "--resume", run, "--steps", "2")
-        assert f"{data / 'c1' / 'grids'} leads into the run folder {run} (through a link)" in one_line_error(r)
+        line = one_line_error(r)
+        assert f"{data / 'c1' / 'grids'}/" in line and f"leads into the run folder {run} (through a link)" in line
         (data / "c1" / "grids").unlink()
 
 
@@ -919,12 +920,6 @@ def test_resume_refuses_renamed_classes_and_says_changed_files(tmp_path, capsys,
     r = run_main(capsys, "--resume", run, "--steps", "3", "--fid-images", "0")   # no FID: a note of its own
     assert r.returncode == 0 and f"note: the files in {data}: added, removed or moved since {run / 'last.pt'} " \
         "was saved; the run goes on with the files there now" in r.stdout
-    old = torch.load(run / "last.pt", weights_only=False)     # a checkpoint of before the class names were kept
-    del old["classes"], old["files"]
-    cg.save_checkpoint(str(run / "last.pt"), old)
-    (data / "c0").rename(data / "a0")                          # not known to it: resumed as before
-    r = run_main(capsys, "--resume", run, "--steps", "4")
-    assert r.returncode == 0 and "the files in" not in r.stdout
 
 
 def test_fid_protocol_change_on_resume_restarts_best_and_says_so(tmp_path, capsys, monkeypatch):
@@ -1083,7 +1078,7 @@ def test_bad_image_folders(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(flat / "a.png")
     gone = write_folder(tmp_path / "gone", 8, classes=2)       # a class folder's link that leads nowhere
     (gone / "c2").symlink_to(tmp_path / "moved", target_is_directory=True)
-    for folder, expected in [(empty, "is empty"), (flat, "no class sub-folders"),
+    for folder, expected in [(empty, "no class sub-folders"), (flat, "no class sub-folders"),
                              (gone, f"{gone / 'c2'} is a link to '{tmp_path / 'moved'}', which does not exist")]:
         assert cg.main([*TINY, "--dataset", "folder", "--data-dir", str(folder), "--steps", "1", "--run-dir",
                         str(tmp_path / "r")]) == 2
@@ -1110,13 +1105,6 @@ def test_cifar_offline_fails_fast_with_instructions(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err.strip()
     assert time.time() - t0 < 30 and len(err.splitlines()) == 1
     assert "cifar-10-python.tar.gz" in err and "https://" in err and "--data-dir" in err
-
-
-def test_corrupt_local_cifar_archive_is_named_corrupt(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: pytest.fail("a download was tried"))
-    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b" + b"cut" * 100)
-    r = run_main(capsys, "--dataset", "cifar10", "--data-dir", tmp_path, "--run-dir", tmp_path / "r")
-    assert f"{tmp_path / 'cifar-10-python.tar.gz'} is corrupt (its md5 is not" in one_line_error(r)
 
 
 def test_unwritable_run_dir(tmp_path, capsys):
@@ -1322,7 +1310,7 @@ def test_two_ranks_run_the_algorithm_of_one_process(tmp_path):
     cfg = cg.build_parser().parse_args([*flags, "--run-dir", str(tmp_path / "one"), "--data-dir", str(tmp_path / "a")])
     G = cg.Generator(32, 8, 80, 128, 4)
     G.load_state_dict(a["G_ema"])
-    evaluator = cg.FIDEvaluator(cfg, cg.load_data(cfg)[1], "heldout", 4, torch.device("cpu"), 0, 1)
+    evaluator = cg.FIDEvaluator(cfg, cg.load_data(cfg)[1], "heldout", 4, torch.device("cpu"))
     sizes, real_generate = [], cg.generate
     cg.generate = lambda G, y, *rest: sizes.append(len(y)) or real_generate(G, y, *rest)
     try:
@@ -1424,7 +1412,7 @@ def test_image_modes_are_read_by_their_range(tmp_path, capsys):
 
 def test_symlink_loop_counts_each_image_once(tmp_path, capsys):
     data = write_folder(tmp_path / "data", 16, classes=2)
-    os.symlink("..", data / "c0" / "up")                      # ImageFolder follows it: 7,216 images
+    os.symlink(".", data / "c0" / "loop")                     # os.walk follows it ~40 deep: each image once
     os.symlink("0.png", data / "c0" / "again.png")            # the same file twice in one class: once
     ds = cg.load_folder(str(data), 32)
     assert len(ds) == 16
@@ -1439,10 +1427,11 @@ def test_hidden_and_non_image_files_are_left_out(tmp_path, capsys):
     (data / ".ipynb_checkpoints").mkdir()                     # a notebook's folder is no class
     (data / "c0" / "._0.png").write_bytes(b"\0" * 64)         # macOS resource fork: not an image
     (data / "c1" / "notes.txt").write_text("labels by hand")
+    (data / "c1" / ".cache").mkdir()                          # a hidden folder inside a class: left out
+    Image.new("RGB", (8, 8)).save(data / "c1" / ".cache" / "copy.png")
+    os.mkfifo(data / "c1" / "pipe.png")                       # not a file: reading it would block
     ds = cg.load_folder(str(data), 32)
-    assert ds.classes == ["c0", "c1"] and len(ds) == 16
-    out = capsys.readouterr()
-    assert "1 files" in out.out and "notes.txt" in out.out and not out.err
+    assert ds.classes == ["c0", "c1"] and len(ds) == 16 and not capsys.readouterr().err
 
 
 def test_huge_image_is_skipped_and_named(tmp_path, capsys, monkeypatch):
@@ -1469,7 +1458,7 @@ def test_small_folder_fid_reference_is_a_random_subset(tmp_path, capsys, monkeyp
                  "--fid-weights", "random", "--run-dir", tmp_path / "r")
     assert r.returncode == 0, r.stderr
     assert len(seen) == 1 and len(seen[0]) == 8 and 2 <= sum(seen[0]) <= 6
-    assert "vs 8 of the 16 folder training images" in r.stdout and "no held-out reference" in r.stdout
+    assert "vs 8 of 16 folder train images (a fixed subset)" in r.stdout
 
 
 def test_fid_reference_dir_replaces_the_training_images_as_the_reference(tmp_path, capsys, monkeypatch):
@@ -1489,7 +1478,7 @@ def test_fid_reference_dir_replaces_the_training_images_as_the_reference(tmp_pat
     files = [ds.dataset.dataset.samples[i][0] for i in ds.dataset.indices[:8]]
     assert len(ds) == 8 and all(f.startswith(str(val)) for f in files) and files != sorted(files)
     assert protocol["split"] == "reference" and path.startswith(str(tmp_path / "r"))
-    assert f"vs 8 of the 11 images in --fid-reference-dir {val}" in r.stdout
+    assert "vs 8 of 11 folder reference images (a fixed subset)" in r.stdout
     other = write_folder(tmp_path / "other", 12, classes=3)
     r = run_main(capsys, *args, "--fid-reference-dir", other, "--run-dir", tmp_path / "r2")
     assert "other classes than the training data" in one_line_error(r)
@@ -1714,23 +1703,13 @@ def test_compile_says_it_is_compiling_and_passes_its_mode(tmp_path, monkeypatch,
     assert r.returncode == 0 and modes[3:] == ["reduce-overhead"] * 3
     r = run_main(capsys, "--resume", tmp_path / "ro", "--steps", "2")   # a run flag, kept by a resume
     assert r.returncode == 0 and modes[6:] == ["reduce-overhead"] * 3
-    cfg = types.SimpleNamespace(compile=True, sync_bn=False)   # a checkpoint's config from before --compile MODE
-    cg.wrap_for_training(types.SimpleNamespace(G=torch.nn.Linear(1, 1), D=torch.nn.Linear(1, 1), cfg=cfg, world=1))
-    assert modes[9:] == [None] * 3                             # torch.compile's own default
 
 
 def test_compile_mode_parsing(capsys):
     assert [cg.build_parser().parse_args(argv).compile for argv in ([], ["--compile"], ["--compile", "max-autotune"],
-            ["--compile", "--steps", "3"])] == [False, "default", "max-autotune", "default"]
+            ["--compile", "--steps", "3"])] == [None, "default", "max-autotune", "default"]
     r = run_main(capsys, *TINY, "--compile", "fast")
     assert "argument --compile: invalid choice: 'fast'" in one_line_error(r)
-
-
-def test_compile_without_a_c_compiler_is_one_line_before_start_up(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("PATH", str(tmp_path))                  # no cc, gcc, clang, c++, g++, clang++ on it
-    monkeypatch.setattr(cg, "load_data", lambda cfg: pytest.fail("started up"))
-    r = run_main(capsys, *TINY, "--compile", "--steps", "1", "--run-dir", tmp_path / "run")
-    assert "--compile needs a C compiler on PATH" in one_line_error(r) and not (tmp_path / "run").exists()
 
 
 def test_resume_sets_adam_fused_or_foreach_for_this_device(tmp_path):
@@ -1827,36 +1806,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def test_a_rank_that_never_starts_is_waited_for_a_bounded_time(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cg, "RENDEZVOUS_S", 1)
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    for rank, said in (("0", "error: ranks 1, 2 of 3 did not join at 127.0.0.1:{} in 1 s: start each with the "
-                             "same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, or use torchrun"),
-                       ("2", "error: rank 2: rank 0 of 3 did not join at 127.0.0.1:{} in 1 s")):
-        monkeypatch.setenv("RANK", rank)
-        monkeypatch.setenv("MASTER_PORT", str(port := free_port()))
-        said = said.format(port)
-        r = run_main(capsys, *TINY, "--batch-size", "9", "--steps", "1", "--run-dir", tmp_path / "r")
-        assert one_line_error(r).startswith(said), r.stderr
-    assert r.stdout == "" and not (tmp_path / "r").exists()   # rank 0 alone said it waits
-
-
-def test_a_stop_signal_while_waiting_for_ranks_stops_at_once(tmp_path):
-    env = dict(os.environ, WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    proc = subprocess.Popen([sys.executable, SCRIPT, *TINY, "--steps", "1", "--run-dir", str(tmp_path / "r")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE, env=env)
-    try:
-        assert select.select([proc.stdout], [], [], 120)[0], "no line said it waits"
-        assert proc.stdout.readline().startswith("waiting up to 300 s for 2 ranks at 127.0.0.1:")
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=5)                                   # not the 30 minutes of torch's own wait
-    finally:
-        proc.kill()
-    assert proc.returncode == 143 and proc.stderr.read() == "interrupted by SIGTERM\n"
-    assert not (tmp_path / "r").exists()
 
 
 def test_a_rank_lost_under_torchrun_names_the_intact_checkpoint(tmp_path, capsys, monkeypatch):
@@ -1978,11 +1927,6 @@ def test_a_blow_up_names_what_is_true_and_the_way_on(tmp_path, capsys):
 def test_flags_refused_up_front(args, expected, tmp_path, capsys):
     r = run_main(capsys, *TINY, "--steps", "1", "--run-dir", tmp_path / "r", *args)
     assert expected in one_line_error(r) and not (tmp_path / "r").exists()
-
-
-def test_sync_bn_in_one_process_says_it_changes_nothing(tmp_path, capsys):
-    r = run_main(capsys, *TINY, "--sync-bn", "--steps", "1", "--run-dir", tmp_path / "run")
-    assert r.returncode == 0 and "--sync-bn changes nothing in one process" in r.stdout
 
 
 def test_checkpoints_of_other_versions_and_empty_resume_are_one_line(tmp_path, capsys, monkeypatch):
