@@ -25,7 +25,9 @@ evaluation (Section 4.5's overfitting signal), in docs/confusion-study/cr/ and d
 steps, one seed) the best contrastive setting and proj, and two settings searched on this data (one seed).
 There is no colour reader: the fakes (1,000 of the final G_ema, as tools/sample.py draws them) are read by the
 data set's judge (tools/judge.py: a CNN trained on the training images; its accuracy on the held-out images is
-given beside its numbers), which also reads 256 fakes at every evaluation (`--judge`, in metrics.jsonl). Its
+given beside its numbers), which also reads 256 fakes at every evaluation (`--judge`, in metrics.jsonl). That
+is one judge's reading (seed 0); another judge can read fakes 5-13 points apart, so quote it as one judge's,
+or read the checkpoints with `tools/judge.py CHECKPOINT --judges 3` for the spread (docs/judge.md). Its
 results and grids: docs/confusion-study/digits/.
 
 The numbers are computed here from a finished run's last.pt (runs/study[-digits]/<setting>/s<seed>) by

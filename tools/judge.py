@@ -1,15 +1,16 @@
 """Class consistency on any data set, read by a judge that is not D: a small CNN trained on the real images.
 
     python tools/judge.py runs/shapes-2c-s0                       # a run folder or checkpoint: its data set
+    python tools/judge.py runs/shapes-2c-s0 --judges 5            # five judges (seeds 0-4) instead of three
     python tools/judge.py fakes/ --dataset folder --data-dir data/digits --json   # tools/sample.py's PNGs
     python contragan.py --preset cpu-demo --judge JUDGE.pt2       # the judge's reading at every evaluation
 
 The judge (Judge below) is trained on the run's training images, as contragan.py loads them (cg.load_data: the
 same data, split, size and flips), and tested on its held-out images (CIFAR's test split, a fresh shapes draw,
 5% of a folder): that accuracy, printed beside every score, is the ceiling of what it can read. It is trained
-once per data set and kept in --cache-dir, so that every run on that data is read by the same judge; the file is
-self-contained (a torch.export program with its info inside; cg.load_judge reads it, no class needed), so
-`contragan.py --judge FILE` logs its reading into metrics.jsonl.
+once per data set and seed and kept in --cache-dir, so that every run on that data is read by the same judges;
+the file is self-contained (a torch.export program with its info inside; cg.load_judge reads it, no class
+needed), so `contragan.py --judge FILE` logs its reading (one judge's) into metrics.jsonl.
 
 It reads G_ema's fakes (class-balanced labels, shuffled, so that every batch mixes classes, drawn with
 BatchNorm batch statistics as tools/sample.py and training's evaluation draw them), or a folder of
@@ -18,6 +19,14 @@ share after the best one-to-one relabelling of the classes (relabelled; high onl
 classes under the wrong labels), and its confidence. A classifier has no "none": a blank or a blur lands in
 some class. The share of fakes it reads with less confidence than 95% of the held-out reals (low_confidence;
 5% on reals) can point at such images, but need not (docs/judge.md).
+
+A judge's reading of fakes carries the judge: two judges as good on held-out reals can read the same fakes 5-13
+points apart (docs/judge.md). So --judges N (default 3) trains N judges of one recipe, judge i with seed i (each
+cached, the seed in its file name), and reads the same fakes with each: the printed line gives their mean, range
+(min..max) and each one's share. --json: the keys of one reading (consistency, relabelled, matrix, confidence,
+low_confidence, judge_heldout_accuracy, judge, ...) are the FIRST judge's (seed 0), as with one judge; the
+spread is in consistency_mean, consistency_min, consistency_max and relabelled_mean, relabelled_min,
+relabelled_max; judges lists every judge's reading (its file, seed, shares and matrix). Quote the mean and range.
 """
 import argparse
 import hashlib
@@ -104,9 +113,9 @@ def load_split(cfg):
     return train, held, key
 
 
-def cache_path(key, cache_dir):
+def cache_path(key, cache_dir, seed=0):
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return os.path.join(cache_dir, f"judge-{key['dataset']}-{key['img_size']}px-{digest}.pt2")
+    return os.path.join(cache_dir, f"judge-{key['dataset']}-{key['img_size']}px-{digest}-seed{seed}.pt2")
 
 
 def augment(x, flip, shift, gen, blur=True):
@@ -152,11 +161,12 @@ def train_judge(train, K, flip, width, steps, batch_size, lr, device, seed=0, lo
 
 
 def get_judge(cfg, path=None, cache_dir=DEFAULT_CACHE, retrain=False, width=None, steps=None, batch_size=None,
-              lr=None, device="auto", log=print):
-    """(judge, info, path): the data set's judge from path (default: its file in cache_dir), trained if absent."""
+              lr=None, device="auto", log=print, seed=0, split=None):
+    """(judge, info, path): the data set's judge of this seed from path (default: its file in cache_dir), trained
+    if absent. split: load_split(cfg)'s answer, when the caller has it already."""
     device = cg.pick_device(device)
-    train, held, key = load_split(cfg)
-    path = path or cache_path(key, cache_dir)
+    train, held, key = split or load_split(cfg)
+    path = path or cache_path(key, cache_dir, seed)
     if os.path.isfile(path) and not retrain:
         judge, info = cg.load_judge(path, device)
         if info["data"] != key:
@@ -171,14 +181,15 @@ def get_judge(cfg, path=None, cache_dir=DEFAULT_CACHE, retrain=False, width=None
     batch_size = batch_size or (256 if gpu else 64)
     lr = lr or 0.1 * batch_size / 128
     log(f"training the judge for {cfg.dataset} ({len(train[1])} images; width {width}, {steps} steps of "
-        f"{batch_size}, {device}) -> {path}")
-    judge, seconds = train_judge(train, len(key["classes"]), cfg.flip, width, steps, batch_size, lr, device, log=log)
+        f"{batch_size}, seed {seed}, {device}) -> {path}")
+    judge, seconds = train_judge(train, len(key["classes"]), cfg.flip, width, steps, batch_size, lr, device, seed,
+                                 log=log)
     classes, confidence = classify(judge, held[0])
     info = {"num_classes": len(key["classes"]), "width": width, "data": key,
             "heldout_accuracy": (classes == held[1]).float().mean().item(), "heldout_images": len(held[1]),
             "heldout_confidence": confidence.mean().item(),
             "heldout_confidence_q05": confidence.quantile(0.05).item(),
-            "training": {"steps": steps, "batch_size": batch_size, "lr": lr, "device": str(device),
+            "training": {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "device": str(device),
                          "seconds": round(seconds, 1)}}
     save_judge(judge, info, path)
     log(f"judge trained in {seconds:.0f} s: {info['heldout_accuracy']:.4f} on {len(held[1])} held-out images")
@@ -222,15 +233,37 @@ def fakes_from_folder(folder):
     return torch.tensor([int(n.split("_class")[1][:-4]) for n in names]), torch.stack(images)
 
 
+def spread(readings):
+    """Several judges' readings of the same fakes -> the first judge's reading, every judge's (judges), and the mean,
+    min and max over the judges of consistency and relabelled (consistency_mean, consistency_min, ...)."""
+    out = {**readings[0], "judges": readings}
+    for k in ("consistency", "relabelled"):
+        values = [r[k] for r in readings]
+        out.update({f"{k}_mean": sum(values) / len(values), f"{k}_min": min(values), f"{k}_max": max(values)})
+    return out
+
+
 def report(r):
-    """The reading as text: the shares, then the matrix with class names."""
-    names = [str(c)[:9] for c in r["classes"]]
-    lines = [f"judge {r['judge']}: {r['judge_heldout_accuracy']:.3f} on {r['judge_heldout_images']} held-out real "
-             f"images (its ceiling) | {r['num_images']} images of {r['source']}",
-             f"class consistency {r['consistency']:.3f} (chance {r['chance']:.3f}), relabelled {r['relabelled']:.3f} "
-             f"| judge {r['judge_heldout_accuracy']:.3f} on held-out reals | confidence {r['confidence']:.3f} "
-             f"(held-out reals {r['heldout_confidence']:.3f}), low-confidence share {r['low_confidence']:.3f} "
-             f"(held-out reals 0.05)", "asked x judged (rows: asked):", " " * 10 + "".join(f"{c:>10}" for c in names)]
+    """The reading as text: the judges' mean, range and each one's share, then the first judge's confidence and
+    matrix with class names."""
+    judges, names = r["judges"], [str(c)[:9] for c in r["classes"]]
+    seeds = ", ".join(str(j["seed"]) for j in judges)
+    accuracies = ", ".join(f"{j['judge_heldout_accuracy']:.3f}" for j in judges)
+    lines = [f"{len(judges)} judge(s), seed(s) {seeds}: {accuracies} on {r['judge_heldout_images']} held-out real "
+             f"images (their ceiling) | {r['num_images']} images of {r['source']}"]
+    if len(judges) == 1:
+        lines.append(f"class consistency {r['consistency']:.3f} (chance {r['chance']:.3f}), relabelled "
+                     f"{r['relabelled']:.3f}: one judge's reading; on fakes another judge's can differ by 5-13 "
+                     f"points (docs/judge.md): --judges 3 gives the spread")
+    else:
+        for key, name in (("consistency", "class consistency"), ("relabelled", "relabelled")):
+            each = ", ".join(f"{j[key]:.3f}" for j in judges)
+            lines.append(f"{name} {r[key + '_mean']:.3f}: mean of {len(judges)} judges, range "
+                         f"{r[key + '_min']:.3f}..{r[key + '_max']:.3f} ({each})")
+        lines[-2] += f" | chance {r['chance']:.3f}"
+    lines += [f"first judge {r['judge']}: confidence {r['confidence']:.3f} (held-out reals "
+              f"{r['heldout_confidence']:.3f}), low-confidence share {r['low_confidence']:.3f} (held-out reals 0.05)",
+              "asked x judged by the first judge (rows: asked):", " " * 10 + "".join(f"{c:>10}" for c in names)]
     return "\n".join(lines + [f"{c:>10}" + "".join(f"{v:>10}" for v in row) for c, row in zip(names, r["matrix"])])
 
 
@@ -247,9 +280,11 @@ def run(args, log):
             raise cg.UsageError(f"{path} was trained on --dataset {c['dataset']}, not {args.dataset}")
         cfg = data_config(c["dataset"], args.data_dir or c["data_dir"], c["img_size"], c["shapes_size"],
                           c.get("flip", True))
-    judge, info, judge_path = get_judge(cfg, args.judge_file, args.cache_dir, args.retrain, args.width, args.steps,
-                                        args.batch_size, None, args.device, log)
-    device = next(judge.parameters()).device
+    split = load_split(cfg)                                    # loaded once for every judge
+    judges = [get_judge(cfg, path, args.cache_dir, args.retrain, args.width, args.steps, args.batch_size, None,
+                        args.device, log, seed, split)        # judge i: seed i (when it is trained here)
+              for seed, path in enumerate(args.judge_file or [None] * args.judges)]
+    info, device = judges[0][1], next(judges[0][0].parameters()).device
     if checkpoint is not None:
         asked, images = fakes_from_checkpoint(checkpoint, args.num_images, args.seed, device)
     else:
@@ -257,7 +292,9 @@ def run(args, log):
     if asked.max() >= info["num_classes"] or images.shape[-1] != cfg.img_size:
         raise cg.UsageError(f"{args.source} has labels up to {asked.max()} and {images.shape[-1]}px images; the "
                             f"judge reads {info['num_classes']} classes at {cfg.img_size}px")
-    return {**score(judge, info, asked, images), "judge": judge_path, "source": args.source}
+    readings = [{**score(judge, info, asked, images), "judge": path, "seed": info.get("training", {}).get("seed", 0)}
+                for judge, info, path in judges]                # files of before the seed was recorded: seed 0
+    return {**spread(readings), "source": args.source}
 
 
 def main(argv=None):
@@ -272,9 +309,12 @@ def main(argv=None):
                    help="for a folder of PNGs: as the run's (the judge learns flipped images when it flips)")
     p.add_argument("--num-images", type=int, default=1000, help="fakes drawn from a checkpoint's G_ema")
     p.add_argument("--seed", type=int, default=0, help="the fakes' noise and labels")
-    p.add_argument("--judge-file", help="the judge to use, or to write when absent (default: in --cache-dir)")
-    p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="one judge file per data set")
-    p.add_argument("--retrain", action="store_true", help="train the judge again and replace its file")
+    p.add_argument("--judges", type=int, help="how many judges read the fakes, judge i trained with seed i "
+                   "(default: 3, or one per --judge-file)")
+    p.add_argument("--judge-file", action="append", help="a judge to use, or to write when absent (default: in "
+                   "--cache-dir); give it once per judge")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="one judge file per data set and seed")
+    p.add_argument("--retrain", action="store_true", help="train the judges again and replace their files")
     p.add_argument("--width", type=int, help="judge width (default: 64 on a GPU, 16 on a CPU)")
     p.add_argument("--steps", type=int, help="judge training steps (default: 3,000 on a GPU, 500 on a CPU)")
     p.add_argument("--batch-size", type=int, help="judge training batch (default: 256 on a GPU, 64 on a CPU)")
@@ -284,7 +324,13 @@ def main(argv=None):
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else print
     try:
         cg.check_ranges(args, [("num_images", lambda v: v >= 1, "at least 1"),
-                               ("width steps batch_size", lambda v: v is None or v >= 1, "at least 1")])
+                               ("judges width steps batch_size", lambda v: v is None or v >= 1, "at least 1")])
+        if args.judge_file and args.judges not in (None, len(args.judge_file)):
+            raise cg.UsageError(f"--judges {args.judges} with {len(args.judge_file)} --judge-file: give one file "
+                                f"per judge")
+        if args.judge_file and len(set(map(os.path.realpath, args.judge_file))) < len(args.judge_file):
+            raise cg.UsageError("the same --judge-file twice: one judge would be counted twice in the spread")
+        args.judges = args.judges or 3
         r = run(args, log)
     except (cg.UsageError, fid.FIDError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -23,13 +23,15 @@ TRAIN = ["--width", "8", "--steps", "150", "--device", "cpu"]   # the judge: a s
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny run on shapes (its checkpoint) and its data set's judge file, trained once for these tests."""
+    """A tiny run on shapes (its checkpoint) and its data set's judges of seeds 0 and 1, trained once for these
+    tests (judge: the first's file)."""
     root = tmp_path_factory.mktemp("judge")
     assert cg.main([*TINY, "--steps", "1", "--eval-every", "100", "--run-dir", str(root / "run")]) == 0
     cfg = J.data_config("shapes", shapes_size=256)
-    _, info, path = J.get_judge(cfg, cache_dir=str(root / "cache"), width=8, steps=150, device="cpu")
-    return {"root": root, "run": str(root / "run"), "cache": str(root / "cache"), "judge": path, "cfg": cfg,
-            "info": info}
+    judges = [J.get_judge(cfg, cache_dir=str(root / "cache"), width=8, steps=150, device="cpu", seed=seed)
+              for seed in (0, 1)]
+    return {"root": root, "run": str(root / "run"), "cache": str(root / "cache"), "judge": judges[0][2],
+            "judges": [path for _, _, path in judges], "cfg": cfg, "info": judges[0][1]}
 
 
 def reals_of(classes, seed=7):
@@ -92,19 +94,61 @@ def test_agrees_with_the_colour_reader_on_reals_and_on_fakes_it_names(tiny):
 
 def test_a_generator_of_the_next_class_reads_raw_0_relabelled_1(tiny, capsys, monkeypatch):
     monkeypatch.setattr(cg, "generate", lambda G, y, z_dim, batch_size, gen=None: cg.to_signed(reals_of((y + 1) % 4)))
-    r = judge_json(capsys, tiny["run"], "--cache-dir", tiny["cache"], "--num-images", "400")
-    acc = r["judge_heldout_accuracy"]
-    assert r["num_images"] == 400 and torch.tensor(r["matrix"]).sum(1).tolist() == [100] * 4   # balanced
-    assert r["consistency"] <= 1 - acc + 0.02 and r["relabelled"] >= acc - 0.02
-    assert [row.index(max(row)) for row in r["matrix"]] == [1, 2, 3, 0]
+    r = judge_json(capsys, tiny["run"], "--cache-dir", tiny["cache"], "--num-images", "400", "--judges", "2")
+    assert r["num_images"] == 400 and len(r["judges"]) == 2
+    for j in r["judges"]:                                      # every judge, each within its own ceiling
+        acc = j["judge_heldout_accuracy"]
+        assert torch.tensor(j["matrix"]).sum(1).tolist() == [100] * 4   # balanced
+        assert j["consistency"] <= 1 - acc + 0.02 and j["relabelled"] >= acc - 0.02
+        assert [row.index(max(row)) for row in j["matrix"]] == [1, 2, 3, 0]
 
 
 def test_a_generator_that_ignores_the_label_reads_chance(tiny, capsys, monkeypatch):
     gen = torch.Generator().manual_seed(1)
     monkeypatch.setattr(cg, "generate", lambda G, y, z_dim, batch_size, g=None:
                         cg.to_signed(reals_of(torch.randint(0, 4, y.shape, generator=gen))))
-    r = judge_json(capsys, tiny["run"], "--cache-dir", tiny["cache"], "--num-images", "1000")
-    assert r["chance"] == 0.25 and abs(r["consistency"] - 0.25) < 0.05 and r["relabelled"] < 0.33
+    r = judge_json(capsys, tiny["run"], "--cache-dir", tiny["cache"], "--num-images", "1000", "--judges", "2")
+    assert r["chance"] == 0.25 and abs(r["consistency_mean"] - 0.25) < 0.05 and r["relabelled_max"] < 0.33
+
+
+def blends(y, w=0.5):
+    """Ambiguous "fakes": half the asked class's real image, half the next class's (the same every call)."""
+    return w * cg.to_signed(reals_of(y)) + (1 - w) * cg.to_signed(reals_of((y + 1) % 4, seed=8))
+
+
+def test_several_judges_give_each_reading_their_mean_and_range(tiny, capsys, monkeypatch):
+    # Two cached judges (seeds 0 and 1, the seed in each file's name) read the same ambiguous fakes; each one's
+    # reading is what its file reads alone, the top-level keys are the first judge's, the spread is theirs.
+    monkeypatch.setattr(cg, "generate", lambda G, y, z_dim, batch_size, gen=None: blends(y))
+    monkeypatch.setattr(J, "train_judge", lambda *a, **k: pytest.fail("a cached judge was trained again"))
+    r = judge_json(capsys, tiny["run"], "--cache-dir", tiny["cache"], "--judges", "2")
+    judges = r["judges"]
+    assert [j["seed"] for j in judges] == [0, 1] and [j["judge"] for j in judges] == tiny["judges"]
+    assert [os.path.basename(p).split("-")[-1] for p in tiny["judges"]] == ["seed0.pt2", "seed1.pt2"]
+    assert [cg.load_judge(p)[1]["training"]["seed"] for p in tiny["judges"]] == [0, 1]
+    for j in judges:                                           # as the judge's file reads the fakes alone
+        alone = judge_json(capsys, tiny["run"], "--judge-file", j["judge"])
+        assert alone["judges"] == [j] and {k: alone[k] for k in j} == j
+    assert {k: r[k] for k in judges[0]} == judges[0]           # the first judge's reading, as before
+    for key in ("consistency", "relabelled"):
+        values = [j[key] for j in judges]
+        assert r[key + "_mean"] == pytest.approx(sum(values) / 2, abs=1e-12)
+        assert (r[key + "_min"], r[key + "_max"]) == (min(values), max(values))
+        assert r[key + "_min"] <= r[key + "_mean"] <= r[key + "_max"]
+    assert J.main([tiny["run"], "--cache-dir", tiny["cache"], "--judges", "2"]) == 0   # the text says the same
+    out = capsys.readouterr().out
+    assert f"class consistency {r['consistency_mean']:.3f}: mean of 2 judges, range {r['consistency_min']:.3f}.." \
+           f"{r['consistency_max']:.3f} ({judges[0]['consistency']:.3f}, {judges[1]['consistency']:.3f})" in out
+    assert f"relabelled {r['relabelled_mean']:.3f}: mean of 2 judges, range {r['relabelled_min']:.3f}.." in out
+
+
+def test_the_number_of_judges_is_checked_in_one_line(tiny, capsys):
+    for args, says in [(["--judges", "0"], "--judges must be at least 1"),
+                       (["--judges", "2", "--judge-file", tiny["judge"]], "give one file per judge"),
+                       (["--judge-file", tiny["judge"], "--judge-file", tiny["judge"]], "the same --judge-file twice")]:
+        assert J.main([tiny["run"], "--cache-dir", tiny["cache"], *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and says in err
 
 
 def test_a_folder_of_pngs_and_the_text_report(tiny, capsys):
@@ -115,11 +159,13 @@ def test_a_folder_of_pngs_and_the_text_report(tiny, capsys):
     y = torch.arange(80) % 4
     for i, (image, label) in enumerate(zip(reals_of(y, seed=11), y.tolist())):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:06d}_class{label}.png")
-    r = judge_json(capsys, str(folder), "--dataset", "shapes", "--shapes-size", "256", "--cache-dir", tiny["cache"])
+    one = ["--dataset", "shapes", "--shapes-size", "256", "--cache-dir", tiny["cache"], "--judges", "1"]
+    r = judge_json(capsys, str(folder), *one)
     assert r["num_images"] == 80 and r["consistency"] >= 0.95 and r["judge"] == tiny["judge"]   # the cached judge
-    assert J.main([str(folder), "--dataset", "shapes", "--shapes-size", "256", "--cache-dir", tiny["cache"]]) == 0
+    assert J.main([str(folder), *one]) == 0
     out = capsys.readouterr().out
-    assert "training" not in out and "held-out real images (its ceiling)" in out and "    circle" in out
+    assert "training" not in out and "held-out real images (their ceiling)" in out and "    circle" in out
+    assert f"relabelled {r['relabelled']:.3f}: one judge's reading;" in out   # one judge says it is one
     assert J.main([str(folder), "--cache-dir", tiny["cache"]]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "--dataset" in err
