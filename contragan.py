@@ -1082,7 +1082,9 @@ def start_run(cfg, explicit):
             print(f"nothing trained: {ckpt_path} is at step {checkpoint['step']}, --steps {cfg.steps} (give more)")
         return 0
     device, rank, world = setup_device(cfg)
-    release = claim_run_dir(cfg.run_dir, ckpt_path) if rank == 0 else (lambda: None)  # rank 0 owns the folder
+    release = lambda: None                                     # noqa: E731  only rank 0 owns the folder
+    if rank == 0:
+        release = claim_run_dir(cfg.run_dir, ckpt_path)
     try:
         return train(setup_run(cfg, checkpoint, ckpt_path, device, rank, world))
     except (OSError, RuntimeError) as err:                     # a full disk, a folder removed; out of memory; a rank
@@ -1137,8 +1139,9 @@ def setup_run(cfg, checkpoint, ckpt_path, device, rank, world):
     run.saved_step = run.step                                  # last.pt's step when it exists
     n_g, n_d = [sum(p.numel() for p in m.parameters()) for m in (run.trainer.G, run.trainer.D)]
     log(f"config: {json.dumps(vars(cfg), sort_keys=True)}")
-    log(f"G {n_g:,} params | D {n_d:,} params | {cfg.loss} | {device}{f' x {world} ranks' * (world > 1)} | "
-        f"global batch {cfg.batch_size} | run {cfg.run_dir}")
+    ranks = f" x {world} ranks" if world > 1 else ""
+    log(f"G {n_g:,} params | D {n_d:,} params | {cfg.loss} | {device}{ranks} | global batch {cfg.batch_size} | "
+        f"run {cfg.run_dir}")
     run.evaluator = None
     if cfg.fid_images > 0 and rank == 0:
         run.evaluator = FIDEvaluator(cfg, *fid_reference(cfg, train_set, heldout, class_names), num_classes, device)
@@ -1189,7 +1192,9 @@ def resume(run, checkpoint, path):
     run.history = checkpoint["history"]
     def changes(keys):                                         # "--flag old -> new" of each changed key
         return [f"--{k.replace('_', '-')} {was.get(k)} -> {getattr(cfg, k)}" for k in keys if was[k] != getattr(cfg, k)]
-    files = [f"the files in {cfg.data_dir}: added, removed or moved"] * (checkpoint["files"] != run.data_files)
+    files = []
+    if checkpoint["files"] != run.data_files:
+        files = [f"the files in {cfg.data_dir}: added, removed or moved"]
     protocol_changes = changes(("fid_images", "fid_weights", "eval_batch")) + files
     if protocol_changes and cfg.fid_images and was["fid_images"]:   # FIDs of two protocols are not compared
         run.best_fid, run.best_step, run.history = None, None, [{**h, "fid": None} for h in run.history]
@@ -1370,7 +1375,8 @@ def check_finite(run, state=None):
     if os.path.exists(last):
         kept = (f"{last} (step {run.saved_step}), the last checkpoint with finite weights, is intact but may be far "
                 f"off already (see samples/): resume it with lower --lr-g / --lr-d")
-        kept += f", or branch from {best} with --resume {best} --run-dir NEW" * os.path.exists(best)
+        if os.path.exists(best):
+            kept += f", or branch from {best} with --resume {best} --run-dir NEW"
     raise UsageError(f"non-finite loss or weights at or before step {run.step}: run stopped without saving it; {kept}")
 
 def save(run, best=False):

@@ -8,6 +8,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import select
 import signal
 import socket
@@ -408,6 +409,29 @@ def test_tiny_imagenet_preset_is_table2(monkeypatch):
     monkeypatch.setattr(cg, "orthogonal_init", lambda module: module)   # counting only
     G, D = cg.build_models(cfg, 200)                           # the authors' log of that run: 17,335,204 and 31,678,130
     assert (n_params(G), n_params(D)) == (17_335_204, 31_678_130)
+
+
+def test_the_readme_and_docs_name_only_code_and_tests_that_exist():
+    """The README's map from the paper names contragan.py's functions, classes and attributes; README and docs/ name
+    tests as the proof of a guarantee. Each name must exist, so that a rename or a removed test shows here."""
+    source, readme = open(SCRIPT).read(), open(os.path.join(HERE, "README.md")).read()
+    table = readme[readme.index("| paper | contragan.py"):]
+    table = table[:table.index("\n\n")]
+    right = " ".join(line.split(" | ")[-1] for line in table.splitlines()[2:])   # the code's column
+    names = {n.split(".")[-1] for n in re.findall(r"`([A-Za-z_][\w.]*)`", right) if not n.endswith(".py")}
+    assert len(names) > 20, names
+    for name in names:
+        assert re.search(rf"(def |class |self\.){name}\b", source), name
+    tests = set()
+    for path in [os.path.join(HERE, "test_contragan.py"), os.path.join(HERE, "test_fid.py"),
+                 *(os.path.join(HERE, "tools", f) for f in os.listdir(os.path.join(HERE, "tools")))]:
+        if os.path.basename(path).startswith("test_") and path.endswith(".py"):
+            tests |= set(re.findall(r"^def (test_\w+)", open(path).read(), re.M))
+    pages = [os.path.join(HERE, "README.md")] + [os.path.join(HERE, "docs", f) for f in os.listdir(
+        os.path.join(HERE, "docs")) if f.endswith(".md")]
+    for page in pages:
+        missing = set(re.findall(r"`(test_\w+)`", open(page).read())) - tests
+        assert not missing, (page, missing)
 
 
 def test_nothing_above_the_banner_uses_a_name_defined_only_below_it():
