@@ -1549,7 +1549,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 FLAG_RANGES = [
     ("steps log_every eval_every d_steps accumulation_steps batch_size eval_batch g_width d_width z_dim shared_dim "
      "embed_dim shapes_size acc_images collapse_patience", lambda v: v >= 1, "at least 1"),
-    ("num_workers ema_start", lambda v: v >= 0, "at least 0"),
+    ("num_workers ema_start fid_images", lambda v: v >= 0, "at least 0"),
     ("seed", lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),      # torch's CPU mt19937 keeps a seed's low 32 bits
     ("cond_lambda cr_lambda collapse_gap", lambda v: 0 <= v < float("inf"), ">= 0 and finite"),
     ("temperature lr_g lr_d adam_eps", lambda v: 0 < v < float("inf"), "> 0 and finite"),

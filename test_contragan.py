@@ -434,6 +434,58 @@ def test_the_readme_and_docs_name_only_code_and_tests_that_exist():
         assert not missing, (page, missing)
 
 
+def readme_block(start):
+    """The fenced block of README.md whose first line starts with `start`, as lines."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    block = readme[readme.index("\n" + start) + 1:]
+    return block[:block.index("```")].splitlines()
+
+
+def same_but_numbers(got, quoted, tolerance=2e-3):
+    """got == quoted word for word, each number to within tolerance (another CPU's arithmetic may differ in the
+    last printed digit); the timings (img/s, s/step, the time left) are this machine's and not compared."""
+    timing = r"[\d.]+ img/s|[\d.]+ s/step|left \S+"
+    got, quoted = re.sub(timing, "T", got), re.sub(timing, "T", quoted)
+    number = r"-?\d[\d,]*(?:\.\d+)?"
+    if re.split(number, got) != re.split(number, quoted):
+        return False
+    pairs = zip(re.findall(number, got), re.findall(number, quoted))
+    return all(abs(float(a.replace(",", "")) - float(b.replace(",", ""))) <= tolerance for a, b in pairs)
+
+
+def test_same_but_numbers_compares_words_exactly_and_numbers_to_a_tolerance():
+    line = "step 2/4 | d 2.1166 (adv 0.7103) | G 376,708 params | 73.0 img/s | 0.876 s/step | left 0m01s"
+    assert same_but_numbers(line.replace("2.1166", "2.1171").replace("73.0", "9.5").replace("0m01s", "1h02m"), line)
+    for wrong in (line.replace("2.1166", "2.1201"), line.replace("376,708", "376,709"), line.replace("adv", "cond"),
+                  line + " | more"):
+        assert not same_but_numbers(wrong, line), wrong
+
+
+def test_the_readmes_quoted_run_is_what_the_code_prints(tmp_path):
+    """The README quotes a 4-step run of the demo and the files it writes: the test runs the quoted command, with its
+    thread count, and compares every line (same_but_numbers; the config line, quoted shortened, by its start)."""
+    block = readme_block("$ OMP_NUM_THREADS=1 python contragan.py --preset cpu-demo")
+    find = block.index(next(line for line in block if line.startswith("$ find")))
+    command, quoted, files = block[0], block[1:find], block[find + 1:]
+    args = command.split("python contragan.py ")[1].split()
+    proc = subprocess.run([sys.executable, SCRIPT, *args], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    printed = proc.stdout.splitlines()
+    assert proc.returncode == 0 and proc.stderr == "" and len(printed) == len(quoted), proc.stdout + proc.stderr
+    assert quoted[0].startswith("config: {") and printed[0].startswith("config: {")
+    for got, line in zip(printed[1:], quoted[1:]):
+        assert same_but_numbers(got, line), (got, line)
+    run = tmp_path / args[args.index("--run-dir") + 1]
+    assert sorted(str(p.relative_to(tmp_path)) for p in run.rglob("*") if p.is_file()) == files
+
+
+def test_the_readme_gives_the_suites_size():
+    line = next(x for x in open(os.path.join(HERE, "README.md")) if re.match(r"\d+ tests, ", x))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                          cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert f"\n{line.split()[0]} tests collected" in proc.stdout, proc.stdout[-300:]
+
+
 def test_nothing_above_the_banner_uses_a_name_defined_only_below_it():
     """The method (losses, Config, Algorithm 1, networks) reads on its own: a name it uses is the standard library's,
     torch's, fid's or its own, never one of the run's below the banner."""
@@ -1945,6 +1997,8 @@ def test_a_blow_up_names_what_is_true_and_the_way_on(tmp_path, capsys):
     (["--lr-g", "0"], "--lr-g must be > 0 and finite"),        # Adam with lr 0 trains nothing, silently
     (["--lr-d", "0"], "--lr-d must be > 0 and finite"),
     (["--adam-eps", "0"], "--adam-eps must be > 0 and finite"),  # 0/0 at step 1: "non-finite", no flag named
+    (["--fid-images", "-1"], "--fid-images must be at least 0"),
+    (["--fid-images", "1"], "--fid-images must be 0 (off) or at least 2"),     # one image has no covariance
     (["--collapse-gap", "nan"], "--collapse-gap must be >= 0 and finite"),  # NaN: never warns
     (["--seed", str(2 ** 64)], "--seed must be in [0, 2**32)"),  # torch's own error is a traceback
 ])
