@@ -675,7 +675,8 @@ def load_cifar(name, data_dir, train):
         socket.setdefaulttimeout(20)                           # offline: fail in seconds, never hang
         ds = cls(data_dir, train=train, download=True)         # no download when the files are there
     except Exception as err:
-        raise UsageError(f"could not download {name} ({cls.filename} from {cls.url}): {str(err).splitlines()[0]}. "
+        raise UsageError(f"could not download {name} ({cls.filename} from {cls.url}): "
+                         f"{(str(err) or type(err).__name__).splitlines()[0]}. "
                          f"Offline: fetch that file elsewhere and put it, or its extracted folder {cls.base_folder}/,"
                          f" in --data-dir ({os.path.join(data_dir, cls.filename)})") from None
     finally:
@@ -718,8 +719,9 @@ def load_folder(root, img_size, flag="--data-dir", run_dir=None):
     from torchvision.datasets.folder import make_dataset
     if not os.path.isdir(root):
         raise UsageError(f"image folder {root!r} does not exist (give it with {flag})")
-    def is_image(path):                                        # path: root/<class>/...
-        return path.lower().endswith(IMG_EXT) and "/." not in path[len(root):] and os.path.isfile(path)
+    def is_image(path):                                        # not hidden, nor in a hidden folder
+        hidden = any(part.startswith(".") for part in os.path.relpath(path, root).split(os.sep))
+        return path.lower().endswith(IMG_EXT) and not hidden and os.path.isfile(path)
     try:
         entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
         classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
@@ -1095,7 +1097,8 @@ def start_run(cfg, explicit):
         last = os.path.join(cfg.run_dir, "last.pt")
         kept = f"; {last} is intact" if os.path.exists(last) else "; no checkpoint was written"
         if lost:                                               # gloo: "[file:line] Read error ...: reset by peer. ..."
-            kept += f": continue with --resume {cfg.run_dir}" if os.path.exists(last) else ""
+            if os.path.exists(last):
+                kept += f": continue with --resume {cfg.run_dir}"
             raise RankError(f"rank {rank}: another rank stopped or lost its connection "
                             f"({str(err).split('] ')[-1].split('. ')[0]}){kept}") from None
         if oom:
@@ -1486,6 +1489,8 @@ def claim_run_dir(run_dir, resume_path=None):
             pid = os.read(fd, 20).decode(errors="replace").strip() or "?"   # "?": it is writing its pid now
             os.close(fd)
             raise UsageError(f"{run_dir} is in use by another run (process {pid}; its lock is {lock})") from None
+        except OSError:                                        # no flock on this file system (Lustre -o noflock)
+            print(f"note: {lock} is not locked (this file system has no flock): one run at a time is up to you")
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
     except OSError as err:                                     # e.g. samples/ replaced by a file: named

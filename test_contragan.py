@@ -1739,6 +1739,15 @@ def test_crash_before_first_checkpoint_then_rerun_repeats_no_step(tmp_path, monk
     assert steps == [1, 2, 3, 3]                               # log lines 1-3 and the evaluation, once each
 
 
+def test_a_file_system_without_flock_runs_with_a_note(tmp_path, capsys, monkeypatch):
+    def no_flock(fd, operation):                               # as Lustre mounted -o noflock answers
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    r = run_main(capsys, *TINY, "--steps", "1", "--run-dir", tmp_path / "run")
+    assert r.returncode == 0 and "is not locked (this file system has no flock)" in r.stdout
+    assert (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "run.lock").exists()
+
+
 def test_one_run_owns_its_folder(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
