@@ -712,16 +712,20 @@ class FolderImages(torch.utils.data.Dataset):
         raise UsageError(f"no image in {self.root} can be read")
 
 def load_folder(root, img_size, flag="--data-dir", run_dir=None):
-    """A class-per-folder tree (root/<class>/.../<image>) as torchvision's ImageFolder lists it (links followed),
-    resized and centre-cropped. Left out: hidden files and folders, other types than IMG_EXT, FIFOs and devices.
-    Each real image once and in one class; none in run_dir (its sample grids are no training images)."""
+    """A class-per-folder tree (root/<class>/.../<image>), resized and centre-cropped; links followed, loops once,
+    never into run_dir (its sample grids would become training images). Not torchvision's ImageFolder lister: its
+    os.walk has no loop detection, and its list deduplicated by real path took 6x as long (docs/performance.md)."""
     from torchvision import transforms as T
-    from torchvision.datasets.folder import make_dataset
     if not os.path.isdir(root):
         raise UsageError(f"image folder {root!r} does not exist (give it with {flag})")
-    def is_image(path):                                        # not hidden, nor in a hidden folder
-        hidden = any(part.startswith(".") for part in os.path.relpath(path, root).split(os.sep))
-        return path.lower().endswith(IMG_EXT) and not hidden and os.path.isfile(path)
+    owner, samples = {os.path.realpath(root): None}, []   # the class of each folder and file met, by real path
+    run_real = os.path.realpath(run_dir) if run_dir else None
+    def first_time(real, path, k):                            # real: the path with every link resolved
+        n = len(owner)
+        if owner.setdefault(real, k) not in (k, None):
+            raise UsageError(f"{path} is also in class {classes[owner[real]]!r} (through a link): "
+                             f"each image needs one class")
+        return len(owner) > n
     try:
         entries = sorted(e for e in os.listdir(root) if not e.startswith("."))
         classes = [e for e in entries if os.path.isdir(os.path.join(root, e))]
@@ -731,24 +735,33 @@ def load_folder(root, img_size, flag="--data-dir", run_dir=None):
         if not classes:
             raise UsageError(f"image folder {root!r} holds no class sub-folders: put each class's images in "
                              f"{root}/<class name>/")
-        found = make_dataset(root, {c: k for k, c in enumerate(classes)}, is_valid_file=is_image)
-    except FileNotFoundError as err:                           # ImageFolder's "Found no valid file for the classes"
-        raise UsageError(f"image folder {root}: {str(err).split('. ')[0]} ({' '.join(IMG_EXT)})") from None
+        left_out = [os.path.join(root, e) for e in entries if e not in classes]
+        for k, c in enumerate(classes):
+            stack, found = [os.path.join(root, c)], []
+            while stack:
+                d = stack.pop()
+                if first_time(real_d := os.path.realpath(d), d, k):
+                    if run_real is not None and os.path.commonpath([real_d, run_real]) == run_real:
+                        raise UsageError(f"{d} leads into the run folder {run_dir} (through a link): the run's "
+                                         f"sample grids would be read as training images; remove the link")
+                    for e in (e for e in os.scandir(d) if not e.name.startswith(".")):  # hidden: left out
+                        if e.is_dir():
+                            stack.append(e.path)
+                        elif not (e.is_file() and e.name.lower().endswith(IMG_EXT)):  # FIFOs, devices too
+                            left_out.append(e.path)
+                        elif first_time(os.path.realpath(e.path) if e.is_symlink() else os.path.join(real_d, e.name),
+                                        e.path, k):
+                            found.append(e.path)
+            if not found:
+                raise UsageError(f"class folder {os.path.join(root, c)} holds no image ({' '.join(IMG_EXT)})")
+            samples += [(p, k) for p in sorted(found, key=os.path.split)]
     except OSError as err:
         raise UsageError(f"cannot read {err.filename}: {err.strerror}") from None
-    owner, samples, run_real = {}, [], os.path.realpath(run_dir or root)
-    for path, k in found:                                      # os.walk follows a link loop ~40 deep: each file once
-        real = os.path.realpath(path)
-        if run_dir and real.startswith(run_real + os.sep):
-            raise UsageError(f"{path} leads into the run folder {run_dir} (through a link): the run's sample "
-                             f"grids would be read as training images; remove the link")
-        if owner.setdefault(real, k) != k:
-            raise UsageError(f"{path} is also in class {classes[owner[real]]!r} (through a link): each image needs "
-                             f"one class")
-        if len(owner) > len(samples):                          # met for the first time
-            samples.append((path, k))
-    return FolderImages(root, samples, classes, T.Compose([T.Resize(img_size), T.CenterCrop(img_size),
-                                                           T.PILToTensor()]))
+    if left_out and is_main_process():
+        print(f"note: {len(left_out)} files in {root} are not read: not in a class folder or not "
+              f"{' '.join(IMG_EXT)} (e.g. {left_out[0]})", flush=True)
+    resize = T.Compose([T.Resize(img_size), T.CenterCrop(img_size), T.PILToTensor()])
+    return FolderImages(root, samples, classes, resize)
 
 def load_data(cfg):
     """(train, heldout, num_classes); heldout: CIFAR's test split, a fresh shapes draw, or 5% of a folder (>= 200)."""
