@@ -852,8 +852,8 @@ def setup_device(cfg):
     """(device, rank, world) from torchrun's environment; joins the process group when world > 1."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")), cfg.tf32)
-    if world > 1 and not dist.is_initialized():              # torchrun's rendezvous is done: ranks join at once
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+    if world > 1 and not dist.is_initialized():              # torchrun has met every rank; ranks started by hand
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))  # wait here
         warnings.filterwarnings("ignore", message=".*nn.functional.all_gather is deprecated")  # public, differentiable
     return device, rank, world
 
@@ -1456,9 +1456,10 @@ def load_checkpoint(path):
     try:
         with open(path, "rb") as f:
             data = f.read()
+    except FileNotFoundError as err:
+        raise UsageError(f"no checkpoint at {path!r} ({err.strerror})") from None
     except OSError as err:
-        raise UsageError(f"no checkpoint at {path!r} ({err.strerror})" if isinstance(err, FileNotFoundError) else
-                         f"cannot read checkpoint {path}: {err.strerror or err}") from None
+        raise UsageError(f"cannot read checkpoint {path}: {err.strerror or err}") from None
     n = len(SEAL) + 64                                         # a checkpoint without SEAL: torch.load's checks
     if data[-n:-64] == SEAL and hashlib.sha256(memoryview(data)[:-n]).hexdigest().encode() != data[-64:]:
         raise UsageError(f"checkpoint {path} is corrupt: its bytes do not match the sha256 saved with them "

@@ -9,7 +9,6 @@ import math
 import multiprocessing
 import os
 import re
-import select
 import signal
 import socket
 import subprocess
