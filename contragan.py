@@ -88,7 +88,9 @@ def conditional_contrastive_loss(embed, proxy, labels, temperature=1.0, data_pos
         is_self = torch.eye(m, dtype=torch.bool, device=lx.device)  # (m, m)  k == i: in neither sum
         proxy_term = torch.ones(m, 1, dtype=torch.bool, device=lx.device)  # (m, 1)  in both sums
         in_denominator = torch.cat([proxy_term, ~is_self], dim=1)  # (m, 1 + m)  proxy, every k != i
-        same_class = (labels[:, None] == labels[None, :]) & data_positives  # (m, m)  y_k == y_i
+        same_class = labels[:, None] == labels[None, :]           # (m, m)  y_k == y_i
+        if not data_positives:                                     # Eq. 7: the proxy is the only positive
+            same_class = torch.zeros_like(same_class)
         in_numerator = in_denominator & torch.cat([proxy_term, same_class], dim=1)  # (m, 1 + m)  and y_k == y_i
         # loss_i = -log(numerator_i / denominator_i) = log sum_{denominator} exp(.) - log sum_{numerator} exp(.)
         log_denominator = torch.logsumexp(exponents.masked_fill(~in_denominator, float("-inf")), dim=1)  # (m,)
@@ -1097,9 +1099,7 @@ def start_run(cfg, explicit):
             print(f"nothing trained: {ckpt_path} is at step {checkpoint['step']}, --steps {cfg.steps} (give more)")
         return 0
     device, rank, world = setup_device(cfg)
-    release = lambda: None                                     # noqa: E731  only rank 0 owns the folder
-    if rank == 0:
-        release = claim_run_dir(cfg.run_dir, ckpt_path)
+    release = claim_run_dir(cfg.run_dir, ckpt_path) if rank == 0 else None   # only rank 0 owns the folder
     try:
         return train(setup_run(cfg, checkpoint, ckpt_path, device, rank, world))
     except (OSError, RuntimeError) as err:                     # a full disk, a folder removed; out of memory; a rank
@@ -1120,7 +1120,8 @@ def start_run(cfg, explicit):
                              f"its memory{kept}") from None
         raise UsageError(f"{err.strerror or err}: {err.filename or cfg.run_dir}{kept}") from None
     finally:
-        release()
+        if release is not None:
+            release()
 
 def say(*args, **kwargs):
     try:
@@ -1513,7 +1514,8 @@ def claim_run_dir(run_dir, resume_path=None):
     def release():
         os.remove(lock)
         os.close(fd)
-        for folder in [os.path.join(run_dir, "samples")] + [run_dir] * created:
+        folders = [os.path.join(run_dir, "samples")] + ([run_dir] if created else [])   # the run's own, not the user's
+        for folder in folders:
             with contextlib.suppress(OSError):
                 os.rmdir(folder)                               # only if empty
     return release
@@ -1521,8 +1523,9 @@ def claim_run_dir(run_dir, resume_path=None):
 def merge_resume_config(cfg, explicit, checkpoint, path):
     """The checkpoint's flags, with this command's RUN_FLAGS on top; a different model or training flag is refused."""
     saved = checkpoint["config"]
-    for key in sorted(saved.keys() - vars(cfg).keys()):       # a flag this version would silently drop
-        raise UsageError(f"checkpoint {path} is from a newer contragan.py: it has --{key.replace('_', '-')}, "
+    unknown = sorted(saved.keys() - vars(cfg).keys())          # a flag this version would silently drop
+    if unknown:
+        raise UsageError(f"checkpoint {path} is from a newer contragan.py: it has --{unknown[0].replace('_', '-')}, "
                          f"which this one does not know")
     for key, value in explicit.items():
         if key not in RUN_FLAGS and key in saved and saved[key] != value:
