@@ -1095,8 +1095,7 @@ def start_run(cfg, explicit):
         raise UsageError(f"--run-dir {cfg.run_dir} and the image folder --data-dir {cfg.data_dir} overlap: the "
                          f"run's sample grids would be read as training images; give folders apart")
     if checkpoint is not None and checkpoint["step"] >= cfg.steps:
-        if is_main_process():
-            print(f"nothing trained: {ckpt_path} is at step {checkpoint['step']}, --steps {cfg.steps} (give more)")
+        say(f"nothing trained: {ckpt_path} is at step {checkpoint['step']}, --steps {cfg.steps} (give more)")
         return 0
     device, rank, world = setup_device(cfg)
     release = claim_run_dir(cfg.run_dir, ckpt_path) if rank == 0 else None   # only rank 0 owns the folder
@@ -1124,6 +1123,9 @@ def start_run(cfg, explicit):
             release()
 
 def say(*args, **kwargs):
+    """print on rank 0 (the other ranks print nothing), flushed."""
+    if not is_main_process():
+        return
     try:
         print(*args, **kwargs, flush=True)
     except OSError:                                            # the terminal is gone (SIGHUP, a closed pipe): train on
@@ -1132,7 +1134,6 @@ def say(*args, **kwargs):
 def setup_run(cfg, checkpoint, ckpt_path, device, rank, world):
     """The run's state (a namespace) once its folder is owned: data, models, FID reference, the fixed images of the
     diagnostics; a checkpoint's state restored. Nothing is written into the folder but metrics.jsonl, cut."""
-    log = say if rank == 0 else (lambda *args, **kwargs: None)   # ranks other than 0 print nothing
     train_set, heldout, num_classes = load_data(cfg)
     data = getattr(train_set, "dataset", train_set)            # a folder's: a Subset
     class_names, data_files = list(data.classes), getattr(data, "fingerprint", None)
@@ -1144,7 +1145,7 @@ def setup_run(cfg, checkpoint, ckpt_path, device, rank, world):
         folder = {"data_dir": os.path.realpath(cfg.data_dir)} if cfg.dataset == "folder" else {}
         judge = load_judge(cfg.judge, device, expect=dict(dataset=cfg.dataset, num_classes=num_classes,
                                                           img_size=cfg.img_size, classes=class_names, **folder))
-    run = types.SimpleNamespace(cfg=cfg, device=device, rank=rank, world=world, log=log, num_classes=num_classes,
+    run = types.SimpleNamespace(cfg=cfg, device=device, rank=rank, world=world, num_classes=num_classes,
                                 class_names=class_names, data_files=data_files, judge=judge)
     run.trainer = Trainer(cfg, num_classes, device, world)     # Algorithm 1: G, D, G_ema, their optimisers
     wrap_for_training(run.trainer)                             # DDP, compile
@@ -1155,14 +1156,14 @@ def setup_run(cfg, checkpoint, ckpt_path, device, rank, world):
         resume(run, checkpoint, ckpt_path)
     run.saved_step = run.step                                  # last.pt's step when it exists
     n_g, n_d = [sum(p.numel() for p in m.parameters()) for m in (run.trainer.G, run.trainer.D)]
-    log(f"config: {json.dumps(vars(cfg), sort_keys=True)}")
+    say(f"config: {json.dumps(vars(cfg), sort_keys=True)}")
     ranks = f" x {world} ranks" if world > 1 else ""
-    log(f"G {n_g:,} params | D {n_d:,} params | {cfg.loss} | {device}{ranks} | global batch {cfg.batch_size} | "
+    say(f"G {n_g:,} params | D {n_d:,} params | {cfg.loss} | {device}{ranks} | global batch {cfg.batch_size} | "
         f"run {cfg.run_dir}")
     run.evaluator = None
     if cfg.fid_images > 0 and rank == 0:
         run.evaluator = FIDEvaluator(cfg, *fid_reference(cfg, train_set, heldout, class_names), num_classes, device)
-        log(run.evaluator.description)
+        say(run.evaluator.description)
     run.reals_train = fixed_sample(train_set, min(cfg.acc_images, len(train_set)), seed=cfg.seed + 2)
     run.reals_heldout, run.gap_threshold = None, cfg.collapse_gap
     if heldout is not None:
@@ -1170,13 +1171,13 @@ def setup_run(cfg, checkpoint, ckpt_path, device, rank, world):
         n_gap = min(len(run.reals_train[1]), len(run.reals_heldout[1]))
         if n_gap < 50:                                         # the gap's sd <= sqrt(0.5 / n): 0.1 at 50 a side
             run.gap_threshold = float("inf")
-            log(f"note: D's train/held-out gap test is off: {n_gap} < 50 images a side (--acc-images)")
+            say(f"note: D's train/held-out gap test is off: {n_gap} < 50 images a side (--acc-images)")
     if checkpoint is not None:                                 # last: a reference made above draws from the RNG
         restore_rng(run, checkpoint)
     if rank == 0:                                              # lines past the checkpoint would be repeated
         cut_metrics(run.metrics_path, run.step)
     if cfg.compile:
-        log("--compile: the first steps compile G and D, about a minute on a GPU and several on a CPU")
+        say("--compile: the first steps compile G and D, about a minute on a GPU and several on a CPU")
     return run
 
 def fid_reference(cfg, train_set, heldout, class_names):
@@ -1215,16 +1216,16 @@ def resume(run, checkpoint, path):
     protocol_changes = changes(("fid_images", "fid_weights", "eval_batch")) + files
     if protocol_changes and cfg.fid_images and was["fid_images"]:   # FIDs of two protocols are not compared
         run.best_fid, run.best_step, run.history = None, None, [{**h, "fid": None} for h in run.history]
-        run.log(f"note: the FID protocol changed ({', '.join(protocol_changes)}): best.pt and the FID-rise collapse "
+        say(f"note: the FID protocol changed ({', '.join(protocol_changes)}): best.pt and the FID-rise collapse "
                 f"check start afresh at this resume; earlier FIDs in metrics.jsonl are of the old protocol")
     elif files:
-        run.log(f"note: {files[0]} since {path} was saved; the run goes on with the files there now")
+        say(f"note: {files[0]} since {path} was saved; the run goes on with the files there now")
     run.batches.load_state_dict(checkpoint["data"])            # global batches: the same order for any world size
     for opt, key in ((run.trainer.opt_G, "lr_g"), (run.trainer.opt_D, "lr_d")):
         for group in opt.param_groups:                         # the loaded state holds the checkpoint's rate
             group["lr"] = getattr(cfg, key)
     rates = changes(("lr_g", "lr_d"))
-    run.log(f"resumed {path} at step {run.step}" + (f" ({', '.join(rates)})" if rates else ""))
+    say(f"resumed {path} at step {run.step}" + (f" ({', '.join(rates)})" if rates else ""))
 
 def restore_rng(run, checkpoint):
     """Each rank's RNG state as saved; with another number of ranks, a new stream for each rank."""
@@ -1235,7 +1236,7 @@ def restore_rng(run, checkpoint):
             torch.cuda.set_rng_state(rng["cuda"], run.device)
         return
     torch.manual_seed(int(hashlib.sha256(f"{run.cfg.seed} {run.step} {run.rank}".encode()).hexdigest()[:8], 16))
-    run.log(f"note: resumed with {run.world} ranks a checkpoint of {len(checkpoint['rng'])}: the same global "
+    say(f"note: resumed with {run.world} ranks a checkpoint of {len(checkpoint['rng'])}: the same global "
             f"batches follow, each rank with a new random stream from --seed, the step and its rank")
 
 def train(run):
@@ -1247,7 +1248,7 @@ def train(run):
             return
         if stop.signum == 0:
             stop.signum, stop.time = signum, time.time()
-            run.log(f"\n{signal.Signals(signum).name}: finishing this step, saving, exiting "
+            say(f"\n{signal.Signals(signum).name}: finishing this step, saving, exiting "
                     f"(Ctrl-C again to abort without saving)")
         elif time.time() > stop.time + 2:                      # again (not SLURM's copy): leave, unsaved
             raise KeyboardInterrupt(signum)
@@ -1279,7 +1280,7 @@ def train(run):
                 how, status = "another rank's signal", 128 + signal.SIGTERM   # that rank's signal is not known here
                 if stop.signum:
                     how, status = signal.Signals(stop.signum).name, 128 + stop.signum
-                run.log(f"interrupted at step {run.step} by {how}: saved {cfg.run_dir}/last.pt; continue "
+                say(f"interrupted at step {run.step} by {how}: saved {cfg.run_dir}/last.pt; continue "
                         f"with --resume {cfg.run_dir} (exit status {status})")
                 return status
     finally:
@@ -1287,9 +1288,9 @@ def train(run):
             signal.signal(s, handler)
         run.batches._it = None                                 # its DataLoader workers end now, not at a later gc
     if run.best_fid is None:
-        run.log(f"done: {cfg.run_dir}/last.pt")
+        say(f"done: {cfg.run_dir}/last.pt")
     else:
-        run.log(f"done: best FID {run.best_fid:.3f} at step {run.best_step} ({cfg.run_dir}/best.pt)")
+        say(f"done: best FID {run.best_fid:.3f} at step {run.best_step} ({cfg.run_dir}/best.pt)")
     return 0
 
 def log_progress(run, logs, per_step, eval_s):
@@ -1299,7 +1300,7 @@ def log_progress(run, logs, per_step, eval_s):
          "img_per_s": round(cfg.d_steps * cfg.accumulation_steps * cfg.batch_size / per_step, 1),
          "s_per_step": round(per_step, 4), "time": round(time.time(), 1)}
     left = per_step * (cfg.steps - run.step) + eval_s * evaluations_left(run.step, cfg.steps, cfg.eval_every)
-    run.log(f"step {run.step}/{cfg.steps} | d {r['d_loss']:.4f} (adv {r['d_adv']:.4f} cond {r['d_cond']:.4f}) "
+    say(f"step {run.step}/{cfg.steps} | d {r['d_loss']:.4f} (adv {r['d_adv']:.4f} cond {r['d_cond']:.4f}) "
             f"| g {r['g_loss']:.4f} (adv {r['g_adv']:.4f} cond {r['g_cond']:.4f}) | {r['img_per_s']:.1f} img/s | "
             f"{per_step:.3f} s/step | left {format_duration(left)}")
     write_metrics(run, r)
@@ -1349,11 +1350,11 @@ def record_evaluation(run, record):
     improved = record.get("fid") is not None and (run.best_fid is None or record["fid"] < run.best_fid)
     if improved:
         run.best_fid, run.best_step = record["fid"], run.step
-    run.log(eval_line(run, record))
+    say(eval_line(run, record))
     if run.evaluator is not None:
-        run.log(run.evaluator.description)
+        say(run.evaluator.description)
     if record["collapse"]:
-        run.log(f"WARNING collapse suspected at step {run.step}: {record['collapse']}")
+        say(f"WARNING collapse suspected at step {run.step}: {record['collapse']}")
     write_metrics(run, record)
     return improved
 
