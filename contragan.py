@@ -779,15 +779,14 @@ def load_data(cfg):
         if hasattr(os, "sysconf") and 100 * n * S * S > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"):
             raise UsageError(f"drawing {n} shapes images of {S}x{S} (--shapes-size, --fid-images) needs about "
                              f"{100 * n * S * S / 2 ** 30:.0f} GB of memory, more than this machine has")
-        classes = [n for n, _ in SHAPES]
+        classes = [name for name, _ in SHAPES]
         train = TensorImages(*make_shapes(cfg.shapes_size, cfg.img_size, seed=0), classes)
         return train, TensorImages(*make_shapes(max(cfg.fid_images, 1024), cfg.img_size, seed=1), classes), len(classes)
     data = load_folder(cfg.data_dir, cfg.img_size, run_dir=cfg.run_dir)
     n_hold = len(data) // 20 if len(data) >= 200 else 0    # shuffled below: FID's reference is the first images
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1234)).tolist()
-    Subset = torch.utils.data.Subset
-    heldout = Subset(data, order[:n_hold]) if n_hold else None
-    return Subset(data, order[n_hold:]), heldout, len(data.classes)
+    heldout = torch.utils.data.Subset(data, order[:n_hold]) if n_hold else None
+    return torch.utils.data.Subset(data, order[n_hold:]), heldout, len(data.classes)
 
 class Batches:
     """Endless real batches in [-1, 1]; its state (epoch, batch) is saved, so a resumed run sees the same batches."""
