@@ -742,7 +742,8 @@ def load_folder(root, img_size, flag="--data-dir", run_dir=None):
             stack, found = [os.path.join(root, c)], []
             while stack:
                 d = stack.pop()
-                if first_time(real_d := os.path.realpath(d), d, k):
+                real_d = os.path.realpath(d)
+                if first_time(real_d, d, k):
                     if run_real is not None and os.path.commonpath([real_d, run_real]) == run_real:
                         raise UsageError(f"{d} leads into the run folder {run_dir} (through a link): the run's "
                                          f"sample grids would be read as training images; remove the link")
