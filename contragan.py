@@ -1217,7 +1217,7 @@ def resume(run, checkpoint, path):
     if protocol_changes and cfg.fid_images and was["fid_images"]:   # FIDs of two protocols are not compared
         run.best_fid, run.best_step, run.history = None, None, [{**h, "fid": None} for h in run.history]
         say(f"note: the FID protocol changed ({', '.join(protocol_changes)}): best.pt and the FID-rise collapse "
-                f"check start afresh at this resume; earlier FIDs in metrics.jsonl are of the old protocol")
+            f"check start afresh at this resume; earlier FIDs in metrics.jsonl are of the old protocol")
     elif files:
         say(f"note: {files[0]} since {path} was saved; the run goes on with the files there now")
     run.batches.load_state_dict(checkpoint["data"])            # global batches: the same order for any world size
@@ -1237,7 +1237,7 @@ def restore_rng(run, checkpoint):
         return
     torch.manual_seed(int(hashlib.sha256(f"{run.cfg.seed} {run.step} {run.rank}".encode()).hexdigest()[:8], 16))
     say(f"note: resumed with {run.world} ranks a checkpoint of {len(checkpoint['rng'])}: the same global "
-            f"batches follow, each rank with a new random stream from --seed, the step and its rank")
+        f"batches follow, each rank with a new random stream from --seed, the step and its rank")
 
 def train(run):
     """Train to --steps (returns 0) or to Ctrl-C, SIGTERM, SIGHUP: saved, returns 128 + signal (130, 143, 129)."""
@@ -1249,7 +1249,7 @@ def train(run):
         if stop.signum == 0:
             stop.signum, stop.time = signum, time.time()
             say(f"\n{signal.Signals(signum).name}: finishing this step, saving, exiting "
-                    f"(Ctrl-C again to abort without saving)")
+                f"(Ctrl-C again to abort without saving)")
         elif time.time() > stop.time + 2:                      # again (not SLURM's copy): leave, unsaved
             raise KeyboardInterrupt(signum)
 
@@ -1281,7 +1281,7 @@ def train(run):
                 if stop.signum:
                     how, status = signal.Signals(stop.signum).name, 128 + stop.signum
                 say(f"interrupted at step {run.step} by {how}: saved {cfg.run_dir}/last.pt; continue "
-                        f"with --resume {cfg.run_dir} (exit status {status})")
+                    f"with --resume {cfg.run_dir} (exit status {status})")
                 return status
     finally:
         for s, handler in previous.items():
@@ -1301,8 +1301,8 @@ def log_progress(run, logs, per_step, eval_s):
          "s_per_step": round(per_step, 4), "time": round(time.time(), 1)}
     left = per_step * (cfg.steps - run.step) + eval_s * evaluations_left(run.step, cfg.steps, cfg.eval_every)
     say(f"step {run.step}/{cfg.steps} | d {r['d_loss']:.4f} (adv {r['d_adv']:.4f} cond {r['d_cond']:.4f}) "
-            f"| g {r['g_loss']:.4f} (adv {r['g_adv']:.4f} cond {r['g_cond']:.4f}) | {r['img_per_s']:.1f} img/s | "
-            f"{per_step:.3f} s/step | left {format_duration(left)}")
+        f"| g {r['g_loss']:.4f} (adv {r['g_adv']:.4f} cond {r['g_cond']:.4f}) | {r['img_per_s']:.1f} img/s | "
+        f"{per_step:.3f} s/step | left {format_duration(left)}")
     write_metrics(run, r)
 
 def evaluations_left(step, steps, eval_every):
