@@ -134,7 +134,7 @@ def recorded(name, seed):
 
 def final_diagnostics(path):
     """contragan.d_diagnostics of a run's last.pt: its D and G_ema, its fixed real samples."""
-    ckpt = torch.load(os.path.join(path, "last.pt"), map_location="cpu", weights_only=False)
+    ckpt, _ = cg.load_checkpoint(path)                         # its last.pt, checked as a resume checks it
     cfg = argparse.Namespace(**ckpt["config"])
     G, D = cg.build_models(cfg, ckpt["num_classes"])
     G.load_state_dict(ckpt["G_ema"])
